@@ -1,0 +1,130 @@
+"""Build a prompt's KV from cached chunks placed at the positions they take in this prompt.
+
+Design facts:
+- A chunk is stored as pre-RoPE keys and values computed behind the encoding context E
+  (E's own KV dropped). Since RoPE attention depends only on distances, those are the
+  same wherever the chunk is placed, so placing it is a rotation, never a recompute.
+- Modes: `full` recomputes everything; `rerope` rotates keys to their real positions;
+  `naive` keeps keys at the positions where they were encoded (|E| ... |E|+T-1), which
+  is what reusing a post-RoPE cache without re-rotation does.
+- E's KV is computed once per model and template and reused (a system-prompt cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kvlib.engine.forward import KVCache, forward
+from kvlib.engine.rope import apply_rope
+from kvlib.errors import KvlibError
+
+MODES = ("full", "naive", "rerope")
+
+
+@dataclass
+class ChunkKV:
+    """One chunk's semantic KV. token_ids: [T]; k_sem, v: [L, Hkv, T, D]."""
+
+    token_ids: torch.Tensor
+    k_sem: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclass
+class ContextKV:
+    """The encoding context E at positions 0..|E|-1. k_rot, v: [L, Hkv, |E|, D]."""
+
+    token_ids: torch.Tensor
+    k_rot: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.token_ids.shape[0])
+
+
+@dataclass
+class Composed:
+    """A prompt's KV so far, and the ids still to prefill (all of them in `full` mode)."""
+
+    cache: KVCache
+    pending_ids: torch.Tensor  # [P] ids to prefill before the question
+    next_pos: int  # rotary position of the first pending (or question) token
+    cached_tokens: int  # context tokens served from cache
+    spans: list = field(default_factory=list)  # (slot, n_tokens) of each chunk
+
+    @property
+    def pending_pos(self) -> torch.Tensor:
+        n = int(self.pending_ids.shape[0])
+        return torch.arange(self.next_pos, self.next_pos + n)
+
+
+def as_ids(ids) -> torch.Tensor:
+    return torch.as_tensor(list(ids) if not torch.is_tensor(ids) else ids, dtype=torch.long).reshape(-1)
+
+
+def encode_context(lm, context_ids) -> ContextKV:
+    """Prefill E once at positions 0..|E|-1."""
+    ids = as_ids(context_ids)
+    cache = KVCache.for_model(lm, max(1, ids.shape[0]))
+    if ids.numel():
+        forward(lm, ids, torch.arange(ids.shape[0]), cache, logits="none")
+    n = cache.length
+    return ContextKV(token_ids=ids, k_rot=cache.k[:, :, :n].clone(), v=cache.v[:, :, :n].clone())
+
+
+def encode_chunk(lm, context: ContextKV, token_ids, *, offset: int = 0) -> ChunkKV:
+    """Encode one chunk behind E (positions offset+|E| ...), returning its pre-RoPE KV.
+
+    With offset 0, E's cached KV is reused; with another offset E is re-run there
+    (used to test shift invariance).
+    """
+    ids = as_ids(token_ids)
+    if ids.numel() == 0:
+        raise KvlibError("cannot encode an empty chunk")
+    n_ctx = context.n_tokens
+    cache = KVCache.for_model(lm, n_ctx + ids.shape[0])
+    if offset == 0:
+        cache.append(context.k_rot, context.v)
+    elif n_ctx:
+        forward(lm, context.token_ids, torch.arange(offset, offset + n_ctx), cache, logits="none")
+    pos = torch.arange(offset + n_ctx, offset + n_ctx + ids.shape[0])
+    out = forward(lm, ids, pos, cache, logits="none", keep_kv=True)
+    return ChunkKV(token_ids=ids, k_sem=out.k_sem, v=out.v)
+
+
+def chunk_positions(context: ContextKV, chunks: list, mode: str) -> list[torch.Tensor]:
+    """Rotary positions for each chunk's tokens under `mode`."""
+    start, out = context.n_tokens, []
+    for c in chunks:
+        if mode == "naive":  # as encoded: right behind E, whatever its slot
+            out.append(torch.arange(context.n_tokens, context.n_tokens + c.n_tokens))
+        else:
+            out.append(torch.arange(start, start + c.n_tokens))
+        start += c.n_tokens
+    return out
+
+
+def compose(lm, context: ContextKV, chunks: list, mode: str, *, extra: int = 512) -> Composed:
+    """Lay out [E][chunk 1]...[chunk k]; `extra` slots are reserved for question and answer."""
+    if mode not in MODES:
+        raise KvlibError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    total = context.n_tokens + sum(c.n_tokens for c in chunks)
+    cache = KVCache.for_model(lm, total + extra)
+    if mode == "full":
+        ids = torch.cat([context.token_ids] + [c.token_ids for c in chunks])
+        return Composed(cache=cache, pending_ids=ids, next_pos=0, cached_tokens=0)
+    cache.append(context.k_rot, context.v)
+    spans = []
+    for c, pos in zip(chunks, chunk_positions(context, chunks, mode)):
+        spans.append((cache.length, c.n_tokens))
+        k_sem = c.k_sem.to(device=lm.device, dtype=lm.dtype)
+        cache.append(apply_rope(k_sem, pos, lm.rope), c.v.to(device=lm.device, dtype=lm.dtype))
+    return Composed(cache=cache, pending_ids=torch.zeros(0, dtype=torch.long), next_pos=total,
+                    cached_tokens=total, spans=spans)

