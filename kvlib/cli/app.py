@@ -19,7 +19,12 @@ app = typer.Typer(
 )
 
 
-COMMAND_MODULES: tuple[str, ...] = ()
+@app.callback()
+def _root() -> None:
+    """Store a model's reading of documents once; rotate, compose and repair it at query time."""
+
+
+COMMAND_MODULES: tuple[str, ...] = ("doctor_cmd",)
 
 
 def _register_all() -> None:

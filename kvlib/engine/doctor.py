@@ -1,0 +1,116 @@
+"""The per-model correctness gate (`kvlib doctor`) and the in-memory TTFT measurement.
+
+Design facts:
+- Checks run in float32, where the invariants of DESIGN.md §1 are exact up to
+  rounding; the limits below give that rounding room on a real model (logits of
+  magnitude ~30, positions up to a few thousand), yet a one-position error moves
+  logits by whole units and fails them.
+- The TTFT bench keeps chunk KV in memory, so it measures compute only: `full`
+  prefills every token; `rerope` rotates cached keys and prefills the question.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from kvlib.engine.compose import compose, encode_chunk
+from kvlib.engine.generate import generate, prefill
+from kvlib.engine.rope import apply_rope, unapply_rope
+from kvlib.engine.session import Engine, sync
+
+SAMPLE_TEXT = (
+    "The Varnholm lighthouse was first lit in 1874 by keeper Ansel Brook, who kept a diary of every "
+    "storm for thirty-one years. Its lamp burned rapeseed oil until 1902, when the harbour board paid "
+    "for a paraffin burner, and it was electrified in 1951. The tower is forty-two metres tall."
+)
+SAMPLE_QUESTION = "Who first lit the Varnholm lighthouse?"
+SHIFT = 2048  # a start position far from the encoding position, as a long prompt would give
+
+
+@dataclass
+class Check:
+    name: str
+    value: float
+    limit: float
+    ok: bool
+
+
+def _check(name: str, value: float, limit: float) -> Check:
+    return Check(name=name, value=float(value), limit=limit, ok=bool(value <= limit))
+
+
+def check_shift_invariance(engine: Engine, ids) -> Check:
+    at0 = encode_chunk(engine.lm, engine.context, ids, offset=0)
+    at_s = encode_chunk(engine.lm, engine.context, ids, offset=SHIFT)
+    diff = max((at0.k_sem - at_s.k_sem).abs().max().item(), (at0.v - at_s.v).abs().max().item())
+    return _check(f"shift invariance of K_sem, V (max abs, offset {SHIFT})", diff, 1e-3)
+
+
+def check_composition(engine: Engine, ids) -> Check:
+    lm, suffix = engine.lm, engine.suffix_ids(SAMPLE_QUESTION)
+    chunk = encode_chunk(lm, engine.context, ids)
+    cached, _, _ = prefill(lm, compose(lm, engine.context, [chunk], "rerope"), suffix, logits="all")
+    full, _, _ = prefill(lm, compose(lm, engine.context, [chunk], "full"), suffix, logits="all")
+    n = len(suffix)
+    diff = (cached.logits[-n:] - full.logits[-n:]).abs().max().item()
+    return _check("single cached chunk vs full recompute (max abs logit diff)", diff, 1e-3)
+
+
+def check_rotation_roundtrip(engine: Engine) -> Check:
+    lm = engine.lm
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(lm.n_kv_heads, 64, lm.head_dim, generator=g)
+    pos = torch.randint(0, 32768, (64,), generator=g)
+    diff = (unapply_rope(apply_rope(k, pos, lm.rope), pos, lm.rope) - k).abs().max().item()
+    return _check("rotation round trip unrope(rope(k, p), p) (max abs)", diff, 1e-4)
+
+
+def run_checks(engine: Engine) -> list[Check]:
+    """Needs a float32 engine: the limits assume float32 rounding."""
+    ids = engine.tokenize(SAMPLE_TEXT)
+    return [check_shift_invariance(engine, ids), check_composition(engine, ids), check_rotation_roundtrip(engine)]
+
+
+def checks_as_json(engine: Engine, checks: list[Check]) -> dict:
+    return {"model": engine.lm.name, "fingerprint": engine.lm.fingerprint, "dtype": str(engine.lm.dtype),
+            "device": str(engine.lm.device), "checks": [asdict(c) for c in checks],
+            "ok": all(c.ok for c in checks)}
+
+
+def synthetic_chunks(engine: Engine, n_chunks: int, chunk_tokens: int) -> list:
+    """n_chunks distinct chunks of real text tokens, chunk_tokens long, KV in memory."""
+    base = engine.tokenize(SAMPLE_TEXT)
+    chunks = []
+    for i in range(n_chunks):
+        ids = (base * (chunk_tokens // len(base) + 2))[i : i + chunk_tokens]
+        chunks.append(engine.encode(ids))
+    return chunks
+
+
+def time_ttft(engine: Engine, chunks, mode: str, suffix) -> float:
+    sync(engine.lm)
+    t0 = time.perf_counter()
+    composed = compose(engine.lm, engine.context, chunks, mode, extra=len(suffix) + 2)
+    generate(engine.lm, composed, suffix, max_new_tokens=1, stop=engine.stop, t0=t0)
+    sync(engine.lm)
+    return time.perf_counter() - t0
+
+
+def bench_ttft(engine: Engine, *, n_chunks: int = 8, chunk_tokens: int = 512, repeats: int = 5) -> dict:
+    """Median TTFT of `full` and `rerope` over `repeats` runs after one warm-up each."""
+    chunks = synthetic_chunks(engine, n_chunks, chunk_tokens)
+    suffix = engine.suffix_ids(SAMPLE_QUESTION)
+    out = {"n_chunks": n_chunks, "chunk_tokens": chunk_tokens, "prompt_tokens":
+           engine.context.n_tokens + n_chunks * chunk_tokens + len(suffix), "repeats": repeats,
+           "dtype": str(engine.lm.dtype).replace("torch.", ""), "device": str(engine.lm.device)}
+    for mode in ("full", "rerope"):
+        time_ttft(engine, chunks, mode, suffix)  # warm-up
+        runs = [time_ttft(engine, chunks, mode, suffix) for _ in range(repeats)]
+        out[f"{mode}_ttft_s"] = statistics.median(runs)
+        out[f"{mode}_runs_s"] = runs
+    out["speedup"] = out["full_ttft_s"] / out["rerope_ttft_s"]
+    return out

@@ -1,0 +1,68 @@
+"""`Engine`: one loaded model with its prompt template and encoding-context KV.
+
+Design facts:
+- The engine is what the library, query and bench layers call. It maps text and
+  token ids to KV and answers; it knows nothing about storage or retrieval.
+- The encoding context E's KV is computed once when the engine starts.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+
+from kvlib.engine.compose import ChunkKV, Composed, compose, encode_chunk, encode_context
+from kvlib.engine.generate import Generation, generate
+from kvlib.engine.model import LoadedModel, load_model
+from kvlib.engine.prompt import PromptTemplate, stop_ids, template_for
+
+
+class Engine:
+    def __init__(self, lm: LoadedModel, template: PromptTemplate | None = None):
+        self.lm = lm
+        self.template = template or template_for(lm.tokenizer)
+        self.context = encode_context(lm, self.template.context_ids)
+        self.stop = stop_ids(lm.tokenizer) if lm.tokenizer is not None else set()
+
+    @classmethod
+    def load(cls, model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> "Engine":
+        return cls(load_model(model, home, dtype=dtype, device=device))
+
+    @property
+    def context_id(self) -> str:
+        return self.template.context_id
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, ids) -> str:
+        return self.lm.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def suffix_ids(self, question: str) -> list[int]:
+        return self.template.suffix_ids(self.lm.tokenizer, question)
+
+    def encode(self, token_ids) -> ChunkKV:
+        """Pre-RoPE KV of one chunk, cast to the storage dtype, on the CPU."""
+        kv = encode_chunk(self.lm, self.context, token_ids)
+        dt = self.lm.kv_dtype
+        return ChunkKV(token_ids=kv.token_ids.cpu(), k_sem=kv.k_sem.to("cpu", dt), v=kv.v.to("cpu", dt))
+
+    def compose(self, chunks: list[ChunkKV], mode: str, *, extra: int = 512) -> Composed:
+        return compose(self.lm, self.context, chunks, mode, extra=extra)
+
+    def answer(self, chunks: list[ChunkKV], question: str, *, mode: str = "rerope", max_new_tokens: int = 64,
+               temperature: float = 0.0, seed: int = 0, on_token=None, t0: float | None = None) -> Generation:
+        """Compose, prefill the question, decode. TTFT counts from t0 (default: now)."""
+        t0 = time.perf_counter() if t0 is None else t0
+        suffix = self.suffix_ids(question)
+        composed = self.compose(chunks, mode, extra=len(suffix) + max_new_tokens + 1)
+        return generate(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
+                        seed=seed, stop=self.stop, on_token=on_token, t0=t0)
+
+
+def sync(lm) -> None:
+    """Wait for queued GPU work so timings are honest."""
+    if lm.device.type == "cuda":
+        torch.cuda.synchronize()

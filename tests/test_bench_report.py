@@ -1,0 +1,146 @@
+"""results.json shape and round trip, report.md table, terminal table, PNG plots."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+
+from kvlib.bench.plots import plot_all
+from kvlib.bench.report import (
+    RESULT_KEYS,
+    SETTINGS_KEYS,
+    load_results,
+    render_table,
+    validate_results,
+    write_report_md,
+    write_results,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+SETTINGS = {
+    "model": "SmolLM2-135M-Instruct", "fingerprint": "ab12cd", "dtype": "bfloat16", "device": "cpu",
+    "torch": "2.13.0", "hardware": "2 cores", "data": "qa_train.json", "n": 4, "ctxs": 10, "seed": 0,
+    "date": "2025-01-01T00:00:00Z", "repeats": 3,
+}
+
+
+def row(mode: str, order: str, ttft: float, **overrides) -> dict:
+    base = {
+        "mode": mode, "order": order, "n": 4,
+        "ttft_s": {"median": ttft, "p90": ttft * 1.2},
+        "ttft_parts_s": {"load": 0.001, "compose": 0.002, "prefill": ttft - 0.003},
+        "decode_tok_s": 40.0, "qps": 1.0 / ttft, "f1": 0.5, "em": 0.25, "nll": 1.2, "ppl": 3.32,
+        "kl_to_full": 0.0 if mode == "full" else 0.05, "attn_sim": 0.97, "attn_sim_per_layer": [0.99, 0.95],
+        "hit_rate": 0.0 if mode == "full" else 0.8, "recompute_frac": 1.0 if mode == "full" else 0.1,
+        "kv_bytes_read": 0 if mode == "full" else 2_500_000,
+    }
+    return base | overrides
+
+
+RESULTS = [
+    row("full", "given", 0.400),
+    row("prefix", "given", 0.100),
+    row("rerope", "given", 0.080),
+    row("full", "shuffled", 0.420),
+    row("prefix", "shuffled", 0.380, hit_rate=0.1),
+    row("rerope+boundary:4", "shuffled", 0.090, attn_sim=None, attn_sim_per_layer=[]),
+]
+
+
+def test_results_round_trip(tmp_path):
+    path = write_results(tmp_path / "run", SETTINGS, RESULTS)
+    assert path == tmp_path / "run" / "results.json"
+    assert load_results(path) == {"settings": SETTINGS, "results": RESULTS}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"], "no temp file left behind"
+
+
+def test_result_keys_are_the_documented_ones():
+    # The runner, plots and downstream readers all depend on these exact names.
+    assert set(RESULTS[0]) == set(RESULT_KEYS)
+    assert set(SETTINGS_KEYS) <= set(SETTINGS)
+
+
+@pytest.mark.parametrize("key", RESULT_KEYS)
+def test_validator_rejects_each_missing_result_key(key):
+    obj = {"settings": SETTINGS, "results": copy.deepcopy(RESULTS)}
+    del obj["results"][2][key]
+    with pytest.raises(ValueError, match=rf"results\[2\] is missing key\(s\) '{key}'"):
+        validate_results(obj)
+
+
+@pytest.mark.parametrize("key", SETTINGS_KEYS)
+def test_validator_rejects_each_missing_setting(key):
+    settings = {k: v for k, v in SETTINGS.items() if k != key}
+    with pytest.raises(ValueError, match=f"settings is missing key\\(s\\) '{key}'"):
+        validate_results({"settings": settings, "results": RESULTS})
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r: r.update(ttft=r.pop("ttft_s")), "missing key\\(s\\) 'ttft_s' \\(unexpected: 'ttft'; renamed\\?\\)"),
+        (lambda r: r.update(extra=1), "unexpected key\\(s\\) 'extra'"),
+        (lambda r: r["ttft_parts_s"].pop("compose"), "ttft_parts_s is missing key\\(s\\) 'compose'"),
+        (lambda r: r["ttft_s"].pop("p90"), "ttft_s is missing key\\(s\\) 'p90'"),
+        (lambda r: r.update(f1=float("nan")), "f1 is nan; write null"),
+        (lambda r: r.update(em="0.5"), "em must be a number or null"),
+        (lambda r: r.update(n=4.0), "n must be an integer"),
+        (lambda r: r.update(attn_sim_per_layer=[0.9, "x"]), "attn_sim_per_layer\\[1\\]"),
+    ],
+)
+def test_validator_names_the_bad_key(mutate, message):
+    obj = {"settings": SETTINGS, "results": copy.deepcopy(RESULTS)}
+    mutate(obj["results"][0])
+    with pytest.raises(ValueError, match=message):
+        validate_results(obj)
+
+
+def test_write_refuses_invalid_results(tmp_path):
+    bad = copy.deepcopy(RESULTS)
+    del bad[0]["qps"]
+    with pytest.raises(ValueError, match="'qps'"):
+        write_results(tmp_path, SETTINGS, bad)
+    assert not (tmp_path / "results.json").exists()
+
+
+def test_report_md_contains_the_table(tmp_path):
+    path = write_report_md(tmp_path, SETTINGS, RESULTS, ["ttft_by_mode.png"], findings=["rerope is 5x faster"])
+    text = path.read_text()
+    table = [line for line in text.splitlines() if line.startswith("| ")]
+    header = next(line for line in table if line.startswith("| mode |"))
+    assert "TTFT ms (p50)" in header and "KL to full" in header and "hit rate" in header
+    body = [line for line in table if line.startswith(("| full", "| prefix", "| rerope"))]
+    assert len(body) == len(RESULTS)
+    # prefix/given: 400 ms / 100 ms = 4x faster than full in the same order
+    assert "| prefix | given | 4 | 100.0 | 120.0 | 4.00x |" in text
+    # rerope+boundary:4/shuffled has no attention similarity: shown as a dash, not "None"
+    assert "None" not in text and "| – |" in text
+    assert "![ttft_by_mode](ttft_by_mode.png)" in text and "- rerope is 5x faster" in text
+
+
+def test_render_table_has_every_row():
+    from rich.console import Console
+
+    table = render_table(RESULTS)
+    assert table.row_count == len(RESULTS)
+    out = io.StringIO()
+    Console(width=400, file=out).print(table)
+    assert "rerope+boundary:4" in out.getvalue() and "4.00x" in out.getvalue()
+
+
+@pytest.mark.parametrize("results", [RESULTS, RESULTS[:3], [RESULTS[0]], [row("naive", "given", 0.05, f1=None, kl_to_full=None)]])
+def test_plots_are_non_empty_pngs(tmp_path, results):
+    names = plot_all(tmp_path, results)
+    assert names == ["ttft_by_mode.png", "quality_by_mode.png", "hit_rate_by_order.png", "pareto.png"]
+    for name in names:
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, f"{name}: {len(data)} bytes"
+
+
+def test_plot_all_with_no_results_writes_nothing(tmp_path):
+    assert plot_all(tmp_path, []) == []
+    assert list(tmp_path.iterdir()) == []
+
