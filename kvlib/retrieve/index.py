@@ -42,6 +42,7 @@ CREATE TABLE IF NOT EXISTS entries (
     owner TEXT NOT NULL,
     ord INTEGER NOT NULL,
     vector BLOB NOT NULL,
+    text TEXT NOT NULL DEFAULT '',
     UNIQUE (chunk_key, doc_path, owner)
 );
 CREATE INDEX IF NOT EXISTS entries_owner ON entries (owner);
@@ -55,6 +56,7 @@ class IndexEntry:
     doc_path: str
     owner: str
     ord: int
+    text: str = ""  # the chunk's text, so a chunk missing from the library can be re-encoded
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,7 @@ class Hit:
     score: float
     ord: int
     owner: str
+    text: str = ""
 
 
 def _faiss():
@@ -110,8 +113,8 @@ class VectorIndex:
                 if entry.owner == "":
                     raise KvlibError(f"add: empty owner for {entry.doc_path}")
                 cursor = self._db.execute(
-                    "INSERT OR IGNORE INTO entries (chunk_key, doc_path, owner, ord, vector) VALUES (?, ?, ?, ?, ?)",
-                    (entry.chunk_key, entry.doc_path, entry.owner, entry.ord, vector.tobytes()),
+                    "INSERT OR IGNORE INTO entries (chunk_key, doc_path, owner, ord, vector, text) VALUES (?, ?, ?, ?, ?, ?)",
+                    (entry.chunk_key, entry.doc_path, entry.owner, entry.ord, vector.tobytes(), entry.text),
                 )
                 if cursor.rowcount == 1:
                     new_ids.append(cursor.lastrowid)
@@ -166,11 +169,11 @@ class VectorIndex:
             return []
         marks = ",".join("?" * len(found))
         rows = self._db.execute(
-            f"SELECT id, chunk_key, doc_path, ord, owner FROM entries WHERE id IN ({marks}) AND owner IN (?, ?)",
+            f"SELECT id, chunk_key, doc_path, ord, owner, text FROM entries WHERE id IN ({marks}) AND owner IN (?, ?)",
             [i for i, _ in found] + [PUBLIC, tenant],
         )
         by_id = {row[0]: row[1:] for row in rows}
-        return [Hit(by_id[i][0], by_id[i][1], score, by_id[i][2], by_id[i][3]) for i, score in found if i in by_id]
+        return [Hit(r[0], r[1], score, r[2], r[3], r[4]) for i, score in found if (r := by_id.get(i))]
 
     def _resolve_dim(self, dim: int | None) -> int | None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'dim'").fetchone()
