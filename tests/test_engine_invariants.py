@@ -83,3 +83,17 @@ def test_full_mode_compose_equals_plain_forward(family):
     e, c, q = random_ids(5, 11), random_ids(20, 12), random_ids(6, 13)
     ref = full_logits(lm, torch.cat([e, c, q]))[-len(q):]
     torch.testing.assert_close(composed_logits(lm, e, c, q, "full"), ref, **TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_packed_encoding_equals_one_by_one(family):
+    from kvlib.engine.compose import encode_packed
+
+    lm, _ = tiny_lm(family, "default")
+    ctx = encode_context(lm, random_ids(5, 14))
+    chunks = [random_ids(n, 20 + n) for n in (9, 30, 1, 17)]
+    packed = encode_packed(lm, ctx, chunks)
+    for ids, got in zip(chunks, packed):
+        alone = encode_chunk(lm, ctx, ids)
+        torch.testing.assert_close(got.k_sem, alone.k_sem, **TOL, msg="packing leaked between chunks")
+        torch.testing.assert_close(got.v, alone.v, **TOL)

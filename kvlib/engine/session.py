@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kvlib.engine.compose import ChunkKV, Composed, compose, encode_chunk, encode_context
+from kvlib.engine.compose import ChunkKV, Composed, compose, encode_context, encode_packed
 from kvlib.engine.generate import Generation, generate
 from kvlib.engine.model import LoadedModel, load_model
 from kvlib.engine.prompt import PromptTemplate, stop_ids, template_for
@@ -45,7 +45,25 @@ class Engine:
 
     def encode(self, token_ids) -> ChunkKV:
         """Pre-RoPE KV of one chunk, cast to the storage dtype, on the CPU."""
-        kv = encode_chunk(self.lm, self.context, token_ids)
+        return self.encode_many([token_ids])[0]
+
+    def encode_many(self, chunk_ids: list, max_batch_tokens: int = 512) -> list[ChunkKV]:
+        """Encode chunks in packed batches; storage dtype, CPU.
+
+        512 tokens keeps matmuls large while the dense block-diagonal attention stays
+        cheap (measured on 90-token chunks: 367 tok/s at 512 vs 269 at 2048).
+        """
+        out, batch, size = [], [], 0
+        for ids in list(chunk_ids) + [None]:
+            if batch and (ids is None or size + len(ids) > max_batch_tokens):
+                out += [self._to_storage(kv) for kv in encode_packed(self.lm, self.context, batch)]
+                batch, size = [], 0
+            if ids is not None:
+                batch.append(ids)
+                size += len(ids)
+        return out
+
+    def _to_storage(self, kv: ChunkKV) -> ChunkKV:
         dt = self.lm.kv_dtype
         return ChunkKV(token_ids=kv.token_ids.cpu(), k_sem=kv.k_sem.to("cpu", dt), v=kv.v.to("cpu", dt))
 

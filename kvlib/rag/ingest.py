@@ -1,0 +1,137 @@
+"""`ingest`: corpus -> chunker -> engine.encode -> store.put, with the vector index beside it.
+
+Design facts:
+- Content-addressed all the way: a chunk whose key is already in the library is not
+  encoded again (dedup), and a document whose content hash is unchanged is skipped.
+  A changed document re-encodes only the chunks whose token ids changed.
+- Crash-safe order per document: blobs first (each atomic), then index entries
+  (idempotent), then the document row last. A run killed anywhere leaves a library
+  that the next run completes: finished documents are skipped, stored chunks are
+  deduplicated, and the document row is only written when all its chunks exist.
+- One unreadable file never stops the run; it is reported with a reason.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvlib.retrieve.chunker import chunk_text
+from kvlib.retrieve.index import PUBLIC, IndexEntry
+from kvlib.retrieve.sources import SourceDoc, iter_sources
+
+
+@dataclass
+class IngestReport:
+    files: int = 0
+    documents: int = 0
+    unchanged: int = 0
+    chunks_new: int = 0
+    chunks_dedup: int = 0
+    tokens: int = 0  # tokens in all chunks of changed documents
+    tokens_encoded: int = 0  # tokens actually run through the model
+    bytes_written: int = 0
+    seconds: float = 0.0
+    skipped: list = field(default_factory=list)  # [(path, reason)]
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        return d
+
+
+class NullProgress:
+    """The pipeline reports to any object with these methods; the CLI passes a rich one."""
+
+    def start(self, total_docs: int) -> None: ...
+
+    def doc_started(self, path: str, n_chunks: int) -> None: ...
+
+    def chunk_done(self, n_tokens: int, new: bool) -> None: ...
+
+    def doc_done(self, path: str, unchanged: bool) -> None: ...
+
+
+def owner_of(tenant: str, public: bool) -> str:
+    return PUBLIC if public or tenant == PUBLIC else tenant
+
+
+@dataclass
+class Ingestor:
+    engine: object  # kvlib.engine.session.Engine
+    library: object  # kvlib.store.library.Library
+    index: object  # kvlib.retrieve.index.VectorIndex
+    embedder: object  # kvlib.retrieve.embed.Embedder
+    tenant: str = PUBLIC
+    public: bool = False
+    chunk_tokens: int = 256
+
+    def run(self, paths: list[Path], progress=None) -> IngestReport:
+        progress = progress or NullProgress()
+        t0 = time.perf_counter()
+        docs, skipped = iter_sources([Path(p) for p in paths])
+        report = IngestReport(files=len(docs) + len(skipped), skipped=[(s.path, s.reason) for s in skipped])
+        lm = self.engine.lm
+        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+        progress.start(len(docs))
+        for doc in docs:
+            self.ingest_document(doc, report, progress)
+        self.index.save()
+        report.seconds = time.perf_counter() - t0
+        return report
+
+    def chunk_keys(self, chunks) -> list:
+        lm = self.engine.lm
+        return [self.library.key_for(tenant=self.tenant, public=self.public, model_fp=lm.fingerprint,
+                                     context_id=self.engine.context_id, token_ids=c.token_ids) for c in chunks]
+
+    def is_unchanged(self, doc: SourceDoc, keys: list) -> bool:
+        """Same text, model, encoding context and chunking as the stored version, all chunks present."""
+        row = self.library.document(self.tenant, doc.path, self.public)
+        if row is None or row.get("content_hash") != doc.content_hash:
+            return False
+        return row.get("chunk_keys") == [k.hex for k in keys] and all(self.library.has(k, self.tenant) for k in keys)
+
+    def ingest_document(self, doc: SourceDoc, report: IngestReport, progress) -> None:
+        report.documents += 1
+        # Paragraphs under half the budget travel with their neighbours, so chunks come out
+        # near chunk_tokens rather than one short paragraph each.
+        chunks = chunk_text(doc.text, self.engine.lm.tokenizer, max_tokens=self.chunk_tokens,
+                            min_tokens=max(1, self.chunk_tokens // 2))
+        keys = self.chunk_keys(chunks)
+        if self.is_unchanged(doc, keys):
+            report.unchanged += 1
+            progress.doc_done(doc.path, unchanged=True)
+            return
+        progress.doc_started(doc.path, len(chunks))
+        self.store_chunks(keys, chunks, report, progress)
+        owner = owner_of(self.tenant, self.public)
+        self.index.remove_document(doc.path, owner)
+        vectors = self.embedder.embed([c.text for c in chunks])
+        self.index.add([IndexEntry(k.hex, doc.path, owner, c.index, c.text) for k, c in zip(keys, chunks)], vectors)
+        self.index.save()
+        self.library.set_document(tenant=self.tenant, public=self.public, path=doc.path,
+                                  content_hash=doc.content_hash, chunk_keys=keys)
+        progress.doc_done(doc.path, unchanged=False)
+
+    def store_chunks(self, keys, chunks, report: IngestReport, progress) -> None:
+        """Encode (packed) and store the chunks the library does not hold yet."""
+        lm = self.engine.lm
+        todo = []
+        for key, chunk in zip(keys, chunks):
+            report.tokens += len(chunk.token_ids)
+            if self.library.has(key, self.tenant):
+                report.chunks_dedup += 1
+                progress.chunk_done(len(chunk.token_ids), new=False)
+            else:
+                todo.append(chunk)
+        for chunk, kv in zip(todo, self.engine.encode_many([c.token_ids for c in todo])):
+            result = self.library.put(tenant=self.tenant, public=self.public, model_fp=lm.fingerprint,
+                                      context_id=self.engine.context_id, token_ids=chunk.token_ids,
+                                      k_sem=kv.k_sem, v=kv.v, text_preview=chunk.text)
+            report.tokens_encoded += len(chunk.token_ids)
+            report.chunks_new += int(result.new)
+            report.chunks_dedup += int(not result.new)
+            report.bytes_written += result.bytes if result.new else 0
+            progress.chunk_done(len(chunk.token_ids), new=result.new)
