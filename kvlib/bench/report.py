@@ -51,7 +51,7 @@ def validate_results(obj: Any) -> None:
 
 
 def _validate_row(row: Any, where: str) -> None:
-    _require_keys(row, RESULT_KEYS, where, extra_ok=False)
+    _require_keys(row, RESULT_KEYS, where, extra_ok=True)  # more fields are welcome; none may be missing
     for key in ("mode", "order"):
         if not isinstance(row[key], str) or not row[key]:
             raise ValueError(f"{where}.{key} must be a non-empty string")

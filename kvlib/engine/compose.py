@@ -58,6 +58,8 @@ class Composed:
     next_pos: int  # rotary position of the first pending (or question) token
     cached_tokens: int  # context tokens served from cache
     spans: list = field(default_factory=list)  # (slot, n_tokens) of each chunk
+    recomputed: int = 0  # context tokens a repair strategy recomputed
+    context_ids: torch.Tensor | None = None  # E's ids, so repair can rebuild every slot's id
 
     @property
     def pending_pos(self) -> torch.Tensor:
@@ -160,4 +162,4 @@ def compose(lm, context: ContextKV, chunks: list, mode: str, *, extra: int = 512
         k_sem = c.k_sem.to(device=lm.device, dtype=lm.dtype)
         cache.append(apply_rope(k_sem, pos, lm.rope), c.v.to(device=lm.device, dtype=lm.dtype))
     return Composed(cache=cache, pending_ids=torch.zeros(0, dtype=torch.long), next_pos=total,
-                    cached_tokens=total, spans=spans)
+                    cached_tokens=total, spans=spans, context_ids=context.token_ids)

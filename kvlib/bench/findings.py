@@ -1,0 +1,42 @@
+"""Plain sentences from a bench run's numbers, for the terminal and report.md."""
+
+from __future__ import annotations
+
+
+def _row(results: list, mode: str, order: str):
+    return next((r for r in results if r["mode"] == mode and r["order"] == order), None)
+
+
+def speed_findings(results: list, order: str) -> list[str]:
+    full = _row(results, "full", order)
+    if not full:
+        return []
+    out = []
+    for r in results:
+        if r["order"] == order and r["mode"] != "full":
+            ratio = full["ttft_s"]["median"] / r["ttft_s"]["median"]
+            out.append(f"[{order}] {r['mode']}: median TTFT {r['ttft_s']['median'] * 1000:.0f} ms, "
+                       f"{ratio:.1f}x lower than full ({full['ttft_s']['median'] * 1000:.0f} ms); "
+                       f"KL to full {r['kl_to_full']:.3f}, F1 {r['f1']:.2f} (full {full['f1']:.2f}).")
+    return out
+
+
+def reuse_findings(results: list) -> list[str]:
+    out = []
+    for order in ("shuffled", "reversed"):
+        lib, pre = _row(results, "rerope", order), _row(results, "prefix", order)
+        if lib and pre:
+            out.append(f"[{order}] the library served {lib['hit_rate']:.0%} of context tokens from cache; "
+                       f"exact prefix caching served {pre['hit_rate']:.0%}.")
+    naive, rerope = _row(results, "naive", "given"), _row(results, "rerope", "given")
+    if naive and rerope:
+        verdict = "below" if rerope["kl_to_full"] < naive["kl_to_full"] else "NOT below"
+        out.append(f"[given] rerope KL to full {rerope['kl_to_full']:.3f} is {verdict} naive's "
+                   f"{naive['kl_to_full']:.3f}: rotating keys to their real positions removes position drift; "
+                   f"what remains is context drift between chunks.")
+    return out
+
+
+def findings(results: list) -> list[str]:
+    orders = list(dict.fromkeys(r["order"] for r in results))
+    return [line for o in orders for line in speed_findings(results, o)] + reuse_findings(results)

@@ -1,0 +1,208 @@
+"""`kvlib bench`: every mode on the same token ids, speed and quality side by side.
+
+Design facts:
+- The library modes read passages' KV from the library, so the passages of the
+  evaluated records are ingested first (public); ingest time and bytes are reported
+  apart from query timings. The prefix cache starts cold and lives across the whole
+  run (all orders), like a serving engine's: its hits depend honestly on order.
+- `full` runs first on every prompt: it is the reference for KL and attention
+  similarity, and is computed even when not asked for (then not reported).
+- One untimed warm-up prompt per mode precedes measurement; medians and p90s are
+  over prompts; modes are compared within one run.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from kvlib.bench.data import ORDERS, LoadResult, permute
+from kvlib.bench.metrics import attention_similarity, exact_match, f1, gold_nll, kl_divergence, summarize
+from kvlib.bench.modes import BASE_MODES, ModeRunner, PromptItem, Sample, split_mode
+from kvlib.engine.repair import parse_repair
+from kvlib.errors import InputError
+from kvlib.retrieve.chunker import chunk_text
+
+
+@dataclass
+class BenchConfig:
+    modes: list
+    orders: list
+    seed: int = 0
+    max_new_tokens: int = 12
+    chunk_tokens: int = 512  # passages longer than this are split
+    data: str = ""
+    ctxs: int | None = None
+
+
+def expand_modes(spec: str, repair_modes: tuple = ()) -> list[str]:
+    """'all' or a comma list; 'full' is always measured first."""
+    modes = list(BASE_MODES) + list(repair_modes) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
+    if not modes:
+        raise InputError("no modes given")
+    for mode in modes:  # fail before any work on a typo
+        _, repair = split_mode(mode)
+        if repair:
+            parse_repair(repair)
+    return sorted(set(modes), key=modes.index)
+
+
+def expand_orders(spec: str) -> list[str]:
+    orders = list(ORDERS) if spec == "all" else [spec]
+    for o in orders:
+        if o not in ORDERS:
+            raise InputError(f"unknown order '{o}'; choose given, shuffled, reversed or all")
+    return orders
+
+
+@dataclass
+class Prepared:
+    """Per record: each passage's chunks (token ids and library keys)."""
+
+    passages: dict = field(default_factory=dict)  # record id -> [[(ids, key), ...] per passage]
+    ingest_s: float = 0.0
+    ingest_bytes: int = 0
+    ingest_new_chunks: int = 0
+
+
+class BenchRunner:
+    def __init__(self, engine, library, config: BenchConfig, repairs=None):
+        self.engine, self.library, self.config = engine, library, config
+        self.modes = ModeRunner(engine, library, max_new_tokens=config.max_new_tokens, repairs=repairs)
+
+    def passage_chunks(self, passage) -> list[list[int]]:
+        text = f"{passage.title}\n{passage.text}" if passage.title else passage.text
+        ids = self.engine.tokenize(text)
+        if len(ids) <= self.config.chunk_tokens:
+            return [ids]
+        return [list(c.token_ids) for c in chunk_text(text, self.engine.lm.tokenizer, self.config.chunk_tokens)]
+
+    def prepare(self, records, progress=None) -> Prepared:
+        """Tokenize every passage and ingest the chunks the library lacks."""
+        lm, prep, todo = self.engine.lm, Prepared(), {}
+        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+        for rec in records:
+            groups = []
+            for p in rec.passages:
+                group = []
+                for ids in self.passage_chunks(p):
+                    key = self.library.key_for(tenant="public", public=True, model_fp=lm.fingerprint,
+                                               context_id=self.engine.context_id, token_ids=ids)
+                    if key.hex not in todo and not self.library.has(key):
+                        todo[key.hex] = ids
+                    group.append((ids, key))
+                groups.append(group)
+            prep.passages[rec.id] = groups
+        t0 = time.perf_counter()
+        self._ingest(list(todo.values()), prep, progress)
+        prep.ingest_s = time.perf_counter() - t0
+        return prep
+
+    def _ingest(self, todo: list, prep: Prepared, progress) -> None:
+        lm, batch = self.engine.lm, 32
+        if progress and todo:
+            progress("ingest", 0, len(todo))
+        for start in range(0, len(todo), batch):
+            part = todo[start : start + batch]
+            for ids, kv in zip(part, self.engine.encode_many(part)):
+                r = self.library.put(tenant="public", public=True, model_fp=lm.fingerprint,
+                                     context_id=self.engine.context_id, token_ids=ids, k_sem=kv.k_sem, v=kv.v,
+                                     text_preview=self.engine.decode(ids))
+                prep.ingest_bytes += r.bytes if r.new else 0
+                prep.ingest_new_chunks += int(r.new)
+            if progress:
+                progress("ingest", len(part))
+
+    def items(self, records, prep: Prepared, order: str) -> list[PromptItem]:
+        out = []
+        for rec in records:
+            groups = permute(prep.passages[rec.id], order, self.config.seed, rec.id)
+            chunks = [c for g in groups for c in g]
+            out.append(PromptItem(record_id=rec.id, order=order, chunk_ids=[ids for ids, _ in chunks],
+                                  chunk_keys=[k for _, k in chunks], suffix_ids=self.engine.suffix_ids(rec.question),
+                                  gold_ids=self.engine.tokenize(rec.answers[0]) or [self.engine.tokenize(" ")[0]],
+                                  golds=rec.answers))
+        return out
+
+    def run(self, records, progress=None) -> tuple[dict, list, Prepared]:
+        prep = self.prepare(records, progress)
+        samples: dict = {}  # (mode, order) -> [(item, Sample)]
+        self.warm_up(self.items(records[:1], prep, "given"))
+        if progress:
+            progress("query", 0, len(self.config.orders) * len(records) * len(self.config.modes))
+        for order in self.config.orders:
+            for item in self.items(records, prep, order):
+                ref = self.modes.run(item, "full")
+                for mode in self.config.modes:
+                    s = ref if mode == "full" else self.modes.run(item, mode)
+                    samples.setdefault((mode, order), []).append((item, s, ref))
+                    if progress:
+                        progress("query", 1)
+        results = [aggregate(mode, order, rows, self.engine) for (mode, order), rows in samples.items()]
+        return self.settings(records, prep), results, prep
+
+    def warm_up(self, items) -> None:
+        for mode in ["full"] + self.config.modes:
+            self.modes.run(items[0], mode)
+        self.modes.prefix.clear()  # the measured run starts with a cold prefix cache
+
+    def settings(self, records, prep: Prepared) -> dict:
+        import torch
+
+        lm = self.engine.lm
+        return {"model": lm.name, "fingerprint": lm.fingerprint, "dtype": str(lm.dtype).replace("torch.", ""),
+                "kv_dtype": str(lm.kv_dtype).replace("torch.", ""), "device": str(lm.device),
+                "torch": torch.__version__.split("+")[0], "hardware": hardware_name(lm.device),
+                "threads": torch.get_num_threads(), "data": self.config.data, "n": len(records),
+                "ctxs": self.config.ctxs, "seed": self.config.seed, "date": datetime.now(timezone.utc).isoformat(),
+                "max_new_tokens": self.config.max_new_tokens, "orders": self.config.orders,
+                "ingest_s": prep.ingest_s, "ingest_bytes": prep.ingest_bytes,
+                "ingest_new_chunks": prep.ingest_new_chunks}
+
+
+def hardware_name(device) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} x{torch.get_num_threads()} threads"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def aggregate(mode: str, order: str, rows: list, engine) -> dict:
+    """Per (mode, order): medians for speed, means for quality, sums for reuse."""
+    samples: list[Sample] = [s for _, s, _ in rows]
+    answers = [engine.decode(s.answer_ids).strip() for s in samples]
+    nlls = [gold_nll(s.gold_logits, item.gold_ids) for item, s, _ in rows]
+    sims = [attention_similarity(s.attn, ref.attn) for _, s, ref in rows]
+    n_layers = len(sims[0].js_sim_per_layer)
+    per_layer = [statistics.fmean(x.js_sim_per_layer[i] for x in sims) for i in range(n_layers)]
+    ctx = sum(s.ctx_tokens for s in samples)
+    ttft = summarize([s.ttft for s in samples])
+    mean_nll = statistics.fmean(nlls)
+    return {
+        "mode": mode, "order": order, "n": len(samples),
+        "ttft_s": {"median": ttft["median"], "p90": ttft["p90"]},
+        "ttft_parts_s": {k: statistics.median(s.parts[k] for s in samples) for k in ("load", "compose", "prefill")},
+        "decode_tok_s": statistics.median(s.decode_tok_s for s in samples),
+        "qps": len(samples) / sum(s.latency for s in samples),
+        "f1": statistics.fmean(f1(a, item.golds) for a, (item, _, _) in zip(answers, rows)),
+        "em": statistics.fmean(exact_match(a, item.golds) for a, (item, _, _) in zip(answers, rows)),
+        "nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)),
+        "kl_to_full": statistics.fmean(kl_divergence(ref.gold_logits, s.gold_logits) for _, s, ref in rows),
+        "attn_sim": statistics.fmean(x.js_sim for x in sims), "attn_sim_per_layer": per_layer,
+        "attn_cos": statistics.fmean(x.cosine for x in sims),
+        "hit_rate": sum(s.hit_tokens for s in samples) / ctx,
+        "recompute_frac": sum(s.computed_ctx for s in samples) / ctx,
+        "kv_bytes_read": sum(s.kv_bytes for s in samples),
+        "answers": answers[:5],
+    }

@@ -1,0 +1,45 @@
+"""Wire a bench run: open the library and engine, load data, run, write reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvlib.bench.data import load_records
+from kvlib.bench.findings import findings
+from kvlib.bench.plots import plot_all
+from kvlib.bench.report import write_report_md, write_results
+from kvlib.bench.runner import BenchConfig, BenchRunner, expand_modes, expand_orders
+
+
+def load_data(data: str, stack, *, limit, ctxs, seed, progress):
+    if data == "examples":
+        from kvlib.bench.corpus import example_records
+
+        return example_records(stack, k=ctxs or 4, limit=limit, progress=None)
+    return load_records(data, limit=limit, ctxs=ctxs, seed=seed)
+
+
+def run_bench(*, data: str, modes: str, order: str, limit, ctxs, seed: int, max_new_tokens: int, out: Path,
+              home: Path, model=None, dtype=None, progress=None, engine=None) -> dict:
+    from kvlib.engine.repair import REPAIR_MODES, repair_registry
+    from kvlib.rag.stack import open_stack
+
+    mode_list, orders = expand_modes(modes, REPAIR_MODES), expand_orders(order)
+    stack = open_stack(home, model=model, dtype=dtype, engine=engine)
+    try:
+        loaded = load_data(data, stack, limit=limit, ctxs=ctxs, seed=seed, progress=progress)
+        config = BenchConfig(modes=mode_list, orders=orders, seed=seed, max_new_tokens=max_new_tokens,
+                             data=str(data), ctxs=ctxs)
+        runner = BenchRunner(stack.engine, stack.library, config, repairs=repair_registry())
+        settings, results, _ = runner.run(loaded.records, progress)
+    finally:
+        stack.close()
+    settings["form"] = loaded.form
+    settings["skipped_records"] = len(loaded.skipped)
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(out, settings, results)
+    plots = plot_all(out, results)
+    lines = findings(results)
+    write_report_md(out, settings, results, plots, lines)
+    return {"results_json": {"settings": settings, "results": results}, "plots": plots, "findings": lines,
+            "skipped": loaded.skipped}

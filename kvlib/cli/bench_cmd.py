@@ -1,0 +1,64 @@
+"""`kvlib bench`: parse, run kvlib.bench, render a table and write reports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from kvlib.cli.common import HomeOpt, JsonOpt, ModelOpt, console, err_console, fail, print_json
+from kvlib.config import resolve_home
+from kvlib.errors import KvlibError
+
+
+def bench(
+    data: Annotated[str, typer.Option(help="QA file (ctxs or HotpotQA form; JSON, JSONL, .gz) or 'examples'.")] = "examples",
+    modes: Annotated[str, typer.Option(help="'all' or a comma list: full,prefix,naive,rerope,rerope+<repair>.")] = "all",
+    order: Annotated[str, typer.Option(help="Passage order: given, shuffled, reversed or all.")] = "given",
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N usable records.")] = None,
+    ctxs: Annotated[Optional[int], typer.Option(min=1, help="Use the first K passages of each record (examples: top-K retrieved, default 4).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for shuffled order.")] = 0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length limit.")] = 12,
+    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and plots.")] = Path("bench-out"),
+    home: HomeOpt = None,
+    model: ModelOpt = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Compare full recompute, prefix caching, naive reuse and re-RoPE (and repairs) on real QA data."""
+    from kvlib.bench.session import run_bench
+
+    try:
+        with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TextColumn("eta"), TimeRemainingColumn(), console=err_console, disable=json_out) as bar:
+            tasks: dict = {}
+
+            def progress(stage: str, n: int = 1, total: int | None = None) -> None:
+                if stage not in tasks:
+                    tasks[stage] = bar.add_task(stage, total=total)
+                if total is not None:
+                    bar.update(tasks[stage], total=total)
+                bar.advance(tasks[stage], n)
+
+            report = run_bench(data=data, modes=modes, order=order, limit=limit, ctxs=ctxs, seed=seed,
+                               max_new_tokens=max_new_tokens, out=out, home=resolve_home(home), model=model,
+                               dtype=dtype, progress=progress)
+    except KvlibError as exc:
+        raise fail(str(exc))
+    if json_out:
+        print_json(report["results_json"])
+        return
+    from kvlib.bench.report import render_table
+
+    for where, why in report["skipped"][:5]:
+        err_console.print(f"[yellow]skipped[/] {where}: {why}", highlight=False)
+    console.print(render_table(report["results_json"]["results"]))
+    for line in report["findings"]:
+        console.print(f"- {line}", highlight=False)
+    console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bench")(bench)

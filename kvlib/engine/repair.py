@@ -1,0 +1,116 @@
+"""Quality repair: recompute some context tokens with full attention to their new neighbours.
+
+Design facts:
+- Rotation fixes position drift; it cannot fix context drift (a cached chunk never saw
+  the chunks now before it). Repair recomputes a chosen set of context slots, in
+  chosen layers, in place in the composed cache, attending to everything before them.
+- The primitive is `recompute_slots`: per layer, the selected tokens' new K/V are
+  written into their slots first, then they attend to every slot at or before their
+  own. Unselected slots keep their cached KV. Recomputing every slot in every layer
+  is exactly full recompute.
+- `boundary:k` recomputes the first k tokens of every chunk but the first (EPIC).
+  `blend:r` recomputes layers 0-1 for all chunk tokens to measure KV deviation at
+  layer 1, keeps the fresh KV only for the top-r fraction, and carries those tokens
+  through the remaining layers (CacheBlend). `blend:0` is rerope; `blend:1` is full.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlib.engine.compose import Composed
+from kvlib.engine.forward import attend, embed, project_qkv
+from kvlib.engine.rope import apply_rope
+from kvlib.errors import InputError
+
+REPAIR_MODES = ("rerope+boundary:16", "rerope+boundary:64", "rerope+blend:0.15", "rerope+blend:0.3")
+
+
+def slot_mask(slots: torch.Tensor, total: int) -> torch.Tensor:
+    """Bool [S, total]: selected token at slot p sees slots 0..p."""
+    return torch.arange(total, device=slots.device)[None, :] <= slots[:, None]
+
+
+def run_layer_at(lm, index: int, h, slots, cache, total: int):
+    """One layer for tokens at `slots` (positions == slots); writes their KV in place."""
+    layer = lm.layers[index]
+    q, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
+    q = apply_rope(q, slots, lm.rope)
+    k_rot = apply_rope(k_sem, slots, lm.rope)
+    cache.k[index, :, slots] = k_rot[0].to(cache.k.dtype)
+    cache.v[index, :, slots] = v[0].to(cache.v.dtype)
+    out, _ = attend(layer, q, cache.k[index, :, :total], cache.v[index, :, :total], slot_mask(slots, total), False)
+    h = h + out
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+@torch.inference_mode()
+def recompute_slots(lm, cache, ids: torch.Tensor, slots: torch.Tensor, layers: range, h=None):
+    """Recompute tokens `ids` at `slots` through `layers`; h: their hidden state entering layers[0]."""
+    total = cache.length
+    slots = slots.to(lm.device)
+    h = embed(lm, ids) if h is None else h
+    for i in layers:
+        h = run_layer_at(lm, i, h, slots, cache, total)
+    return h
+
+
+def all_ids(composed: Composed, chunks) -> torch.Tensor:
+    """Token id of every slot of the composed context (E then chunks)."""
+    return torch.cat([composed.context_ids] + [c.token_ids for c in chunks])
+
+
+def boundary(k: int):
+    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
+        ids = all_ids(composed, chunks)
+        slots = torch.cat([torch.arange(s, s + min(k, n)) for s, n in composed.spans[1:]] or [torch.zeros(0, dtype=torch.long)])
+        if slots.numel():
+            recompute_slots(engine.lm, composed.cache, ids[slots], slots, range(engine.lm.n_layers))
+        return int(slots.numel())
+    return repair
+
+
+def blend(ratio: float):
+    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
+        lm, cache = engine.lm, composed.cache
+        if not composed.spans or ratio <= 0:
+            return 0
+        ids = all_ids(composed, chunks)
+        start = composed.spans[0][0]
+        slots = torch.arange(start, cache.length)
+        cached_k, cached_v = cache.k[:2, :, slots].clone(), cache.v[:2, :, slots].clone()
+        h = recompute_slots(lm, cache, ids[slots], slots, range(2))
+        dev = ((cache.k[1, :, slots] - cached_k[1]).float().norm(dim=-1) +
+               (cache.v[1, :, slots] - cached_v[1]).float().norm(dim=-1)).sum(0)  # [S]
+        n_pick = max(1, round(ratio * slots.numel())) if ratio < 1 else slots.numel()
+        pick = dev.topk(n_pick).indices.sort().values
+        keep = torch.ones(slots.numel(), dtype=torch.bool)
+        keep[pick] = False
+        cache.k[:2, :, slots[keep]], cache.v[:2, :, slots[keep]] = cached_k[:, :, keep], cached_v[:, :, keep]
+        recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(2, lm.n_layers), h=h[:, pick])
+        return int(n_pick)
+    return repair
+
+
+def parse_repair(name: str):
+    kind, _, arg = name.partition(":")
+    try:
+        if kind == "boundary":
+            return boundary(int(arg))
+        if kind == "blend" and 0.0 <= float(arg) <= 1.0:
+            return blend(float(arg))
+    except ValueError:
+        pass
+    raise InputError(f"unknown repair '{name}'; use boundary:K or blend:R (0 <= R <= 1)")
+
+
+class _Registry(dict):
+    """name -> repair callable, built on first use from the name itself."""
+
+    def __missing__(self, name: str):
+        self[name] = parse_repair(name)
+        return self[name]
+
+
+def repair_registry() -> dict:
+    return _Registry()

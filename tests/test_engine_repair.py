@@ -1,0 +1,62 @@
+"""Repair strategies at their extremes are exact: blend:1 and boundary:k>=len equal full; blend:0 equals rerope."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlib.engine.compose import compose, encode_chunk, encode_context
+from kvlib.engine.generate import prefill
+from kvlib.engine.repair import parse_repair
+from tiny_models import FAMILIES, random_ids, tiny_lm
+
+TOL = dict(atol=1e-4, rtol=1e-4)
+
+
+def logits_for(lm, ctx, chunks, q, mode, repair=None):
+    composed = compose(lm, ctx, chunks, mode)
+    if repair:
+        parse_repair(repair)(None if lm is None else type("E", (), {"lm": lm})(), composed, chunks, q)
+    out, _, _ = prefill(lm, composed, q, logits="all")
+    return out.logits[-len(q):]
+
+
+def setup(family):
+    lm, _ = tiny_lm(family, "default")
+    ctx = encode_context(lm, random_ids(5, 30))
+    chunks = [encode_chunk(lm, ctx, random_ids(n, 31 + n)) for n in (12, 20, 9)]
+    return lm, ctx, chunks, random_ids(6, 40)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("repair", ["blend:1.0", "boundary:64"])
+def test_full_strength_repair_equals_full(family, repair):
+    lm, ctx, chunks, q = setup(family)
+    ref = logits_for(lm, ctx, chunks, q, "full")
+    torch.testing.assert_close(logits_for(lm, ctx, chunks, q, "rerope", repair), ref, **TOL,
+                               msg=f"{repair} recomputes every token yet differs from full")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_blend_zero_is_rerope(family):
+    lm, ctx, chunks, q = setup(family)
+    torch.testing.assert_close(logits_for(lm, ctx, chunks, q, "rerope", "blend:0"),
+                               logits_for(lm, ctx, chunks, q, "rerope"), atol=0, rtol=0)
+
+
+def test_partial_repair_moves_toward_full():
+    lm, ctx, chunks, q = setup("llama")
+    full = logits_for(lm, ctx, chunks, q, "full")
+    gap = lambda x: (x - full).abs().max().item()  # noqa: E731
+    base = gap(logits_for(lm, ctx, chunks, q, "rerope"))
+    assert base > 1e-3, f"rerope already equals full ({base:.1e}); the test cannot tell repairs apart"
+    assert gap(logits_for(lm, ctx, chunks, q, "rerope", "boundary:4")) < base
+    assert gap(logits_for(lm, ctx, chunks, q, "rerope", "blend:0.5")) < base
+
+
+@pytest.mark.parametrize("bad", ["blend", "blend:x", "boundary:", "sideways:3"])
+def test_unknown_repair_is_refused(bad):
+    from kvlib.errors import InputError
+
+    with pytest.raises(InputError, match="unknown repair"):
+        parse_repair(bad)
