@@ -60,3 +60,21 @@ def test_unknown_repair_is_refused(bad):
 
     with pytest.raises(InputError, match="unknown repair"):
         parse_repair(bad)
+
+
+@pytest.mark.parametrize("repair", ["query:1.0", "auto:1.0"])
+def test_query_and_auto_at_full_budget_equal_full(repair):
+    """query:1 recomputes every chunk token; auto:1 covers all drift mass (the first chunk is exact behind E)."""
+    lm, ctx, chunks, q = setup("qwen3")
+    ref = logits_for(lm, ctx, chunks, q, "full")
+    torch.testing.assert_close(logits_for(lm, ctx, chunks, q, "rerope", repair), ref, **TOL)
+
+
+def test_auto_spends_less_than_everything_at_its_default_target():
+    from kvlib.engine.repair import parse_repair
+
+    lm, ctx, chunks, q = setup("llama")
+    composed = compose(lm, ctx, chunks, "rerope")
+    n = parse_repair("auto")(type("E", (), {"lm": lm})(), composed, chunks, q)
+    later = sum(c.n_tokens for c in chunks[1:])
+    assert 0 < n < later, f"auto recomputed {n} of {later} drifting tokens"

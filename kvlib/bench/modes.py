@@ -35,7 +35,7 @@ class PromptItem:
     record_id: str
     order: str
     chunk_ids: list  # [[int]]
-    chunk_keys: list  # [ChunkKey] in the library
+    chunk_keys: dict  # encoding -> [ChunkKey] in the library
     suffix_ids: list
     gold_ids: list
     golds: tuple
@@ -56,12 +56,27 @@ class Sample:
     attn: list | None = field(default=None, repr=False)
 
 
-def split_mode(mode: str) -> tuple[str, str | None]:
-    """'rerope+blend:0.15' -> ('rerope', 'blend:0.15')."""
-    base, _, repair = mode.partition("+")
+@dataclass(frozen=True)
+class ModeSpec:
+    base: str  # full, prefix, naive, rerope
+    encoding: str  # "bare" or "sink" (behind E): which library chunks a cached mode reads
+    repair: str | None  # boundary:k, blend:r, query:r, auto
+
+
+def split_mode(mode: str) -> ModeSpec:
+    """'rerope' -> bare chunks; 'rerope+sink' -> chunks encoded behind E; '+<repair>' on top."""
+    from kvlib.engine.repair import parse_repair
+
+    base, *rest = mode.split("+")
     if base not in BASE_MODES:
         raise InputError(f"unknown mode '{mode}'; base modes are {', '.join(BASE_MODES)}")
-    return base, repair or None
+    encoding = "sink" if "sink" in rest else "bare"
+    rest = [r for r in rest if r != "sink"]
+    if len(rest) > 1 or (base in ("full", "prefix") and (rest or encoding == "sink")):
+        raise InputError(f"unknown mode '{mode}': use full, prefix, naive[+sink], rerope[+sink][+REPAIR]")
+    if rest:
+        parse_repair(rest[0])  # fail on a typo before any work
+    return ModeSpec(base, encoding if base in ("naive", "rerope") else "sink", rest[0] if rest else None)
 
 
 class ModeRunner:
@@ -73,16 +88,16 @@ class ModeRunner:
         self.prefix = PrefixCache(block_size=BLOCK, max_blocks=16384, salt=self.lm.fingerprint)
 
     def run(self, item: PromptItem, mode: str) -> Sample:
-        base, repair = split_mode(mode)
+        spec = split_mode(mode)
         t0 = time.perf_counter()
-        if base == "full":
+        if spec.base == "full":
             composed, load_s, kv_bytes, hits = self._full(item), 0.0, 0, 0
-        elif base == "prefix":
+        elif spec.base == "prefix":
             composed, load_s, kv_bytes, hits = self._prefix(item, t0)
         else:
-            composed, load_s, kv_bytes, hits = self._library(item, base, repair, t0)
+            composed, load_s, kv_bytes, hits = self._library(item, spec, t0)
         sample = self._finish(item, composed, t0, load_s, kv_bytes, hits)
-        if base == "prefix":  # the context KV is still valid after the quality pass rewound to it
+        if spec.base == "prefix":  # the context KV is still valid after the quality pass rewound to it
             self._remember_prefix(self.context_ids(item), composed.cache)
         return sample
 
@@ -90,13 +105,13 @@ class ModeRunner:
         chunks = [ChunkKV(as_ids(ids), None, None) for ids in item.chunk_ids]
         return compose(self.lm, self.engine.context, chunks, "full", extra=self._extra(item))
 
-    def _library(self, item: PromptItem, base: str, repair: str | None, t0: float):
-        stored = self.library.get_many(item.chunk_keys)
-        chunks = [ChunkKV(s.token_ids, s.k_sem, s.v) for s in stored]
+    def _library(self, item: PromptItem, spec: ModeSpec, t0: float):
+        stored = self.library.get_many(item.chunk_keys[spec.encoding])
+        chunks = [ChunkKV(s.token_ids, s.k_sem, s.v, self.engine.encoded_at(s.context_id)) for s in stored]
         load_s = time.perf_counter() - t0
-        composed = compose(self.lm, self.engine.context, chunks, base, extra=self._extra(item))
-        if repair:
-            composed.recomputed = self.repairs[repair](self.engine, composed, chunks, item.suffix_ids)
+        composed = compose(self.lm, self.engine.context, chunks, spec.base, extra=self._extra(item))
+        if spec.repair:
+            composed.recomputed = self.repairs[spec.repair](self.engine, composed, chunks, item.suffix_ids)
         kv_bytes = sum(c.k_sem.numel() * c.k_sem.element_size() * 2 for c in chunks)
         return composed, load_s, kv_bytes, composed.cached_tokens
 

@@ -23,7 +23,6 @@ from datetime import datetime, timezone
 from kvlib.bench.data import ORDERS, LoadResult, permute
 from kvlib.bench.metrics import attention_similarity, exact_match, f1, gold_nll, kl_divergence, summarize
 from kvlib.bench.modes import BASE_MODES, ModeRunner, PromptItem, Sample, split_mode
-from kvlib.engine.repair import parse_repair
 from kvlib.errors import InputError
 from kvlib.retrieve.chunker import chunk_text
 
@@ -45,9 +44,7 @@ def expand_modes(spec: str, repair_modes: tuple = ()) -> list[str]:
     if not modes:
         raise InputError("no modes given")
     for mode in modes:  # fail before any work on a typo
-        _, repair = split_mode(mode)
-        if repair:
-            parse_repair(repair)
+        split_mode(mode)
     return sorted(set(modes), key=modes.index)
 
 
@@ -63,7 +60,7 @@ def expand_orders(spec: str) -> list[str]:
 class Prepared:
     """Per record: each passage's chunks (token ids and library keys)."""
 
-    passages: dict = field(default_factory=dict)  # record id -> [[(ids, key), ...] per passage]
+    passages: dict = field(default_factory=dict)  # record id -> [[(ids, {encoding: key}), ...] per passage]
     ingest_s: float = 0.0
     ingest_bytes: int = 0
     ingest_new_chunks: int = 0
@@ -81,8 +78,12 @@ class BenchRunner:
             return [ids]
         return [list(c.token_ids) for c in chunk_text(text, self.engine.lm.tokenizer, self.config.chunk_tokens)]
 
+    def encodings(self) -> list[str]:
+        specs = [split_mode(m) for m in self.config.modes]
+        return sorted({s.encoding for s in specs if s.base in ("naive", "rerope")})
+
     def prepare(self, records, progress=None) -> Prepared:
-        """Tokenize every passage and ingest the chunks the library lacks."""
+        """Tokenize every passage and ingest, per needed encoding, the chunks the library lacks."""
         lm, prep, todo = self.engine.lm, Prepared(), {}
         self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
         for rec in records:
@@ -90,40 +91,45 @@ class BenchRunner:
             for p in rec.passages:
                 group = []
                 for ids in self.passage_chunks(p):
-                    key = self.library.key_for(tenant="public", public=True, model_fp=lm.fingerprint,
-                                               context_id=self.engine.context_id, token_ids=ids)
-                    if key.hex not in todo and not self.library.has(key):
-                        todo[key.hex] = ids
-                    group.append((ids, key))
+                    keys = {}
+                    for enc in self.encodings():
+                        keys[enc] = self.library.key_for(tenant="public", public=True, model_fp=lm.fingerprint,
+                                                         context_id=self.engine.context_id_for(enc), token_ids=ids)
+                        if (enc, keys[enc].hex) not in todo and not self.library.has(keys[enc]):
+                            todo[(enc, keys[enc].hex)] = ids
+                    group.append((ids, keys))
                 groups.append(group)
             prep.passages[rec.id] = groups
         t0 = time.perf_counter()
-        self._ingest(list(todo.values()), prep, progress)
+        for enc in self.encodings():
+            self._ingest([ids for (e, _), ids in todo.items() if e == enc], enc, prep, progress)
         prep.ingest_s = time.perf_counter() - t0
         return prep
 
-    def _ingest(self, todo: list, prep: Prepared, progress) -> None:
+    def _ingest(self, todo: list, encoding: str, prep: Prepared, progress) -> None:
         lm, batch = self.engine.lm, 32
         if progress and todo:
-            progress("ingest", 0, len(todo))
+            progress(f"ingest {encoding}", 0, len(todo))
         for start in range(0, len(todo), batch):
             part = todo[start : start + batch]
-            for ids, kv in zip(part, self.engine.encode_many(part)):
+            for ids, kv in zip(part, self.engine.encode_many(part, encoding=encoding)):
                 r = self.library.put(tenant="public", public=True, model_fp=lm.fingerprint,
-                                     context_id=self.engine.context_id, token_ids=ids, k_sem=kv.k_sem, v=kv.v,
+                                     context_id=self.engine.context_id_for(encoding), token_ids=ids,
+                                     k_sem=kv.k_sem, v=kv.v,
                                      text_preview=self.engine.decode(ids))
                 prep.ingest_bytes += r.bytes if r.new else 0
                 prep.ingest_new_chunks += int(r.new)
             if progress:
-                progress("ingest", len(part))
+                progress(f"ingest {encoding}", len(part))
 
     def items(self, records, prep: Prepared, order: str) -> list[PromptItem]:
         out = []
         for rec in records:
             groups = permute(prep.passages[rec.id], order, self.config.seed, rec.id)
             chunks = [c for g in groups for c in g]
+            keys = {enc: [k[enc] for _, k in chunks] for enc in self.encodings()}
             out.append(PromptItem(record_id=rec.id, order=order, chunk_ids=[ids for ids, _ in chunks],
-                                  chunk_keys=[k for _, k in chunks], suffix_ids=self.engine.suffix_ids(rec.question),
+                                  chunk_keys=keys, suffix_ids=self.engine.suffix_ids(rec.question),
                                   gold_ids=self.engine.tokenize(rec.answers[0]) or [self.engine.tokenize(" ")[0]],
                                   golds=rec.answers))
         return out

@@ -30,6 +30,7 @@ class ChunkKV:
     token_ids: torch.Tensor
     k_sem: torch.Tensor
     v: torch.Tensor
+    encoded_at: int | None = None  # first position at encoding; None = right behind the prompt's E
 
     @property
     def n_tokens(self) -> int:
@@ -98,7 +99,7 @@ def encode_chunk(lm, context: ContextKV, token_ids, *, offset: int = 0) -> Chunk
         forward(lm, context.token_ids, torch.arange(offset, offset + n_ctx), cache, logits="none")
     pos = torch.arange(offset + n_ctx, offset + n_ctx + ids.shape[0])
     out = forward(lm, ids, pos, cache, logits="none", keep_kv=True)
-    return ChunkKV(token_ids=ids, k_sem=out.k_sem, v=out.v)
+    return ChunkKV(token_ids=ids, k_sem=out.k_sem, v=out.v, encoded_at=offset + n_ctx)
 
 
 def packed_mask(lengths: list[int], n_ctx: int, device) -> torch.Tensor:
@@ -131,15 +132,16 @@ def encode_packed(lm, context: ContextKV, chunk_ids: list) -> list[ChunkKV]:
     out = forward(lm, torch.cat(ids), pos, cache, logits="none", keep_kv=True,
                   mask=packed_mask(lengths, n_ctx, lm.device))
     k_parts, v_parts = out.k_sem.split(lengths, dim=2), out.v.split(lengths, dim=2)
-    return [ChunkKV(token_ids=i, k_sem=k, v=v) for i, k, v in zip(ids, k_parts, v_parts)]
+    return [ChunkKV(token_ids=i, k_sem=k, v=v, encoded_at=n_ctx) for i, k, v in zip(ids, k_parts, v_parts)]
 
 
 def chunk_positions(context: ContextKV, chunks: list, mode: str) -> list[torch.Tensor]:
     """Rotary positions for each chunk's tokens under `mode`."""
     start, out = context.n_tokens, []
     for c in chunks:
-        if mode == "naive":  # as encoded: right behind E, whatever its slot
-            out.append(torch.arange(context.n_tokens, context.n_tokens + c.n_tokens))
+        if mode == "naive":  # as encoded (right behind its encoding context), whatever its slot
+            at = context.n_tokens if c.encoded_at is None else c.encoded_at
+            out.append(torch.arange(at, at + c.n_tokens))
         else:
             out.append(torch.arange(start, start + c.n_tokens))
         start += c.n_tokens

@@ -73,10 +73,15 @@ class ForwardOut:
     attn: list | None = None  # per layer [H, T, P+T] attention probabilities, when asked
 
 
-def causal_mask(t_new: int, t_past: int, device) -> torch.Tensor | None:
+CAUSAL = "causal"  # mask marker: no past, plain causal attention (lets SDPA skip masked blocks)
+
+
+def causal_mask(t_new: int, t_past: int, device) -> torch.Tensor | str | None:
     """Bool [T, P+T]: every past slot, causal among new tokens. None when nothing is masked."""
     if t_new == 1:
         return None
+    if t_past == 0:
+        return CAUSAL
     return torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
 
 
@@ -105,9 +110,14 @@ def attention_probs(q, keys, mask, scale: float) -> torch.Tensor:
 def attend(layer, q, keys, values, mask, want_probs: bool):
     """SDPA over all slots. q: [1, H, T, D]; keys/values: [Hkv, S, D] -> out [1, T, hidden]."""
     attn = layer.self_attn
+    causal = isinstance(mask, str)
     out = F.scaled_dot_product_attention(
-        q, keys[None], values[None], attn_mask=mask, scale=attn.scaling, enable_gqa=True
+        q, keys[None], values[None], attn_mask=None if causal else mask, is_causal=causal,
+        scale=attn.scaling, enable_gqa=True,
     )
+    if want_probs and causal:
+        t = q.shape[2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     probs = attention_probs(q, keys, mask, attn.scaling) if want_probs else None
     out = out.transpose(1, 2).reshape(1, q.shape[2], -1)
     return attn.o_proj(out), probs

@@ -124,6 +124,14 @@ def _file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def quiet_transformers() -> None:
+    """kvlib draws its own progress; transformers' per-tensor bars would bury it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _dequantize_gguf(gguf: Path, target: Path) -> None:
     """Dequantize once with transformers and write an HF directory atomically."""
     import torch
@@ -272,6 +280,7 @@ def load_model(model: str | None, home: Path, *, dtype: str | None = None, devic
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched at run time
+    quiet_transformers()
     model_dir, name = resolve_model_dir(model, home)
     try:
         config = AutoConfig.from_pretrained(model_dir)

@@ -23,7 +23,8 @@ from kvlib.engine.forward import attend, embed, project_qkv
 from kvlib.engine.rope import apply_rope
 from kvlib.errors import InputError
 
-REPAIR_MODES = ("rerope+boundary:16", "rerope+boundary:64", "rerope+blend:0.15", "rerope+blend:0.3")
+REPAIR_MODES = ("naive+sink", "rerope+sink", "rerope+sink+boundary:16", "rerope+sink+boundary:64",
+                "rerope+sink+blend:0.15", "rerope+sink+blend:0.3", "rerope+sink+query:0.15", "rerope+sink+auto")
 
 
 def slot_mask(slots: torch.Tensor, total: int) -> torch.Tensor:
@@ -92,6 +93,82 @@ def blend(ratio: float):
     return repair
 
 
+@torch.inference_mode()
+def question_attention(lm, cache, suffix_ids, n_layers: int = 2) -> torch.Tensor:
+    """Attention mass [S] the question puts on each context slot at layer n_layers-1.
+
+    The suffix runs through the first n_layers only, in the free slots after the context;
+    the cache length is restored, so nothing of it stays.
+    """
+    from kvlib.engine.forward import causal_mask, run_layer
+
+    n_ctx, ids = cache.length, torch.as_tensor(list(suffix_ids), dtype=torch.long)
+    pos = torch.arange(n_ctx, n_ctx + ids.shape[0], device=lm.device)
+    h, mask = embed(lm, ids), causal_mask(ids.shape[0], n_ctx, lm.device)
+    for i in range(n_layers):
+        h, _, _, probs = run_layer(lm, i, h, pos, cache, n_ctx, mask, want_probs=i == n_layers - 1)
+    return probs[:, :, :n_ctx].sum(dim=(0, 1))  # over heads and question tokens
+
+
+def chunk_slots(composed: Composed, skip_first: bool) -> torch.Tensor:
+    spans = composed.spans[1:] if skip_first else composed.spans
+    return torch.cat([torch.arange(s, s + n) for s, n in spans] or [torch.zeros(0, dtype=torch.long)])
+
+
+def query_aware(ratio: float):
+    """Recompute, in every layer, the chunk tokens the question attends to most at layer 1."""
+    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
+        lm, cache = engine.lm, composed.cache
+        slots = chunk_slots(composed, skip_first=False)
+        n_pick = min(slots.numel(), round(ratio * slots.numel()))
+        if n_pick == 0:
+            return 0
+        mass = question_attention(lm, cache, suffix_ids)[slots]
+        pick = slots[mass.topk(n_pick).indices.sort().values]
+        recompute_slots(lm, cache, all_ids(composed, chunks)[pick], pick, range(lm.n_layers))
+        return int(n_pick)
+    return repair
+
+
+def auto(target: float, max_ratio: float = 0.5):
+    """Least recompute that covers `target` of the drift that matters to this question.
+
+    Per chunk token, drift is its layer-1 KV deviation once it sees its real neighbours
+    (layers 0-1 recomputed, as blend does), weighted by the question's layer-1 attention
+    to it. The smallest set covering `target` of that weighted mass is carried through
+    every layer; the budget therefore follows the query. A chunk encoded behind E that
+    opens the prompt has no new neighbours: it is exact and never spent on.
+    """
+    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
+        lm, cache = engine.lm, composed.cache
+        n_ctx = composed.context_ids.numel()
+        first_exact = bool(chunks) and chunks[0].encoded_at in (None, n_ctx)
+        slots = chunk_slots(composed, skip_first=first_exact)
+        if slots.numel() == 0:
+            return 0
+        ids = all_ids(composed, chunks)
+        mass = question_attention(lm, cache, suffix_ids)[slots]
+        cached_k, cached_v = cache.k[:2, :, slots].clone(), cache.v[:2, :, slots].clone()
+        h = recompute_slots(lm, cache, ids[slots], slots, range(2))
+        dev = ((cache.k[1, :, slots] - cached_k[1]).float().norm(dim=-1) +
+               (cache.v[1, :, slots] - cached_v[1]).float().norm(dim=-1)).sum(0)
+        score = dev * mass
+        order = score.argsort(descending=True)
+        covered = score[order].cumsum(0) / score.sum().clamp_min(1e-12)
+        cap = max(1, int(max(max_ratio, target) * slots.numel()))
+        n_pick = min(int((covered < target - 1e-6).sum()) + 1, cap, slots.numel())
+        pick = order[:n_pick].sort().values
+        keep = torch.ones(slots.numel(), dtype=torch.bool)
+        keep[pick] = False
+        cache.k[:2, :, slots[keep]], cache.v[:2, :, slots[keep]] = cached_k[:, :, keep], cached_v[:, :, keep]
+        recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(2, lm.n_layers), h=h[:, pick])
+        return int(n_pick)
+    return repair
+
+
+AUTO_TARGET = 0.5  # share of question-weighted drift mass to cover
+
+
 def parse_repair(name: str):
     kind, _, arg = name.partition(":")
     try:
@@ -99,9 +176,13 @@ def parse_repair(name: str):
             return boundary(int(arg))
         if kind == "blend" and 0.0 <= float(arg) <= 1.0:
             return blend(float(arg))
+        if kind == "query" and 0.0 <= float(arg) <= 1.0:
+            return query_aware(float(arg))
+        if kind == "auto" and (arg == "" or 0.0 < float(arg) <= 1.0):
+            return auto(float(arg) if arg else AUTO_TARGET)
     except ValueError:
         pass
-    raise InputError(f"unknown repair '{name}'; use boundary:K or blend:R (0 <= R <= 1)")
+    raise InputError(f"unknown repair '{name}'; use boundary:K, blend:R, query:R (0 <= R <= 1) or auto[:TARGET]")
 
 
 class _Registry(dict):

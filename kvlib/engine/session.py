@@ -19,11 +19,18 @@ from kvlib.engine.model import LoadedModel, load_model
 from kvlib.engine.prompt import PromptTemplate, stop_ids, template_for
 
 
+ENCODINGS = ("sink", "bare")
+BARE_CONTEXT_ID = "bare"
+
+
 class Engine:
+    """Chunks are encoded behind E ("sink", the default) or with nothing before them ("bare")."""
+
     def __init__(self, lm: LoadedModel, template: PromptTemplate | None = None):
         self.lm = lm
         self.template = template or template_for(lm.tokenizer)
         self.context = encode_context(lm, self.template.context_ids)
+        self.bare = encode_context(lm, [])
         self.stop = stop_ids(lm.tokenizer) if lm.tokenizer is not None else set()
 
     @classmethod
@@ -33,6 +40,14 @@ class Engine:
     @property
     def context_id(self) -> str:
         return self.template.context_id
+
+    def context_id_for(self, encoding: str) -> str:
+        """Part of every chunk key: which encoding context the chunk was computed behind."""
+        return BARE_CONTEXT_ID if encoding == "bare" else self.context_id
+
+    def encoded_at(self, context_id: str) -> int:
+        """First position a stored chunk was encoded at, from its context id."""
+        return 0 if context_id == BARE_CONTEXT_ID else self.context.n_tokens
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
@@ -47,7 +62,7 @@ class Engine:
         """Pre-RoPE KV of one chunk, cast to the storage dtype, on the CPU."""
         return self.encode_many([token_ids])[0]
 
-    def encode_many(self, chunk_ids: list, max_batch_tokens: int = 512) -> list[ChunkKV]:
+    def encode_many(self, chunk_ids: list, max_batch_tokens: int = 512, encoding: str = "sink") -> list[ChunkKV]:
         """Encode chunks in packed batches; storage dtype, CPU.
 
         512 tokens keeps matmuls large while the dense block-diagonal attention stays
@@ -56,7 +71,8 @@ class Engine:
         out, batch, size = [], [], 0
         for ids in list(chunk_ids) + [None]:
             if batch and (ids is None or size + len(ids) > max_batch_tokens):
-                out += [self._to_storage(kv) for kv in encode_packed(self.lm, self.context, batch)]
+                ctx = self.bare if encoding == "bare" else self.context
+                out += [self._to_storage(kv) for kv in encode_packed(self.lm, ctx, batch)]
                 batch, size = [], 0
             if ids is not None:
                 batch.append(ids)
@@ -65,7 +81,8 @@ class Engine:
 
     def _to_storage(self, kv: ChunkKV) -> ChunkKV:
         dt = self.lm.kv_dtype
-        return ChunkKV(token_ids=kv.token_ids.cpu(), k_sem=kv.k_sem.to("cpu", dt), v=kv.v.to("cpu", dt))
+        return ChunkKV(token_ids=kv.token_ids.cpu(), k_sem=kv.k_sem.to("cpu", dt), v=kv.v.to("cpu", dt),
+                       encoded_at=kv.encoded_at)
 
     def compose(self, chunks: list[ChunkKV], mode: str, *, extra: int = 512) -> Composed:
         return compose(self.lm, self.context, chunks, mode, extra=extra)
