@@ -78,3 +78,13 @@ def test_auto_spends_less_than_everything_at_its_default_target():
     n = parse_repair("auto")(type("E", (), {"lm": lm})(), composed, chunks, q)
     later = sum(c.n_tokens for c in chunks[1:])
     assert 0 < n < later, f"auto recomputed {n} of {later} drifting tokens"
+
+
+def test_drift_score_is_zero_alone_and_positive_behind_a_neighbour():
+    from kvlib.engine.drift import drift_score
+
+    lm, ctx, chunks, _ = setup("llama")
+    alone = drift_score(lm, ctx, [], chunks[1])
+    behind = drift_score(lm, ctx, chunks[0].token_ids, chunks[1])
+    assert alone < 1e-5, f"a chunk behind nothing new drifted by {alone:.2e}"
+    assert behind > 1e-3, f"a chunk behind a neighbour drifted only {behind:.2e}"

@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvlib.engine.drift import drift_score
 from kvlib.retrieve.chunker import chunk_text
 from kvlib.retrieve.index import PUBLIC, IndexEntry
 from kvlib.retrieve.sources import SourceDoc, iter_sources
@@ -126,10 +127,16 @@ class Ingestor:
                 progress.chunk_done(len(chunk.token_ids), new=False)
             else:
                 todo.append(chunk)
+        previous = {c.index: chunks[i - 1] for i, c in enumerate(chunks) if i > 0}
         for chunk, kv in zip(todo, self.engine.encode_many([c.token_ids for c in todo])):
+            neighbour = previous.get(chunk.index)
+            drift = None if neighbour is None else drift_score(
+                self.engine.lm, self.engine.context, neighbour.token_ids, kv)
             result = self.library.put(tenant=self.tenant, public=self.public, model_fp=lm.fingerprint,
                                       context_id=self.engine.context_id, token_ids=chunk.token_ids,
                                       k_sem=kv.k_sem, v=kv.v, text_preview=chunk.text)
+            if drift is not None:
+                self.library.set_drift_score(result.key, drift)
             report.tokens_encoded += len(chunk.token_ids)
             report.chunks_new += int(result.new)
             report.chunks_dedup += int(not result.new)

@@ -1,0 +1,50 @@
+"""Per-chunk drift score, measured at ingest: how much a chunk's KV moves when it follows another chunk.
+
+Design facts:
+- A chunk is stored as encoded behind E alone. In a prompt it follows other chunks it
+  never saw; the larger the resulting change in its KV, the more repair it needs.
+- The score runs the chunk behind [E, neighbour] through layers 0-1 only (about 2/L of
+  an encode) and compares its layer-1 pre-RoPE keys and values with the stored ones:
+  mean over tokens of (|dK| + |dV|) / (|K| + |V|). Layer 1 is where CacheBlend reads
+  deviation: early enough to be cheap, late enough to see cross-chunk attention.
+- The neighbour at ingest is the previous chunk of the same document; a document's
+  first chunk has none and gets no score.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvlib.engine.compose import ChunkKV, as_ids
+from kvlib.engine.forward import KVCache, causal_mask, embed, run_layer
+
+DRIFT_LAYERS = 2
+
+
+@torch.inference_mode()
+def layer_kv_behind(lm, context, neighbour, ids, n_layers: int = DRIFT_LAYERS):
+    """k_sem, v [Hkv, T, D] of `ids` at layer n_layers-1, encoded behind [E, neighbour]."""
+    nb, ids = as_ids(neighbour), as_ids(ids)
+    cache = KVCache.for_model(lm, context.n_tokens + nb.shape[0] + ids.shape[0])
+    cache.append(context.k_rot, context.v)
+    out = None
+    for part in (nb, ids) if nb.numel() else (ids,):
+        start = cache.length
+        pos = torch.arange(start, start + part.shape[0], device=lm.device)
+        h, mask = embed(lm, part), causal_mask(part.shape[0], start, lm.device)
+        for i in range(n_layers):
+            h, k_sem, v, _ = run_layer(lm, i, h, pos, cache, start, mask)
+        cache.length = start + part.shape[0]
+        out = (k_sem, v)
+    return out
+
+
+def drift_score(lm, context, neighbour_ids, chunk: ChunkKV) -> float:
+    """Relative layer-1 KV change of `chunk` (as stored) once it follows `neighbour_ids`."""
+    k, v = layer_kv_behind(lm, context, neighbour_ids, chunk.token_ids)
+    layer = DRIFT_LAYERS - 1
+    k0 = chunk.k_sem[layer].to(lm.device, torch.float32)
+    v0 = chunk.v[layer].to(lm.device, torch.float32)
+    delta = (k.float() - k0).norm(dim=-1) + (v.float() - v0).norm(dim=-1)  # [Hkv, T]
+    scale = k0.norm(dim=-1) + v0.norm(dim=-1)
+    return float((delta / scale.clamp_min(1e-6)).mean())
