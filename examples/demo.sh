@@ -20,4 +20,4 @@ done
 
 echo
 echo "== TTFT by mode on the corpus questions"
-"$KV" bench --data examples --limit 5 --modes full,prefix,naive,rerope --home "$HOME_DIR" --out "$HOME_DIR/bench"
+"$KV" bench --data examples --limit 5 --modes full,prefix,naive+sink,rerope+sink --home "$HOME_DIR" --out "$HOME_DIR/bench"
