@@ -76,3 +76,23 @@ def test_prefix_hits_depend_on_order(tiny_engine, tmp_path):
                        max_new_tokens=2, out=tmp_path / "out", home=tmp_path / "home", engine=tiny_engine)
     by = {(r["mode"], r["order"]): r for r in report["results_json"]["results"]}
     assert by[("prefix", "reversed")]["hit_rate"] < by[("rerope+sink", "reversed")]["hit_rate"] == 1.0
+
+
+def test_sweep_writes_the_map(tiny_engine, tmp_path, monkeypatch):
+    """The map on a tiny model: every axis has a cell per value, and findings name the verdict rule."""
+    import kvlib.bench.sweep as sweep
+    from kvlib.bench.session import run_map
+
+    monkeypatch.setattr(sweep, "OFFSETS", (0, 64))  # keep the tiny run short; the axis logic is the same
+    monkeypatch.setattr(sweep, "CHUNK_COUNTS", (1, 2))
+    monkeypatch.setattr(sweep, "CHUNK_TOKENS", (8, 64))
+    data = tmp_path / "qa.jsonl"
+    write_data(data)
+    report = run_map(data=str(data), limit=3, seed=0, max_new_tokens=2, out=tmp_path / "map",
+                     home=tmp_path / "home", engine=tiny_engine)
+    axes = {(c["axis"], c["value"]) for c in report["cells"]}
+    assert {("chunks", 1), ("chunks", 2), ("offset", 0), ("offset", 64), ("chunk_tokens", 8)} <= axes
+    one = next(c for c in report["cells"] if c["axis"] == "chunks" and c["value"] == 1 and c["mode"] == "rerope+sink")
+    assert one["kl_to_full"] < 1e-3, "a single chunk behind E is exact composition"
+    assert report["findings"][0].startswith("Verdicts:")
+    assert (tmp_path / "map" / "map.md").exists() and (tmp_path / "map" / "map_axes.png").stat().st_size > 1000

@@ -8,7 +8,7 @@ from kvlib.bench.data import load_records
 from kvlib.bench.findings import findings
 from kvlib.bench.plots import plot_all
 from kvlib.bench.report import write_report_md, write_results
-from kvlib.bench.runner import BenchConfig, BenchRunner, expand_modes, expand_orders
+from kvlib.bench.runner import BenchConfig, BenchRunner, Prepared, expand_modes, expand_orders
 
 
 def load_data(data: str, stack, *, limit, ctxs, seed, progress):
@@ -17,6 +17,28 @@ def load_data(data: str, stack, *, limit, ctxs, seed, progress):
 
         return example_records(stack, k=ctxs or 4, limit=limit, progress=None)
     return load_records(data, limit=limit, ctxs=ctxs, seed=seed)
+
+
+def run_map(*, data: str, limit, seed: int, max_new_tokens: int, out: Path, home: Path, model=None, dtype=None,
+            progress=None, engine=None) -> dict:
+    """The reusability sweep: every axis of kvlib.bench.sweep on the same records."""
+    from kvlib.bench.sweep import plot_sweep, run_sweep, sweep_findings, write_sweep_report
+    from kvlib.rag.stack import open_stack
+
+    stack = open_stack(home, model=model, dtype=dtype, engine=engine)
+    try:
+        loaded = load_records(data, limit=None, seed=seed)
+        records = loaded.records[: limit or 8]
+        rows = run_sweep(stack.engine, stack.library, records, seed=seed, max_new_tokens=max_new_tokens,
+                         progress=progress)
+        config = BenchConfig(modes=[], orders=[], seed=seed, max_new_tokens=max_new_tokens, data=str(data))
+        settings = BenchRunner(stack.engine, stack.library, config).settings(records, Prepared())
+    finally:
+        stack.close()
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_sweep(out, rows)
+    write_sweep_report(out, settings, rows, plots)
+    return {"settings": settings, "cells": rows, "findings": sweep_findings(rows), "plots": plots}
 
 
 def run_bench(*, data: str, modes: str, order: str, limit, ctxs, seed: int, max_new_tokens: int, out: Path,

@@ -25,10 +25,11 @@ def bench(
     home: HomeOpt = None,
     model: ModelOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
+    sweep: Annotated[bool, typer.Option("--sweep", help="Run the reusability map instead (chunks, offset, chunk length, budget, order).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare full recompute, prefix caching, naive reuse and re-RoPE (and repairs) on real QA data."""
-    from kvlib.bench.session import run_bench
+    from kvlib.bench.session import run_bench, run_map
 
     try:
         with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -42,11 +43,17 @@ def bench(
                     bar.update(tasks[stage], total=total)
                 bar.advance(tasks[stage], n)
 
-            report = run_bench(data=data, modes=modes, order=order, limit=limit, ctxs=ctxs, seed=seed,
-                               max_new_tokens=max_new_tokens, out=out, home=resolve_home(home), model=model,
-                               dtype=dtype, progress=progress)
+            common = dict(data=data, limit=limit, seed=seed, max_new_tokens=max_new_tokens, out=out,
+                          home=resolve_home(home), model=model, dtype=dtype, progress=progress)
+            if sweep:
+                report = run_map(**common)
+            else:
+                report = run_bench(modes=modes, order=order, ctxs=ctxs, **common)
     except KvlibError as exc:
         raise fail(str(exc))
+    if sweep:
+        render_map(report, out, json_out)
+        return
     if json_out:
         print_json(report["results_json"])
         return
@@ -58,6 +65,15 @@ def bench(
     for line in report["findings"]:
         console.print(f"- {line}", highlight=False)
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
+
+
+def render_map(report: dict, out: Path, json_out: bool) -> None:
+    if json_out:
+        print_json(report)
+        return
+    for line in report["findings"]:
+        console.print(f"- {line}", highlight=False)
+    console.print(f"wrote {out / 'map.md'}, {out / 'map.json'} and {len(report['plots'])} plots")
 
 
 def register(app: typer.Typer) -> None:
