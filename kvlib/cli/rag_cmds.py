@@ -106,6 +106,7 @@ def query(
     question: Annotated[str, typer.Argument(help="The question to answer from the library.")],
     k: Annotated[int, typer.Option("--k", min=1, help="Chunks to retrieve.")] = 4,
     mode: Annotated[str, typer.Option(help="rerope (rotate cached keys), naive (as encoded), full (recompute).")] = "rerope",
+    repair: Annotated[Optional[str], typer.Option(help="Repair after composing: boundary:K, blend:R, query:R or auto.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also run full recompute on the same ids.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length limit.")] = 64,
     home: HomeOpt = None,
@@ -121,6 +122,10 @@ def query(
     if mode not in ("rerope", "naive", "full"):
         raise fail(f"unknown mode '{mode}'; choose rerope, naive or full")
     try:
+        if repair:
+            from kvlib.engine.repair import parse_repair
+
+            parse_repair(repair)  # a typo fails before the model loads
         stack = open_stack(resolve_home(home), model=model, dtype=dtype)
         if len(stack.index) == 0:
             raise InputError("the library has no indexed documents: run `kvlib ingest PATH` first")
@@ -129,7 +134,8 @@ def query(
         if not hits:
             raise InputError(f"no documents visible to tenant '{tenant}'")
         stream = Streamer(stack.engine, not json_out)
-        main = runner.answer(question, k=k, mode=mode, max_new_tokens=max_new_tokens, on_token=stream, hits=hits)
+        main = runner.answer(question, k=k, mode=mode, max_new_tokens=max_new_tokens, on_token=stream, hits=hits,
+                             repair=repair)
         other = runner.answer(question, k=k, mode="full", max_new_tokens=max_new_tokens, hits=hits) if compare else None
         stack.close()
     except KvlibError as exc:
@@ -157,7 +163,7 @@ def render_answer(main, other) -> None:
     console.print(src)
     t = main.timings
     console.print(
-        f"[bold]{main.mode}[/] TTFT {main.ttft_s * 1000:.0f} ms = retrieval {t['retrieval'] * 1000:.0f} + load "
+        f"[bold]{main.mode}{'+' + main.repair if main.repair else ''}[/] TTFT {main.ttft_s * 1000:.0f} ms = retrieval {t['retrieval'] * 1000:.0f} + load "
         f"{t['load'] * 1000:.0f} + compose {t['compose'] * 1000:.0f} + prefill {t['prefill'] * 1000:.0f} ms; "
         f"decode {main.decode_tok_s:.1f} tok/s; tokens cached {main.cached_tokens}, computed {main.computed_tokens}"
     )

@@ -7,6 +7,8 @@ Design facts:
   another model) is encoded on the spot, stored, and counted as computed. A corrupt
   blob is treated the same way, with a warning; neither is an error.
 - `full` loads no KV: it prefills the same token ids the cached modes compose.
+- `--repair` (boundary:k, blend:r, query:r, auto) runs after composition and counts
+  in the compose stage; the tokens it recomputes count as computed.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from kvlib.engine.compose import ChunkKV
 from kvlib.engine.generate import generate
+from kvlib.engine.repair import parse_repair
 from kvlib.errors import CorruptBlobError, NotFoundError
 from kvlib.retrieve.index import PUBLIC
 
@@ -34,6 +37,7 @@ class Answer:
     decode_tok_s: float
     token_ids: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    repair: str | None = None
 
     def as_dict(self, model: str) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "token_ids"}
@@ -95,7 +99,7 @@ class QueryRunner:
         return kv, True, warning
 
     def answer(self, question: str, *, k: int = 4, mode: str = "rerope", max_new_tokens: int = 64,
-               on_token=None, hits=None) -> Answer:
+               on_token=None, hits=None, repair: str | None = None) -> Answer:
         t0 = time.perf_counter()
         hits = self.retrieve(question, k) if hits is None else hits
         t_ret = time.perf_counter()
@@ -103,6 +107,8 @@ class QueryRunner:
         t_load = time.perf_counter()
         suffix = self.engine.suffix_ids(question)
         composed = self.engine.compose(got.chunks, mode, extra=len(suffix) + max_new_tokens + 1)
+        if repair and mode != "full":
+            composed.recomputed = parse_repair(repair)(self.engine, composed, got.chunks, suffix)
         t_comp = time.perf_counter()
         gen = generate(self.engine.lm, composed, suffix, max_new_tokens=max_new_tokens,
                        stop=self.engine.stop, on_token=on_token, t0=t0)
@@ -110,6 +116,7 @@ class QueryRunner:
                    "prefill": gen.ttft_s - (t_comp - t0)}
         return Answer(answer=self.engine.decode(gen.token_ids).strip(), mode=mode, ttft_s=gen.ttft_s,
                       timings=timings, sources=got.sources,
-                      cached_tokens=composed.cached_tokens - got.computed_tokens,
-                      computed_tokens=gen.prefill_tokens + got.computed_tokens,
-                      decode_tok_s=gen.decode_tok_s, token_ids=gen.token_ids, warnings=got.warnings)
+                      cached_tokens=composed.cached_tokens - got.computed_tokens - composed.recomputed,
+                      computed_tokens=gen.prefill_tokens + got.computed_tokens + composed.recomputed,
+                      decode_tok_s=gen.decode_tok_s, token_ids=gen.token_ids, warnings=got.warnings,
+                      repair=repair if mode != "full" else None)
