@@ -99,8 +99,9 @@ class QueryRunner:
         return kv, True, warning
 
     def answer(self, question: str, *, k: int = 4, mode: str = "rerope", max_new_tokens: int = 64,
-               on_token=None, hits=None, repair: str | None = None) -> Answer:
-        t0 = time.perf_counter()
+               on_token=None, hits=None, repair: str | None = None, t0: float | None = None) -> Answer:
+        """With `hits` already retrieved, pass `t0` from before retrieval so TTFT includes it."""
+        t0 = time.perf_counter() if t0 is None else t0
         hits = self.retrieve(question, k) if hits is None else hits
         t_ret = time.perf_counter()
         got = self.load(hits, need_kv=mode != "full")
