@@ -54,6 +54,11 @@ class Sample:
     latency: float
     gold_logits: torch.Tensor | None = field(default=None, repr=False)
     attn: list | None = field(default=None, repr=False)
+    # Scored against full as soon as the prompt is done, so the large tensors above can go:
+    # one prompt's attention over all layers is tens of MB.
+    kl: float | None = None
+    nll: float | None = None
+    sim: object = None  # AttentionSimilarity
 
 
 @dataclass(frozen=True)
@@ -85,7 +90,8 @@ class ModeRunner:
         self.max_new_tokens = max_new_tokens
         # name -> callable(engine, composed, chunks, suffix_ids) -> context tokens recomputed
         self.repairs = repairs if repairs is not None else {}
-        self.prefix = PrefixCache(block_size=BLOCK, max_blocks=16384, salt=self.lm.fingerprint)
+        # 4096 blocks of SmolLM2 KV in fp16 are ~1.5 GB: room for every prompt of a 30-question run.
+        self.prefix = PrefixCache(block_size=BLOCK, max_blocks=4096, salt=self.lm.fingerprint)
 
     def run(self, item: PromptItem, mode: str) -> Sample:
         spec = split_mode(mode)

@@ -143,11 +143,14 @@ class BenchRunner:
         for order in self.config.orders:
             for item in self.items(records, prep, order):
                 ref = self.modes.run(item, "full")
-                for mode in self.config.modes:
-                    s = ref if mode == "full" else self.modes.run(item, mode)
-                    samples.setdefault((mode, order), []).append((item, s, ref))
+                done = [self.modes.run(item, m) if m != "full" else ref for m in self.config.modes]
+                for mode, s in zip(self.config.modes, done):
+                    score_sample(s, ref, item)
+                    samples.setdefault((mode, order), []).append((item, s))
                     if progress:
                         progress("query", 1)
+                for s in done + [ref]:
+                    s.attn = s.gold_logits = None
         results = [aggregate(mode, order, rows, self.engine) for (mode, order), rows in samples.items()]
         return self.settings(records, prep), results, prep
 
@@ -184,12 +187,20 @@ def hardware_name(device) -> str:
     return platform.processor() or platform.machine()
 
 
+def score_sample(s: Sample, ref: Sample, item: PromptItem) -> None:
+    """Quality against full for one prompt (ref may be s itself)."""
+    if s.kl is None:
+        s.kl = kl_divergence(ref.gold_logits, s.gold_logits)
+        s.nll = gold_nll(s.gold_logits, item.gold_ids)
+        s.sim = attention_similarity(s.attn, ref.attn)
+
+
 def aggregate(mode: str, order: str, rows: list, engine) -> dict:
     """Per (mode, order): medians for speed, means for quality, sums for reuse."""
-    samples: list[Sample] = [s for _, s, _ in rows]
+    samples: list[Sample] = [s for _, s in rows]
     answers = [engine.decode(s.answer_ids).strip() for s in samples]
-    nlls = [gold_nll(s.gold_logits, item.gold_ids) for item, s, _ in rows]
-    sims = [attention_similarity(s.attn, ref.attn) for _, s, ref in rows]
+    nlls = [s.nll for s in samples]
+    sims = [s.sim for s in samples]
     n_layers = len(sims[0].js_sim_per_layer)
     per_layer = [statistics.fmean(x.js_sim_per_layer[i] for x in sims) for i in range(n_layers)]
     ctx = sum(s.ctx_tokens for s in samples)
@@ -201,10 +212,10 @@ def aggregate(mode: str, order: str, rows: list, engine) -> dict:
         "ttft_parts_s": {k: statistics.median(s.parts[k] for s in samples) for k in ("load", "compose", "prefill")},
         "decode_tok_s": statistics.median(s.decode_tok_s for s in samples),
         "qps": len(samples) / sum(s.latency for s in samples),
-        "f1": statistics.fmean(f1(a, item.golds) for a, (item, _, _) in zip(answers, rows)),
-        "em": statistics.fmean(exact_match(a, item.golds) for a, (item, _, _) in zip(answers, rows)),
+        "f1": statistics.fmean(f1(a, item.golds) for a, (item, _) in zip(answers, rows)),
+        "em": statistics.fmean(exact_match(a, item.golds) for a, (item, _) in zip(answers, rows)),
         "nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)),
-        "kl_to_full": statistics.fmean(kl_divergence(ref.gold_logits, s.gold_logits) for _, s, ref in rows),
+        "kl_to_full": statistics.fmean(s.kl for s in samples),
         "attn_sim": statistics.fmean(x.js_sim for x in sims), "attn_sim_per_layer": per_layer,
         "attn_cos": statistics.fmean(x.cosine for x in sims),
         "hit_rate": sum(s.hit_tokens for s in samples) / ctx,
