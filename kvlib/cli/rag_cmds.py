@@ -131,7 +131,10 @@ def query(
             from kvlib.engine.repair import parse_repair
 
             parse_repair(repair)  # a typo fails before the model loads
-        stack = open_stack(resolve_home(home), model=model, dtype=dtype)
+        root = resolve_home(home)
+        if not (root / "index").is_dir():  # a read command never creates a library (e.g. a mistyped --home)
+            raise InputError(f"no indexed documents in {root}: run `kvlib ingest PATH --home {root}` first")
+        stack = open_stack(root, model=model, dtype=dtype)
         if len(stack.index) == 0:
             raise InputError("the library has no indexed documents: run `kvlib ingest PATH` first")
         runner = QueryRunner(stack.engine, stack.library, stack.index, stack.embedder, tenant)
