@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlib.rag.ingest import Ingestor
+from rag_helpers import ingest
 from kvlib.retrieve.chunker import chunk_text
 from kvlib.store import Library
 
@@ -37,15 +37,6 @@ RESUME_DOCS = (
 )
 RESUME_PARAGRAPHS = 3
 KILL_WAIT_S = 180
-
-
-def ingest(smol_stack, home: Path, paths: list[Path], **options):
-    """One Ingestor run over `paths` with the session engine; returns the IngestReport."""
-    stack = smol_stack(home)
-    try:
-        return Ingestor(stack.engine, stack.library, stack.index, stack.embedder, **options).run(paths)
-    finally:
-        stack.close()
 
 
 def blob_files(home: Path) -> list[Path]:

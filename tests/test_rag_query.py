@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvlib.rag.ingest import Ingestor
+from rag_helpers import ingest
 from kvlib.rag.query import QueryRunner
 from kvlib.store import Library
 from kvlib.store.keys import ChunkKey
@@ -30,14 +30,6 @@ def corpus_questions(n: int) -> list[str]:
     """The first n questions of examples/corpus/questions.jsonl whose answer is in one document."""
     records = [json.loads(line) for line in (CORPUS / "questions.jsonl").read_text().splitlines() if line.strip()]
     return [r["question"] for r in records if isinstance(r["doc"], str)][:n]
-
-
-def ingest(smol_stack, home: Path, paths: list[Path], **options):
-    stack = smol_stack(home)
-    try:
-        return Ingestor(stack.engine, stack.library, stack.index, stack.embedder, **options).run(paths)
-    finally:
-        stack.close()
 
 
 def query_json(kvlib_cli, home: Path, question: str, *args) -> dict:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from kvlib.bench.data import ORDERS, LoadResult, permute
+from kvlib.bench.data import ORDERS, permute
 from kvlib.bench.metrics import attention_similarity, exact_match, f1, gold_nll, kl_divergence, summarize
 from kvlib.bench.modes import BASE_MODES, ModeRunner, PromptItem, Sample, split_mode
 from kvlib.errors import InputError

@@ -61,6 +61,25 @@ def all_ids(composed: Composed, chunks) -> torch.Tensor:
     return torch.cat([composed.context_ids] + [c.token_ids for c in chunks])
 
 
+def layer1_deviation(lm, cache, ids, slots):
+    """Recompute layers 0-1 for `slots`; return each slot's layer-1 KV deviation [S] and a
+    `finish(pick)` that keeps the fresh KV only for `pick` (indices into slots), carries
+    those through the remaining layers, restores the cached KV of the rest, and returns len(pick)."""
+    cached_k, cached_v = cache.k[:2, :, slots].clone(), cache.v[:2, :, slots].clone()
+    h = recompute_slots(lm, cache, ids[slots], slots, range(2))
+    dev = ((cache.k[1, :, slots] - cached_k[1]).float().norm(dim=-1) +
+           (cache.v[1, :, slots] - cached_v[1]).float().norm(dim=-1)).sum(0)  # [S], summed over heads
+
+    def finish(pick: torch.Tensor) -> int:
+        keep = torch.ones(slots.numel(), dtype=torch.bool)
+        keep[pick] = False
+        cache.k[:2, :, slots[keep]], cache.v[:2, :, slots[keep]] = cached_k[:, :, keep], cached_v[:, :, keep]
+        recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(2, lm.n_layers), h=h[:, pick])
+        return int(pick.numel())
+
+    return dev, finish
+
+
 def boundary(k: int):
     def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
         ids = all_ids(composed, chunks)
@@ -79,17 +98,9 @@ def blend(ratio: float):
         ids = all_ids(composed, chunks)
         start = composed.spans[0][0]
         slots = torch.arange(start, cache.length)
-        cached_k, cached_v = cache.k[:2, :, slots].clone(), cache.v[:2, :, slots].clone()
-        h = recompute_slots(lm, cache, ids[slots], slots, range(2))
-        dev = ((cache.k[1, :, slots] - cached_k[1]).float().norm(dim=-1) +
-               (cache.v[1, :, slots] - cached_v[1]).float().norm(dim=-1)).sum(0)  # [S]
+        dev, finish = layer1_deviation(lm, cache, ids, slots)
         n_pick = max(1, round(ratio * slots.numel())) if ratio < 1 else slots.numel()
-        pick = dev.topk(n_pick).indices.sort().values
-        keep = torch.ones(slots.numel(), dtype=torch.bool)
-        keep[pick] = False
-        cache.k[:2, :, slots[keep]], cache.v[:2, :, slots[keep]] = cached_k[:, :, keep], cached_v[:, :, keep]
-        recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(2, lm.n_layers), h=h[:, pick])
-        return int(n_pick)
+        return finish(dev.topk(n_pick).indices.sort().values)
     return repair
 
 
@@ -148,21 +159,13 @@ def auto(target: float, max_ratio: float = 0.5):
             return 0
         ids = all_ids(composed, chunks)
         mass = question_attention(lm, cache, suffix_ids)[slots]
-        cached_k, cached_v = cache.k[:2, :, slots].clone(), cache.v[:2, :, slots].clone()
-        h = recompute_slots(lm, cache, ids[slots], slots, range(2))
-        dev = ((cache.k[1, :, slots] - cached_k[1]).float().norm(dim=-1) +
-               (cache.v[1, :, slots] - cached_v[1]).float().norm(dim=-1)).sum(0)
+        dev, finish = layer1_deviation(lm, cache, ids, slots)
         score = dev * mass
         order = score.argsort(descending=True)
         covered = score[order].cumsum(0) / score.sum().clamp_min(1e-12)
         cap = max(1, int(max(max_ratio, target) * slots.numel()))
         n_pick = min(int((covered < target - 1e-6).sum()) + 1, cap, slots.numel())
-        pick = order[:n_pick].sort().values
-        keep = torch.ones(slots.numel(), dtype=torch.bool)
-        keep[pick] = False
-        cache.k[:2, :, slots[keep]], cache.v[:2, :, slots[keep]] = cached_k[:, :, keep], cached_v[:, :, keep]
-        recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(2, lm.n_layers), h=h[:, pick])
-        return int(n_pick)
+        return finish(order[:n_pick].sort().values)
     return repair
 
 
