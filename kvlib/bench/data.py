@@ -52,6 +52,8 @@ class QARecord:
     question: str
     answers: tuple[str, ...]
     passages: tuple[Passage, ...]
+    # titles of the passages that support the answer (HotpotQA `supporting_facts`); () when unknown
+    gold_titles: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,7 +193,8 @@ def _parse_record(obj: Any, form: str, location: str, ctxs: int | None) -> QARec
     passages = tuple(parse(entry, f"{key}[{i}]") for i, entry in enumerate(entries))
     if not passages:
         raise _BadRecord(f"no passages ({key!r} is empty)")
-    return QARecord(id=_record_id(obj, location), question=question, answers=answers, passages=passages)
+    return QARecord(id=_record_id(obj, location), question=question, answers=answers, passages=passages,
+                    gold_titles=_gold_titles(obj))
 
 
 def _nonempty_str(value: Any, name: str) -> str:
@@ -249,6 +252,15 @@ def _parse_hotpot_passage(entry: Any, where: str) -> Passage:
         raise _BadRecord(f"{where} sentences must be a list of strings")
     text = "".join(sentences)  # sentences carry their own leading spaces (module docstring)
     return Passage(title=title.strip(), text=_nonempty_str(text, f"{where} text"))
+
+
+def _gold_titles(obj: dict) -> tuple[str, ...]:
+    """Distinct titles named by HotpotQA `supporting_facts` ([[title, sentence_index], ...]), in order."""
+    facts = obj.get("supporting_facts")
+    if isinstance(facts, dict):  # HF-datasets column layout {"title": [...], "sent_id": [...]}
+        facts = [[t] for t in facts.get("title") or []]
+    titles = [f[0].strip() for f in facts or [] if isinstance(f, list) and f and isinstance(f[0], str)]
+    return tuple(dict.fromkeys(t for t in titles if t))
 
 
 def _record_id(obj: dict, location: str) -> str:

@@ -26,11 +26,15 @@ def bench(
     model: ModelOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Run the reusability map instead (chunks, offset, chunk length, budget, order).")] = False,
+    retrieval: Annotated[Optional[Path], typer.Option(
+        "--retrieval", help="Passage pool file: measure recall@k of the records' gold passages instead.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare full recompute, prefix caching, naive reuse and re-RoPE (and repairs) on real QA data."""
     from kvlib.bench.session import run_bench, run_map
 
+    if retrieval is not None:
+        return recall(data, retrieval, limit, out, json_out)
     try:
         with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("eta"), TimeRemainingColumn(), console=err_console, disable=json_out) as bar:
@@ -65,6 +69,36 @@ def bench(
     for line in report["findings"]:
         console.print(f"- {line}", highlight=False)
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
+
+
+def recall(data: str, pool_path: Path, limit: int | None, out: Path, json_out: bool) -> None:
+    import json
+
+    from kvlib.bench.data import load_records
+    from kvlib.bench.recall import load_pool, retrieval_recall
+
+    try:
+        with err_console.status("embedding the pool and the questions", spinner="dots"):
+            report = retrieval_recall(load_records(data, limit=limit).records, load_pool(pool_path))
+    except KvlibError as exc:
+        raise fail(str(exc))
+    report.update(data=str(data), pool_file=str(pool_path))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recall.json").write_text(json.dumps(report, indent=2) + "\n")
+    if json_out:
+        print_json(report)
+        return
+    from rich.table import Table
+
+    table = Table(title=f"retrieval: {report['questions']} questions, {report['pool']} passages")
+    for col in ("k", "recall@k", "all gold in top k"):
+        table.add_column(col, justify="right")
+    for k, value in report["recall_at"].items():
+        table.add_row(k, f"{value:.3f}", f"{report['all_gold_at'][k]:.3f}")
+    console.print(table)
+    if report["gold_missing_from_pool"]:
+        err_console.print(f"[yellow]{report['gold_missing_from_pool']} gold titles are not in the pool[/]")
+    console.print(f"wrote {out / 'recall.json'}")
 
 
 def render_map(report: dict, out: Path, json_out: bool) -> None:

@@ -79,6 +79,9 @@ def model_path() -> Path:
 
 def _load_model(path: Path, device: str):
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from kvlib.engine.model import quiet_transformers
+
+    quiet_transformers()
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError as err:

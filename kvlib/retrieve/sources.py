@@ -154,14 +154,17 @@ def _parse_record(path: str, number: int, line: str) -> SourceDoc:
         raise InputError("no string 'text' field")
     if not body.strip():
         raise InputError("empty 'text'")
-    title = record.get("title")
-    if isinstance(title, str) and title.strip():
-        body = f"# {title.strip()}\n\n{body}"
+    body = titled(record.get("title"), body)
     ident = record.get("id")
     # A bool is an int to Python but never a meaningful id.
     usable = isinstance(ident, (str, int)) and not isinstance(ident, bool) and str(ident).strip()
     suffix = str(ident).strip() if usable else str(number)
     return make_doc(f"{path}#{suffix}", body)
+
+
+def titled(title, body: str) -> str:
+    """A record's text as ingested: a `# title` heading line, then the body (no heading without a title)."""
+    return f"# {title.strip()}\n\n{body}" if isinstance(title, str) and title.strip() else body
 
 
 def make_doc(path: str, text: str) -> SourceDoc:
