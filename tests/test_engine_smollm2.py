@@ -50,3 +50,12 @@ def test_fingerprint_is_stable_and_dtype_sensitive(smol_engine, smol_home):
     again = load_model(None, smol_home, dtype="float32")
     assert again.fingerprint == smol_engine.lm.fingerprint
     assert again.kv_dtype == torch.float16
+
+
+def test_doctor_bench_reports_ttft_and_plain_prefill_rates(smol_engine):
+    from kvlib.engine.doctor import bench_ttft
+
+    b = bench_ttft(smol_engine, n_chunks=2, chunk_tokens=64, repeats=1)
+    assert b["prompt_tokens"] > 128 and len(b["full_runs_s"]) == len(b["rerope_runs_s"]) == 1
+    assert b["full_prefill_tok_s"] == pytest.approx(b["prompt_tokens"] / b["full_ttft_s"])
+    assert b["chunk_prefill_tok_s"] > 0 and b["speedup"] == pytest.approx(b["full_ttft_s"] / b["rerope_ttft_s"])

@@ -59,6 +59,10 @@ def render(report: dict) -> None:
             f"{b['device']}, median of {b['repeats']}: full {b['full_ttft_s'] * 1000:.0f} ms, rerope "
             f"{b['rerope_ttft_s'] * 1000:.1f} ms, [bold]{b['speedup']:.1f}x[/]"
         )
+        console.print(
+            f"plain prefill: {b['full_prefill_tok_s']:,.0f} tok/s for the whole prompt, "
+            f"{b['chunk_prefill_tok_s']:,.0f} tok/s for {b['chunk_tokens']}-token chunks (compare `kvlib ingest`)"
+        )
 
 
 def register(app: typer.Typer) -> None:
