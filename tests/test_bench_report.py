@@ -156,3 +156,11 @@ def test_validator_accepts_extra_result_fields():
     settings = {k: "x" for k in ("model", "fingerprint", "dtype", "device", "torch", "hardware", "data", "date")}
     settings.update(n=1, ctxs=None, seed=0)
     validate_results({"settings": settings, "results": [row]})
+
+
+def test_mode_grammar_joins_repair_selectors():
+    from kvlib.bench.modes import split_mode
+
+    spec = split_mode("rerope+sink+boundary:8+query:0.05")
+    assert (spec.base, spec.encoding, spec.repair) == ("rerope", "sink", "boundary:8+query:0.05")
+    assert split_mode("rerope+boundary:8").encoding == "bare"

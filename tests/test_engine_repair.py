@@ -29,7 +29,7 @@ def setup(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("repair", ["blend:1.0", "boundary:64"])
+@pytest.mark.parametrize("repair", ["blend:1.0", "boundary:64", "boundary:2+query:1.0"])
 def test_full_strength_repair_equals_full(family, repair):
     lm, ctx, chunks, q = setup(family)
     ref = logits_for(lm, ctx, chunks, q, "full")
@@ -54,7 +54,8 @@ def test_partial_repair_moves_toward_full():
     assert gap(logits_for(lm, ctx, chunks, q, "rerope", "blend:0.5")) < base
 
 
-@pytest.mark.parametrize("bad", ["blend", "blend:x", "boundary:", "sideways:3"])
+@pytest.mark.parametrize("bad", ["blend", "blend:x", "boundary:", "sideways:3", "blend:0.5+query:0.1",
+                                 "boundary:-1", "query:2"])
 def test_unknown_repair_is_refused(bad):
     from kvlib.errors import InputError
 
@@ -88,3 +89,12 @@ def test_drift_score_is_zero_alone_and_positive_behind_a_neighbour():
     behind = drift_score(lm, ctx, chunks[0].token_ids, chunks[1])
     assert alone < 1e-5, f"a chunk behind nothing new drifted by {alone:.2e}"
     assert behind > 1e-3, f"a chunk behind a neighbour drifted only {behind:.2e}"
+
+
+def test_union_recomputes_each_slot_once():
+    """boundary:4+query:r picks the union: never more than the two apart, never fewer than either."""
+    lm, ctx, chunks, q = setup("llama")
+    engine = type("E", (), {"lm": lm})()
+    count = lambda name: parse_repair(name)(engine, compose(lm, ctx, chunks, "rerope"), chunks, q)  # noqa: E731
+    b, qr, both = count("boundary:4"), count("query:0.2"), count("boundary:4+query:0.2")
+    assert max(b, qr) <= both <= b + qr and b == 8  # 4 tokens of each chunk but the first

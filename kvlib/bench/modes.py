@@ -76,12 +76,12 @@ def split_mode(mode: str) -> ModeSpec:
     if base not in BASE_MODES:
         raise InputError(f"unknown mode '{mode}'; base modes are {', '.join(BASE_MODES)}")
     encoding = "sink" if "sink" in rest else "bare"
-    rest = [r for r in rest if r != "sink"]
-    if len(rest) > 1 or (base in ("full", "prefix") and (rest or encoding == "sink")):
+    repair = "+".join(r for r in rest if r != "sink") or None
+    if base in ("full", "prefix") and (repair or encoding == "sink"):
         raise InputError(f"unknown mode '{mode}': use full, prefix, naive[+sink], rerope[+sink][+REPAIR]")
-    if rest:
-        parse_repair(rest[0])  # fail on a typo before any work
-    return ModeSpec(base, encoding if base in ("naive", "rerope") else "sink", rest[0] if rest else None)
+    if repair:
+        parse_repair(repair)  # fail on a typo before any work
+    return ModeSpec(base, encoding if base in ("naive", "rerope") else "sink", repair)
 
 
 class ModeRunner:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from kvlib.cli.common import HomeOpt, JsonOpt, ModelOpt, console, err_console, fail, print_json
+from kvlib.cli.common import HomeOpt, JsonOpt, LogProgress, ModelOpt, console, err_console, fail, print_json
 from kvlib.config import resolve_home
 from kvlib.errors import KvlibError
 
@@ -35,12 +35,15 @@ def bench(
 
     if retrieval is not None:
         return recall(data, retrieval, limit, out, json_out)
+    log = LogProgress() if not (err_console.is_terminal or json_out) else None
     try:
         with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      TextColumn("eta"), TimeRemainingColumn(), console=err_console, disable=json_out) as bar:
+                      TextColumn("eta"), TimeRemainingColumn(), console=err_console, disable=json_out or log is not None) as bar:
             tasks: dict = {}
 
             def progress(stage: str, n: int = 1, total: int | None = None) -> None:
+                if log is not None:
+                    return log(stage, n, total)
                 if stage not in tasks:
                     tasks[stage] = bar.add_task(stage, total=total)
                 if total is not None:

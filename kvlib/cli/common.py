@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Annotated, Any, Optional
 
 import typer
@@ -33,3 +34,30 @@ def fail(message: str) -> "typer.Exit":
     """One red line on stderr and exit code 1, never a traceback."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     return typer.Exit(1)
+
+
+class LogProgress:
+    """Progress for a log file (stderr not a terminal): one plain line per stage every `every` seconds.
+
+    Rich draws nothing to a non-terminal until the end, so a long run written to a log would
+    look stuck. Same callback shape as the bench's: progress(stage, n=1, total=None).
+    """
+
+    def __init__(self, every: float = 30.0):
+        self.every, self.t0 = every, time.monotonic()
+        self.done: dict[str, int] = {}
+        self.totals: dict[str, int | None] = {}
+        self.last = 0.0
+
+    def __call__(self, stage: str, n: int = 1, total: int | None = None) -> None:
+        self.done[stage] = self.done.get(stage, 0) + n
+        if total is not None:
+            self.totals[stage] = total
+        now = time.monotonic()
+        total = self.totals.get(stage)
+        finished = total is not None and self.done[stage] >= total
+        if finished or now - self.last >= self.every:
+            self.last = now
+            elapsed = now - self.t0
+            of = f"/{total}" if total else ""
+            err_console.print(f"[{elapsed:7.0f} s] {stage} {self.done[stage]}{of}", highlight=False)

@@ -62,46 +62,49 @@ def all_ids(composed: Composed, chunks) -> torch.Tensor:
 
 
 def layer1_deviation(lm, cache, ids, slots):
-    """Recompute layers 0-1 for `slots`; return each slot's layer-1 KV deviation [S] and a
-    `finish(pick)` that keeps the fresh KV only for `pick` (indices into slots), carries
-    those through the remaining layers, restores the cached KV of the rest, and returns len(pick)."""
-    cached_k, cached_v = cache.k[:2, :, slots].clone(), cache.v[:2, :, slots].clone()
-    h = recompute_slots(lm, cache, ids[slots], slots, range(2))
-    dev = ((cache.k[1, :, slots] - cached_k[1]).float().norm(dim=-1) +
-           (cache.v[1, :, slots] - cached_v[1]).float().norm(dim=-1)).sum(0)  # [S], summed over heads
+    """Refresh layers 0-1 KV of `slots` and measure how far layer 1 moved.
+
+    Layer 0 runs in full for the slots (its K_sem/V depend on the token alone, but its output
+    depends on the new neighbours); layer 1's fresh K/V are then only projected, not attended.
+    Both layers keep the fresh KV for every slot: it is exactly what full recompute would hold.
+    Returns (deviation [S] summed over heads, finish): `finish(pick)` carries the slots `pick`
+    (indices into slots) through layers 1..L-1 and returns len(pick).
+    """
+    layer = lm.layers[1]
+    h0 = recompute_slots(lm, cache, ids[slots], slots, range(1))
+    _, k_sem, v = project_qkv(layer, layer.input_layernorm(h0), lm.head_dim)  # [1, Hkv, S, D]
+    k_rot = apply_rope(k_sem, slots, lm.rope)[0].to(cache.k.dtype)
+    v = v[0].to(cache.v.dtype)
+    dev = ((k_rot - cache.k[1, :, slots]).float().norm(dim=-1) +
+           (v - cache.v[1, :, slots]).float().norm(dim=-1)).sum(0)  # [S]
+    cache.k[1, :, slots], cache.v[1, :, slots] = k_rot, v
 
     def finish(pick: torch.Tensor) -> int:
-        keep = torch.ones(slots.numel(), dtype=torch.bool)
-        keep[pick] = False
-        cache.k[:2, :, slots[keep]], cache.v[:2, :, slots[keep]] = cached_k[:, :, keep], cached_v[:, :, keep]
-        recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(2, lm.n_layers), h=h[:, pick])
+        if pick.numel():
+            recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(1, lm.n_layers), h=h0[:, pick])
         return int(pick.numel())
 
     return dev, finish
 
 
-def boundary(k: int):
-    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
-        ids = all_ids(composed, chunks)
-        slots = torch.cat([torch.arange(s, s + min(k, n)) for s, n in composed.spans[1:]] or [torch.zeros(0, dtype=torch.long)])
-        if slots.numel():
-            recompute_slots(engine.lm, composed.cache, ids[slots], slots, range(engine.lm.n_layers))
-        return int(slots.numel())
-    return repair
+def chunk_slots(composed: Composed, skip_first: bool) -> torch.Tensor:
+    spans = composed.spans[1:] if skip_first else composed.spans
+    return torch.cat([torch.arange(s, s + n) for s, n in spans] or [torch.zeros(0, dtype=torch.long)])
 
 
-def blend(ratio: float):
-    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
-        lm, cache = engine.lm, composed.cache
-        if not composed.spans or ratio <= 0:
-            return 0
-        ids = all_ids(composed, chunks)
-        start = composed.spans[0][0]
-        slots = torch.arange(start, cache.length)
-        dev, finish = layer1_deviation(lm, cache, ids, slots)
-        n_pick = max(1, round(ratio * slots.numel())) if ratio < 1 else slots.numel()
-        return finish(dev.topk(n_pick).indices.sort().values)
-    return repair
+def first_chunk_exact(composed: Composed, chunks) -> bool:
+    """A chunk encoded behind E that opens the prompt saw exactly its real context."""
+    return bool(chunks) and chunks[0].encoded_at in (None, composed.context_ids.numel())
+
+
+# -- token selectors: (engine, composed, chunks, suffix_ids) -> slots to recompute in every layer --
+
+def boundary_slots(k: int):
+    """EPIC: the first k tokens of every chunk but the first."""
+    def select(engine, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
+        return torch.cat([torch.arange(s, s + min(k, n)) for s, n in composed.spans[1:]]
+                         or [torch.zeros(0, dtype=torch.long)])
+    return select
 
 
 @torch.inference_mode()
@@ -121,23 +124,41 @@ def question_attention(lm, cache, suffix_ids, n_layers: int = 2) -> torch.Tensor
     return probs[:, :, :n_ctx].sum(dim=(0, 1))  # over heads and question tokens
 
 
-def chunk_slots(composed: Composed, skip_first: bool) -> torch.Tensor:
-    spans = composed.spans[1:] if skip_first else composed.spans
-    return torch.cat([torch.arange(s, s + n) for s, n in spans] or [torch.zeros(0, dtype=torch.long)])
+def query_slots(ratio: float):
+    """The fraction `ratio` of chunk tokens the question attends to most at layer 1 (cached KV)."""
+    def select(engine, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
+        slots = chunk_slots(composed, skip_first=first_chunk_exact(composed, chunks))
+        n_pick = min(slots.numel(), round(ratio * chunk_slots(composed, False).numel()))
+        if n_pick == 0:
+            return torch.zeros(0, dtype=torch.long)
+        mass = question_attention(engine.lm, composed.cache, suffix_ids)[slots]
+        return slots[mass.topk(n_pick).indices]
+    return select
 
 
-def query_aware(ratio: float):
-    """Recompute, in every layer, the chunk tokens the question attends to most at layer 1."""
+def recompute_selected(*selectors):
+    """Recompute, in every layer, the union of the slots the selectors pick."""
+    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
+        picked = [sel(engine, composed, chunks, suffix_ids) for sel in selectors]
+        slots = torch.unique(torch.cat(picked)) if picked else torch.zeros(0, dtype=torch.long)
+        if slots.numel():
+            recompute_slots(engine.lm, composed.cache, all_ids(composed, chunks)[slots], slots,
+                            range(engine.lm.n_layers))
+        return int(slots.numel())
+    return repair
+
+
+def blend(ratio: float):
+    """CacheBlend: refresh layers 0-1, carry the top-`ratio` layer-1 deviators through the rest."""
     def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
         lm, cache = engine.lm, composed.cache
-        slots = chunk_slots(composed, skip_first=False)
-        n_pick = min(slots.numel(), round(ratio * slots.numel()))
-        if n_pick == 0:
+        if not composed.spans or ratio <= 0:
             return 0
-        mass = question_attention(lm, cache, suffix_ids)[slots]
-        pick = slots[mass.topk(n_pick).indices.sort().values]
-        recompute_slots(lm, cache, all_ids(composed, chunks)[pick], pick, range(lm.n_layers))
-        return int(n_pick)
+        ids = all_ids(composed, chunks)
+        slots = torch.arange(composed.spans[0][0], cache.length)
+        dev, finish = layer1_deviation(lm, cache, ids, slots)
+        n_pick = max(1, round(ratio * slots.numel())) if ratio < 1 else slots.numel()
+        return finish(dev.topk(n_pick).indices.sort().values)
     return repair
 
 
@@ -145,16 +166,14 @@ def auto(target: float, max_ratio: float = 0.5):
     """Least recompute that covers `target` of the drift that matters to this question.
 
     Per chunk token, drift is its layer-1 KV deviation once it sees its real neighbours
-    (layers 0-1 recomputed, as blend does), weighted by the question's layer-1 attention
+    (layers 0-1 refreshed, as blend does), weighted by the question's layer-1 attention
     to it. The smallest set covering `target` of that weighted mass is carried through
     every layer; the budget therefore follows the query. A chunk encoded behind E that
     opens the prompt has no new neighbours: it is exact and never spent on.
     """
     def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
         lm, cache = engine.lm, composed.cache
-        n_ctx = composed.context_ids.numel()
-        first_exact = bool(chunks) and chunks[0].encoded_at in (None, n_ctx)
-        slots = chunk_slots(composed, skip_first=first_exact)
+        slots = chunk_slots(composed, skip_first=first_chunk_exact(composed, chunks))
         if slots.numel() == 0:
             return 0
         ids = all_ids(composed, chunks)
@@ -172,20 +191,33 @@ def auto(target: float, max_ratio: float = 0.5):
 AUTO_TARGET = 0.5  # share of question-weighted drift mass to cover
 
 
+REPAIR_HELP = ("use boundary:K, query:R, a '+'-joined union of those (boundary:8+query:0.05), "
+               "blend:R (0 <= R <= 1) or auto[:TARGET]")
+
+
 def parse_repair(name: str):
-    kind, _, arg = name.partition(":")
+    """A repair callable from its name; selectors joined with '+' recompute their union."""
+    parts = name.split("+")
     try:
-        if kind == "boundary":
-            return boundary(int(arg))
-        if kind == "blend" and 0.0 <= float(arg) <= 1.0:
-            return blend(float(arg))
-        if kind == "query" and 0.0 <= float(arg) <= 1.0:
-            return query_aware(float(arg))
-        if kind == "auto" and (arg == "" or 0.0 < float(arg) <= 1.0):
-            return auto(float(arg) if arg else AUTO_TARGET)
+        if len(parts) == 1:
+            kind, _, arg = name.partition(":")
+            if kind == "blend" and 0.0 <= float(arg) <= 1.0:
+                return blend(float(arg))
+            if kind == "auto" and (arg == "" or 0.0 < float(arg) <= 1.0):
+                return auto(float(arg) if arg else AUTO_TARGET)
+        return recompute_selected(*(_selector(p) for p in parts))
     except ValueError:
         pass
-    raise InputError(f"unknown repair '{name}'; use boundary:K, blend:R, query:R (0 <= R <= 1) or auto[:TARGET]")
+    raise InputError(f"unknown repair '{name}'; {REPAIR_HELP}")
+
+
+def _selector(part: str):
+    kind, _, arg = part.partition(":")
+    if kind == "boundary" and int(arg) >= 0:
+        return boundary_slots(int(arg))
+    if kind == "query" and 0.0 <= float(arg) <= 1.0:
+        return query_slots(float(arg))
+    raise ValueError(part)
 
 
 class _Registry(dict):
