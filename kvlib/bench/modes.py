@@ -64,7 +64,7 @@ class Sample:
 @dataclass(frozen=True)
 class ModeSpec:
     base: str  # full, prefix, naive, rerope
-    encoding: str  # "bare" or "sink" (behind E): which library chunks a cached mode reads
+    encoding: str  # "bare", "sink" (behind E) or "lead" (behind E + lead-in): which library chunks a mode reads
     repair: str | None  # boundary:k, blend:r, query:r, auto
 
 
@@ -75,10 +75,13 @@ def split_mode(mode: str) -> ModeSpec:
     base, *rest = mode.split("+")
     if base not in BASE_MODES:
         raise InputError(f"unknown mode '{mode}'; base modes are {', '.join(BASE_MODES)}")
-    encoding = "sink" if "sink" in rest else "bare"
-    repair = "+".join(r for r in rest if r != "sink") or None
-    if base in ("full", "prefix") and (repair or encoding == "sink"):
-        raise InputError(f"unknown mode '{mode}': use full, prefix, naive[+sink], rerope[+sink][+REPAIR]")
+    encodings = [r for r in rest if r in ("sink", "lead")]
+    encoding = encodings[0] if len(encodings) == 1 else "bare"
+    repair = "+".join(r for r in rest if r not in ("sink", "lead")) or None
+    if len(encodings) > 1:
+        raise InputError(f"unknown mode '{mode}': choose one encoding, +sink or +lead")
+    if base in ("full", "prefix") and (repair or encodings):
+        raise InputError(f"unknown mode '{mode}': use full, prefix, naive[+sink|+lead], rerope[+sink|+lead][+REPAIR]")
     if repair:
         parse_repair(repair)  # fail on a typo before any work
     return ModeSpec(base, encoding if base in ("naive", "rerope") else "sink", repair)

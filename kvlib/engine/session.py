@@ -16,21 +16,30 @@ import torch
 from kvlib.engine.compose import ChunkKV, Composed, compose, encode_context, encode_packed
 from kvlib.engine.generate import Generation, generate
 from kvlib.engine.model import LoadedModel, load_model
-from kvlib.engine.prompt import PromptTemplate, stop_ids, template_for
+from kvlib.engine.prompt import PromptTemplate, context_id_of, stop_ids, template_for
 
 
-ENCODINGS = ("sink", "bare")
+ENCODINGS = ("sink", "bare", "lead")
 BARE_CONTEXT_ID = "bare"
+# "lead" encodes a chunk behind E and this neutral passage, then drops both: the chunk's first
+# tokens then follow *some* document, as they will in a prompt, instead of the user header.
+# The text is fixed and generic on purpose (a lead-in tuned to a dataset would be tuning to it).
+LEAD_TEXT = ("The following notes were collected from several reference works. Each entry gives a "
+             "name, a short description and a few facts, in the order the sources list them.\n\n")
 
 
 class Engine:
-    """Chunks are encoded behind E ("sink", the default) or with nothing before them ("bare")."""
+    """Chunks are encoded behind E ("sink", the default), with nothing before them ("bare"),
+    or behind E and a neutral lead-in passage ("lead")."""
 
     def __init__(self, lm: LoadedModel, template: PromptTemplate | None = None):
         self.lm = lm
         self.template = template or template_for(lm.tokenizer)
         self.context = encode_context(lm, self.template.context_ids)
         self.bare = encode_context(lm, [])
+        lead_ids = list(self.template.context_ids) + (self.tokenize(LEAD_TEXT) if lm.tokenizer is not None else [])
+        self.lead = encode_context(lm, lead_ids)
+        self.lead_id = context_id_of(lead_ids)
         self.stop = stop_ids(lm.tokenizer) if lm.tokenizer is not None else set()
 
     @classmethod
@@ -43,11 +52,16 @@ class Engine:
 
     def context_id_for(self, encoding: str) -> str:
         """Part of every chunk key: which encoding context the chunk was computed behind."""
-        return BARE_CONTEXT_ID if encoding == "bare" else self.context_id
+        return {"bare": BARE_CONTEXT_ID, "lead": self.lead_id}.get(encoding, self.context_id)
 
     def encoded_at(self, context_id: str) -> int:
         """First position a stored chunk was encoded at, from its context id."""
-        return 0 if context_id == BARE_CONTEXT_ID else self.context.n_tokens
+        if context_id == BARE_CONTEXT_ID:
+            return 0
+        return self.lead.n_tokens if context_id == self.lead_id else self.context.n_tokens
+
+    def encoding_context(self, encoding: str):
+        return {"bare": self.bare, "lead": self.lead}.get(encoding, self.context)
 
     def tokenize(self, text: str) -> list[int]:
         return list(self.lm.tokenizer.encode(text, add_special_tokens=False))
@@ -71,7 +85,7 @@ class Engine:
         out, batch, size = [], [], 0
         for ids in list(chunk_ids) + [None]:
             if batch and (ids is None or size + len(ids) > max_batch_tokens):
-                ctx = self.bare if encoding == "bare" else self.context
+                ctx = self.encoding_context(encoding)
                 out += [self._to_storage(kv) for kv in encode_packed(self.lm, ctx, batch)]
                 batch, size = [], 0
             if ids is not None:
