@@ -108,7 +108,8 @@ def test_write_refuses_invalid_results(tmp_path):
 def test_report_md_contains_the_table(tmp_path):
     path = write_report_md(tmp_path, SETTINGS, RESULTS, ["ttft_by_mode.png"], findings=["rerope is 5x faster"])
     text = path.read_text()
-    table = [line for line in text.splitlines() if line.startswith("| ")]
+    results_part = text.split("## Results", 1)[1].split("\n## ", 1)[0]
+    table = [line for line in results_part.splitlines() if line.startswith("| ")]
     header = next(line for line in table if line.startswith("| mode |"))
     assert "TTFT ms (p50)" in header and "KL to full" in header and "hit rate" in header
     body = [line for line in table if line.startswith(("| full", "| prefix", "| rerope"))]
@@ -118,6 +119,7 @@ def test_report_md_contains_the_table(tmp_path):
     # rerope+boundary:4/shuffled has no attention similarity: shown as a dash, not "None"
     assert "None" not in text and "| – |" in text
     assert "![ttft_by_mode](ttft_by_mode.png)" in text and "- rerope is 5x faster" in text
+    assert "## Trade-off (given order)" in text and "gap closed vs rerope" in text
 
 
 def test_render_table_has_every_row():
@@ -164,3 +166,26 @@ def test_mode_grammar_joins_repair_selectors():
     spec = split_mode("rerope+sink+boundary:8+query:0.05")
     assert (spec.base, spec.encoding, spec.repair) == ("rerope", "sink", "boundary:8+query:0.05")
     assert split_mode("rerope+boundary:8").encoding == "bare"
+
+
+def _row(mode, ttft, kl, order="given"):
+    return {"mode": mode, "order": order, "ttft_s": {"median": ttft}, "kl_to_full": kl, "nll": 1.0, "f1": 0.5,
+            "recompute_frac": 0.0}
+
+
+def test_pareto_gap_closed_flags_and_best_within_by_hand():
+    from kvlib.bench.pareto import best_within, pareto_findings, pareto_rows
+
+    results = [_row("full", 4.0, 0.0), _row("rerope", 0.2, 0.5), _row("rerope+sink", 0.2, 0.4),
+               _row("rerope+sink+boundary:16", 0.8, 0.2), _row("rerope+sink+blend:0.3", 2.0, 0.1),
+               _row("rerope+sink+query:0.1", 1.0, 0.3), _row("full", 9.0, 0.0, order="shuffled")]
+    rows = {r["mode"]: r for r in pareto_rows(results)}
+    assert len(rows) == 6 and rows["full"]["speedup"] == 1.0
+    b16 = rows["rerope+sink+boundary:16"]
+    assert b16["speedup"] == pytest.approx(5.0)
+    assert b16["gap_closed"]["rerope"] == pytest.approx(0.6) and b16["gap_closed"]["rerope+sink"] == pytest.approx(0.5)
+    # query:0.1 is slower and further from full than boundary:16; rerope ties sink on TTFT but is worse
+    assert [m for m, r in rows.items() if not r["pareto"]] == ["rerope", "rerope+sink+query:0.1"]
+    assert best_within(list(rows.values()), 4.0)["mode"] == "rerope+sink+boundary:16"
+    assert best_within(list(rows.values()), 1.5)["mode"] == "rerope+sink+blend:0.3"
+    assert "60%" in pareto_findings(list(rows.values()))[0]

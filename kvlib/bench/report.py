@@ -193,6 +193,13 @@ def write_report_md(
     lines += ["", "## Results", ""]
     lines += _markdown_table(*table_rows(results))
     lines += ["", "TTFT speedup is relative to `full` in the same passage order, within this run."]
+    from kvlib.bench.pareto import pareto_markdown, pareto_rows
+
+    for order in dict.fromkeys(r["order"] for r in results):
+        rows = pareto_rows(results, order)
+        if len(rows) > 2:
+            lines += ["", f"## Trade-off ({order} order): fastest first; gap closed = 1 - KL / KL(base)", ""]
+            lines += pareto_markdown(rows)
     if findings:
         lines += ["", "## Findings", "", *(f"- {f}" for f in findings)]
     if plots:
