@@ -8,10 +8,16 @@ Design facts:
   written into their slots first, then they attend to every slot at or before their
   own. Unselected slots keep their cached KV. Recomputing every slot in every layer
   is exactly full recompute.
-- `boundary:k` recomputes the first k tokens of every chunk but the first (EPIC).
-  `blend:r` recomputes layers 0-1 for all chunk tokens to measure KV deviation at
-  layer 1, keeps the fresh KV only for the top-r fraction, and carries those tokens
-  through the remaining layers (CacheBlend). `blend:0` is rerope; `blend:1` is full.
+- Selectors pick slots to recompute in every layer; '+' joins them into a union:
+  `boundary:k` the first k tokens of every chunk but the first (EPIC), `query:r` the
+  share r of chunk tokens the question attends to most at layer 1 over the cached KV.
+- `blend:r` (CacheBlend) refreshes layer 0 for all chunk tokens, projects layer 1's
+  fresh K/V to measure each token's deviation, and carries the top-r fraction through
+  layers 1..L-1. `blend:0` is rerope; `blend:1` is full.
+- `auto[:target]` does the same measurement on chunk heads only (where the bench shows
+  drift lives) and spends the least recompute that covers `target` of it.
+- The encoding is chosen before any repair, in the library: bare, behind E (`+sink`),
+  or behind E and a neutral lead-in (`+lead`); see Engine.
 """
 
 from __future__ import annotations
