@@ -22,10 +22,9 @@ from kvlib.bench.data import QARecord
 from kvlib.bench.runner import BenchConfig, BenchRunner
 
 AXIS_MODES = ["full", "naive+sink", "rerope+sink"]
-BUDGET_MODES = ["full", "rerope+sink", "rerope+sink+boundary:8", "rerope+sink+boundary:32",
-                "rerope+sink+boundary:64", "rerope+sink+blend:0.05", "rerope+sink+blend:0.15",
-                "rerope+sink+blend:0.3", "rerope+sink+blend:0.5", "rerope+sink+query:0.15",
-                "rerope+sink+query:0.3", "rerope+sink+auto", "rerope+sink+auto:0.8"]
+BUDGET_MODES = ["full", "rerope+sink", "rerope+sink+boundary:8", "rerope+sink+boundary:16",
+                "rerope+sink+boundary:32", "rerope+sink+blend:0.15", "rerope+sink+blend:0.3",
+                "rerope+sink+query:0.15", "rerope+sink+auto", "rerope+sink+auto:0.8"]
 CHUNK_COUNTS = (1, 2, 4, 8, 16)
 OFFSETS = (0, 512, 1024, 2048, 4096)
 CHUNK_TOKENS = (32, 64, 128, 256)

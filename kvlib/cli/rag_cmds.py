@@ -109,7 +109,7 @@ def query(
     question: Annotated[str, typer.Argument(help="The question to answer from the library.")],
     k: Annotated[int, typer.Option("--k", min=1, help="Chunks to retrieve.")] = 4,
     mode: Annotated[str, typer.Option(help="rerope (rotate cached keys), naive (as encoded), full (recompute).")] = "rerope",
-    repair: Annotated[Optional[str], typer.Option(help="Repair after composing: boundary:K, blend:R, query:R or auto.")] = None,
+    repair: Annotated[Optional[str], typer.Option(help="Repair after composing: boundary:K, query:R, a union (boundary:8+query:0.05), blend:R or auto[:TARGET].")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also run full recompute on the same ids.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length limit.")] = 64,
     home: HomeOpt = None,
