@@ -189,3 +189,29 @@ def test_pareto_gap_closed_flags_and_best_within_by_hand():
     assert best_within(list(rows.values()), 4.0)["mode"] == "rerope+sink+boundary:16"
     assert best_within(list(rows.values()), 1.5)["mode"] == "rerope+sink+blend:0.3"
     assert "60%" in pareto_findings(list(rows.values()))[0]
+
+
+def _timed(mode, mean, kl, recompute):
+    return {**_row(mode, mean, kl), "ttft_s": {"median": mean, "mean": mean}, "recompute_frac": recompute}
+
+
+def test_auto_against_fixed_families_at_equal_mean_ttft_by_hand():
+    from kvlib.bench.pareto import auto_sentences, auto_vs_fixed
+
+    results = [_timed("full", 4.0, 0.0, 1.0), _timed("rerope+sink+boundary:8", 0.5, 0.30, 0.06),
+               _timed("rerope+sink+boundary:16", 1.0, 0.20, 0.12), _timed("rerope+sink+blend:0.15", 1.2, 0.25, 0.15),
+               _timed("rerope+sink+blend:0.3", 2.0, 0.15, 0.30), _timed("rerope+sink+boundary:8+query:0.05", 0.8, 0.1, 0.1),
+               _timed("rerope+sink+auto", 0.75, 0.20, 0.05), _timed("rerope+sink+auto:0.9", 3.0, 0.16, 0.4),
+               _timed("rerope+lead+boundary:16", 0.7, 0.01, 0.1)]
+    got = {(c["mode"], c["family"]): c for c in auto_vs_fixed(results)}
+    assert set(got) == {("rerope+sink+auto", "boundary"), ("rerope+sink+auto", "blend"),
+                        ("rerope+sink+auto:0.9", "boundary"), ("rerope+sink+auto:0.9", "blend")}
+    b = got[("rerope+sink+auto", "boundary")]  # halfway between boundary:8 and :16 -> KL 0.25, 9% recompute
+    assert b["fixed_kl"] == pytest.approx(0.25) and b["fixed_recompute_frac"] == pytest.approx(0.09)
+    assert b["fixed_verdict"] == "beats" and b["fixed_against"] == "rerope+sink+boundary:8 .. rerope+sink+boundary:16"
+    assert got[("rerope+sink+auto", "blend")]["fixed_verdict"] == "beats (faster and closer)"
+    assert got[("rerope+sink+auto:0.9", "boundary")]["fixed_verdict"] == "not comparable (slower, closer)"
+    assert got[("rerope+sink+auto:0.9", "blend")]["fixed_verdict"] == "loses (slower, further)"
+    tie = auto_vs_fixed([_timed("rerope+sink+auto", 0.75, 0.26, 0.05)] + results[1:3])
+    assert tie[0]["fixed_verdict"] == "ties with less recompute"
+    assert "ties with less recompute" in auto_sentences(tie)[0] and "KL 0.250" in auto_sentences(tie)[0]

@@ -42,7 +42,7 @@ def reuse_findings(results: list) -> list[str]:
 
 def findings(results: list) -> list[str]:
     orders = list(dict.fromkeys(r["order"] for r in results))
-    from kvlib.bench.pareto import pareto_findings, pareto_rows
+    from kvlib.bench.pareto import auto_sentences, auto_vs_fixed, pareto_findings, pareto_rows
 
     return ([line for o in orders for line in speed_findings(results, o)] + reuse_findings(results)
-            + pareto_findings(pareto_rows(results, "given")))
+            + pareto_findings(pareto_rows(results, "given")) + auto_sentences(auto_vs_fixed(results, "given")))

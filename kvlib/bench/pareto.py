@@ -8,6 +8,10 @@ Design facts:
   (median TTFT) and strictly closer to full (KL), or strictly faster and as close.
 - `best_within(rows, min_speedup)` is the mode closing the most gap while staying at
   least `min_speedup` times faster than full: the issue's "4x below full" question.
+- `auto_vs_fixed` sets each `auto` row against the fixed `boundary:k` and `blend:r` rows of
+  the same base and encoding at equal mean TTFT: the fixed family's KL and recompute are
+  interpolated linearly in TTFT between the two settings that bracket auto's TTFT. Within
+  TIE (relative KL) it is a tie, decided by recompute.
 """
 
 from __future__ import annotations
@@ -63,3 +67,69 @@ def pareto_findings(rows: list[dict], min_speedup: float = 4.0) -> list[str]:
                        f"{best['gap_closed'][base]:.0%} (KL {best['kl']:.3f}, {best['speedup']:.1f}x, "
                        f"{best['recompute_frac']:.1%} of context recomputed).")
     return out
+
+
+TIE = 0.05  # relative KL difference within which auto and a fixed setting tie
+FIXED = ("boundary", "blend")
+
+
+def _family(mode: str) -> tuple[str, str] | None:
+    """('rerope+sink', 'boundary') for 'rerope+sink+boundary:16'; None for no or a '+'-joined repair."""
+    from kvlib.bench.modes import split_mode
+
+    spec = split_mode(mode)
+    if not spec.repair or "+" in spec.repair:
+        return None
+    prefix = spec.base + ("" if spec.encoding == "bare" else f"+{spec.encoding}")
+    return prefix, spec.repair.partition(":")[0]
+
+
+def _mean_ttft(row: dict) -> float:
+    return row["ttft_s"].get("mean", row["ttft_s"]["median"])
+
+
+def _compare(auto: dict, fixed: list[dict]) -> dict:
+    """auto against one fixed family (sorted by TTFT) at auto's mean TTFT."""
+    t, kl, rc = _mean_ttft(auto), auto["kl_to_full"], auto["recompute_frac"]
+    pts = [(_mean_ttft(r), r["kl_to_full"], r["recompute_frac"], r["mode"]) for r in fixed]
+    if t < pts[0][0]:  # every fixed setting is slower: auto wins only by also being closer
+        ref_kl, ref_rc, against = pts[0][1], pts[0][2], pts[0][3]
+        verdict = "beats (faster and closer)" if kl <= ref_kl else "not comparable (faster, further)"
+    elif t > pts[-1][0]:  # every fixed setting is faster: auto loses unless it is closer
+        ref_kl, ref_rc, against = pts[-1][1], pts[-1][2], pts[-1][3]
+        verdict = "loses (slower, further)" if kl >= ref_kl else "not comparable (slower, closer)"
+    else:
+        (t0, k0, r0, m0), (t1, k1, r1, m1) = next((a, b) for a, b in zip(pts, pts[1:]) if a[0] <= t <= b[0])
+        w = 0.0 if t1 == t0 else (t - t0) / (t1 - t0)
+        ref_kl, ref_rc, against = k0 + w * (k1 - k0), r0 + w * (r1 - r0), f"{m0} .. {m1}"
+        if kl < ref_kl * (1 - TIE):
+            verdict = "beats"
+        elif kl <= ref_kl * (1 + TIE):
+            verdict = "ties with less recompute" if rc < ref_rc else "ties with more recompute"
+        else:
+            verdict = "loses"
+    return {"against": against, "kl": ref_kl, "recompute_frac": ref_rc, "verdict": verdict}
+
+
+def auto_vs_fixed(results: list[dict], order: str = "given") -> list[dict]:
+    """Each auto row of `order` against every fixed family of its base and encoding with >= 1 setting."""
+    rows = [r for r in results if r["order"] == order]
+    fams = {r["mode"]: _family(r["mode"]) for r in rows}
+    out = []
+    for a in rows:
+        if not fams[a["mode"]] or fams[a["mode"]][1] != "auto":
+            continue
+        prefix = fams[a["mode"]][0]
+        for kind in FIXED:
+            fixed = sorted((r for r in rows if fams[r["mode"]] == (prefix, kind)), key=_mean_ttft)
+            if fixed:
+                out.append({"mode": a["mode"], "family": kind, "ttft_s": _mean_ttft(a), "kl": a["kl_to_full"],
+                            "recompute_frac": a["recompute_frac"], **{f"fixed_{k}": v for k, v in
+                                                                     _compare(a, fixed).items()}})
+    return out
+
+
+def auto_sentences(comparisons: list[dict]) -> list[str]:
+    return [f"{c['mode']} (mean TTFT {c['ttft_s'] * 1000:.0f} ms, KL {c['kl']:.3f}, {c['recompute_frac']:.1%} "
+            f"recomputed) against {c['family']} at equal TTFT ({c['fixed_against']}: KL {c['fixed_kl']:.3f}, "
+            f"{c['fixed_recompute_frac']:.1%} recomputed): {c['fixed_verdict']}." for c in comparisons]

@@ -208,7 +208,7 @@ def aggregate(mode: str, order: str, rows: list, engine) -> dict:
     mean_nll = statistics.fmean(nlls)
     return {
         "mode": mode, "order": order, "n": len(samples),
-        "ttft_s": {"median": ttft["median"], "p90": ttft["p90"]},
+        "ttft_s": {"median": ttft["median"], "p90": ttft["p90"], "mean": ttft["mean"]},
         "ttft_parts_s": {k: statistics.median(s.parts[k] for s in samples) for k in ("load", "compose", "prefill")},
         "decode_tok_s": statistics.median(s.decode_tok_s for s in samples),
         "qps": len(samples) / sum(s.latency for s in samples),
