@@ -64,6 +64,9 @@ def test_bench_all_modes_all_orders_writes_reports(tiny_engine, tmp_path):
     assert by[("rerope+sink", "given")]["hit_rate"] == 1.0 and by[("rerope+sink", "given")]["recompute_frac"] == 0.0
     assert report["findings"], "the run should state findings"
     assert len(written["results"][0]["attn_sim_per_layer"]) == 2
+    # every encoding a library mode reads was read once per prompt before the timed modes
+    assert set(written["settings"]["first_read_load_s"]) == {"bare", "sink", "lead"}
+    assert all(v > 0 for v in written["settings"]["first_read_load_s"].values())
 
 
 def test_prefix_hits_depend_on_order(tiny_engine, tmp_path):
