@@ -130,6 +130,9 @@ def test_render_table_has_every_row():
     out = io.StringIO()
     Console(width=400, file=out).print(table)
     assert "rerope+boundary:4" in out.getvalue() and "4.00x" in out.getvalue()
+    narrow = io.StringIO()  # a log file is 80 columns wide: the headline columns must still show their values
+    Console(width=80, file=narrow).print(table)
+    assert "rerope+boundary:4" in narrow.getvalue() and "4.00x" in narrow.getvalue()
 
 
 @pytest.mark.parametrize("results", [RESULTS, RESULTS[:3], [RESULTS[0]], [row("naive", "given", 0.05, f1=None, kl_to_full=None)]])

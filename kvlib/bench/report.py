@@ -150,20 +150,25 @@ def _speedup(row: dict, full_by_order: dict) -> str:
     return f"{full['ttft_s']['median'] / mine:.2f}x"
 
 
-def table_rows(results: Iterable[dict]) -> tuple[list[str], list[list[str]]]:
+# The terminal shows the headline columns (80 columns fit them); report.md has every column.
+TERMINAL_COLUMNS = ("mode", "order", "TTFT ms (p50)", "speedup vs full", "KL to full", "F1", "hit rate", "recompute")
+
+
+def table_rows(results: Iterable[dict], only: Sequence[str] | None = None) -> tuple[list[str], list[list[str]]]:
     """Headers and formatted cells, one row per (mode, order) result, in input order."""
     results = list(results)
     full_by_order = {r["order"]: r for r in results if r["mode"] == "full"}
-    headers = [name for name, _ in _COLUMNS]
-    rows = [[cell(r, full_by_order) for _, cell in _COLUMNS] for r in results]
+    columns = [c for c in _COLUMNS if only is None or c[0] in only]
+    headers = [name for name, _ in columns]
+    rows = [[cell(r, full_by_order) for _, cell in columns] for r in results]
     return headers, rows
 
 
 def render_table(results: list[dict]) -> "Table":
-    """A rich Table of every mode x order, for the terminal."""
+    """A rich Table of every mode x order with the headline columns, for the terminal."""
     from rich.table import Table
 
-    headers, rows = table_rows(results)
+    headers, rows = table_rows(results, TERMINAL_COLUMNS)
     table = Table(title="kvlib bench")
     for i, header in enumerate(headers):
         table.add_column(header, justify="left" if i < 2 else "right", no_wrap=i < 2)

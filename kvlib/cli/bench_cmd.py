@@ -70,7 +70,7 @@ def bench(
         err_console.print(f"[yellow]skipped[/] {where}: {why}", highlight=False)
     console.print(render_table(report["results_json"]["results"]))
     for line in report["findings"]:
-        console.print(f"- {line}", highlight=False)
+        console.print(f"- {line}", highlight=False, markup=False)
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
 
 
@@ -109,7 +109,7 @@ def render_map(report: dict, out: Path, json_out: bool) -> None:
         print_json(report)
         return
     for line in report["findings"]:
-        console.print(f"- {line}", highlight=False)
+        console.print(f"- {line}", highlight=False, markup=False)
     console.print(f"wrote {out / 'map.md'}, {out / 'map.json'} and {len(report['plots'])} plots")
 
 
