@@ -97,3 +97,18 @@ def test_packed_encoding_equals_one_by_one(family):
         alone = encode_chunk(lm, ctx, ids)
         torch.testing.assert_close(got.k_sem, alone.k_sem, **TOL, msg="packing leaked between chunks")
         torch.testing.assert_close(got.v, alone.v, **TOL)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_one_token_steps_equal_transformers(family):
+    """Decoding a token at a time (the single-query attention path) gives HF's logits at each position."""
+    lm, hf = tiny_lm(family, "default")
+    assert lm.layers[0].self_attn.config.num_key_value_heads < lm.layers[0].self_attn.config.num_attention_heads
+    ids = random_ids(24, seed=5)
+    with torch.no_grad():
+        ref = hf(input_ids=ids[None]).logits[0]
+    cache = KVCache.for_model(lm, len(ids))
+    forward(lm, ids[:20], torch.arange(20), cache, logits="all")
+    for t in range(20, 24):
+        step = forward(lm, ids[t : t + 1], torch.tensor([t]), cache, logits="all").logits
+        torch.testing.assert_close(step[0], ref[t], **TOL, msg=f"{family}: decode step {t} drifts from HF")
