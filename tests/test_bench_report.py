@@ -218,3 +218,16 @@ def test_auto_against_fixed_families_at_equal_mean_ttft_by_hand():
     tie = auto_vs_fixed([_timed("rerope+sink+auto", 0.75, 0.26, 0.05)] + results[1:3])
     assert tie[0]["fixed_verdict"] == "ties with less recompute"
     assert "ties with less recompute" in auto_sentences(tie)[0] and "KL 0.250" in auto_sentences(tie)[0]
+
+
+def test_map_threshold_sentences_by_hand():
+    from kvlib.bench.sweep import threshold_sentences
+
+    cell = lambda axis, value, mode, kl: {"axis": axis, "value": value, "mode": mode, "kl_to_full": kl}  # noqa: E731
+    rows = [cell("chunks", 1, "rerope+sink", 0.0), cell("chunks", 2, "rerope+sink", 0.2),
+            cell("chunks", 4, "rerope+sink", 0.6), cell("offset", 0, "rerope+sink", 0.3),
+            cell("offset", 512, "rerope+sink", 0.35)]
+    got = threshold_sentences(rows)
+    assert got == ["rerope+sink, chunks composed: safe to reuse as is at 1 chunks composed; breaks at 4.",
+                   "rerope+sink, tokens of offset: not safe as is at any measured value (0-512 tokens of offset); "
+                   "never breaks (worst KL 0.350 at 512)."]

@@ -93,6 +93,26 @@ def axis_sentences(rows: list[dict]) -> list[str]:
     return out
 
 
+def threshold_sentences(rows: list[dict]) -> list[str]:
+    """Per axis and mode, in words: up to where reuse as is stays safe, and from where it breaks."""
+    out = []
+    for axis, unit in (("chunks", "chunks composed"), ("offset", "tokens of offset"),
+                       ("chunk_tokens", "tokens per chunk")):
+        for mode in ("rerope+sink", "naive+sink"):
+            pts = sorted(_pick(rows, axis, mode), key=lambda r: r["value"])
+            if not pts:
+                continue
+            safe = [r["value"] for r in pts if verdict(r["kl_to_full"]) == "safe"]
+            broken = [r["value"] for r in pts if verdict(r["kl_to_full"]) == "breaks"]
+            worst = max(pts, key=lambda r: r["kl_to_full"])
+            where_safe = f"safe to reuse as is at {', '.join(map(str, safe))} {unit}" if safe else \
+                f"not safe as is at any measured value ({pts[0]['value']}-{pts[-1]['value']} {unit})"
+            where_broken = f"breaks at {', '.join(map(str, broken))}" if broken else \
+                f"never breaks (worst KL {worst['kl_to_full']:.3f} at {worst['value']})"
+            out.append(f"{mode}, {unit}: {where_safe}; {where_broken}.")
+    return out
+
+
 def budget_sentences(rows: list[dict]) -> list[str]:
     pts = {r["mode"]: r for r in rows if r["axis"] == "budget"}
     full, base = pts.get("full"), pts.get("rerope+sink")
@@ -121,7 +141,7 @@ def order_sentence(rows: list[dict]) -> list[str]:
 
 def sweep_findings(rows: list[dict]) -> list[str]:
     rule = f"Verdicts: safe = {VERDICTS['safe']}, needs repair = {VERDICTS['repair']}, breaks = {VERDICTS['breaks']}."
-    return [rule] + axis_sentences(rows) + budget_sentences(rows) + order_sentence(rows)
+    return [rule] + threshold_sentences(rows) + axis_sentences(rows) + budget_sentences(rows) + order_sentence(rows)
 
 
 def plot_sweep(out_dir, rows: list[dict]) -> list[str]:
