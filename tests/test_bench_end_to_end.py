@@ -66,6 +66,11 @@ def test_bench_all_modes_all_orders_writes_reports(tiny_engine, tmp_path):
     assert len(written["results"][0]["attn_sim_per_layer"]) == 2
     # every encoding a library mode reads was read once per prompt before the timed modes
     assert set(written["settings"]["first_read_load_s"]) == {"bare", "sink", "lead"}
+    from kvlib.store.library import Library
+
+    with Library(tmp_path / "home") as library:  # bench ingest scores every chunk, as `kvlib ingest` does
+        scores = [row["drift_score"] for row in library.db.query("SELECT drift_score FROM chunks")]
+    assert scores and all(s is not None and s > 0 for s in scores)
     assert all(v > 0 for v in written["settings"]["first_read_load_s"].values())
 
 

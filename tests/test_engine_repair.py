@@ -98,3 +98,34 @@ def test_union_recomputes_each_slot_once():
     count = lambda name: parse_repair(name)(engine, compose(lm, ctx, chunks, "rerope"), chunks, q)  # noqa: E731
     b, qr, both = count("boundary:4"), count("query:0.2"), count("boundary:4+query:0.2")
     assert max(b, qr) <= both <= b + qr and b == 8  # 4 tokens of each chunk but the first
+
+
+def test_drift_windows_follow_the_stored_scores_by_hand():
+    from types import SimpleNamespace as C
+
+    from kvlib.engine.repair import drift_windows
+
+    chunks = [C(drift=9.0), C(drift=0.1), C(drift=0.3)]
+    assert drift_windows(chunks, 32, skip_first=True) == [0, 16, 48]  # mean 0.2 over the live chunks
+    assert drift_windows(chunks, 32, skip_first=False) == [64, 1, 3]  # mean 3.13; capped at 2 x window
+    assert drift_windows([C(drift=0.1), C(drift=None)], 32, skip_first=False) == [32, 32], "unscored: uniform"
+    assert drift_windows([C(drift=0.0), C(drift=0.0)], 8, skip_first=False) == [8, 8]
+
+
+def test_drift_score_without_stored_kv_matches_with_it():
+    from kvlib.engine.drift import drift_score
+
+    lm, ctx, chunks, _ = setup("llama")
+    stored = drift_score(lm, ctx, chunks[0].token_ids, chunks[1])
+    fresh = drift_score(lm, ctx, chunks[0].token_ids, ids=chunks[1].token_ids)
+    assert fresh == pytest.approx(stored, rel=1e-4, abs=1e-6)
+
+
+def test_auto_spends_nothing_on_a_chunk_whose_stored_drift_is_zero():
+    from dataclasses import replace
+
+    lm, ctx, chunks, q = setup("llama")
+    chunks = [chunks[0], replace(chunks[1], drift=0.0), replace(chunks[2], drift=1.0)]
+    composed = compose(lm, ctx, chunks, "rerope")
+    n = parse_repair("auto:1.0")(type("E", (), {"lm": lm})(), composed, chunks, q)
+    assert n == chunks[2].n_tokens, f"auto recomputed {n}; only the drifting last chunk's {chunks[2].n_tokens} tokens"

@@ -69,6 +69,9 @@ def test_corpus_ingest_is_idempotent(ingested_home, smol_stack, kvlib_cli):
     assert first.chunks_new > 0 and first.tokens_encoded > 0 and first.bytes_written > 0
     blobs = blob_files(home)
     assert len(blobs) == first.chunks_new, "every new chunk is one blob file"
+    with Library(home) as library:  # every chunk, a document's first included, has its ingest drift score
+        scores = [row["drift_score"] for row in library.db.query("SELECT drift_score FROM chunks")]
+    assert len(scores) == len(blobs) and all(s is not None and s > 0 for s in scores), scores[:5]
     stamps = {p: p.stat().st_mtime_ns for p in blobs}
     docs_before = documents(home)
     assert len(docs_before) == first.documents

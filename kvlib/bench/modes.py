@@ -116,7 +116,8 @@ class ModeRunner:
 
     def _library(self, item: PromptItem, spec: ModeSpec, t0: float):
         stored = self.library.get_many(item.chunk_keys[spec.encoding])
-        chunks = [ChunkKV(s.token_ids, s.k_sem, s.v, self.engine.encoded_at(s.context_id)) for s in stored]
+        chunks = [ChunkKV(s.token_ids, s.k_sem, s.v, self.engine.encoded_at(s.context_id), s.drift_score)
+                  for s in stored]
         load_s = time.perf_counter() - t0
         composed = compose(self.lm, self.engine.context, chunks, spec.base, extra=self._extra(item))
         if spec.repair:

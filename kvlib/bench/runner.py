@@ -72,6 +72,8 @@ class BenchRunner:
         self.engine, self.library, self.config = engine, library, config
         self.modes = ModeRunner(engine, library, max_new_tokens=config.max_new_tokens, repairs=repairs)
         self.first_reads: dict = {}  # encoding -> seconds to read one prompt's chunks the first time
+        self.neighbours: dict = {}  # chunk ids -> the chunk before it in its passage (None: first)
+        self.drift_scores: dict = {}  # chunk ids -> drift score, computed once for all encodings
 
     def passage_chunks(self, passage) -> list[list[int]]:
         text = f"{passage.title}\n{passage.text}" if passage.title else passage.text
@@ -92,7 +94,9 @@ class BenchRunner:
             groups = []
             for p in rec.passages:
                 group = []
-                for ids in self.passage_chunks(p):
+                pieces = self.passage_chunks(p)
+                for before, ids in zip([None] + pieces[:-1], pieces):
+                    self.neighbours.setdefault(tuple(ids), before)
                     keys = {}
                     for enc in self.encodings():
                         keys[enc] = self.library.key_for(tenant="public", public=True, model_fp=lm.fingerprint,
@@ -119,10 +123,22 @@ class BenchRunner:
                                      context_id=self.engine.context_id_for(encoding), token_ids=ids,
                                      k_sem=kv.k_sem, v=kv.v,
                                      text_preview=self.engine.decode(ids))
+                self.library.set_drift_score(r.key, self.drift_of(ids))
                 prep.ingest_bytes += r.bytes if r.new else 0
                 prep.ingest_new_chunks += int(r.new)
             if progress:
                 progress(f"ingest {encoding}", len(part))
+
+    def drift_of(self, ids: list) -> float:
+        """The chunk's ingest drift score, as `kvlib ingest` measures it, once per content."""
+        from kvlib.engine.drift import drift_score
+
+        key = tuple(ids)
+        if key not in self.drift_scores:
+            before = self.neighbours.get(key)
+            self.drift_scores[key] = drift_score(self.engine.lm, self.engine.context,
+                                                 self.engine.lead_text_ids if before is None else before, ids=ids)
+        return self.drift_scores[key]
 
     def items(self, records, prep: Prepared, order: str) -> list[PromptItem]:
         out = []

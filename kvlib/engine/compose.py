@@ -31,6 +31,7 @@ class ChunkKV:
     k_sem: torch.Tensor
     v: torch.Tensor
     encoded_at: int | None = None  # first position at encoding; None = right behind the prompt's E
+    drift: float | None = None  # the library's ingest-time drift score, when known
 
     @property
     def n_tokens(self) -> int:

@@ -8,7 +8,10 @@ Design facts:
   mean over tokens of (|dK| + |dV|) / (|K| + |V|). Layer 1 is where CacheBlend reads
   deviation: early enough to be cheap, late enough to see cross-chunk attention.
 - The neighbour at ingest is the previous chunk of the same document; a document's
-  first chunk has none and gets no score.
+  first chunk (and a one-chunk passage) follows the engine's fixed neutral lead-in
+  instead, so every chunk gets a score.
+- The score is a property of the chunk's text: `auto` repair reads it to shape how
+  many head tokens of each chunk are candidates for recompute (see repair.auto).
 """
 
 from __future__ import annotations
@@ -39,12 +42,20 @@ def layer_kv_behind(lm, context, neighbour, ids, n_layers: int = DRIFT_LAYERS):
     return out
 
 
-def drift_score(lm, context, neighbour_ids, chunk: ChunkKV) -> float:
-    """Relative layer-1 KV change of `chunk` (as stored) once it follows `neighbour_ids`."""
-    k, v = layer_kv_behind(lm, context, neighbour_ids, chunk.token_ids)
+def drift_score(lm, context, neighbour_ids, chunk: ChunkKV | None = None, ids=None) -> float:
+    """Relative layer-1 KV change of a chunk once it follows `neighbour_ids` instead of E alone.
+
+    The baseline is `chunk`'s stored KV when it was encoded behind E, else (ids given) its
+    layer-1 KV behind E computed here.
+    """
+    ids = chunk.token_ids if chunk is not None else ids
+    k, v = layer_kv_behind(lm, context, neighbour_ids, ids)
     layer = DRIFT_LAYERS - 1
-    k0 = chunk.k_sem[layer].to(lm.device, torch.float32)
-    v0 = chunk.v[layer].to(lm.device, torch.float32)
+    if chunk is None:
+        k0, v0 = (t.float() for t in layer_kv_behind(lm, context, [], ids))
+    else:
+        k0 = chunk.k_sem[layer].to(lm.device, torch.float32)
+        v0 = chunk.v[layer].to(lm.device, torch.float32)
     delta = (k.float() - k0).norm(dim=-1) + (v.float() - v0).norm(dim=-1)  # [Hkv, T]
     scale = k0.norm(dim=-1) + v0.norm(dim=-1)
     return float((delta / scale.clamp_min(1e-6)).mean())

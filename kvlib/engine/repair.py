@@ -15,7 +15,8 @@ Design facts:
   fresh K/V to measure each token's deviation, and carries the top-r fraction through
   layers 1..L-1. `blend:0` is rerope; `blend:1` is full.
 - `auto[:target]` does the same measurement on chunk heads only (where the bench shows
-  drift lives) and spends the least recompute that covers `target` of it.
+  drift lives), each chunk's head sized by its ingest drift score, and spends the least
+  recompute that covers `target` of it.
 - The encoding is chosen before any repair, in the library: bare, behind E (`+sink`),
   or behind E and a neutral lead-in (`+lead`); see Engine.
 """
@@ -169,10 +170,34 @@ def blend(ratio: float):
     return repair
 
 
-def head_slots(composed: Composed, window: int, skip_first: bool) -> torch.Tensor:
-    """The first `window` tokens of each chunk (all chunks, or all but the first)."""
-    spans = composed.spans[1:] if skip_first else composed.spans
-    return torch.cat([torch.arange(s, s + min(window, n)) for s, n in spans] or [torch.zeros(0, dtype=torch.long)])
+def drift_windows(chunks, window: int, skip_first: bool) -> list[int]:
+    """Head tokens per chunk that auto may recompute, shaped by the ingest drift scores.
+
+    A chunk's window is `window` scaled by its stored drift score over the mean score of the
+    prompt's chunks with new neighbours (capped at 2 x window): a chunk whose KV barely moves
+    behind other text gets few or no candidates, a sensitive one more; the total stays about
+    `window` per chunk. Without scores for every such chunk, each gets `window`. An exact
+    first chunk gets 0.
+    """
+    live = list(range(1 if skip_first else 0, len(chunks)))
+    scores = [chunks[i].drift for i in live]
+    sizes = [0] * len(chunks)
+    if not live:
+        return sizes
+    if any(sc is None for sc in scores) or sum(scores) <= 0:
+        for i in live:
+            sizes[i] = window
+        return sizes
+    mean = sum(scores) / len(scores)
+    for i, sc in zip(live, scores):
+        sizes[i] = min(2 * window, round(window * sc / mean))
+    return sizes
+
+
+def head_slots(composed: Composed, sizes: list[int]) -> torch.Tensor:
+    """The first sizes[i] tokens of chunk i."""
+    return torch.cat([torch.arange(s, s + min(w, n)) for (s, n), w in zip(composed.spans, sizes) if w > 0]
+                     or [torch.zeros(0, dtype=torch.long)])
 
 
 def auto(target: float, window: int = 32):
@@ -185,11 +210,12 @@ def auto(target: float, window: int = 32):
     and their layer-1 KV deviation measured. The smallest set covering `target` of the
     candidates' deviation mass is carried through every layer: the budget follows how much
     this prompt's chunks actually interact. A chunk encoded behind E that opens the prompt
-    has no new neighbours and is never spent on.
+    has no new neighbours and is never spent on. The library's ingest drift score of each
+    chunk sets how many of its head tokens are candidates (drift_windows).
     """
     def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
         lm, cache = engine.lm, composed.cache
-        slots = head_slots(composed, window, skip_first=first_chunk_exact(composed, chunks))
+        slots = head_slots(composed, drift_windows(chunks, window, skip_first=first_chunk_exact(composed, chunks)))
         if slots.numel() == 0:
             return 0
         dev, finish = layer1_deviation(lm, cache, all_ids(composed, chunks), slots)

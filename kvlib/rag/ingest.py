@@ -130,13 +130,12 @@ class Ingestor:
         previous = {c.index: chunks[i - 1] for i, c in enumerate(chunks) if i > 0}
         for chunk, kv in zip(todo, self.engine.encode_many([c.token_ids for c in todo])):
             neighbour = previous.get(chunk.index)
-            drift = None if neighbour is None else drift_score(
-                self.engine.lm, self.engine.context, neighbour.token_ids, kv)
+            drift = drift_score(self.engine.lm, self.engine.context,
+                                self.engine.lead_text_ids if neighbour is None else neighbour.token_ids, kv)
             result = self.library.put(tenant=self.tenant, public=self.public, model_fp=lm.fingerprint,
                                       context_id=self.engine.context_id, token_ids=chunk.token_ids,
                                       k_sem=kv.k_sem, v=kv.v, text_preview=chunk.text)
-            if drift is not None:
-                self.library.set_drift_score(result.key, drift)
+            self.library.set_drift_score(result.key, drift)
             report.tokens_encoded += len(chunk.token_ids)
             report.chunks_new += int(result.new)
             report.chunks_dedup += int(not result.new)

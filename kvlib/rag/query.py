@@ -86,7 +86,7 @@ class QueryRunner:
         try:
             stored = self.library.get(hit.chunk_key, self.tenant)
             if stored.model_fp == lm.fingerprint and stored.context_id == self.engine.context_id:
-                return ChunkKV(stored.token_ids, stored.k_sem, stored.v), False, None
+                return ChunkKV(stored.token_ids, stored.k_sem, stored.v, drift=stored.drift_score), False, None
         except NotFoundError:
             pass
         except CorruptBlobError as exc:

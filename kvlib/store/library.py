@@ -71,6 +71,7 @@ class StoredChunk:
     model_fp: str
     context_id: str
     dtype: str  # "float16" or "bfloat16", exactly as stored
+    drift_score: float | None = None  # measured at ingest (kvlib.engine.drift); None if never measured
 
 
 def not_found(what: str) -> NotFoundError:
@@ -346,6 +347,7 @@ class Library:
         return StoredChunk(
             key=key, k_sem=contents.k_sem, v=contents.v, token_ids=contents.token_ids.long(),
             model_fp=row["model_fp"], context_id=row["context_id"], dtype=row["dtype"],
+            drift_score=row.get("drift_score"),
         )
 
     def _touch(self, keys: list[str], hit: bool = True) -> None:
