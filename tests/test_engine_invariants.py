@@ -112,3 +112,17 @@ def test_one_token_steps_equal_transformers(family):
     for t in range(20, 24):
         step = forward(lm, ids[t : t + 1], torch.tensor([t]), cache, logits="all").logits
         torch.testing.assert_close(step[0], ref[t], **TOL, msg=f"{family}: decode step {t} drifts from HF")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("split", [3, 20, 37])
+def test_prefill_behind_a_cached_prefix_equals_one_pass(family, split):
+    """New tokens behind P cached slots (P <= T: padded causal kernel; P > T: dense mask) equal one pass."""
+    lm, hf = tiny_lm(family, "default")
+    ids = random_ids(40, seed=6)
+    with torch.no_grad():
+        ref = hf(input_ids=ids[None]).logits[0]
+    cache = KVCache.for_model(lm, len(ids))
+    forward(lm, ids[:split], torch.arange(split), cache, logits="none")
+    rest = forward(lm, ids[split:], torch.arange(split, 40), cache, logits="all").logits
+    torch.testing.assert_close(rest, ref[split:], **TOL, msg=f"{family}: prefill behind {split} cached slots")

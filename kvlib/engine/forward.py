@@ -76,13 +76,34 @@ class ForwardOut:
 CAUSAL = "causal"  # mask marker: no past, plain causal attention (lets SDPA skip masked blocks)
 
 
-def causal_mask(t_new: int, t_past: int, device) -> torch.Tensor | str | None:
-    """Bool [T, P+T]: every past slot, causal among new tokens. None when nothing is masked."""
+@dataclass(frozen=True)
+class CausalPast:
+    """Causal attention for T new tokens behind P <= T past slots, without a dense mask.
+
+    SDPA's is_causal aligns the mask top-left; with P zero queries put in front, new token j
+    (row P + j) sees slots 0..P+j, exactly every past slot and the new tokens up to itself.
+    The kernel then skips masked blocks; a dense bool mask makes it compute all T x (P+T)
+    scores (twice the work at P << T: exact prefix caching with a short hit was slower than
+    full recompute because of it).
+    """
+
+    t_new: int
+    t_past: int
+
+    def dense(self, device) -> torch.Tensor:
+        return torch.ones(self.t_new, self.t_past + self.t_new, dtype=torch.bool, device=device).tril(
+            diagonal=self.t_past)
+
+
+def causal_mask(t_new: int, t_past: int, device) -> torch.Tensor | str | CausalPast | None:
+    """Every past slot, causal among new tokens. None when nothing is masked."""
     if t_new == 1:
         return None
     if t_past == 0:
         return CAUSAL
-    return torch.ones(t_new, t_past + t_new, dtype=torch.bool, device=device).tril(diagonal=t_past)
+    if t_past <= t_new:
+        return CausalPast(t_new, t_past)
+    return CausalPast(t_new, t_past).dense(device)
 
 
 def project_qkv(layer, x: torch.Tensor, head_dim: int):
@@ -124,6 +145,15 @@ def single_query_attention(q, keys, values, scale: float) -> torch.Tensor:
 def attend(layer, q, keys, values, mask, want_probs: bool):
     """SDPA over all slots. q: [1, H, T, D]; keys/values: [Hkv, S, D] -> out [1, T, hidden]."""
     attn = layer.self_attn
+    if isinstance(mask, CausalPast):
+        if want_probs:
+            mask = mask.dense(q.device)
+        else:
+            pad = q.new_zeros(1, q.shape[1], mask.t_past, q.shape[3])
+            out = F.scaled_dot_product_attention(torch.cat([pad, q], dim=2), keys[None], values[None],
+                                                 is_causal=True, scale=attn.scaling, enable_gqa=True)
+            out = out[:, :, mask.t_past:].transpose(1, 2).reshape(1, q.shape[2], -1)
+            return attn.o_proj(out), None
     causal = isinstance(mask, str)
     if q.shape[2] == 1 and mask is None and q.device.type == "cpu":
         out = single_query_attention(q, keys, values, attn.scaling)
