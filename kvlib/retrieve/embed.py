@@ -55,6 +55,10 @@ class Embedder:
         """Embed one query: float32 [384], unit length."""
         return self.embed([text])[0]
 
+    def warm(self) -> None:
+        """Load the model and run it once: start-up work a serving process does before any request."""
+        self.embed_query("warm up")
+
     def _load(self):
         if self._model is None:
             self._model = _load_model(model_path(), self.device)
