@@ -37,8 +37,9 @@ class KVCache:
         self.length = 0
 
     @classmethod
-    def for_model(cls, lm, capacity: int) -> "KVCache":
-        return cls(lm.n_layers, lm.n_kv_heads, lm.head_dim, capacity, lm.dtype, lm.device)
+    def for_model(cls, lm, capacity: int, n_layers: int | None = None) -> "KVCache":
+        """A cache for all layers, or for the first n_layers only (a partial forward)."""
+        return cls(n_layers or lm.n_layers, lm.n_kv_heads, lm.head_dim, capacity, lm.dtype, lm.device)
 
     @property
     def capacity(self) -> int:

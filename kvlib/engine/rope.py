@@ -80,10 +80,28 @@ def apply_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x * cos + rotate_half(x) * sin
 
 
+class _LastTables:
+    """cos/sin of the last positions tensor seen: a forward rotates q and k of every layer at
+    the same positions, so the tables are computed once per forward, not 2 x L times. The
+    tensor itself is held, so its identity cannot be reused by another tensor while cached."""
+
+    def __init__(self):
+        self.key, self.tables = None, None
+
+    def get(self, spec: RopeSpec, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key is None or self.key[0] is not positions or self.key[1] is not spec or self.key[2] != device:
+            emb = _angles(spec, positions, device)
+            self.key, self.tables = (positions, spec, device), (emb.cos(), emb.sin())
+        return self.tables
+
+
+_TABLES = _LastTables()
+
+
 def _rotate_f32(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, scale: float) -> torch.Tensor:
-    emb = _angles(spec, positions, x.device)
+    cos, sin = _TABLES.get(spec, positions, x.device)
     xf = x.to(torch.float32)
-    out = xf * (emb.cos() * scale) + rotate_half(xf) * (emb.sin() * scale)
+    out = xf * (cos * scale) + rotate_half(xf) * (sin * scale)
     return out.to(x.dtype)
 
 
