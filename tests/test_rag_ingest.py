@@ -67,6 +67,8 @@ def test_corpus_ingest_is_idempotent(ingested_home, smol_stack, kvlib_cli):
     home, first = ingested_home
     assert first.documents >= 20 and first.unchanged == 0, first.as_dict()
     assert first.chunks_new > 0 and first.tokens_encoded > 0 and first.bytes_written > 0
+    assert all(first.stage_s[k] > 0 for k in ("encode", "drift", "write", "embed")), first.stage_s
+    assert sum(first.stage_s.values()) <= first.seconds
     blobs = blob_files(home)
     assert len(blobs) == first.chunks_new, "every new chunk is one blob file"
     with Library(home) as library:  # every chunk, a document's first included, has its ingest drift score

@@ -89,6 +89,11 @@ def render_ingest(r) -> None:
         f"[bold]{r.chunks_new}[/] new chunks, {r.chunks_dedup} deduplicated, {r.tokens_encoded:,} tokens encoded "
         f"({rate:,.0f} tok/s), {r.bytes_written / 1e6:,.1f} MB written in {r.seconds:.1f} s"
     )
+    if r.tokens_encoded:
+        st = r.stage_s
+        console.print(f"time: encode {st['encode']:.1f} s ({r.tokens_encoded / max(st['encode'], 1e-9):,.0f} tok/s), "
+                      f"drift score {st['drift']:.1f} s, KV write {st['write']:.1f} s, embed + index {st['embed']:.1f} s",
+                      highlight=False)
 
 
 class Streamer:

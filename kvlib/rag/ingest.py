@@ -35,6 +35,8 @@ class IngestReport:
     bytes_written: int = 0
     seconds: float = 0.0
     skipped: list = field(default_factory=list)  # [(path, reason)]
+    # where the time went: the model's packed encode, the drift score, blob writes, embedding + index
+    stage_s: dict = field(default_factory=lambda: dict.fromkeys(("encode", "drift", "write", "embed"), 0.0))
 
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -109,9 +111,11 @@ class Ingestor:
         self.store_chunks(keys, chunks, report, progress)
         owner = owner_of(self.tenant, self.public)
         self.index.remove_document(doc.path, owner)
+        t_embed = time.perf_counter()
         vectors = self.embedder.embed([c.text for c in chunks])
         self.index.add([IndexEntry(k.hex, doc.path, owner, c.index, c.text) for k, c in zip(keys, chunks)], vectors)
         self.index.save()
+        report.stage_s["embed"] += time.perf_counter() - t_embed
         self.library.set_document(tenant=self.tenant, public=self.public, path=doc.path,
                                   content_hash=doc.content_hash, chunk_keys=keys)
         progress.doc_done(doc.path, unchanged=False)
@@ -128,14 +132,21 @@ class Ingestor:
             else:
                 todo.append(chunk)
         previous = {c.index: chunks[i - 1] for i, c in enumerate(chunks) if i > 0}
-        for chunk, kv in zip(todo, self.engine.encode_many([c.token_ids for c in todo])):
+        t_encode = time.perf_counter()
+        encoded = self.engine.encode_many([c.token_ids for c in todo])
+        report.stage_s["encode"] += time.perf_counter() - t_encode
+        for chunk, kv in zip(todo, encoded):
             neighbour = previous.get(chunk.index)
+            t_drift = time.perf_counter()
             drift = drift_score(self.engine.lm, self.engine.context,
                                 self.engine.lead_text_ids if neighbour is None else neighbour.token_ids, kv)
+            t_write = time.perf_counter()
+            report.stage_s["drift"] += t_write - t_drift
             result = self.library.put(tenant=self.tenant, public=self.public, model_fp=lm.fingerprint,
                                       context_id=self.engine.context_id, token_ids=chunk.token_ids,
                                       k_sem=kv.k_sem, v=kv.v, text_preview=chunk.text)
             self.library.set_drift_score(result.key, drift)
+            report.stage_s["write"] += time.perf_counter() - t_write
             report.tokens_encoded += len(chunk.token_ids)
             report.chunks_new += int(result.new)
             report.chunks_dedup += int(not result.new)
