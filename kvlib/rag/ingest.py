@@ -72,6 +72,7 @@ class Ingestor:
 
     def run(self, paths: list[Path], progress=None) -> IngestReport:
         progress = progress or NullProgress()
+        self.embedder.warm()  # model loading is start-up, for the embedder as for the LLM: not ingest time
         t0 = time.perf_counter()
         docs, skipped = iter_sources([Path(p) for p in paths])
         report = IngestReport(files=len(docs) + len(skipped), skipped=[(s.path, s.reason) for s in skipped])
