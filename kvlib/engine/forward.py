@@ -146,17 +146,14 @@ def single_query_attention(q, keys, values, scale: float) -> torch.Tensor:
 def attend(layer, q, keys, values, mask, want_probs: bool):
     """SDPA over all slots. q: [1, H, T, D]; keys/values: [Hkv, S, D] -> out [1, T, hidden]."""
     attn = layer.self_attn
-    if isinstance(mask, CausalPast):
-        if want_probs:
-            mask = mask.dense(q.device)
-        else:
-            pad = q.new_zeros(1, q.shape[1], mask.t_past, q.shape[3])
-            out = F.scaled_dot_product_attention(torch.cat([pad, q], dim=2), keys[None], values[None],
-                                                 is_causal=True, scale=attn.scaling, enable_gqa=True)
-            out = out[:, :, mask.t_past:].transpose(1, 2).reshape(1, q.shape[2], -1)
-            return attn.o_proj(out), None
+    if isinstance(mask, CausalPast) and want_probs:  # the probabilities need the mask itself
+        mask = mask.dense(q.device)
     causal = isinstance(mask, str)
-    if q.shape[2] == 1 and mask is None and q.device.type == "cpu":
+    if isinstance(mask, CausalPast):
+        pad = q.new_zeros(1, q.shape[1], mask.t_past, q.shape[3])
+        out = F.scaled_dot_product_attention(torch.cat([pad, q], dim=2), keys[None], values[None],
+                                             is_causal=True, scale=attn.scaling, enable_gqa=True)[:, :, mask.t_past:]
+    elif q.shape[2] == 1 and mask is None and q.device.type == "cpu":
         out = single_query_attention(q, keys, values, attn.scaling)
     else:
         out = F.scaled_dot_product_attention(

@@ -13,6 +13,7 @@ Design facts:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -81,6 +82,7 @@ def pick_device(requested: str | None = None):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@functools.cache
 def cpu_has_fast_bf16() -> bool:
     """True when the CPU multiplies bf16 natively (AVX512-BF16 or AMX).
 
