@@ -121,6 +121,49 @@ def test_drift_score_without_stored_kv_matches_with_it():
     assert fresh == pytest.approx(stored, rel=1e-4, abs=1e-6)
 
 
+def test_drift_pass_sees_cached_neighbour_kv_as_one_sequence():
+    """The head behind [E, neighbour's cached KV rotated after E] has exactly the KV of
+    encoding neighbour + head as one chunk behind E: the past a rerope repair meets."""
+    from kvlib.engine.drift import head_kv, own_past
+
+    lm, ctx, chunks, _ = setup("llama")
+    pairs = [(chunks[0], chunks[1].token_ids[:6]), (chunks[2], chunks[0].token_ids[:9]), (chunks[1], chunks[2].token_ids)]
+    got = head_kv(lm, ctx, [own_past(lm, ctx, nb) for nb, _ in pairs], [head for _, head in pairs])
+    for (nb, head), (k, v) in zip(pairs, got):
+        whole = encode_chunk(lm, ctx, torch.cat([nb.token_ids, head]))
+        torch.testing.assert_close(k, whole.k_sem[1, :, nb.n_tokens:], **TOL, msg="packed heads leaked or misplaced")
+        torch.testing.assert_close(v, whole.v[1, :, nb.n_tokens:], **TOL)
+
+
+def test_drift_scores_in_one_batch_equal_one_at_a_time():
+    from kvlib.engine.drift import drift_score, drift_scores
+
+    lm, ctx, chunks, _ = setup("llama")
+    pairs = [(chunks[0], chunks[1]), ([], chunks[2]), (chunks[2].token_ids, chunks[0].token_ids)]
+    one_by_one = [drift_score(lm, ctx, b, c) if hasattr(c, "k_sem") else drift_score(lm, ctx, b, ids=c) for b, c in pairs]
+    assert drift_scores(lm, ctx, pairs) == pytest.approx(one_by_one, rel=1e-4, abs=1e-6)
+    assert one_by_one[1] < 1e-5 < one_by_one[0]
+
+
+def test_drift_score_behind_cached_neighbour_equals_behind_its_ids():
+    from kvlib.engine.drift import drift_score
+
+    lm, ctx, chunks, _ = setup("llama")
+    cached = drift_score(lm, ctx, chunks[0], chunks[1])
+    from_ids = drift_score(lm, ctx, chunks[0].token_ids, chunks[1])
+    assert cached > 1e-3 and cached == pytest.approx(from_ids, rel=1e-4)
+
+
+def test_drift_score_behind_a_context_uses_it_whole():
+    """A ContextKV (E plus a lead-in) is the whole past: the same as its extra ids behind E."""
+    from kvlib.engine.drift import drift_score
+
+    lm, ctx, chunks, _ = setup("llama")
+    lead_ids = random_ids(7, 50)
+    lead = encode_context(lm, torch.cat([ctx.token_ids, lead_ids]))
+    assert drift_score(lm, ctx, lead, chunks[1]) == pytest.approx(drift_score(lm, ctx, lead_ids, chunks[1]), rel=1e-4)
+
+
 def test_auto_spends_nothing_on_a_chunk_whose_stored_drift_is_zero():
     from dataclasses import replace
 

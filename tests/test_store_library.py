@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -260,3 +261,64 @@ def test_migrations_are_recorded_once_and_idempotent(tmp_path):
         assert library.db.journal_mode == "wal"
         rows = library.db.execute("SELECT name, applied_at FROM migrations").fetchall()
         assert len(rows) == len(MIGRATIONS) and all(applied_at for _, applied_at in rows)
+
+
+def _begin(library, seed: int, **kwargs):
+    token_ids, k_sem, v = make_chunk(seed)
+    return library.put_begin(tenant="public", public=True, model_fp=MODEL_FP, context_id=CONTEXT_ID,
+                             token_ids=token_ids, k_sem=k_sem, v=v, **kwargs)
+
+
+def test_background_puts_publish_in_order_with_their_drift(library):
+    pending = [_begin(library, seed, background=True, drift_score=seed / 10) for seed in (1, 2, 3)]
+    assert not blob_files(library.home), "a begun put is visible before finish_puts"
+    results = library.finish_puts(pending)
+    assert [r.new for r in results] == [True, True, True]
+    for seed, r in zip((1, 2, 3), results):
+        token_ids, k_sem, v = make_chunk(seed)
+        got = library.get(r.key)
+        assert torch.equal(got.k_sem, k_sem) and torch.equal(got.v, v)
+        assert got.drift_score == pytest.approx(seed / 10)
+    assert library.verify() == []
+
+
+def test_discarded_and_unfinished_puts_leave_nothing(library, tmp_path):
+    kept = _begin(library, 1, background=True)
+    dropped = _begin(library, 2, background=True)
+    library.discard_puts([dropped])
+    library.finish_puts([kept])
+    left = _begin(library, 3, background=True)  # never finished: closing the library drops it
+    library.close()
+    files = sorted(p.name for p in (library.home / "blobs").glob("??/*"))
+    assert files == [f"{kept.key.hex}.safetensors"], files
+    assert left.settled
+
+
+def test_blob_is_written_buffered_where_o_direct_is_refused(library, monkeypatch):
+    from kvlib.store import blobs
+
+    real_open, calls = os.open, []
+
+    def refuse_direct(path, flags, *args):
+        if flags & getattr(os, "O_DIRECT", 0):
+            calls.append(path)
+            raise OSError(22, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(blobs.os, "open", refuse_direct)
+    r = put_chunk(library, 7)
+    assert calls or not getattr(os, "O_DIRECT", 0)
+    token_ids, k_sem, v = make_chunk(7)
+    assert torch.equal(library.get(r.key).k_sem, k_sem)
+    assert blob_files(library.home)[0].stat().st_size == r.bytes
+
+
+def test_direct_write_is_exact_to_the_byte(tmp_path):
+    from kvlib.store.blobs import _write_direct
+
+    data = os.urandom(3 * 4096 + 123)
+    target = tmp_path / "blob.part"
+    target.touch()
+    if not _write_direct(target, data):
+        pytest.skip("this filesystem refuses O_DIRECT; the buffered path is tested above")
+    assert target.read_bytes() == data

@@ -122,8 +122,7 @@ class BenchRunner:
                 r = self.library.put(tenant="public", public=True, model_fp=lm.fingerprint,
                                      context_id=self.engine.context_id_for(encoding), token_ids=ids,
                                      k_sem=kv.k_sem, v=kv.v,
-                                     text_preview=self.engine.decode(ids))
-                self.library.set_drift_score(r.key, self.drift_of(ids))
+                                     text_preview=self.engine.decode(ids), drift_score=self.drift_of(ids))
                 prep.ingest_bytes += r.bytes if r.new else 0
                 prep.ingest_new_chunks += int(r.new)
             if progress:
@@ -137,7 +136,7 @@ class BenchRunner:
         if key not in self.drift_scores:
             before = self.neighbours.get(key)
             self.drift_scores[key] = drift_score(self.engine.lm, self.engine.context,
-                                                 self.engine.lead_text_ids if before is None else before, ids=ids)
+                                                 self.engine.lead if before is None else before, ids=ids)
         return self.drift_scores[key]
 
     def items(self, records, prep: Prepared, order: str) -> list[PromptItem]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlib.engine.forward import KVCache, forward
+from kvlib.engine.forward import KVCache, Packed, forward
 from kvlib.engine.rope import apply_rope
 from kvlib.errors import KvlibError
 
@@ -103,25 +103,12 @@ def encode_chunk(lm, context: ContextKV, token_ids, *, offset: int = 0) -> Chunk
     return ChunkKV(token_ids=ids, k_sem=out.k_sem, v=out.v, encoded_at=offset + n_ctx)
 
 
-def packed_mask(lengths: list[int], n_ctx: int, device) -> torch.Tensor:
-    """Bool [T, |E|+T] for chunks packed in one sequence: each sees E and, causally, itself only."""
-    total = sum(lengths)
-    mask = torch.zeros(total, n_ctx + total, dtype=torch.bool, device=device)
-    mask[:, :n_ctx] = True
-    start = 0
-    for n in lengths:
-        block = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-        mask[start : start + n, n_ctx + start : n_ctx + start + n] = block
-        start += n
-    return mask
-
-
 def encode_packed(lm, context: ContextKV, chunk_ids: list) -> list[ChunkKV]:
     """Encode several chunks in one forward, each behind E as if alone.
 
     Packing turns many small matmuls into a few large ones (chunks are often under
-    100 tokens); the block-diagonal mask keeps every chunk blind to the others, so the
-    result equals encode_chunk per chunk up to float rounding.
+    100 tokens); attention runs per chunk (forward.Packed), so every chunk is blind to the
+    others and the result equals encode_chunk per chunk up to float rounding.
     """
     ids = [as_ids(c) for c in chunk_ids]
     if any(i.numel() == 0 for i in ids):
@@ -131,7 +118,7 @@ def encode_packed(lm, context: ContextKV, chunk_ids: list) -> list[ChunkKV]:
     cache.append(context.k_rot, context.v)
     pos = torch.cat([torch.arange(n_ctx, n_ctx + n) for n in lengths])
     out = forward(lm, torch.cat(ids), pos, cache, logits="none", keep_kv=True,
-                  mask=packed_mask(lengths, n_ctx, lm.device))
+                  mask=Packed(tuple(lengths), n_ctx))
     k_parts, v_parts = out.k_sem.split(lengths, dim=2), out.v.split(lengths, dim=2)
     return [ChunkKV(token_ids=i, k_sem=k, v=v, encoded_at=n_ctx) for i, k, v in zip(ids, k_parts, v_parts)]
 

@@ -96,6 +96,51 @@ class CausalPast:
             diagonal=self.t_past)
 
 
+@dataclass(frozen=True)
+class Packed:
+    """Several sequences packed in one forward, each behind the same P past slots and causal
+    within itself, blind to the others (ingest encodes many chunks behind E at once).
+
+    `own_past` optionally gives each sequence a span (first slot, count) of past slots that
+    only it sees, after the shared ones (the drift score puts each chunk's head behind its
+    own neighbour). The new tokens' slots follow every past slot.
+
+    The linear layers run on all T = sum(lengths) tokens together; attention runs per
+    sequence with the causal kernel (CausalPast's padding), so its cost is sum(n x (P + n))
+    rather than the T x (P + T) a dense block-diagonal mask computes.
+    """
+
+    lengths: tuple[int, ...]
+    t_past: int
+    own_past: tuple[tuple[int, int], ...] = ()
+
+    @property
+    def first_new_slot(self) -> int:
+        return max([self.t_past] + [a + n for a, n in self.own_past])
+
+    def slots(self, i: int, start: int) -> list[slice]:
+        """Cache slots sequence i sees, in order; it starts at packed offset `start`."""
+        seen = [slice(0, self.t_past)] if self.t_past else []
+        if self.own_past:
+            a, n = self.own_past[i]
+            seen.append(slice(a, a + n))
+        new = self.first_new_slot + start
+        return seen + [slice(new, new + self.lengths[i])]
+
+    def dense(self, device) -> torch.Tensor:
+        """Bool [T, S]: each sequence sees its past slots and, causally, itself only."""
+        total = sum(self.lengths)
+        mask = torch.zeros(total, self.first_new_slot + total, dtype=torch.bool, device=device)
+        start = 0
+        for i, n in enumerate(self.lengths):
+            *past, own = self.slots(i, start)
+            for cols in past:
+                mask[start : start + n, cols] = True
+            mask[start : start + n, own] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            start += n
+        return mask
+
+
 def causal_mask(t_new: int, t_past: int, device) -> torch.Tensor | str | CausalPast | None:
     """Every past slot, causal among new tokens. None when nothing is masked."""
     if t_new == 1:
@@ -143,16 +188,39 @@ def single_query_attention(q, keys, values, scale: float) -> torch.Tensor:
     return out.to(q.dtype).reshape(1, q.shape[1], 1, q.shape[3])
 
 
+def causal_behind(q, keys, values, t_past: int, scale: float):
+    """SDPA of T new queries over t_past past slots and, causally, themselves, on the causal
+    kernel: t_past zero queries padded in front (see CausalPast), or a dense mask when the past
+    is longer than the queries. q: [1, H, T, D];
+    keys/values: [Hkv, P+T, D] -> [1, H, T, D]."""
+    t = q.shape[2]
+    if t_past > t:  # padding would cost more than it saves: a dense mask for these few queries
+        mask = CausalPast(t, t_past).dense(q.device)
+        return F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, scale=scale,
+                                              enable_gqa=True)
+    if t_past:
+        q = torch.cat([q.new_zeros(1, q.shape[1], t_past, q.shape[3]), q], dim=2)
+    out = F.scaled_dot_product_attention(q, keys[None], values[None], is_causal=True, scale=scale, enable_gqa=True)
+    return out[:, :, t_past:]
+
+
 def attend(layer, q, keys, values, mask, want_probs: bool):
     """SDPA over all slots. q: [1, H, T, D]; keys/values: [Hkv, S, D] -> out [1, T, hidden]."""
     attn = layer.self_attn
-    if isinstance(mask, CausalPast) and want_probs:  # the probabilities need the mask itself
+    if isinstance(mask, (CausalPast, Packed)) and want_probs:  # the probabilities need the mask itself
         mask = mask.dense(q.device)
     causal = isinstance(mask, str)
     if isinstance(mask, CausalPast):
-        pad = q.new_zeros(1, q.shape[1], mask.t_past, q.shape[3])
-        out = F.scaled_dot_product_attention(torch.cat([pad, q], dim=2), keys[None], values[None],
-                                             is_causal=True, scale=attn.scaling, enable_gqa=True)[:, :, mask.t_past:]
+        out = causal_behind(q, keys, values, mask.t_past, attn.scaling)
+    elif isinstance(mask, Packed):
+        parts, start = [], 0
+        for i, n in enumerate(mask.lengths):
+            seen = mask.slots(i, start)
+            k_seq = torch.cat([keys[:, s] for s in seen], dim=1) if len(seen) > 1 else keys[:, seen[0]]
+            v_seq = torch.cat([values[:, s] for s in seen], dim=1) if len(seen) > 1 else values[:, seen[0]]
+            parts.append(causal_behind(q[:, :, start : start + n], k_seq, v_seq, k_seq.shape[1] - n, attn.scaling))
+            start += n
+        out = torch.cat(parts, dim=2)
     elif q.shape[2] == 1 and mask is None and q.device.type == "cpu":
         out = single_query_attention(q, keys, values, attn.scaling)
     else:

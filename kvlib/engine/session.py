@@ -77,11 +77,13 @@ class Engine:
         """Pre-RoPE KV of one chunk, cast to the storage dtype, on the CPU."""
         return self.encode_many([token_ids])[0]
 
-    def encode_many(self, chunk_ids: list, max_batch_tokens: int = 512, encoding: str = "sink") -> list[ChunkKV]:
+    def encode_many(self, chunk_ids: list, max_batch_tokens: int = 2048, encoding: str = "sink") -> list[ChunkKV]:
         """Encode chunks in packed batches; storage dtype, CPU.
 
-        512 tokens keeps matmuls large while the dense block-diagonal attention stays
-        cheap (measured on 90-token chunks: 367 tok/s at 512 vs 269 at 2048).
+        Packing makes the matmuls large while attention stays per chunk. Measured on this
+        project's bf16 CPU (tok/s, packs of at most 512 / 1024 / 2048 / 4096 tokens, and one
+        chunk per forward): examples/corpus 1882 / 1956 / 2071 / 1982 / 1498; 200 HotpotQA
+        passages 1510 / 1617 / 1672 / 1630 / 1307.
         """
         out, batch, size = [], [], 0
         for ids in list(chunk_ids) + [None]:

@@ -5,7 +5,10 @@ Design facts:
   encoded again (dedup), and a document whose content hash is unchanged is skipped.
   A changed document re-encodes only the chunks whose token ids changed.
 - Crash-safe order per document: blobs first (each atomic), then index entries
-  (idempotent), then the document row last. A run killed anywhere leaves a library
+  (idempotent), then the document row last. The blobs are staged on the library's writer
+  thread while this thread embeds the document's chunks, and published before the index
+  entries. The FAISS file is written once per run: after a crash the index rebuilds it from
+  its SQLite rows, which are committed per document. A run killed anywhere leaves a library
   that the next run completes: finished documents are skipped, stored chunks are
   deduplicated, and the document row is only written when all its chunks exist.
 - One unreadable file never stops the run; it is reported with a reason.
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvlib.engine.drift import drift_score
+from kvlib.engine.drift import drift_scores
 from kvlib.retrieve.chunker import chunk_text
 from kvlib.retrieve.index import PUBLIC, IndexEntry
 from kvlib.retrieve.sources import SourceDoc, iter_sources
@@ -55,6 +58,21 @@ class NullProgress:
     def chunk_done(self, n_tokens: int, new: bool) -> None: ...
 
     def doc_done(self, path: str, unchanged: bool) -> None: ...
+
+
+WINDOW_TOKENS = 2048  # chunks encoded, scored and handed to the writer together (Engine.encode_many packs this much)
+
+
+def token_windows(chunks: list, max_tokens: int) -> list[list]:
+    """Consecutive runs of chunks of at most max_tokens tokens (a longer chunk stands alone)."""
+    out, size = [], 0
+    for chunk in chunks:
+        if not out or size + len(chunk.token_ids) > max_tokens:
+            out.append([])
+            size = 0
+        out[-1].append(chunk)
+        size += len(chunk.token_ids)
+    return out
 
 
 def owner_of(tenant: str, public: bool) -> str:
@@ -113,21 +131,35 @@ class Ingestor:
             t_load = time.perf_counter()
             self.embedder.warm()
             report.load_s = time.perf_counter() - t_load
-        self.store_chunks(keys, chunks, report, progress)
         owner = owner_of(self.tenant, self.public)
+        todo = self.chunks_to_encode(keys, chunks, report, progress)
+        previous = {c.index: chunks[i - 1] for i, c in enumerate(chunks) if i > 0}
+        held: dict = {}  # chunk index -> KV, for the last window's chunks (the next one's neighbours)
+        pending: list = []
+        try:
+            # A window of chunks is encoded while the previous window's blobs are written on the
+            # library's writer thread; a document's memory stays two windows, however long it is.
+            for window in token_windows(todo, WINDOW_TOKENS):
+                begun = self.begin_window(window, previous, held, report)
+                older, pending = pending, pending + begun  # until finished, all are discarded on error
+                self.finish_chunks(older, report, progress)
+                pending = begun
+            t_embed = time.perf_counter()  # the last window's blobs are written meanwhile
+            vectors = self.embedder.embed([c.text for c in chunks])
+            report.stage_s["embed"] += time.perf_counter() - t_embed
+            self.finish_chunks(pending, report, progress)
+        finally:
+            self.library.discard_puts([p for _, p in pending])  # after an error or Ctrl-C; else a no-op
+        t_index = time.perf_counter()
         self.index.remove_document(doc.path, owner)
-        t_embed = time.perf_counter()
-        vectors = self.embedder.embed([c.text for c in chunks])
         self.index.add([IndexEntry(k.hex, doc.path, owner, c.index, c.text) for k, c in zip(keys, chunks)], vectors)
-        self.index.save()
-        report.stage_s["embed"] += time.perf_counter() - t_embed
+        report.stage_s["embed"] += time.perf_counter() - t_index
         self.library.set_document(tenant=self.tenant, public=self.public, path=doc.path,
                                   content_hash=doc.content_hash, chunk_keys=keys)
         progress.doc_done(doc.path, unchanged=False)
 
-    def store_chunks(self, keys, chunks, report: IngestReport, progress) -> None:
-        """Encode (packed) and store the chunks the library does not hold yet."""
-        lm = self.engine.lm
+    def chunks_to_encode(self, keys, chunks, report: IngestReport, progress) -> list:
+        """The chunks the library does not hold yet; the others count as deduplicated."""
         todo = []
         for key, chunk in zip(keys, chunks):
             report.tokens += len(chunk.token_ids)
@@ -136,22 +168,39 @@ class Ingestor:
                 progress.chunk_done(len(chunk.token_ids), new=False)
             else:
                 todo.append(chunk)
-        previous = {c.index: chunks[i - 1] for i, c in enumerate(chunks) if i > 0}
+        return todo
+
+    def begin_window(self, window: list, previous: dict, held: dict, report: IngestReport) -> list:
+        """Encode (packed) a window of chunks, score their drift and begin their puts on the
+        writer thread. Returns [(chunk, PendingPut)]; `held` becomes this window's KV."""
+        lm, engine = self.engine.lm, self.engine
         t_encode = time.perf_counter()
-        encoded = self.engine.encode_many([c.token_ids for c in todo])
+        encoded = engine.encode_many([c.token_ids for c in window])
         report.stage_s["encode"] += time.perf_counter() - t_encode
-        for chunk, kv in zip(todo, encoded):
-            neighbour = previous.get(chunk.index)
-            t_drift = time.perf_counter()
-            drift = drift_score(self.engine.lm, self.engine.context,
-                                self.engine.lead_text_ids if neighbour is None else neighbour.token_ids, kv)
-            t_write = time.perf_counter()
-            report.stage_s["drift"] += t_write - t_drift
-            result = self.library.put(tenant=self.tenant, public=self.public, model_fp=lm.fingerprint,
-                                      context_id=self.engine.context_id, token_ids=chunk.token_ids,
-                                      k_sem=kv.k_sem, v=kv.v, text_preview=chunk.text)
-            self.library.set_drift_score(result.key, drift)
-            report.stage_s["write"] += time.perf_counter() - t_write
+        t_drift = time.perf_counter()
+        held.update((c.index, kv) for c, kv in zip(window, encoded))
+        # Each chunk's neighbour is its KV from this encode when there is one, else its ids
+        # (first two layers computed); a document's first chunk follows the neutral lead-in.
+        behind = [engine.lead if (b := previous.get(c.index)) is None else held.get(b.index, b.token_ids)
+                  for c in window]
+        drifts = drift_scores(lm, engine.context, list(zip(behind, encoded)))
+        for index in [i for i in held if i not in {c.index for c in window}]:
+            del held[index]
+        report.stage_s["drift"] += time.perf_counter() - t_drift
+        t_write = time.perf_counter()
+        begun = [(chunk, self.library.put_begin(
+            tenant=self.tenant, public=self.public, model_fp=lm.fingerprint, context_id=engine.context_id,
+            token_ids=chunk.token_ids, k_sem=kv.k_sem, v=kv.v, text_preview=chunk.text, drift_score=drift,
+            background=True)) for chunk, kv, drift in zip(window, encoded, drifts)]
+        report.stage_s["write"] += time.perf_counter() - t_write
+        return begun
+
+    def finish_chunks(self, pending: list, report: IngestReport, progress) -> None:
+        """Publish the begun puts (waiting for what the writer thread has not finished)."""
+        t_write = time.perf_counter()
+        results = self.library.finish_puts([p for _, p in pending])
+        report.stage_s["write"] += time.perf_counter() - t_write
+        for (chunk, _), result in zip(pending, results):
             report.tokens_encoded += len(chunk.token_ids)
             report.chunks_new += int(result.new)
             report.chunks_dedup += int(not result.new)

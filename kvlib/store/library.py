@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -30,13 +31,14 @@ from kvlib.config import DEFAULT_TENANT
 from kvlib.errors import InputError, NotFoundError
 from kvlib.store import reports
 from kvlib.store.blobs import (
-    FORMAT_VERSION, SUPPORTED_DTYPES, BlobStore, StagedBlob, checksum_bytes, dtype_name, serialize_blob,
+    FORMAT_VERSION, SUPPORTED_DTYPES, BlobStore, checksum_bytes, dtype_name, serialize_blob,
 )
 from kvlib.store.capacity import BudgetReport, BudgetWarning, GcReport, collect_garbage, evict_to_budget
 from kvlib.store.keys import ChunkKey, as_key, compute_key, normalize_prefix, normalize_token_ids, pick_unique, prefix_range
 from kvlib.store.manifest import (
     PUBLIC_OWNER, check_tenant, now_iso, open_manifest, placeholders, tenant_salt, visible_owners, write_lock,
 )
+from kvlib.store.writer import BlobWriter, PendingPut, Staged, discard
 
 MANIFEST_NAME = "manifest.sqlite"
 BLOBS_DIR = "blobs"
@@ -48,9 +50,10 @@ _UPSERT_CHUNK = """
 INSERT INTO chunks (key, model_fp, context_id, owner, tokens, bytes, dtype, shapes, checksum,
                     hits, last_used, created, text_preview, drift_score, meta)
 VALUES (:key, :model_fp, :context_id, :owner, :tokens, :bytes, :dtype, :shapes, :checksum,
-        0, :now, :now, :text_preview, NULL, :meta)
+        0, :now, :now, :text_preview, :drift_score, :meta)
 ON CONFLICT(key) DO UPDATE SET bytes = excluded.bytes, dtype = excluded.dtype, shapes = excluded.shapes,
-    checksum = excluded.checksum, last_used = excluded.last_used
+    checksum = excluded.checksum, last_used = excluded.last_used,
+    drift_score = COALESCE(excluded.drift_score, chunks.drift_score)
 """
 
 
@@ -92,8 +95,12 @@ class Library:
         # Keys this handle wrote that no document claimed yet: automatic eviction
         # must not drop a document's first chunks before set_document names them.
         self._unclaimed: set[str] = set()
+        self._writer = BlobWriter()  # stages blobs beside the caller for put_begin(background=True)
+        self._pending: set[PendingPut] = set()  # begun, neither published nor discarded
 
     def close(self) -> None:
+        self.discard_puts(list(self._pending))
+        self._writer.close()
         self.db.close()
 
     def __enter__(self) -> "Library":
@@ -143,36 +150,96 @@ class Library:
 
     def put(
         self, *, tenant: str, public: bool, model_fp: str, context_id: str, token_ids: Any,
-        k_sem: Any, v: Any, text_preview: str = "", meta: dict | None = None,
+        k_sem: Any, v: Any, text_preview: str = "", meta: dict | None = None, drift_score: float | None = None,
     ) -> PutResult:
         """Store one chunk's semantic K and V; skips the write if an intact copy exists."""
+        return self.finish_puts([self.put_begin(
+            tenant=tenant, public=public, model_fp=model_fp, context_id=context_id, token_ids=token_ids,
+            k_sem=k_sem, v=v, text_preview=text_preview, meta=meta, drift_score=drift_score)])[0]
+
+    def put_begin(
+        self, *, tenant: str, public: bool, model_fp: str, context_id: str, token_ids: Any,
+        k_sem: Any, v: Any, text_preview: str = "", meta: dict | None = None, drift_score: float | None = None,
+        background: bool = False,
+    ) -> PendingPut:
+        """Validate a put and stage its blob (on the writer thread when `background`).
+
+        Nothing is visible until `finish_puts` publishes it; `discard_puts` drops it.
+        The tensors must not change until then.
+        """
         token_tensor = _check_kv(k_sem, v, token_ids)
         _check_text("model_fp", model_fp)
         _check_text("context_id", context_id)
+        _check_drift(drift_score)
         owner, salt = self._namespace(tenant, public)
         key = compute_key(model_fp=model_fp, context_id=context_id, token_ids=token_ids, salt=salt)
         self._unclaimed.add(key.hex)
         existing = self._row(key)
         if existing is not None and self._blob_intact(key, existing):
-            self._touch([key.hex], hit=False)
-            return PutResult(key, False, existing["bytes"], self._auto_evict(set()))
+            return PendingPut(key, None, None, existing["bytes"], drift_score)
         dtype = dtype_name(k_sem)
         shapes = {"k_sem": list(k_sem.shape), "v": list(v.shape)}
         header = {
             "kvlib_format": FORMAT_VERSION, "key": key.hex, "model_fp": model_fp, "context_id": context_id,
             "dtype": dtype, "k_sem_shape": json.dumps(shapes["k_sem"]), "v_shape": json.dumps(shapes["v"]),
         }
-        data = serialize_blob(k_sem=k_sem, v=v, token_ids=token_tensor, metadata=header)
         record = {
             "key": key.hex, "model_fp": model_fp, "context_id": context_id, "owner": owner,
-            "tokens": int(k_sem.shape[2]), "bytes": len(data), "dtype": dtype, "shapes": json.dumps(shapes),
-            "checksum": checksum_bytes(data), "now": now_iso(), "text_preview": (text_preview or "")[:PREVIEW_CHARS],
-            "meta": _to_json(meta or {}, "meta"),
+            "tokens": int(k_sem.shape[2]), "dtype": dtype, "shapes": json.dumps(shapes), "now": now_iso(),
+            "text_preview": (text_preview or "")[:PREVIEW_CHARS], "meta": _to_json(meta or {}, "meta"),
+            "drift_score": None if drift_score is None else float(drift_score),
         }
-        new = self._publish(key, self.blobs.stage(key, data), record)
-        stored = None if new else self._row(key)  # another writer's copy won the race
-        size = stored["bytes"] if stored else len(data)
-        return PutResult(key, new, size, self._auto_evict(set()))
+
+        # Copies happen here: a torch op on the writer thread would start a second OpenMP
+        # team, whose spinning threads take cores from the caller's compute.
+        k_sem, v, token_tensor = (t.detach().cpu().contiguous() for t in (k_sem, v, token_tensor))
+
+        def stage() -> Staged:
+            data = serialize_blob(k_sem=k_sem, v=v, token_ids=token_tensor, metadata=header)
+            return Staged(self.blobs.stage(key, data), len(data), checksum_bytes(data))
+
+        pending = PendingPut(key, record, self._writer.submit(stage, background), drift_score=drift_score)
+        self._pending.add(pending)
+        return pending
+
+    def finish_puts(self, pending: list[PendingPut]) -> list[PutResult]:
+        """Publish begun puts in order, one manifest transaction; waits for their staging."""
+        results: list[PutResult] = []
+        try:
+            wait([p.staged for p in pending if p.staged is not None])  # not while holding the write lock
+            with write_lock(self.db):
+                for p in pending:
+                    results.append(self._finish(p))
+        finally:
+            self.discard_puts(pending)  # no-op for the published; drops the rest on any error
+        budget = self._auto_evict(set())
+        return [PutResult(r.key, r.new, r.bytes, budget) for r in results]
+
+    def discard_puts(self, pending: list[PendingPut]) -> None:
+        """Drop begun puts that were not published (their temp files go)."""
+        for p in pending:
+            discard(p)
+            self._pending.discard(p)
+
+    def _finish(self, p: PendingPut) -> PutResult:
+        """Inside the write lock: rename the staged blob into place and write its row.
+
+        Re-checks under the lock: another process may have stored the same key since
+        put_begin looked, in which case its file and row stay and ours goes.
+        """
+        if p.staged is None:
+            self._touch_locked([p.key.hex], hit=False)
+            if p.drift_score is not None:
+                self.db.execute("UPDATE chunks SET drift_score = ? WHERE key = ?", [float(p.drift_score), p.key.hex])
+            return PutResult(p.key, False, p.existing_bytes)
+        staged = p.staged.result()
+        existing = self._row(p.key)
+        if existing is not None and self._blob_intact(p.key, existing):
+            return PutResult(p.key, False, existing["bytes"])  # discard_puts drops ours
+        staged.blob.publish()
+        p.settled = True
+        self.db.execute(_UPSERT_CHUNK, {**p.record, "bytes": staged.nbytes, "checksum": staged.checksum})
+        return PutResult(p.key, True, staged.nbytes)
 
     def get(self, key: ChunkKey | str, tenant: str = DEFAULT_TENANT) -> StoredChunk:
         """One chunk, checksum-verified; counts as a use (hits, last_used)."""
@@ -194,8 +261,7 @@ class Library:
 
     def set_drift_score(self, key: ChunkKey | str, score: float | None) -> None:
         """Record how far this chunk's cached KV drifts from a full recompute (repair's measure)."""
-        if score is not None and (isinstance(score, bool) or not math.isfinite(float(score))):
-            raise InputError(f"drift score must be a finite number or None, got {score!r}")
+        _check_drift(score)
         hexkey = as_key(key).hex
         cursor = self.db.execute(
             "UPDATE chunks SET drift_score = ? WHERE key = ?", [None if score is None else float(score), hexkey]
@@ -324,24 +390,6 @@ class Library:
     def _blob_intact(self, key: ChunkKey, row: dict) -> bool:
         return self.blobs.file_checksum(key) == row["checksum"]
 
-    def _publish(self, key: ChunkKey, staged: StagedBlob, record: dict) -> bool:
-        """Rename the staged blob into place and write its row, under the write lock.
-
-        Re-checks inside the lock: another process may have stored the same key
-        since our first look, in which case its file and row stay and ours goes.
-        """
-        try:
-            with write_lock(self.db):
-                existing = self._row(key)
-                if existing is not None and self._blob_intact(key, existing):
-                    staged.discard()
-                    return False
-                staged.publish()
-                self.db.execute(_UPSERT_CHUNK, record)
-            return True
-        finally:
-            staged.discard()  # no-op after publish; removes the temp file on any error
-
     def _load(self, key: ChunkKey, row: dict) -> StoredChunk:
         contents = self.blobs.read(key, row["checksum"])
         return StoredChunk(
@@ -352,14 +400,17 @@ class Library:
 
     def _touch(self, keys: list[str], hit: bool = True) -> None:
         """Mark keys used now (LRU order); a read also counts a hit, a repeated put does not."""
-        now = now_iso()
         with write_lock(self.db):
-            for start in range(0, len(keys), SQL_BATCH):
-                batch = keys[start : start + SQL_BATCH]
-                self.db.execute(
-                    f"UPDATE chunks SET hits = hits + ?, last_used = ? WHERE key IN ({placeholders(len(batch))})",
-                    [int(hit), now, *batch],
-                )
+            self._touch_locked(keys, hit)
+
+    def _touch_locked(self, keys: list[str], hit: bool) -> None:
+        now = now_iso()
+        for start in range(0, len(keys), SQL_BATCH):
+            batch = keys[start : start + SQL_BATCH]
+            self.db.execute(
+                f"UPDATE chunks SET hits = hits + ?, last_used = ? WHERE key IN ({placeholders(len(batch))})",
+                [int(hit), now, *batch],
+            )
 
     def _delete_documents(self, ids: list[int]) -> None:
         """Delete documents and their memberships (memberships first: they reference the row)."""
@@ -380,6 +431,11 @@ class Library:
 def _check_text(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise InputError(f"{name} must be a non-empty string, got {value!r}")
+
+
+def _check_drift(score: Any) -> None:
+    if score is not None and (isinstance(score, bool) or not math.isfinite(float(score))):
+        raise InputError(f"drift score must be a finite number or None, got {score!r}")
 
 
 def _to_json(value: Any, what: str) -> str:
