@@ -28,6 +28,9 @@ def bench(
     sweep: Annotated[bool, typer.Option("--sweep", help="Run the reusability map instead (chunks, offset, chunk length, budget, order).")] = False,
     retrieval: Annotated[Optional[Path], typer.Option(
         "--retrieval", help="Passage pool file: measure recall@k of the records' gold passages instead.")] = None,
+    ingest: Annotated[Optional[list[Path]], typer.Option(
+        "--ingest", help="Folders/files to ingest: measure ingest throughput against plain prefill instead.")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved rounds for --ingest (medians).")] = 3,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare full recompute, prefix caching, naive reuse and re-RoPE (and repairs) on real QA data."""
@@ -35,6 +38,8 @@ def bench(
 
     if retrieval is not None:
         return recall(data, retrieval, limit, out, json_out)
+    if ingest:
+        return ingest_speed(ingest, repeats, out, resolve_home(home), model, dtype, json_out)
     log = LogProgress() if not (err_console.is_terminal or json_out) else None
     try:
         with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -102,6 +107,39 @@ def recall(data: str, pool_path: Path, limit: int | None, out: Path, json_out: b
     if report["gold_missing_from_pool"]:
         err_console.print(f"[yellow]{report['gold_missing_from_pool']} gold titles are not in the pool[/]")
     console.print(f"wrote {out / 'recall.json'}")
+
+
+def ingest_speed(paths: list[Path], repeats: int, out: Path, home: Path, model, dtype, json_out: bool) -> None:
+    from rich.table import Table
+
+    from kvlib.bench.ingest_speed import COLUMNS, run_ingest_speed, summary, table_rows, title, write_ingest_report
+    from kvlib.engine.session import Engine
+
+    try:
+        for p in paths:
+            if not p.exists():
+                raise KvlibError(f"path not found: {p}")
+        home.mkdir(parents=True, exist_ok=True)
+        engine = Engine.load(model, home, dtype=dtype)
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=err_console, disable=json_out) as bar:
+            task = bar.add_task("prefill alone, packed, ingest", total=3 * repeats)
+            result = run_ingest_speed(home, engine, paths, repeats=repeats, progress=lambda *_: bar.advance(task))
+    except KvlibError as exc:
+        raise fail(str(exc))
+    write_ingest_report(out, result)
+    if json_out:
+        print_json(result)
+        return
+    table = Table(title=title(result))
+    for i, col in enumerate(COLUMNS):
+        table.add_column(col, justify="left" if i == 0 else "right")
+    for row in table_rows(result):
+        table.add_row(*row)
+    console.print(table)
+    for line in summary(result):
+        console.print(line, highlight=False, markup=False)
+    console.print(f"wrote {out / 'ingest.json'} and {out / 'ingest.md'}")
 
 
 def render_map(report: dict, out: Path, json_out: bool) -> None:

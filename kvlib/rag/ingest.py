@@ -75,6 +75,12 @@ def token_windows(chunks: list, max_tokens: int) -> list[list]:
     return out
 
 
+def chunk_document(engine, text: str, chunk_tokens: int) -> list:
+    """A document's chunks as ingest stores them. Paragraphs under half the budget travel with
+    their neighbours, so chunks come out near chunk_tokens rather than one short paragraph each."""
+    return chunk_text(text, engine.lm.tokenizer, max_tokens=chunk_tokens, min_tokens=max(1, chunk_tokens // 2))
+
+
 def owner_of(tenant: str, public: bool) -> str:
     return PUBLIC if public or tenant == PUBLIC else tenant
 
@@ -117,10 +123,7 @@ class Ingestor:
 
     def ingest_document(self, doc: SourceDoc, report: IngestReport, progress) -> None:
         report.documents += 1
-        # Paragraphs under half the budget travel with their neighbours, so chunks come out
-        # near chunk_tokens rather than one short paragraph each.
-        chunks = chunk_text(doc.text, self.engine.lm.tokenizer, max_tokens=self.chunk_tokens,
-                            min_tokens=max(1, self.chunk_tokens // 2))
+        chunks = chunk_document(self.engine, doc.text, self.chunk_tokens)
         keys = self.chunk_keys(chunks)
         if self.is_unchanged(doc, keys):
             report.unchanged += 1
