@@ -29,6 +29,7 @@ import mmap
 import os
 import tempfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -253,22 +254,35 @@ def _write_direct(path: Path, data: bytes) -> bool:
     buf[len(data) : padded] = bytes(padded - len(data))
     try:
         fd = os.open(path, os.O_WRONLY | flag)
-    except OSError:
-        return False
+    except OSError as exc:
+        return _direct_refused(path, exc)
     try:
         view, done = memoryview(buf)[:padded], 0
         while done < padded:
             wrote = os.write(fd, view[done:])
             if wrote <= 0:
-                return False
+                return _direct_refused(path, OSError(f"short write of {wrote} bytes"))
             done += wrote
         os.ftruncate(fd, len(data))
         os.fsync(fd)
         return True
-    except OSError:
-        return False
+    except OSError as exc:
+        return _direct_refused(path, exc)
     finally:
         os.close(fd)
+
+
+_direct_warned = False
+
+
+def _direct_refused(path: Path, exc: OSError) -> bool:
+    """Say once per process that blob writes fall back to the page cache, and why."""
+    global _direct_warned
+    if not _direct_warned:
+        _direct_warned = True
+        warnings.warn(f"blob writes under {path.parent.parent} are buffered: O_DIRECT was refused ({exc})",
+                      RuntimeWarning, stacklevel=3)
+    return False
 
 
 def _still_linked(path: Path, handle: Any) -> bool:

@@ -13,6 +13,9 @@ Design facts:
   Anything it may not see fails with exactly the NotFoundError a missing key
   gets, so no answer reveals that another tenant's chunk exists. The default
   tenant ("public") has no private namespace: what it stores is public.
+- Puts can be split: `put_begin(..., background=True)` stages the blob on the library's
+  writer thread (store/writer.py) while the caller computes; `finish_puts` publishes begun
+  puts in order in one transaction on the caller's thread. `put` is both at once.
 - One Library holds one SQLite connection: use one per process or thread.
 - torch is imported inside functions only, so importing kvlib stays fast.
 """
