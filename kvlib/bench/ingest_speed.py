@@ -62,42 +62,21 @@ def corpus_chunks(engine, paths: list[Path], chunk_tokens: int) -> list[list]:
 def run_ingest_speed(stack_home: Path, engine, paths: list[Path], *, chunk_tokens: int = 256, repeats: int = 3,
                      progress=None, embedder=None) -> dict:
     """Medians over `repeats` interleaved rounds; see the module docstring."""
-    from kvlib.rag.ingest import WINDOW_TOKENS, Ingestor, token_windows
-    from kvlib.rag.stack import open_stack
-
     from kvlib.retrieve.embed import Embedder
 
     docs = corpus_chunks(engine, paths, chunk_tokens)
+    tokens = sum(len(c.token_ids) for chunks in docs for c in chunks)
     embedder = embedder or Embedder()
     embedder.warm()
-    tokens = sum(len(c.token_ids) for chunks in docs for c in chunks)
     runs: dict = {role: [] for role in ROLES}
     stages: list = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for chunks in docs:
-            for c in chunks:
-                prefill_alone(engine, c.token_ids)
-        runs["prefill_alone"].append(time.perf_counter() - t0)
-        _tick(progress)
-        t0 = time.perf_counter()
-        for chunks in docs:
-            for window in token_windows(chunks, WINDOW_TOKENS):
-                engine.encode_many([c.token_ids for c in window])
-        runs["prefill_packed"].append(time.perf_counter() - t0)
-        _tick(progress)
-        with tempfile.TemporaryDirectory(dir=stack_home, prefix=".bench-ingest-") as tmp:
-            stack = open_stack(Path(tmp), engine=engine)
-            try:
-                report = Ingestor(stack.engine, stack.library, stack.index, embedder,
-                                  chunk_tokens=chunk_tokens).run(paths)
-            finally:
-                stack.close()
-        if report.tokens_encoded != tokens:
-            raise InputError(f"ingest encoded {report.tokens_encoded} tokens, the prefill runs {tokens}")
-        runs["ingest"].append(report.seconds)
-        stages.append(report.stage_s)
-        _tick(progress)
+        seconds, stage_s = time_round(stack_home, engine, embedder, paths, docs, chunk_tokens, tokens)
+        for role in ROLES:
+            runs[role].append(seconds[role])
+        stages.append(stage_s)
+        if progress is not None:
+            progress("ingest speed", len(ROLES))
     seconds = {role: statistics.median(v) for role, v in runs.items()}
     tok_s = {role: tokens / s for role, s in seconds.items()}
     median_run = sorted(range(repeats), key=lambda i: runs["ingest"][i])[repeats // 2]
@@ -112,9 +91,32 @@ def run_ingest_speed(stack_home: Path, engine, paths: list[Path], *, chunk_token
     }
 
 
-def _tick(progress) -> None:
-    if progress is not None:
-        progress("ingest speed", 1)
+def time_round(stack_home: Path, engine, embedder, paths, docs, chunk_tokens: int, tokens: int) -> tuple[dict, dict]:
+    """One round: seconds for each role in ROLES, and ingest's stage split."""
+    from kvlib.rag.ingest import WINDOW_TOKENS, Ingestor, token_windows
+    from kvlib.rag.stack import open_stack
+
+    seconds = {}
+    t0 = time.perf_counter()
+    for chunks in docs:
+        for c in chunks:
+            prefill_alone(engine, c.token_ids)
+    seconds["prefill_alone"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for chunks in docs:
+        for window in token_windows(chunks, WINDOW_TOKENS):
+            engine.encode_many([c.token_ids for c in window])
+    seconds["prefill_packed"] = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory(dir=stack_home, prefix=".bench-ingest-") as tmp:
+        stack = open_stack(Path(tmp), engine=engine)
+        try:
+            report = Ingestor(stack.engine, stack.library, stack.index, embedder, chunk_tokens=chunk_tokens).run(paths)
+        finally:
+            stack.close()
+    if report.tokens_encoded != tokens:
+        raise InputError(f"ingest encoded {report.tokens_encoded} tokens, the prefill runs {tokens}")
+    seconds["ingest"] = report.seconds
+    return seconds, report.stage_s
 
 
 def write_ingest_report(out: Path, result: dict) -> None:

@@ -124,7 +124,7 @@ def ingest_speed(paths: list[Path], repeats: int, out: Path, home: Path, model, 
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=err_console, disable=json_out) as bar:
             task = bar.add_task("prefill alone, packed, ingest", total=3 * repeats)
-            result = run_ingest_speed(home, engine, paths, repeats=repeats, progress=lambda *_: bar.advance(task))
+            result = run_ingest_speed(home, engine, paths, repeats=repeats, progress=lambda _stage, n: bar.advance(task, n))
     except KvlibError as exc:
         raise fail(str(exc))
     write_ingest_report(out, result)
