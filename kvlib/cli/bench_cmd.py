@@ -8,7 +8,9 @@ from typing import Annotated, Optional
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from kvlib.cli.common import HomeOpt, JsonOpt, LogProgress, ModelOpt, console, err_console, fail, print_json
+from kvlib.cli.common import (
+    HomeOpt, JsonOpt, LogProgress, ModelOpt, console, err_console, fail, print_json, require_paths,
+)
 from kvlib.config import resolve_home
 from kvlib.errors import KvlibError
 
@@ -116,9 +118,7 @@ def ingest_speed(paths: list[Path], repeats: int, out: Path, home: Path, model, 
     from kvlib.engine.session import Engine
 
     try:
-        for p in paths:
-            if not p.exists():
-                raise KvlibError(f"path not found: {p}")
+        require_paths(paths)
         home.mkdir(parents=True, exist_ok=True)
         engine = Engine.load(model, home, dtype=dtype)
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -30,6 +30,15 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+def require_paths(paths) -> None:
+    """InputError naming the first path that does not exist (before any model loads)."""
+    from kvlib.errors import InputError
+
+    for p in paths:
+        if not p.exists():
+            raise InputError(f"path not found: {p}")
+
+
 def fail(message: str) -> "typer.Exit":
     """One red line on stderr and exit code 1, never a traceback."""
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

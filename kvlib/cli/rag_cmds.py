@@ -10,7 +10,9 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from kvlib.cli.common import HomeOpt, JsonOpt, ModelOpt, TenantOpt, console, err_console, fail, print_json
+from kvlib.cli.common import (
+    HomeOpt, JsonOpt, ModelOpt, TenantOpt, console, err_console, fail, print_json, require_paths,
+)
 from kvlib.config import DEFAULT_TENANT, resolve_home
 from kvlib.errors import InputError, KvlibError
 
@@ -59,9 +61,7 @@ def ingest(
 
     try:
         check_tenant(tenant)  # bad input fails before the model loads and the progress bar starts
-        for p in paths:
-            if not p.exists():
-                raise InputError(f"path not found: {p}")
+        require_paths(paths)
         stack = open_stack(resolve_home(home), model=model, dtype=dtype)
         ingestor = Ingestor(stack.engine, stack.library, stack.index, stack.embedder, tenant, public, chunk_tokens)
         columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),

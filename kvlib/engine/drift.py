@@ -46,12 +46,12 @@ def layers_behind(lm, past_k_rot, past_v, ids, n_layers: int = DRIFT_LAYERS, mas
     p = int(past_k_rot.shape[2])
     cache = KVCache.for_model(lm, p + ids.shape[0], n_layers=n_layers)
     cache.append(past_k_rot[:n_layers], past_v[:n_layers])
-    pos = torch.arange(p, p + ids.shape[0]) if positions is None else positions
+    pos = (torch.arange(p, p + ids.shape[0]) if positions is None else positions).to(lm.device)
     h = embed(lm, ids)
     mask = causal_mask(ids.shape[0], p, lm.device) if mask is None else mask
     ks, vs = [], []
     for i in range(n_layers):
-        h, k_sem, v, _ = run_layer(lm, i, h, pos.to(lm.device), cache, p, mask)
+        h, k_sem, v, _ = run_layer(lm, i, h, pos, cache, p, mask)
         ks.append(k_sem)
         vs.append(v)
     return torch.stack(ks), torch.stack(vs)

@@ -79,13 +79,14 @@ CAUSAL = "causal"  # mask marker: no past, plain causal attention (lets SDPA ski
 
 @dataclass(frozen=True)
 class CausalPast:
-    """Causal attention for T new tokens behind P <= T past slots, without a dense mask.
+    """Causal attention for T new tokens behind P past slots (run by causal_behind).
 
     SDPA's is_causal aligns the mask top-left; with P zero queries put in front, new token j
     (row P + j) sees slots 0..P+j, exactly every past slot and the new tokens up to itself.
     The kernel then skips masked blocks; a dense bool mask makes it compute all T x (P+T)
     scores (twice the work at P << T: exact prefix caching with a short hit was slower than
-    full recompute because of it).
+    full recompute because of it). When P > T the padding would cost more than it saves,
+    and causal_behind uses the dense mask instead.
     """
 
     t_new: int
@@ -147,9 +148,7 @@ def causal_mask(t_new: int, t_past: int, device) -> torch.Tensor | str | CausalP
         return None
     if t_past == 0:
         return CAUSAL
-    if t_past <= t_new:
-        return CausalPast(t_new, t_past)
-    return CausalPast(t_new, t_past).dense(device)
+    return CausalPast(t_new, t_past)
 
 
 def project_qkv(layer, x: torch.Tensor, head_dim: int):

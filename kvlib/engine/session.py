@@ -37,8 +37,7 @@ class Engine:
         self.template = template or template_for(lm.tokenizer)
         self.context = encode_context(lm, self.template.context_ids)
         self.bare = encode_context(lm, [])
-        self.lead_text_ids = self.tokenize(LEAD_TEXT) if lm.tokenizer is not None else []
-        lead_ids = list(self.template.context_ids) + self.lead_text_ids
+        lead_ids = list(self.template.context_ids) + (self.tokenize(LEAD_TEXT) if lm.tokenizer is not None else [])
         self.lead = encode_context(lm, lead_ids)
         self.lead_id = context_id_of(lead_ids)
         self.stop = stop_ids(lm.tokenizer) if lm.tokenizer is not None else set()

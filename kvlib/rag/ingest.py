@@ -143,10 +143,9 @@ class Ingestor:
             # A window of chunks is encoded while the previous window's blobs are written on the
             # library's writer thread; a document's memory stays two windows, however long it is.
             for window in token_windows(todo, WINDOW_TOKENS):
-                begun = self.begin_window(window, previous, held, report)
-                older, pending = pending, pending + begun  # until finished, all are discarded on error
+                # finish_puts discards its own puts on any error, the finally below the rest
+                older, pending = pending, self.begin_window(window, previous, held, report)
                 self.finish_chunks(older, report, progress)
-                pending = begun
             t_embed = time.perf_counter()  # the last window's blobs are written meanwhile
             vectors = self.embedder.embed([c.text for c in chunks])
             report.stage_s["embed"] += time.perf_counter() - t_embed
@@ -187,7 +186,8 @@ class Ingestor:
         behind = [engine.lead if (b := previous.get(c.index)) is None else held.get(b.index, b.token_ids)
                   for c in window]
         drifts = drift_scores(lm, engine.context, list(zip(behind, encoded)))
-        for index in [i for i in held if i not in {c.index for c in window}]:
+        current = {c.index for c in window}
+        for index in [i for i in held if i not in current]:
             del held[index]
         report.stage_s["drift"] += time.perf_counter() - t_drift
         t_write = time.perf_counter()

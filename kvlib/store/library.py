@@ -59,6 +59,8 @@ ON CONFLICT(key) DO UPDATE SET bytes = excluded.bytes, dtype = excluded.dtype, s
     drift_score = COALESCE(excluded.drift_score, chunks.drift_score)
 """
 
+_SET_DRIFT = "UPDATE chunks SET drift_score = ? WHERE key = ?"
+
 
 @dataclass(frozen=True)
 class PutResult:
@@ -233,7 +235,7 @@ class Library:
         if p.staged is None:
             self._touch_locked([p.key.hex], hit=False)
             if p.drift_score is not None:
-                self.db.execute("UPDATE chunks SET drift_score = ? WHERE key = ?", [float(p.drift_score), p.key.hex])
+                self.db.execute(_SET_DRIFT, [float(p.drift_score), p.key.hex])
             return PutResult(p.key, False, p.existing_bytes)
         staged = p.staged.result()
         existing = self._row(p.key)
@@ -266,9 +268,7 @@ class Library:
         """Record how far this chunk's cached KV drifts from a full recompute (repair's measure)."""
         _check_drift(score)
         hexkey = as_key(key).hex
-        cursor = self.db.execute(
-            "UPDATE chunks SET drift_score = ? WHERE key = ?", [None if score is None else float(score), hexkey]
-        )
+        cursor = self.db.execute(_SET_DRIFT, [None if score is None else float(score), hexkey])
         if cursor.rowcount == 0:
             raise not_found(hexkey)
 

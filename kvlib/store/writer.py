@@ -31,7 +31,7 @@ class Staged:
 
 @dataclass(eq=False)
 class PendingPut:
-    """A put begun by `Library.put_begin`: finish it with `put_finish`, or it is discarded."""
+    """A put begun by `Library.put_begin`: publish it with `finish_puts`, or it is discarded."""
 
     key: Any  # ChunkKey
     record: dict | None  # the manifest row, less bytes and checksum; None when nothing is written
