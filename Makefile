@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_HOME ?= .kvlib-demo
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo bench bench-peer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,10 @@ test-fast: install
 
 demo: install
 	bash examples/demo.sh $(BIN) $(DEMO_HOME)
+
+# Optional, never part of `make test`: llama.cpp built from source against kvlib on the same ids.
+bench-peer: install
+	bash scripts/bench_peer.sh $(BIN) $(DEMO_HOME) results/peer
 
 clean:
 	rm -rf $(VENV) $(DEMO_HOME)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DEFAULT_TENANT = "public"
+# The tenant everyone sees: what it stores is public, deduplicated across all tenants.
+PUBLIC = "public"
+DEFAULT_TENANT = PUBLIC
 
 
 def resolve_home(home: str | Path | None = None) -> Path:

@@ -42,7 +42,7 @@ def write_data(path):
 
 def test_bench_all_modes_all_orders_writes_reports(tiny_engine, tmp_path):
     from kvlib.bench.session import run_bench
-    from kvlib.engine.repair import REPAIR_MODES
+    from kvlib.engine.spec import ALL_MODES, parse_mode
 
     data = tmp_path / "qa.jsonl"
     write_data(data)
@@ -52,7 +52,8 @@ def test_bench_all_modes_all_orders_writes_reports(tiny_engine, tmp_path):
     written = json.loads((out / "results.json").read_text())
     validate_results(written)
     modes = {r["mode"] for r in written["results"]}
-    assert modes == {"full", "prefix", "naive", "rerope", *REPAIR_MODES}
+    assert modes == {parse_mode(m).name for m in ALL_MODES} and len(modes) == len(ALL_MODES)
+    assert all(r["spec"] == parse_mode(r["mode"]).as_dict() for r in written["results"])
     assert {r["order"] for r in written["results"]} == {"given", "shuffled", "reversed"}
     for name in ("ttft_by_mode.png", "quality_by_mode.png", "hit_rate_by_order.png", "pareto.png"):
         assert (out / name).stat().st_size > 1000, f"{name} missing or empty"

@@ -18,6 +18,8 @@ from kvlib.bench.report import (
     write_results,
 )
 
+from kvlib.engine.spec import parse_mode
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 SETTINGS = {
@@ -29,9 +31,9 @@ SETTINGS = {
 
 def row(mode: str, order: str, ttft: float, **overrides) -> dict:
     base = {
-        "mode": mode, "order": order, "n": 4,
+        "mode": mode, "spec": parse_mode(mode).as_dict(), "order": order, "n": 4,
         "ttft_s": {"median": ttft, "p90": ttft * 1.2},
-        "ttft_parts_s": {"load": 0.001, "compose": 0.002, "prefill": ttft - 0.003},
+        "ttft_parts_s": {"load": 0.001, "compose": 0.002, "repair": 0.0, "prefill": ttft - 0.003},
         "decode_tok_s": 40.0, "qps": 1.0 / ttft, "f1": 0.5, "em": 0.25, "nll": 1.2, "ppl": 3.32,
         "kl_to_full": 0.0 if mode == "full" else 0.05, "attn_sim": 0.97, "attn_sim_per_layer": [0.99, 0.95],
         "hit_rate": 0.0 if mode == "full" else 0.8, "recompute_frac": 1.0 if mode == "full" else 0.1,
@@ -155,8 +157,9 @@ def test_validator_accepts_extra_result_fields():
     from kvlib.bench.report import RESULT_KEYS, validate_results
 
     row = {k: 0.0 for k in RESULT_KEYS}
-    row.update(mode="rerope", order="given", n=1, ttft_s={"median": 0.1, "p90": 0.2},
-               ttft_parts_s={"load": 0.0, "compose": 0.0, "prefill": 0.1}, attn_sim_per_layer=[1.0],
+    row.update(mode="rerope+sink", spec=parse_mode("rerope").as_dict(), order="given", n=1,
+               ttft_s={"median": 0.1, "p90": 0.2}, ttft_parts_s={"load": 0.0, "compose": 0.0, "repair": 0.0,
+                                                               "prefill": 0.1}, attn_sim_per_layer=[1.0],
                answers=["x"])
     settings = {k: "x" for k in ("model", "fingerprint", "dtype", "device", "torch", "hardware", "data", "date")}
     settings.update(n=1, ctxs=None, seed=0)
@@ -164,11 +167,14 @@ def test_validator_accepts_extra_result_fields():
 
 
 def test_mode_grammar_joins_repair_selectors():
-    from kvlib.bench.modes import split_mode
+    from kvlib.engine.spec import parse_mode
 
-    spec = split_mode("rerope+sink+boundary:8+query:0.05")
+    spec = parse_mode("rerope+sink+boundary:8+query:0.05")
     assert (spec.base, spec.encoding, spec.repair) == ("rerope", "sink", "boundary:8+query:0.05")
-    assert split_mode("rerope+boundary:8").encoding == "bare"
+    assert parse_mode("rerope+boundary:8") == spec.__class__("rerope", "sink", "boundary:8"), "sink is the default"
+    assert parse_mode("rerope+bare+boundary:8").encoding == "bare"
+    assert parse_mode("rerope", "auto") == parse_mode("rerope+sink+auto"), "--repair appends to --mode"
+    assert parse_mode("full").name == "full" and parse_mode("naive").name == "naive+sink"
 
 
 def _row(mode, ttft, kl, order="given"):
@@ -179,16 +185,16 @@ def _row(mode, ttft, kl, order="given"):
 def test_pareto_gap_closed_flags_and_best_within_by_hand():
     from kvlib.bench.pareto import best_within, pareto_findings, pareto_rows
 
-    results = [_row("full", 4.0, 0.0), _row("rerope", 0.2, 0.5), _row("rerope+sink", 0.2, 0.4),
+    results = [_row("full", 4.0, 0.0), _row("rerope+bare", 0.2, 0.5), _row("rerope+sink", 0.2, 0.4),
                _row("rerope+sink+boundary:16", 0.8, 0.2), _row("rerope+sink+blend:0.3", 2.0, 0.1),
                _row("rerope+sink+query:0.1", 1.0, 0.3), _row("full", 9.0, 0.0, order="shuffled")]
     rows = {r["mode"]: r for r in pareto_rows(results)}
     assert len(rows) == 6 and rows["full"]["speedup"] == 1.0
     b16 = rows["rerope+sink+boundary:16"]
     assert b16["speedup"] == pytest.approx(5.0)
-    assert b16["gap_closed"]["rerope"] == pytest.approx(0.6) and b16["gap_closed"]["rerope+sink"] == pytest.approx(0.5)
+    assert b16["gap_closed"]["rerope+bare"] == pytest.approx(0.6) and b16["gap_closed"]["rerope+sink"] == pytest.approx(0.5)
     # query:0.1 is slower and further from full than boundary:16; rerope ties sink on TTFT but is worse
-    assert [m for m, r in rows.items() if not r["pareto"]] == ["rerope", "rerope+sink+query:0.1"]
+    assert [m for m, r in rows.items() if not r["pareto"]] == ["rerope+bare", "rerope+sink+query:0.1"]
     assert best_within(list(rows.values()), 4.0)["mode"] == "rerope+sink+boundary:16"
     assert best_within(list(rows.values()), 1.5)["mode"] == "rerope+sink+blend:0.3"
     assert "60%" in pareto_findings(list(rows.values()))[0]

@@ -16,7 +16,7 @@ TOL = dict(atol=1e-4, rtol=1e-4)
 def logits_for(lm, ctx, chunks, q, mode, repair=None):
     composed = compose(lm, ctx, chunks, mode)
     if repair:
-        parse_repair(repair)(None if lm is None else type("E", (), {"lm": lm})(), composed, chunks, q)
+        parse_repair(repair)(lm, composed, chunks, q)
     out, _, _ = prefill(lm, composed, q, logits="all")
     return out.logits[-len(q):]
 
@@ -76,7 +76,7 @@ def test_auto_spends_less_than_everything_at_its_default_target():
 
     lm, ctx, chunks, q = setup("llama")
     composed = compose(lm, ctx, chunks, "rerope")
-    n = parse_repair("auto")(type("E", (), {"lm": lm})(), composed, chunks, q)
+    n = parse_repair("auto")(lm, composed, chunks, q).numel()
     later = sum(c.n_tokens for c in chunks[1:])
     assert 0 < n < later, f"auto recomputed {n} of {later} drifting tokens"
 
@@ -94,8 +94,7 @@ def test_drift_score_is_zero_alone_and_positive_behind_a_neighbour():
 def test_union_recomputes_each_slot_once():
     """boundary:4+query:r picks the union: never more than the two apart, never fewer than either."""
     lm, ctx, chunks, q = setup("llama")
-    engine = type("E", (), {"lm": lm})()
-    count = lambda name: parse_repair(name)(engine, compose(lm, ctx, chunks, "rerope"), chunks, q)  # noqa: E731
+    count = lambda name: parse_repair(name)(lm, compose(lm, ctx, chunks, "rerope"), chunks, q).numel()  # noqa: E731
     b, qr, both = count("boundary:4"), count("query:0.2"), count("boundary:4+query:0.2")
     assert max(b, qr) <= both <= b + qr and b == 8  # 4 tokens of each chunk but the first
 
@@ -170,5 +169,5 @@ def test_auto_spends_nothing_on_a_chunk_whose_stored_drift_is_zero():
     lm, ctx, chunks, q = setup("llama")
     chunks = [chunks[0], replace(chunks[1], drift=0.0), replace(chunks[2], drift=1.0)]
     composed = compose(lm, ctx, chunks, "rerope")
-    n = parse_repair("auto:1.0")(type("E", (), {"lm": lm})(), composed, chunks, q)
+    n = parse_repair("auto:1.0")(lm, composed, chunks, q).numel()
     assert n == chunks[2].n_tokens, f"auto recomputed {n}; only the drifting last chunk's {chunks[2].n_tokens} tokens"

@@ -8,14 +8,15 @@ import pytest
 import torch
 
 from kvlib.engine.doctor import SAMPLE_QUESTION, SAMPLE_TEXT
+from kvlib.engine.spec import parse_mode
 
 pytestmark = pytest.mark.slow
 
 
 def test_rerope_single_chunk_greedy_equals_full(smol_engine):
     chunk = smol_engine.encode(smol_engine.tokenize(SAMPLE_TEXT))  # stored form: fp16 KV
-    full = smol_engine.answer([chunk], SAMPLE_QUESTION, mode="full", max_new_tokens=24)
-    rerope = smol_engine.answer([chunk], SAMPLE_QUESTION, mode="rerope", max_new_tokens=24)
+    full = smol_engine.answer(parse_mode("full"), [chunk], SAMPLE_QUESTION, max_new_tokens=24)
+    rerope = smol_engine.answer(parse_mode("rerope"), [chunk], SAMPLE_QUESTION, max_new_tokens=24)
     assert len(full.token_ids) > 0, "full recompute produced no tokens"
     assert rerope.token_ids == full.token_ids, (
         f"rerope answer {smol_engine.decode(rerope.token_ids)!r} != full {smol_engine.decode(full.token_ids)!r}")
@@ -25,7 +26,7 @@ def test_naive_second_chunk_differs_from_rerope(smol_engine):
     """The second chunk sits at a nonzero offset: keeping its encoding positions must show."""
     ids = smol_engine.tokenize(SAMPLE_TEXT)
     chunks = [smol_engine.encode(ids[: len(ids) // 2]), smol_engine.encode(ids[len(ids) // 2 :])]
-    logits = {m: smol_engine.answer(chunks, SAMPLE_QUESTION, mode=m, max_new_tokens=1).first_logits
+    logits = {m: smol_engine.answer(parse_mode(m), chunks, SAMPLE_QUESTION, max_new_tokens=1).first_logits
               for m in ("naive", "rerope")}
     gap = (logits["naive"] - logits["rerope"]).abs().max().item()
     assert gap > 1e-2, f"naive and rerope logits agree to {gap:.2e}: positions are not being applied"

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from rag_helpers import ingest
+from kvlib.engine.spec import parse_mode
 from kvlib.rag.query import QueryRunner
 from kvlib.store import Library
 from kvlib.store.keys import ChunkKey
@@ -22,8 +23,7 @@ pytestmark = pytest.mark.slow
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 MODEL_NAME = "SmolLM2-135M-Instruct"
-MAX_NEW = 12
-STAGES = ("retrieval", "load", "compose", "prefill")
+STAGES = ("retrieval", "load", "compose", "repair", "prefill")
 
 
 def corpus_questions(n: int) -> list[str]:
@@ -40,9 +40,11 @@ def query_json(kvlib_cli, home: Path, question: str, *args) -> dict:
 
 
 def assert_answer_schema(out: dict, mode: str, k: int) -> None:
-    required = {"answer", "mode", "ttft_s", "timings", "sources", "cached_tokens", "computed_tokens", "model"}
+    required = {"answer", "mode", "spec", "ttft_s", "timings", "sources", "tokens", "model"}
     assert required <= set(out), f"missing fields {required - set(out)}"
-    assert isinstance(out["answer"], str) and out["mode"] == mode and out["model"] == MODEL_NAME
+    assert isinstance(out["answer"], str) and out["model"] == MODEL_NAME
+    spec = parse_mode(mode)
+    assert out["mode"] == spec.name and out["spec"] == spec.as_dict(), (out["mode"], out["spec"])
     assert set(STAGES) <= set(out["timings"]), out["timings"]
     assert all(isinstance(out["timings"][s], float) and out["timings"][s] >= 0 for s in STAGES), out["timings"]
     # The stages split TTFT exactly (prefill is defined as what the others leave).
@@ -53,7 +55,8 @@ def assert_answer_schema(out: dict, mode: str, k: int) -> None:
         assert Path(source["doc"]).is_relative_to(CORPUS), source
         assert len(source["key"]) == 64 and int(source["key"], 16) >= 0, source
         assert isinstance(source["score"], float) and -1.0 <= source["score"] <= 1.0, source
-    assert isinstance(out["cached_tokens"], int) and isinstance(out["computed_tokens"], int)
+    assert set(out["tokens"]) == {"cached", "recomputed", "computed"}
+    assert all(isinstance(v, int) and v >= 0 for v in out["tokens"].values()), out["tokens"]
 
 
 # -- query --json -------------------------------------------------------------------
@@ -71,9 +74,9 @@ def test_query_json_rerope_with_one_chunk_equals_full(question, ingested_home, s
 
     suffix = len(smol_engine.suffix_ids(question))
     # rerope: every context token served from the library, only the question computed.
-    assert rerope["computed_tokens"] == suffix and rerope["cached_tokens"] > 0, rerope
+    assert rerope["tokens"]["computed"] == suffix and rerope["tokens"]["cached"] > 0, rerope
     # full: the very same ids, all computed.
-    assert full["cached_tokens"] == 0 and full["computed_tokens"] == rerope["cached_tokens"] + suffix, full
+    assert full["tokens"] == {"cached": 0, "recomputed": 0, "computed": rerope["tokens"]["cached"] + suffix}, full
     # One chunk right behind the encoding context is exact composition (DESIGN invariant 2).
     assert rerope["answer"], "empty answer"
     assert rerope["answer"] == full["answer"], f"rerope {rerope['answer']!r} != full {full['answer']!r}"
@@ -162,8 +165,8 @@ def test_damaged_chunk_is_encoded_on_the_spot(damage, small_home, smol_stack, sm
     assert_answer_schema_local(out)
     assert out["sources"][0]["key"] == hit.chunk_key
     suffix = len(smol_engine.suffix_ids(DAMAGE_QUESTION))
-    assert out["computed_tokens"] == suffix + n_tokens > suffix, out
-    assert out["cached_tokens"] == smol_engine.context.n_tokens, "only the encoding context came from cache"
+    assert out["tokens"]["computed"] == suffix + n_tokens > suffix, out
+    assert out["tokens"]["cached"] == smol_engine.context.n_tokens, "only the encoding context came from cache"
     if damage == "blob corrupt":
         assert any("corrupt" in w for w in out["warnings"]), out["warnings"]
     elif damage == "blob and row gone (gc)":
@@ -173,14 +176,13 @@ def test_damaged_chunk_is_encoded_on_the_spot(damage, small_home, smol_stack, sm
         assert library.has(hit.chunk_key) and library.verify() == []
 
     again = query_json(kvlib_cli, small_home, DAMAGE_QUESTION, "--k", 1)
-    assert again["computed_tokens"] == suffix and again["warnings"] == [], "the stored copy must now be served"
+    assert again["tokens"]["computed"] == suffix and again["warnings"] == [], "the stored copy must now be served"
     assert again["answer"] == out["answer"]
 
 
 def assert_answer_schema_local(out: dict) -> None:
     """Small homes hold documents outside examples/corpus: check everything but the source path."""
-    assert {"answer", "mode", "ttft_s", "timings", "sources", "cached_tokens", "computed_tokens", "model",
-            "warnings"} <= set(out)
+    assert {"answer", "mode", "spec", "ttft_s", "timings", "sources", "tokens", "model", "warnings"} <= set(out)
     assert set(STAGES) <= set(out["timings"]) and out["model"] == MODEL_NAME
 
 

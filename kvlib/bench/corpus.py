@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from kvlib.bench.data import LoadResult, Passage, QARecord
+from kvlib.config import PUBLIC
 from kvlib.errors import InputError
 
 
@@ -28,7 +29,7 @@ def example_records(stack, *, k: int, limit: int | None, progress=None) -> LoadR
     records = []
     for i, line in enumerate(questions.read_text().splitlines()[:limit]):
         q = json.loads(line)
-        hits = stack.index.search(stack.embedder.embed_query(q["question"]), k, "public")
+        hits = stack.index.search(stack.embedder.embed_query(q["question"]), k, PUBLIC)
         records.append(QARecord(id=f"example-{i + 1}", question=q["question"], answers=tuple(q["answers"]),
                                 passages=tuple(Passage("", h.text) for h in hits)))
     return LoadResult(records=records, form="examples", skipped=[])

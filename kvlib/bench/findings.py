@@ -4,7 +4,11 @@ from __future__ import annotations
 
 
 def _row(results: list, mode: str, order: str):
-    return next((r for r in results if r["mode"] == mode and r["order"] == order), None)
+    """The row of `mode` (any name that resolves to the same spec) and order."""
+    from kvlib.engine.spec import parse_mode
+
+    name = parse_mode(mode).name
+    return next((r for r in results if parse_mode(r["mode"]).name == name and r["order"] == order), None)
 
 
 def speed_findings(results: list, order: str) -> list[str]:
@@ -28,7 +32,7 @@ def reuse_findings(results: list) -> list[str]:
         if lib and pre:
             out.append(f"[{order}] the library served {lib['hit_rate']:.0%} of context tokens from cache; "
                        f"exact prefix caching served {pre['hit_rate']:.0%}.")
-    for suffix in ("", "+sink", "+lead"):
+    for suffix in ("+bare", "+sink", "+lead"):
         naive, rerope = _row(results, "naive" + suffix, "given"), _row(results, "rerope" + suffix, "given")
         if naive and rerope:
             below = rerope["kl_to_full"] < naive["kl_to_full"]

@@ -43,7 +43,7 @@ def prefill_alone(engine, ids) -> None:
 
 def corpus_chunks(engine, paths: list[Path], chunk_tokens: int) -> list[list]:
     """Each readable document's chunks, as ingest makes them."""
-    from kvlib.rag.ingest import chunk_document
+    from kvlib.retrieve.chunker import chunk_document
     from kvlib.retrieve.sources import iter_sources
 
     docs, _ = iter_sources(paths)
@@ -51,7 +51,7 @@ def corpus_chunks(engine, paths: list[Path], chunk_tokens: int) -> list[list]:
     chunked = []
     for doc in docs:
         # A chunk another document already stored is deduplicated by ingest, never encoded.
-        chunks = [c for c in chunk_document(engine, doc.text, chunk_tokens) if tuple(c.token_ids) not in seen]
+        chunks = [c for c in chunk_document(doc.text, engine.lm.tokenizer, chunk_tokens) if tuple(c.token_ids) not in seen]
         seen.update(tuple(c.token_ids) for c in chunks)
         chunked.append(chunks)
     if not any(chunked):

@@ -2,8 +2,9 @@
 
 Design facts:
 - `full` has KL 0 by definition, so the KL gap a mode closes is 1 - KL(mode) / KL(base),
-  against two bases: `rerope` (keys rotated, chunks encoded bare) and `rerope+sink`
-  (the library default encoding). A base missing from the run gives None.
+  against two bases: `rerope+bare` (keys rotated, chunks encoded bare) and `rerope+sink`
+  (the library default encoding). A base missing from the run gives None. Rows are
+  named by their resolved spec's canonical name (spec.py).
 - A mode is Pareto-optimal when no other mode of the same order is at least as fast
   (median TTFT) and strictly closer to full (KL), or strictly faster and as close.
 - `best_within(rows, min_speedup)` is the mode closing the most gap while staying at
@@ -16,7 +17,7 @@ Design facts:
 
 from __future__ import annotations
 
-BASES = ("rerope", "rerope+sink")
+BASES = ("rerope+bare", "rerope+sink")
 
 
 def pareto_rows(results: list[dict], order: str = "given") -> list[dict]:
@@ -38,7 +39,7 @@ def pareto_rows(results: list[dict], order: str = "given") -> list[dict]:
     return sorted(out, key=lambda x: x["ttft_s"])
 
 
-def best_within(rows: list[dict], min_speedup: float, base: str = "rerope") -> dict | None:
+def best_within(rows: list[dict], min_speedup: float, base: str = "rerope+bare") -> dict | None:
     """The row closing the largest share of `base`'s KL gap at >= min_speedup x faster than full."""
     ok = [r for r in rows if r["mode"] != "full" and r["speedup"] >= min_speedup
           and r["gap_closed"].get(base) is not None]
@@ -47,13 +48,13 @@ def best_within(rows: list[dict], min_speedup: float, base: str = "rerope") -> d
 
 def pareto_markdown(rows: list[dict]) -> list[str]:
     head = ["mode", "TTFT ms", "speedup", "KL to full", "gold NLL", "F1", "recomputed",
-            "gap closed vs rerope", "vs rerope+sink", "Pareto"]
+            "gap closed vs rerope+bare", "vs rerope+sink", "Pareto"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join([":---"] + ["---:"] * (len(head) - 2) + [":---:"]) + "|"]
     pct = lambda v: "" if v is None else f"{v:.0%}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['mode']} | {r['ttft_s'] * 1000:.0f} | {r['speedup']:.1f}x | {r['kl']:.3f} | "
                      f"{r['nll']:.3f} | {r['f1']:.3f} | {r['recompute_frac']:.1%} | "
-                     f"{pct(r['gap_closed']['rerope'])} | {pct(r['gap_closed']['rerope+sink'])} | "
+                     f"{pct(r['gap_closed']['rerope+bare'])} | {pct(r['gap_closed']['rerope+sink'])} | "
                      f"{'yes' if r['pareto'] else ''} |")
     return lines
 
@@ -75,13 +76,12 @@ FIXED = ("boundary", "blend")
 
 def _family(mode: str) -> tuple[str, str] | None:
     """('rerope+sink', 'boundary') for 'rerope+sink+boundary:16'; None for no or a '+'-joined repair."""
-    from kvlib.bench.modes import split_mode
+    from kvlib.engine.spec import parse_mode
 
-    spec = split_mode(mode)
+    spec = parse_mode(mode)
     if not spec.repair or "+" in spec.repair:
         return None
-    prefix = spec.base + ("" if spec.encoding == "bare" else f"+{spec.encoding}")
-    return prefix, spec.repair.partition(":")[0]
+    return f"{spec.base}+{spec.encoding}", spec.repair.partition(":")[0]
 
 
 def _mean_ttft(row: dict) -> float:

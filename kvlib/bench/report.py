@@ -27,11 +27,12 @@ SETTINGS_KEYS = (
     "model", "fingerprint", "dtype", "device", "torch", "hardware", "data", "n", "ctxs", "seed", "date",
 )
 RESULT_KEYS = (
-    "mode", "order", "n", "ttft_s", "ttft_parts_s", "decode_tok_s", "qps", "f1", "em", "nll", "ppl",
+    "mode", "spec", "order", "n", "ttft_s", "ttft_parts_s", "decode_tok_s", "qps", "f1", "em", "nll", "ppl",
     "kl_to_full", "attn_sim", "attn_sim_per_layer", "hit_rate", "recompute_frac", "kv_bytes_read",
 )
 TTFT_KEYS = ("median", "p90")
-TTFT_PART_KEYS = ("load", "compose", "prefill")
+TTFT_PART_KEYS = ("load", "compose", "repair", "prefill")
+SPEC_KEYS = ("base", "encoding", "repair")
 _NUMBER_KEYS = (
     "decode_tok_s", "qps", "f1", "em", "nll", "ppl", "kl_to_full", "attn_sim", "hit_rate",
     "recompute_frac", "kv_bytes_read",
@@ -55,6 +56,7 @@ def _validate_row(row: Any, where: str) -> None:
     for key in ("mode", "order"):
         if not isinstance(row[key], str) or not row[key]:
             raise ValueError(f"{where}.{key} must be a non-empty string")
+    _require_keys(row["spec"], SPEC_KEYS, f"{where}.spec", extra_ok=False)
     if not isinstance(row["n"], int) or isinstance(row["n"], bool):
         raise ValueError(f"{where}.n must be an integer")
     _require_keys(row["ttft_s"], TTFT_KEYS, f"{where}.ttft_s", extra_ok=True)
@@ -126,7 +128,7 @@ _COLUMNS: tuple[tuple[str, Callable[[dict, dict], str]], ...] = (
     ("TTFT ms (p50)", lambda r, _: _fmt(r["ttft_s"]["median"], ".1f", 1e3)),
     ("TTFT ms (p90)", lambda r, _: _fmt(r["ttft_s"]["p90"], ".1f", 1e3)),
     ("speedup vs full", lambda r, full: _speedup(r, full)),
-    ("load/compose/prefill ms", lambda r, _: "/".join(
+    ("load/compose/repair/prefill ms", lambda r, _: "/".join(
         _fmt(r["ttft_parts_s"][k], ".1f", 1e3) for k in TTFT_PART_KEYS)),
     ("decode tok/s", lambda r, _: _fmt(r["decode_tok_s"], ".1f")),
     ("qps", lambda r, _: _fmt(r["qps"], ".2f")),

@@ -2,8 +2,9 @@
 
 Design facts:
 - The library modes read passages' KV from the library, so the passages of the
-  evaluated records are ingested first (public); ingest time and bytes are reported
-  apart from query timings. The prefix cache starts cold and lives across the whole
+  evaluated records are ingested first (public), through the same Ingestor as `kvlib
+  ingest`, once per encoding the modes read; each passage is a document whose chunks
+  follow one another. Ingest time and bytes are reported apart from query timings. The prefix cache starts cold and lives across the whole
   run (all orders), like a serving engine's: its hits depend honestly on order.
 - `full` runs first on every prompt: it is the reference for KL and attention
   similarity, and is computed even when not asked for (then not reported).
@@ -21,16 +22,27 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from typing import TYPE_CHECKING
+
 from kvlib.bench.data import ORDERS, permute
 from kvlib.bench.metrics import attention_similarity, exact_match, f1, gold_nll, kl_divergence, summarize
-from kvlib.bench.modes import BASE_MODES, ModeRunner, PromptItem, Sample, split_mode
+from kvlib.bench.modes import ModeRunner, PromptItem, Sample
+from kvlib.config import PUBLIC
+from kvlib.engine.spec import ModeSpec, parse_mode, parse_modes
 from kvlib.errors import InputError
-from kvlib.retrieve.chunker import chunk_text
+from kvlib.rag.ingest import IngestReport, Ingestor, Piece
+from kvlib.retrieve.chunker import chunk_passage
+
+if TYPE_CHECKING:
+    from kvlib.engine.session import Engine
+    from kvlib.store.library import Library
+
+FULL = parse_mode("full")
 
 
 @dataclass
 class BenchConfig:
-    modes: list
+    modes: list  # [ModeSpec]
     orders: list
     seed: int = 0
     max_new_tokens: int = 12
@@ -39,14 +51,9 @@ class BenchConfig:
     ctxs: int | None = None
 
 
-def expand_modes(spec: str, repair_modes: tuple = ()) -> list[str]:
-    """'all' or a comma list; 'full' is always measured first."""
-    modes = list(BASE_MODES) + list(repair_modes) if spec == "all" else [m.strip() for m in spec.split(",") if m.strip()]
-    if not modes:
-        raise InputError("no modes given")
-    for mode in modes:  # fail before any work on a typo
-        split_mode(mode)
-    return sorted(set(modes), key=modes.index)
+def expand_modes(text: str) -> list[ModeSpec]:
+    """'all' or a comma list of mode names, resolved (spec.py); 'full' is always measured first."""
+    return parse_modes(text)
 
 
 def expand_orders(spec: str) -> list[str]:
@@ -68,76 +75,43 @@ class Prepared:
 
 
 class BenchRunner:
-    def __init__(self, engine, library, config: BenchConfig, repairs=None):
+    def __init__(self, engine: "Engine", library: "Library", config: BenchConfig):
         self.engine, self.library, self.config = engine, library, config
-        self.modes = ModeRunner(engine, library, max_new_tokens=config.max_new_tokens, repairs=repairs)
+        self.modes = ModeRunner(engine, library, max_new_tokens=config.max_new_tokens)
         self.first_reads: dict = {}  # encoding -> seconds to read one prompt's chunks the first time
-        self.neighbours: dict = {}  # chunk ids -> the chunk before it in its passage (None: first)
-        self.drift_scores: dict = {}  # chunk ids -> drift score, computed once for all encodings
 
-    def passage_chunks(self, passage) -> list[list[int]]:
+    def passage_chunks(self, passage) -> list[tuple[int, ...]]:
         text = f"{passage.title}\n{passage.text}" if passage.title else passage.text
-        ids = self.engine.tokenize(text)
-        if len(ids) <= self.config.chunk_tokens:
-            return [ids]
-        return [list(c.token_ids) for c in chunk_text(text, self.engine.lm.tokenizer, self.config.chunk_tokens)]
+        return chunk_passage(text, self.engine.lm.tokenizer, self.config.chunk_tokens)
 
     def encodings(self) -> list[str]:
-        specs = [split_mode(m) for m in self.config.modes]
-        return sorted({s.encoding for s in specs if s.base in ("naive", "rerope")})
+        return sorted({s.encoding for s in self.config.modes if s.reads_library})
 
     def prepare(self, records, progress=None) -> Prepared:
         """Tokenize every passage and ingest, per needed encoding, the chunks the library lacks."""
-        lm, prep, todo = self.engine.lm, Prepared(), {}
+        lm, prep = self.engine.lm, Prepared()
         self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+        ingestors = {enc: Ingestor(self.engine, self.library, tenant=PUBLIC, public=True, encoding=enc)
+                     for enc in self.encodings()}
+        pieces: list[Piece] = []
         for rec in records:
             groups = []
             for p in rec.passages:
-                group = []
-                pieces = self.passage_chunks(p)
-                for before, ids in zip([None] + pieces[:-1], pieces):
-                    self.neighbours.setdefault(tuple(ids), before)
-                    keys = {}
-                    for enc in self.encodings():
-                        keys[enc] = self.library.key_for(tenant="public", public=True, model_fp=lm.fingerprint,
-                                                         context_id=self.engine.context_id_for(enc), token_ids=ids)
-                        if (enc, keys[enc].hex) not in todo and not self.library.has(keys[enc]):
-                            todo[(enc, keys[enc].hex)] = ids
-                    group.append((ids, keys))
+                group, before = [], None
+                for ids in self.passage_chunks(p):
+                    before = Piece(ids, self.engine.decode(ids), before)
+                    pieces.append(before)
+                    group.append((list(ids), {enc: ing.key_of(ids) for enc, ing in ingestors.items()}))
                 groups.append(group)
             prep.passages[rec.id] = groups
         t0 = time.perf_counter()
-        for enc in self.encodings():
-            self._ingest([ids for (e, _), ids in todo.items() if e == enc], enc, prep, progress)
+        for enc, ingestor in ingestors.items():
+            report = IngestReport()
+            ingestor.store_pieces(pieces, report, BenchIngestProgress(progress, f"ingest {enc}", pieces))
+            prep.ingest_bytes += report.bytes_written
+            prep.ingest_new_chunks += report.chunks_new
         prep.ingest_s = time.perf_counter() - t0
         return prep
-
-    def _ingest(self, todo: list, encoding: str, prep: Prepared, progress) -> None:
-        lm, batch = self.engine.lm, 32
-        if progress and todo:
-            progress(f"ingest {encoding}", 0, len(todo))
-        for start in range(0, len(todo), batch):
-            part = todo[start : start + batch]
-            for ids, kv in zip(part, self.engine.encode_many(part, encoding=encoding)):
-                r = self.library.put(tenant="public", public=True, model_fp=lm.fingerprint,
-                                     context_id=self.engine.context_id_for(encoding), token_ids=ids,
-                                     k_sem=kv.k_sem, v=kv.v,
-                                     text_preview=self.engine.decode(ids), drift_score=self.drift_of(ids))
-                prep.ingest_bytes += r.bytes if r.new else 0
-                prep.ingest_new_chunks += int(r.new)
-            if progress:
-                progress(f"ingest {encoding}", len(part))
-
-    def drift_of(self, ids: list) -> float:
-        """The chunk's ingest drift score, as `kvlib ingest` measures it, once per content."""
-        from kvlib.engine.drift import drift_score
-
-        key = tuple(ids)
-        if key not in self.drift_scores:
-            before = self.neighbours.get(key)
-            self.drift_scores[key] = drift_score(self.engine.lm, self.engine.context,
-                                                 self.engine.lead if before is None else before, ids=ids)
-        return self.drift_scores[key]
 
     def items(self, records, prep: Prepared, order: str) -> list[PromptItem]:
         out = []
@@ -160,8 +134,8 @@ class BenchRunner:
         for order in self.config.orders:
             for item in self.items(records, prep, order):
                 self.first_read(item)
-                ref = self.modes.run(item, "full")
-                done = [self.modes.run(item, m) if m != "full" else ref for m in self.config.modes]
+                ref = self.modes.run(item, FULL)
+                done = [self.modes.run(item, m) if m != FULL else ref for m in self.config.modes]
                 for mode, s in zip(self.config.modes, done):
                     score_sample(s, ref, item)
                     samples.setdefault((mode, order), []).append((item, s))
@@ -186,7 +160,7 @@ class BenchRunner:
             self.first_reads.setdefault(enc, []).append(time.perf_counter() - t0)
 
     def warm_up(self, items) -> None:
-        for mode in ["full"] + self.config.modes:
+        for mode in [FULL] + self.config.modes:
             self.modes.run(items[0], mode)
         self.modes.prefix.clear()  # the measured run starts with a cold prefix cache
 
@@ -203,6 +177,19 @@ class BenchRunner:
                 "ingest_s": prep.ingest_s, "ingest_bytes": prep.ingest_bytes,
                 "ingest_new_chunks": prep.ingest_new_chunks,
                 "first_read_load_s": {enc: statistics.median(v) for enc, v in self.first_reads.items()}}
+
+
+class BenchIngestProgress:
+    """Ingest progress as the bench's `progress(stage, n, total)` lines."""
+
+    def __init__(self, progress, stage: str, pieces: list):
+        self.progress, self.stage = progress, stage
+        if progress:
+            progress(stage, 0, len(pieces))
+
+    def chunk_done(self, n_tokens: int, new: bool) -> None:
+        if self.progress:
+            self.progress(self.stage, 1)
 
 
 def hardware_name(device) -> str:
@@ -227,7 +214,7 @@ def score_sample(s: Sample, ref: Sample, item: PromptItem) -> None:
         s.sim = attention_similarity(s.attn, ref.attn)
 
 
-def aggregate(mode: str, order: str, rows: list, engine) -> dict:
+def aggregate(spec: ModeSpec, order: str, rows: list, engine) -> dict:
     """Per (mode, order): medians for speed, means for quality, sums for reuse."""
     samples: list[Sample] = [s for _, s in rows]
     answers = [engine.decode(s.answer_ids).strip() for s in samples]
@@ -239,9 +226,9 @@ def aggregate(mode: str, order: str, rows: list, engine) -> dict:
     ttft = summarize([s.ttft for s in samples])
     mean_nll = statistics.fmean(nlls)
     return {
-        "mode": mode, "order": order, "n": len(samples),
+        "mode": spec.name, "spec": spec.as_dict(), "order": order, "n": len(samples),
         "ttft_s": {"median": ttft["median"], "p90": ttft["p90"], "mean": ttft["mean"]},
-        "ttft_parts_s": {k: statistics.median(s.parts[k] for s in samples) for k in ("load", "compose", "prefill")},
+        "ttft_parts_s": {k: statistics.median(s.parts[k] for s in samples) for k in ("load", "compose", "repair", "prefill")},
         "decode_tok_s": statistics.median(s.decode_tok_s for s in samples),
         "qps": len(samples) / sum(s.latency for s in samples),
         "f1": statistics.fmean(f1(a, item.golds) for a, (item, _) in zip(answers, rows)),

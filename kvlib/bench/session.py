@@ -43,16 +43,15 @@ def run_map(*, data: str, limit, seed: int, max_new_tokens: int, out: Path, home
 
 def run_bench(*, data: str, modes: str, order: str, limit, ctxs, seed: int, max_new_tokens: int, out: Path,
               home: Path, model=None, dtype=None, progress=None, engine=None) -> dict:
-    from kvlib.engine.repair import REPAIR_MODES, repair_registry
     from kvlib.rag.stack import open_stack
 
-    mode_list, orders = expand_modes(modes, REPAIR_MODES), expand_orders(order)
+    mode_list, orders = expand_modes(modes), expand_orders(order)
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
     try:
         loaded = load_data(data, stack, limit=limit, ctxs=ctxs, seed=seed, progress=progress)
         config = BenchConfig(modes=mode_list, orders=orders, seed=seed, max_new_tokens=max_new_tokens,
                              data=str(data), ctxs=ctxs)
-        runner = BenchRunner(stack.engine, stack.library, config, repairs=repair_registry())
+        runner = BenchRunner(stack.engine, stack.library, config)
         settings, results, _ = runner.run(loaded.records, progress)
     finally:
         stack.close()

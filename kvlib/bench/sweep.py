@@ -20,11 +20,12 @@ from dataclasses import replace
 
 from kvlib.bench.data import QARecord
 from kvlib.bench.runner import BenchConfig, BenchRunner
+from kvlib.engine.spec import parse_modes
 
-AXIS_MODES = ["full", "naive+sink", "rerope+sink"]
-BUDGET_MODES = ["full", "rerope+sink", "rerope+sink+boundary:8", "rerope+sink+boundary:16",
-                "rerope+sink+boundary:32", "rerope+sink+blend:0.15", "rerope+sink+blend:0.3",
-                "rerope+sink+query:0.15", "rerope+sink+auto", "rerope+sink+auto:0.8"]
+AXIS_MODES = "full,naive+sink,rerope+sink"
+BUDGET_MODES = ("full,rerope+sink,rerope+sink+boundary:8,rerope+sink+boundary:16,rerope+sink+boundary:32,"
+                "rerope+sink+blend:0.15,rerope+sink+blend:0.3,rerope+sink+query:0.15,rerope+sink+auto,"
+                "rerope+sink+auto:0.8")
 CHUNK_COUNTS = (1, 2, 4, 8, 16)
 OFFSETS = (0, 512, 1024, 2048, 4096)
 CHUNK_TOKENS = (32, 64, 128, 256)
@@ -61,11 +62,9 @@ def cells(records, approx_tokens_per_passage: int = 130) -> list[tuple[str, obje
 def run_sweep(engine, library, records: list[QARecord], *, seed: int, max_new_tokens: int, progress=None) -> list[dict]:
     rows = []
     for axis, value, recs, over in cells(records):
-        config = BenchConfig(modes=over.get("modes", AXIS_MODES), orders=over.get("orders", ["given"]), seed=seed,
-                             max_new_tokens=max_new_tokens, chunk_tokens=over.get("chunk_tokens", 512))
-        from kvlib.engine.repair import repair_registry
-
-        _, results, _ = BenchRunner(engine, library, config, repairs=repair_registry()).run(recs)
+        config = BenchConfig(modes=parse_modes(over.get("modes", AXIS_MODES)), orders=over.get("orders", ["given"]),
+                             seed=seed, max_new_tokens=max_new_tokens, chunk_tokens=over.get("chunk_tokens", 512))
+        _, results, _ = BenchRunner(engine, library, config).run(recs)
         for r in results:
             rows.append({"axis": axis, "value": value, **{k: r[k] for k in (
                 "mode", "order", "n", "ttft_s", "kl_to_full", "nll", "f1", "em", "attn_sim", "recompute_frac")}})

@@ -17,7 +17,7 @@ from kvlib.errors import KvlibError
 
 def bench(
     data: Annotated[str, typer.Option(help="QA file (ctxs or HotpotQA form; JSON, JSONL, .gz) or 'examples'.")] = "examples",
-    modes: Annotated[str, typer.Option(help="'all' or a comma list: full,prefix,naive,rerope,rerope+<repair>.")] = "all",
+    modes: Annotated[str, typer.Option(help="'all' or a comma list of BASE[+ENCODING][+REPAIR]: full, prefix, naive, rerope (= rerope+sink), rerope+bare, rerope+lead, rerope+auto, ...")] = "all",
     order: Annotated[str, typer.Option(help="Passage order: given, shuffled, reversed or all.")] = "given",
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N usable records.")] = None,
     ctxs: Annotated[Optional[int], typer.Option(min=1, help="Use the first K passages of each record (examples: top-K retrieved, default 4).")] = None,
@@ -32,7 +32,10 @@ def bench(
         "--retrieval", help="Passage pool file: measure recall@k of the records' gold passages instead.")] = None,
     ingest: Annotated[Optional[list[Path]], typer.Option(
         "--ingest", help="Folders/files to ingest: measure ingest throughput against plain prefill instead.")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Interleaved rounds for --ingest (medians).")] = 3,
+    peer: Annotated[Optional[Path], typer.Option(
+        "--peer", help="Peer folder made by `make bench-peer`: time llama.cpp and kvlib on the same ids instead.")] = None,
+    hot_path: Annotated[bool, typer.Option("--hot-path", help="Profile the cached path's TTFT at 1k/4k/8k context against the measured floor instead (mode: --modes, default rerope).")] = False,
+    repeats: Annotated[int, typer.Option(min=1, help="Interleaved rounds for --ingest, timed runs for --hot-path (medians).")] = 3,
     json_out: JsonOpt = False,
 ) -> None:
     """Compare full recompute, prefix caching, naive reuse and re-RoPE (and repairs) on real QA data."""
@@ -42,6 +45,11 @@ def bench(
         return recall(data, retrieval, limit, out, json_out)
     if ingest:
         return ingest_speed(ingest, repeats, out, resolve_home(home), model, dtype, json_out)
+    if peer is not None:
+        return against_peer(peer, repeats, out, resolve_home(home), model, dtype, json_out)
+    if hot_path:
+        return profile_hot_path("rerope" if modes == "all" else modes, repeats, out, resolve_home(home), model,
+                                dtype, json_out)
     log = LogProgress() if not (err_console.is_terminal or json_out) else None
     try:
         with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -67,7 +75,11 @@ def bench(
         raise fail(str(exc))
     if sweep:
         render_map(report, out, json_out)
-        return
+    else:
+        render_bench(report, out, json_out)
+
+
+def render_bench(report: dict, out: Path, json_out: bool) -> None:
     if json_out:
         print_json(report["results_json"])
         return
@@ -79,6 +91,53 @@ def bench(
     for line in report["findings"]:
         console.print(f"- {line}", highlight=False, markup=False)
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
+
+
+def profile_hot_path(mode: str, repeats: int, out: Path, home: Path, model, dtype, json_out: bool) -> None:
+    from kvlib.bench.hot_path import report_lines, run_hot_path, write_hot_path
+    from kvlib.engine.session import Engine
+    from kvlib.engine.spec import parse_mode
+    from kvlib.store.library import Library
+
+    try:
+        spec = parse_mode(mode)
+        engine = Engine.load(model, home, dtype=dtype)
+        with Library(home / "hot-path-scratch") as library, err_console.status("profiling 1k, 4k, 8k contexts"):
+            report = run_hot_path(engine, library, spec=spec, repeats=repeats)
+    except KvlibError as exc:
+        raise fail(str(exc))
+    write_hot_path(out, report)
+    if json_out:
+        print_json(report)
+        return
+    for line in report_lines(report):
+        console.print(line, highlight=False, markup=False)
+    console.print(f"wrote {out / 'hot_path.json'} and {out / 'hot_path.md'}")
+
+
+def against_peer(peer_dir: Path, repeats: int, out: Path, home: Path, model, dtype, json_out: bool) -> None:
+    import json
+
+    from kvlib.bench.peer import report_lines, run_peer
+    from kvlib.engine.session import Engine
+    from kvlib.store.library import Library
+
+    try:
+        require_paths([peer_dir])
+        engine = Engine.load(model, home, dtype=dtype)
+        with Library(home / "peer-scratch") as library, err_console.status("timing llama.cpp and kvlib in turns"):
+            report = run_peer(engine, library, peer_dir, rounds=repeats)
+    except KvlibError as exc:
+        raise fail(str(exc))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "peer.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "peer.md").write_text("\n".join(report_lines(report)) + "\n")
+    if json_out:
+        print_json(report)
+        return
+    for line in report_lines(report):
+        console.print(line, highlight=False, markup=False)
+    console.print(f"wrote {out / 'peer.json'} and {out / 'peer.md'}")
 
 
 def recall(data: str, pool_path: Path, limit: int | None, out: Path, json_out: bool) -> None:

@@ -113,7 +113,7 @@ class Streamer:
 def query(
     question: Annotated[str, typer.Argument(help="The question to answer from the library.")],
     k: Annotated[int, typer.Option("--k", min=1, help="Chunks to retrieve.")] = 4,
-    mode: Annotated[str, typer.Option(help="rerope (rotate cached keys), naive (as encoded), full (recompute).")] = "rerope",
+    mode: Annotated[str, typer.Option(help="BASE[+ENCODING][+REPAIR]: rerope (= rerope+sink: rotate cached keys), naive (as encoded), full, prefix; +bare/+lead read other encodings.")] = "rerope",
     repair: Annotated[Optional[str], typer.Option(help="Repair after composing: boundary:K, query:R, a union (boundary:8+query:0.05), blend:R or auto[:TARGET].")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also run full recompute on the same ids.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length limit.")] = 64,
@@ -128,14 +128,11 @@ def query(
     from kvlib.rag.stack import open_stack
     from kvlib.store.manifest import check_tenant
 
-    if mode not in ("rerope", "naive", "full"):
-        raise fail(f"unknown mode '{mode}'; choose rerope, naive or full")
+    from kvlib.engine.spec import parse_mode
+
     try:
         check_tenant(tenant)
-        if repair:
-            from kvlib.engine.repair import parse_repair
-
-            parse_repair(repair)  # a typo fails before the model loads
+        spec = parse_mode(mode, repair)  # a typo fails before the model loads
         root = resolve_home(home)
         if not (root / "index").is_dir():  # a read command never creates a library (e.g. a mistyped --home)
             raise InputError(f"no indexed documents in {root}: run `kvlib ingest PATH --home {root}` first")
@@ -150,8 +147,8 @@ def query(
         if not hits:
             raise InputError(f"no documents visible to tenant '{tenant}'")
         stream = Streamer(stack.engine, not json_out)
-        main = runner.answer(question, k=k, mode=mode, max_new_tokens=max_new_tokens, on_token=stream, hits=hits,
-                             repair=repair, t0=t0)
+        main = runner.answer(question, k=k, mode=spec, max_new_tokens=max_new_tokens, on_token=stream, hits=hits,
+                             t0=t0)
         # full is charged the same retrieval time, so the TTFT ratio compares like with like
         other = runner.answer(question, k=k, mode="full", max_new_tokens=max_new_tokens, hits=hits,
                               t0=time.perf_counter() - retrieval_s) if compare else None
@@ -179,11 +176,11 @@ def render_answer(main, other) -> None:
     for s in main.sources:
         src.add_row(s["doc"], s["key"][:12], f"{s['score']:.3f}")
     console.print(src)
-    t = main.timings
+    t, n = main.timings, main.tokens
+    stages = " + ".join(f"{k} {t[k] * 1000:.0f}" for k in ("retrieval", "load", "compose", "repair", "prefill"))
     console.print(
-        f"[bold]{main.mode}{'+' + main.repair if main.repair else ''}[/] TTFT {main.ttft_s * 1000:.0f} ms = retrieval {t['retrieval'] * 1000:.0f} + load "
-        f"{t['load'] * 1000:.0f} + compose {t['compose'] * 1000:.0f} + prefill {t['prefill'] * 1000:.0f} ms; "
-        f"decode {main.decode_tok_s:.1f} tok/s; tokens cached {main.cached_tokens}, computed {main.computed_tokens}"
+        f"[bold]{main.mode}[/] TTFT {main.ttft_s * 1000:.0f} ms = {stages} ms; decode {main.decode_tok_s:.1f} tok/s; "
+        f"prompt tokens cached {n['cached']}, recomputed {n['recomputed']}, computed {n['computed']}"
     )
     if other:
         console.print(f"[bold]full[/] answer: {other.answer}", highlight=False)

@@ -4,9 +4,12 @@ Design facts:
 - A chunk is stored as pre-RoPE keys and values computed behind the encoding context E
   (E's own KV dropped). Since RoPE attention depends only on distances, those are the
   same wherever the chunk is placed, so placing it is a rotation, never a recompute.
-- Modes: `full` recomputes everything; `rerope` rotates keys to their real positions;
-  `naive` keeps keys at the positions where they were encoded (|E| ... |E|+T-1), which
-  is what reusing a post-RoPE cache without re-rotation does.
+- Bases (a ModeSpec's `base`, spec.py): `full` recomputes everything; `prefix` reuses the
+  KV of an exact token prefix and prefills the rest; `rerope` rotates keys to their real
+  positions; `naive` keeps keys at the positions where they were encoded (|E| ... |E|+T-1),
+  which is what reusing a post-RoPE cache without re-rotation does.
+- A chunk without KV (`k_sem` None) in a library layout is a miss: its slots are left
+  empty here and computed in context by the engine, attending to everything before them.
 - E's KV is computed once per model and template and reused (a system-prompt cache).
 """
 
@@ -16,11 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlib.engine.forward import KVCache, Packed, forward
+from kvlib.engine.attention import Mask
+from kvlib.engine.cache import KVCache
+from kvlib.engine.forward import forward
 from kvlib.engine.rope import apply_rope
+from kvlib.engine.stages import stage
 from kvlib.errors import KvlibError
 
-MODES = ("full", "naive", "rerope")
+BASES = ("full", "prefix", "naive", "rerope")
 
 
 @dataclass
@@ -32,6 +38,7 @@ class ChunkKV:
     v: torch.Tensor
     encoded_at: int | None = None  # first position at encoding; None = right behind the prompt's E
     drift: float | None = None  # the library's ingest-time drift score, when known
+    fresh: bool = False  # encoded for this request (not served from the library): counted as computed
 
     @property
     def n_tokens(self) -> int:
@@ -52,21 +59,36 @@ class ContextKV:
 
 
 @dataclass
+class PrefixHit:
+    """Exact prefix caching's hit: the rotated KV of the context's first n_tokens, in blocks
+    of [L, Hkv, block, D] (as a serving engine stores them)."""
+
+    n_tokens: int
+    blocks: list  # [(k_rot, v)]
+
+
+@dataclass
 class Composed:
-    """A prompt's KV so far, and the ids still to prefill (all of them in `full` mode)."""
+    """A prompt's context KV so far, and the ids still to prefill (all of them in `full` mode)."""
 
     cache: KVCache
     pending_ids: torch.Tensor  # [P] ids to prefill before the question
     next_pos: int  # rotary position of the first pending (or question) token
     cached_tokens: int  # context tokens served from cache
     spans: list = field(default_factory=list)  # (slot, n_tokens) of each chunk
-    recomputed: int = 0  # context tokens a repair strategy recomputed
     context_ids: torch.Tensor | None = None  # E's ids, so repair can rebuild every slot's id
+    misses: list = field(default_factory=list)  # (slot, chunk index) of chunks without KV, computed in context
 
     @property
-    def pending_pos(self) -> torch.Tensor:
-        n = int(self.pending_ids.shape[0])
-        return torch.arange(self.next_pos, self.next_pos + n)
+    def n_context(self) -> int:
+        """Slots of the whole context [E][chunks], once every pending id is prefilled."""
+        return self.next_pos + int(self.pending_ids.shape[0])
+
+    def rewind(self) -> None:
+        """Back to the end of the context after a prefill and decode: the question and answer
+        slots are forgotten, and nothing is pending (the quality pass starts here)."""
+        self.cache.truncate(self.n_context)
+        self.next_pos, self.pending_ids = self.n_context, torch.zeros(0, dtype=torch.long)
 
 
 def as_ids(ids) -> torch.Tensor:
@@ -107,7 +129,7 @@ def encode_packed(lm, context: ContextKV, chunk_ids: list) -> list[ChunkKV]:
     """Encode several chunks in one forward, each behind E as if alone.
 
     Packing turns many small matmuls into a few large ones (chunks are often under
-    100 tokens); attention runs per chunk (forward.Packed), so every chunk is blind to the
+    100 tokens); attention runs per chunk (a packed Mask), so every chunk is blind to the
     others and the result equals encode_chunk per chunk up to float rounding.
     """
     ids = [as_ids(c) for c in chunk_ids]
@@ -118,7 +140,7 @@ def encode_packed(lm, context: ContextKV, chunk_ids: list) -> list[ChunkKV]:
     cache.append(context.k_rot, context.v)
     pos = torch.cat([torch.arange(n_ctx, n_ctx + n) for n in lengths])
     out = forward(lm, torch.cat(ids), pos, cache, logits="none", keep_kv=True,
-                  mask=Packed(tuple(lengths), n_ctx))
+                  mask=Mask.packed(tuple(lengths), n_ctx))
     k_parts, v_parts = out.k_sem.split(lengths, dim=2), out.v.split(lengths, dim=2)
     return [ChunkKV(token_ids=i, k_sem=k, v=v, encoded_at=n_ctx) for i, k, v in zip(ids, k_parts, v_parts)]
 
@@ -136,20 +158,33 @@ def chunk_positions(context: ContextKV, chunks: list, mode: str) -> list[torch.T
     return out
 
 
-def compose(lm, context: ContextKV, chunks: list, mode: str, *, extra: int = 512) -> Composed:
+def compose(lm, context: ContextKV, chunks: list, base: str, *, extra: int = 512,
+            prefix: PrefixHit | None = None) -> Composed:
     """Lay out [E][chunk 1]...[chunk k]; `extra` slots are reserved for question and answer."""
-    if mode not in MODES:
-        raise KvlibError(f"unknown mode '{mode}'; choose one of {', '.join(MODES)}")
+    if base not in BASES:
+        raise KvlibError(f"unknown mode '{base}'; choose one of {', '.join(BASES)}")
     total = context.n_tokens + sum(c.n_tokens for c in chunks)
-    cache = KVCache.for_model(lm, total + extra)
-    if mode == "full":
+    with stage("assemble"):
+        cache = KVCache.for_model(lm, total + extra)
+    if base in ("full", "prefix"):
         ids = torch.cat([context.token_ids] + [c.token_ids for c in chunks])
-        return Composed(cache=cache, pending_ids=ids, next_pos=0, cached_tokens=0)
-    cache.append(context.k_rot, context.v)
-    spans = []
-    for c, pos in zip(chunks, chunk_positions(context, chunks, mode)):
+        hit = prefix.n_tokens if prefix is not None and base == "prefix" else 0
+        for k, v in prefix.blocks if hit else []:
+            cache.append(k, v)
+        return Composed(cache=cache, pending_ids=ids[hit:], next_pos=hit, cached_tokens=hit)
+    with stage("assemble"):
+        cache.append(context.k_rot, context.v)
+    spans, misses, cached = [], [], context.n_tokens
+    for i, (c, pos) in enumerate(zip(chunks, chunk_positions(context, chunks, base))):
         spans.append((cache.length, c.n_tokens))
-        k_sem = c.k_sem.to(device=lm.device, dtype=lm.dtype)
-        cache.append(apply_rope(k_sem, pos, lm.rope), c.v.to(device=lm.device, dtype=lm.dtype))
+        if c.k_sem is None:  # a miss: its slots are filled when it is computed in context
+            misses.append((cache.length, i))
+            cache.commit(cache.length + c.n_tokens)
+            continue
+        cached += c.n_tokens
+        with stage("rotate"):
+            k_rot = apply_rope(c.k_sem.to(device=lm.device, dtype=lm.dtype), pos, lm.rope)
+        with stage("assemble"):
+            cache.append(k_rot, c.v.to(device=lm.device, dtype=lm.dtype))
     return Composed(cache=cache, pending_ids=torch.zeros(0, dtype=torch.long), next_pos=total,
-                    cached_tokens=total, spans=spans, context_ids=context.token_ids)
+                    cached_tokens=cached, spans=spans, context_ids=context.token_ids, misses=misses)

@@ -6,7 +6,8 @@ Design facts:
   magnitude ~30, positions up to a few thousand), yet a one-position error moves
   logits by whole units and fails them.
 - The TTFT bench keeps chunk KV in memory, so it measures compute only: `full`
-  prefills every token; `rerope` rotates cached keys and prefills the question.
+  prefills every token; `rerope` rotates cached keys and prefills the question. Both go
+  through Engine.answer, the pipeline every command uses.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvlib.engine.compose import compose, encode_chunk
-from kvlib.engine.generate import generate, prefill
+from kvlib.engine.generate import prefill
 from kvlib.engine.rope import apply_rope, unapply_rope
 from kvlib.engine.session import Engine, sync
+from kvlib.engine.spec import parse_mode
 
 SAMPLE_TEXT = (
     "The Varnholm lighthouse was first lit in 1874 by keeper Ansel Brook, who kept a diary of every "
@@ -94,8 +96,7 @@ def synthetic_chunks(engine: Engine, n_chunks: int, chunk_tokens: int) -> list:
 def time_ttft(engine: Engine, chunks, mode: str, suffix) -> float:
     sync(engine.lm)
     t0 = time.perf_counter()
-    composed = compose(engine.lm, engine.context, chunks, mode, extra=len(suffix) + 2)
-    generate(engine.lm, composed, suffix, max_new_tokens=1, stop=engine.stop, t0=t0)
+    engine.answer(parse_mode(mode), chunks, suffix_ids=suffix, max_new_tokens=1, t0=t0)
     sync(engine.lm)
     return time.perf_counter() - t0
 

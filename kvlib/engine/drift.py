@@ -11,7 +11,7 @@ Design facts:
   attention.
 - Only the head's HEAD_TOKENS are computed (the neighbour's KV is read, not recomputed), so a
   score costs about 2 x 64 / (L x T) of an encode, and a document's heads run in one packed
-  forward, each behind its own neighbour (forward.Packed with own pasts). Without stored KV
+  forward, each behind its own neighbour (a packed Mask with own pasts). Without stored KV
   (ids only) the neighbour's first two layers are computed here behind E instead, which
   gives the same KV.
 - The neighbour at ingest is the previous chunk of the same document; a document's first
@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import torch
 
+from kvlib.engine.attention import Mask
+from kvlib.engine.cache import KVCache
 from kvlib.engine.compose import ChunkKV, ContextKV, as_ids
-from kvlib.engine.forward import KVCache, Packed, causal_mask, embed, run_layer
+from kvlib.engine.forward import embed, run_layers
 from kvlib.engine.rope import apply_rope
 from kvlib.errors import KvlibError
 
@@ -39,22 +41,17 @@ def layers_behind(lm, past_k_rot, past_v, ids, n_layers: int = DRIFT_LAYERS, mas
     """k_sem, v [n_layers, Hkv, T, D] of `ids` run through the first n_layers behind a rotated past.
 
     past_k_rot, past_v: [>= n_layers, Hkv, P, D]. By default the ids take positions
-    P .. P+T-1 behind the whole past; a forward.Packed mask (with its positions) packs
-    several sequences instead.
+    P .. P+T-1 behind the whole past; a packed Mask (with its positions) packs several
+    sequences instead.
     """
     ids = as_ids(ids)
     p = int(past_k_rot.shape[2])
     cache = KVCache.for_model(lm, p + ids.shape[0], n_layers=n_layers)
-    cache.append(past_k_rot[:n_layers], past_v[:n_layers])
-    pos = (torch.arange(p, p + ids.shape[0]) if positions is None else positions).to(lm.device)
-    h = embed(lm, ids)
-    mask = causal_mask(ids.shape[0], p, lm.device) if mask is None else mask
-    ks, vs = [], []
-    for i in range(n_layers):
-        h, k_sem, v, _ = run_layer(lm, i, h, pos, cache, p, mask)
-        ks.append(k_sem)
-        vs.append(v)
-    return torch.stack(ks), torch.stack(vs)
+    cache.append(past_k_rot, past_v)
+    pos = torch.arange(p, p + ids.shape[0]) if positions is None else positions
+    mask = Mask.causal(ids.shape[0], p) if mask is None else mask
+    out = run_layers(lm, embed(lm, ids), pos, cache, mask, layers=range(n_layers), keep_kv=True)
+    return torch.stack(out.k_sem), torch.stack(out.v)
 
 
 def own_past(lm, context: ContextKV, behind, n_layers: int = DRIFT_LAYERS):
@@ -94,7 +91,7 @@ def head_kv(lm, context: ContextKV, pasts: list, heads: list):
     past_v = torch.cat([context.v[:n_layers]] + [v for _, v in pasts], dim=2)
     lengths = tuple(int(h.shape[0]) for h in heads)
     pos = torch.cat([torch.arange(n_ctx + m, n_ctx + m + n) for (_, m), n in zip(spans, lengths)])
-    k, v = layers_behind(lm, past_k, past_v, torch.cat(heads), n_layers, Packed(lengths, n_ctx, tuple(spans)), pos)
+    k, v = layers_behind(lm, past_k, past_v, torch.cat(heads), n_layers, Mask.packed(lengths, n_ctx, tuple(spans)), pos)
     return list(zip(k[-1].split(lengths, dim=1), v[-1].split(lengths, dim=1)))
 
 

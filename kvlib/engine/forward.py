@@ -1,69 +1,30 @@
 """kvlib's own forward pass for the Llama family, over the weights of the HF modules.
 
 Design facts:
-- One sequence (batch 1). Shapes in comments: T new tokens, P past slots,
-  H query heads, Hkv key/value heads, D head_dim, L layers.
-- The KV cache holds *rotated* keys per slot. Slots are in prompt order; the rotary
-  position of a slot is whatever its keys were rotated to, which is how `naive`
-  composition (keys at their encoding positions) can sit at any slot.
-- New tokens attend to every past slot and causally to each other, unless a mask
-  is given (repair strategies recompute tokens in the middle of a prompt).
-- The forward returns each layer's pre-RoPE keys (after the key norm, Qwen3) and
-  values for the new tokens: exactly what the library stores.
-- Attention is PyTorch SDPA with grouped-query attention; float32 or bf16.
+- This module and model.py are the only ones that touch transformers' modules; every
+  other engine module runs layers through `forward`, `run_layers` or `project_kv`.
+- One sequence (batch 1). Shapes in comments: T new tokens, P past slots, H query heads,
+  Hkv key/value heads, D head_dim, L layers.
+- The KV cache (cache.py) holds *rotated* keys per slot; new tokens are written at the
+  slots after the filled ones, or at chosen slots (`run_layers(..., slots=...)`, which is
+  how repair recomputes tokens in the middle of a prompt).
+- What new tokens see is a `Mask` (attention.py); `forward` defaults to causal behind
+  every filled slot.
+- The forward returns each layer's pre-RoPE keys (after the key norm, Qwen3) and values
+  for the new tokens: exactly what the library stores.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from kvlib.engine.attention import Mask, attend
+from kvlib.engine.cache import KVCache
 from kvlib.engine.rope import apply_rope
+from kvlib.engine.stages import stage
 from kvlib.errors import KvlibError
-
-
-class KVCache:
-    """Preallocated per-layer rotated keys and values for one sequence.
-
-    k, v: [L, Hkv, capacity, D]; `length` slots are filled.
-    """
-
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, capacity: int, dtype, device):
-        shape = (n_layers, n_kv_heads, capacity, head_dim)
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @classmethod
-    def for_model(cls, lm, capacity: int, n_layers: int | None = None) -> "KVCache":
-        """A cache for all layers, or for the first n_layers only (a partial forward)."""
-        return cls(n_layers or lm.n_layers, lm.n_kv_heads, lm.head_dim, capacity, lm.dtype, lm.device)
-
-    @property
-    def capacity(self) -> int:
-        return self.k.shape[2]
-
-    def append(self, k_rot: torch.Tensor, v: torch.Tensor) -> None:
-        """Append whole-model KV. k_rot, v: [L, Hkv, T, D] (cast to the cache dtype)."""
-        t = k_rot.shape[2]
-        self._check_room(t)
-        self.k[:, :, self.length : self.length + t] = k_rot
-        self.v[:, :, self.length : self.length + t] = v
-        self.length += t
-
-    def write_layer(self, layer: int, start: int, k_rot: torch.Tensor, v: torch.Tensor):
-        """Write one layer's new KV ([Hkv, T, D]) at slot `start`; return views of slots [0, start+T)."""
-        end = start + k_rot.shape[1]
-        self._check_room(end - self.length)
-        self.k[layer, :, start:end] = k_rot
-        self.v[layer, :, start:end] = v
-        return self.k[layer, :, :end], self.v[layer, :, :end]
-
-    def _check_room(self, extra: int) -> None:
-        if self.length + extra > self.capacity:
-            raise KvlibError(f"KV cache full: {self.length} + {extra} > capacity {self.capacity}")
 
 
 @dataclass
@@ -74,81 +35,12 @@ class ForwardOut:
     attn: list | None = None  # per layer [H, T, P+T] attention probabilities, when asked
 
 
-CAUSAL = "causal"  # mask marker: no past, plain causal attention (lets SDPA skip masked blocks)
-
-
-@dataclass(frozen=True)
-class CausalPast:
-    """Causal attention for T new tokens behind P past slots (run by causal_behind).
-
-    SDPA's is_causal aligns the mask top-left; with P zero queries put in front, new token j
-    (row P + j) sees slots 0..P+j, exactly every past slot and the new tokens up to itself.
-    The kernel then skips masked blocks; a dense bool mask makes it compute all T x (P+T)
-    scores (twice the work at P << T: exact prefix caching with a short hit was slower than
-    full recompute because of it). When P > T the padding would cost more than it saves,
-    and causal_behind uses the dense mask instead.
-    """
-
-    t_new: int
-    t_past: int
-
-    def dense(self, device) -> torch.Tensor:
-        return torch.ones(self.t_new, self.t_past + self.t_new, dtype=torch.bool, device=device).tril(
-            diagonal=self.t_past)
-
-
-@dataclass(frozen=True)
-class Packed:
-    """Several sequences packed in one forward, each behind the same P past slots and causal
-    within itself, blind to the others (ingest encodes many chunks behind E at once).
-
-    `own_past` optionally gives each sequence a span (first slot, count) of past slots that
-    only it sees, after the shared ones (the drift score puts each chunk's head behind its
-    own neighbour). The new tokens' slots follow every past slot.
-
-    The linear layers run on all T = sum(lengths) tokens together; attention runs per
-    sequence with the causal kernel (CausalPast's padding), so its cost is sum(n x (P + n))
-    rather than the T x (P + T) a dense block-diagonal mask computes.
-    """
-
-    lengths: tuple[int, ...]
-    t_past: int
-    own_past: tuple[tuple[int, int], ...] = ()
-
-    @property
-    def first_new_slot(self) -> int:
-        return max([self.t_past] + [a + n for a, n in self.own_past])
-
-    def slots(self, i: int, start: int) -> list[slice]:
-        """Cache slots sequence i sees, in order; it starts at packed offset `start`."""
-        seen = [slice(0, self.t_past)] if self.t_past else []
-        if self.own_past:
-            a, n = self.own_past[i]
-            seen.append(slice(a, a + n))
-        new = self.first_new_slot + start
-        return seen + [slice(new, new + self.lengths[i])]
-
-    def dense(self, device) -> torch.Tensor:
-        """Bool [T, S]: each sequence sees its past slots and, causally, itself only."""
-        total = sum(self.lengths)
-        mask = torch.zeros(total, self.first_new_slot + total, dtype=torch.bool, device=device)
-        start = 0
-        for i, n in enumerate(self.lengths):
-            *past, own = self.slots(i, start)
-            for cols in past:
-                mask[start : start + n, cols] = True
-            mask[start : start + n, own] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-            start += n
-        return mask
-
-
-def causal_mask(t_new: int, t_past: int, device) -> torch.Tensor | str | CausalPast | None:
-    """Every past slot, causal among new tokens. None when nothing is masked."""
-    if t_new == 1:
-        return None
-    if t_past == 0:
-        return CAUSAL
-    return CausalPast(t_new, t_past)
+@dataclass
+class LayersOut:
+    h: torch.Tensor  # [1, T, hidden] leaving the last layer run
+    k_sem: list = field(default_factory=list)  # per layer run [Hkv, T, D], when kept
+    v: list = field(default_factory=list)
+    probs: dict = field(default_factory=dict)  # layer -> [H, T, S], when asked
 
 
 def project_qkv(layer, x: torch.Tensor, head_dim: int):
@@ -163,92 +55,54 @@ def project_qkv(layer, x: torch.Tensor, head_dim: int):
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
-def attention_probs(q, keys, mask, scale: float) -> torch.Tensor:
-    """Explicit softmax(QK^T) for analysis. q: [1, H, T, D]; keys: [Hkv, S, D] -> [H, T, S]."""
-    rep = q.shape[1] // keys.shape[0]
-    kk = keys.repeat_interleave(rep, dim=0).to(torch.float32)
-    scores = torch.einsum("htd,hsd->hts", q[0].to(torch.float32), kk) * scale
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores.softmax(dim=-1)
+def project_kv(lm, index: int, h: torch.Tensor, position_ids: torch.Tensor):
+    """Layer `index`'s rotated keys and values for hidden states h entering it, without
+    attending: k_rot, v [Hkv, T, D]. (Blend and auto measure a layer's KV deviation this way.)"""
+    layer = lm.layers[index]
+    _, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
+    return apply_rope(k_sem, position_ids, lm.rope)[0], v[0]
 
 
-def single_query_attention(q, keys, values, scale: float) -> torch.Tensor:
-    """One new token over every slot, float32 inside. q: [1, H, 1, D]; keys/values: [Hkv, S, D] -> [1, H, 1, D].
-
-    Query heads are grouped per KV head as SDPA's enable_gqa does (head h reads KV head h // G).
-    On CPU, SDPA's kernel costs ~8x more than these two matmuls for a single bf16 query
-    (2.1 vs 0.25 ms per layer at 2.6k slots, one thread), so decoding uses this path there.
-    """
-    hkv, group = keys.shape[0], q.shape[1] // keys.shape[0]
-    qg = q[0].reshape(hkv, group, q.shape[3]).float()
-    scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [Hkv, G, S]
-    out = torch.matmul(scores.softmax(dim=-1), values.float())  # [Hkv, G, D]
-    return out.to(q.dtype).reshape(1, q.shape[1], 1, q.shape[3])
-
-
-def causal_behind(q, keys, values, t_past: int, scale: float):
-    """SDPA of T new queries over t_past past slots and, causally, themselves, on the causal
-    kernel: t_past zero queries padded in front (see CausalPast), or a dense mask when the past
-    is longer than the queries. q: [1, H, T, D];
-    keys/values: [Hkv, P+T, D] -> [1, H, T, D]."""
-    t = q.shape[2]
-    if t_past > t:  # padding would cost more than it saves: a dense mask for these few queries
-        mask = CausalPast(t, t_past).dense(q.device)
-        return F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, scale=scale,
-                                              enable_gqa=True)
-    if t_past:
-        q = torch.cat([q.new_zeros(1, q.shape[1], t_past, q.shape[3]), q], dim=2)
-    out = F.scaled_dot_product_attention(q, keys[None], values[None], is_causal=True, scale=scale, enable_gqa=True)
-    return out[:, :, t_past:]
-
-
-def attend(layer, q, keys, values, mask, want_probs: bool):
-    """SDPA over all slots. q: [1, H, T, D]; keys/values: [Hkv, S, D] -> out [1, T, hidden]."""
-    attn = layer.self_attn
-    if isinstance(mask, (CausalPast, Packed)) and want_probs:  # the probabilities need the mask itself
-        mask = mask.dense(q.device)
-    causal = isinstance(mask, str)
-    if isinstance(mask, CausalPast):
-        out = causal_behind(q, keys, values, mask.t_past, attn.scaling)
-    elif isinstance(mask, Packed):
-        parts, start = [], 0
-        for i, n in enumerate(mask.lengths):
-            seen = mask.slots(i, start)
-            k_seq = torch.cat([keys[:, s] for s in seen], dim=1) if len(seen) > 1 else keys[:, seen[0]]
-            v_seq = torch.cat([values[:, s] for s in seen], dim=1) if len(seen) > 1 else values[:, seen[0]]
-            parts.append(causal_behind(q[:, :, start : start + n], k_seq, v_seq, k_seq.shape[1] - n, attn.scaling))
-            start += n
-        out = torch.cat(parts, dim=2)
-    elif q.shape[2] == 1 and mask is None and q.device.type == "cpu":
-        out = single_query_attention(q, keys, values, attn.scaling)
-    else:
-        out = F.scaled_dot_product_attention(
-            q, keys[None], values[None], attn_mask=None if causal else mask, is_causal=causal,
-            scale=attn.scaling, enable_gqa=True,
-        )
-    if want_probs and causal:
-        t = q.shape[2]
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    probs = attention_probs(q, keys, mask, attn.scaling) if want_probs else None
-    out = out.transpose(1, 2).reshape(1, q.shape[2], -1)
-    return attn.o_proj(out), probs
-
-
-def run_layer(lm, index: int, h, position_ids, cache: KVCache, start: int, mask, want_probs=False):
-    """One decoder layer on new tokens h: [1, T, hidden] written at cache slot `start`.
+def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots, want_probs: bool):
+    """One decoder layer on new tokens h: [1, T, hidden], their KV written at `slots`
+    (an int: contiguous from that slot; a tensor: scattered, attending over every filled slot).
 
     Returns (h_out, k_sem [Hkv, T, D], v [Hkv, T, D], probs or None).
     """
     layer = lm.layers[index]
-    q, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
-    q = apply_rope(q, position_ids, lm.rope)
-    k_rot = apply_rope(k_sem, position_ids, lm.rope)
-    keys, values = cache.write_layer(index, start, k_rot[0], v[0])
-    attn_out, probs = attend(layer, q, keys, values, mask, want_probs)
-    h = h + attn_out
-    h = h + layer.mlp(layer.post_attention_layernorm(h))
+    with stage("layers"):
+        q, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
+        q = apply_rope(q, position_ids, lm.rope)
+        k_rot = apply_rope(k_sem, position_ids, lm.rope)
+        if isinstance(slots, int):
+            keys, values = cache.write(index, slots, k_rot[0], v[0])
+        else:
+            cache.write_slots(index, slots, k_rot[0], v[0])
+            keys, values = cache.layer(index)
+        with stage("attention"):
+            out, probs = attend(q, keys, values, mask, layer.self_attn.scaling, want_probs)
+        h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(1, q.shape[2], -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
     return h, k_sem[0], v[0], probs
+
+
+def run_layers(lm, h, position_ids, cache: KVCache, mask: Mask, *, layers=None, slots=None,
+               want_probs=(), keep_kv: bool = False) -> LayersOut:
+    """Run new tokens' hidden states h ([1, T, hidden], entering layers[0]) through `layers`
+    (default: all). Their KV goes to the slots after the filled ones, or to `slots` (a tensor
+    of filled slots, rewritten in place). The cache's length is left as it was."""
+    layers = range(lm.n_layers) if layers is None else layers
+    where = cache.length if slots is None else slots.to(lm.device)
+    position_ids = position_ids.to(lm.device)
+    out = LayersOut(h=h)
+    for i in layers:
+        out.h, k_sem, v, p = run_layer(lm, i, out.h, position_ids, cache, mask, where, i in want_probs)
+        if keep_kv:
+            out.k_sem.append(k_sem)
+            out.v.append(v)
+        if p is not None:
+            out.probs[i] = p
+    return out
 
 
 def embed(lm, input_ids: torch.Tensor) -> torch.Tensor:
@@ -269,7 +123,7 @@ def check_window(lm, total: int) -> None:
 
 @torch.inference_mode()
 def forward(lm, input_ids, position_ids, cache: KVCache, *, logits: str = "last",
-            keep_kv: bool = False, mask=None, attn_layers=()) -> ForwardOut:
+            keep_kv: bool = False, mask: Mask | None = None, attn_layers=()) -> ForwardOut:
     """Run new tokens at explicit positions on top of `cache`, appending their KV.
 
     input_ids, position_ids: [T]. logits: "all", "last" or "none".
@@ -279,23 +133,16 @@ def forward(lm, input_ids, position_ids, cache: KVCache, *, logits: str = "last"
     t = int(input_ids.shape[0])
     start = cache.length
     check_window(lm, start + t)
-    position_ids = position_ids.to(lm.device)
-    mask = causal_mask(t, start, lm.device) if mask is None else mask
-    h = embed(lm, input_ids)
-    ks, vs, probs = [], [], []
-    for i in range(lm.n_layers):
-        h, k_sem, v, p = run_layer(lm, i, h, position_ids, cache, start, mask, i in attn_layers)
-        if keep_kv:
-            ks.append(k_sem)
-            vs.append(v)
-        probs.append(p)
-    cache.length = start + t
+    mask = Mask.causal(t, start) if mask is None else mask
+    out = run_layers(lm, embed(lm, input_ids), position_ids, cache, mask, want_probs=attn_layers, keep_kv=keep_kv)
+    cache.commit(start + t)
     out_logits = None
     if logits != "none":
-        out_logits = head_logits(lm, h if logits == "all" else h[:, -1:])
+        with stage("logits"):
+            out_logits = head_logits(lm, out.h if logits == "all" else out.h[:, -1:])
     return ForwardOut(
         logits=out_logits,
-        k_sem=torch.stack(ks) if keep_kv else None,
-        v=torch.stack(vs) if keep_kv else None,
-        attn=probs if attn_layers else None,
+        k_sem=torch.stack(out.k_sem) if keep_kv else None,
+        v=torch.stack(out.v) if keep_kv else None,
+        attn=[out.probs.get(i) for i in range(lm.n_layers)] if attn_layers else None,
     )

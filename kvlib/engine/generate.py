@@ -26,8 +26,14 @@ class Generation:
     prefill_s: float  # the prefill forward alone
     decode_s: float
     prefill_tokens: int
-    stopped: bool  # hit a stop token (else max_new_tokens)
+    stopped: bool  # hit a stop token (else max_new_tokens, or cancelled)
     first_logits: torch.Tensor | None = field(default=None, repr=False)  # [V]
+    cancelled: bool = False  # should_stop() said so between decode steps
+    # Filled by Engine.answer, the one door (see session.py):
+    spec: object = None  # the resolved ModeSpec
+    timings: dict = field(default_factory=dict)  # seconds: the caller's stages (retrieval, load) + compose, repair, prefill
+    tokens: dict = field(default_factory=dict)  # prompt tokens by source: cached, recomputed, computed
+    state: object = field(default=None, repr=False)  # the Composed context, when kept for a quality pass
 
     @property
     def decode_tok_s(self) -> float:
@@ -57,8 +63,10 @@ def prefill(lm, composed: Composed, suffix_ids, *, logits: str = "last", attn_la
 
 def generate(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop: set[int] = frozenset(),
-             on_token: Callable[[int], None] | None = None, t0: float | None = None) -> Generation:
-    """Prefill, then decode up to max_new_tokens, calling on_token for each new id."""
+             on_token: Callable[[int], None] | None = None, t0: float | None = None,
+             should_stop: Callable[[], bool] | None = None) -> Generation:
+    """Prefill, then decode up to max_new_tokens, calling on_token for each new id;
+    should_stop (checked between decode steps) ends it early, as a cancelled request does."""
     t0 = time.perf_counter() if t0 is None else t0
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     t_pre = time.perf_counter()
@@ -66,10 +74,13 @@ def generate(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, te
     first_logits = out.logits[-1]
     token = pick_token(first_logits, temperature, top_p, gen)
     t_first = time.perf_counter()
-    tokens, stopped = [token], token in stop
+    tokens, stopped, cancelled = [token], token in stop, False
     if on_token and not stopped:
         on_token(token)
     while not stopped and len(tokens) < max_new_tokens and composed.cache.length < composed.cache.capacity:
+        if should_stop is not None and should_stop():
+            cancelled = True
+            break
         out = forward(lm, torch.tensor([token]), torch.tensor([pos]), composed.cache, logits="last")
         pos += 1
         token = pick_token(out.logits[-1], temperature, top_p, gen)
@@ -82,7 +93,7 @@ def generate(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, te
         tokens = []
     return Generation(token_ids=tokens, ttft_s=t_first - t0, prefill_s=t_first - t_pre,
                       decode_s=time.perf_counter() - t_first, prefill_tokens=n_prefill,
-                      stopped=stopped, first_logits=first_logits)
+                      stopped=stopped, first_logits=first_logits, cancelled=cancelled)
 
 
 def teacher_forced_logits(lm, composed: Composed, suffix_ids, gold_ids, *, attn_layers=()):

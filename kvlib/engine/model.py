@@ -294,3 +294,10 @@ def load_model(model: str | None, home: Path, *, dtype: str | None = None, devic
     dev = pick_device(device)
     weights = cached_weights_digest(model_dir, hf)
     return wrap_model(hf, tokenizer, name=name, dtype=pick_dtype(dtype, dev), device=dev, weights=weights)
+
+
+def matmul_params(lm: LoadedModel) -> dict:
+    """Weights multiplied per token: one decoder layer's linear layers, and the LM head.
+    A token costs 2 FLOPs per weight (multiply and add), the yardstick of the hot-path floor."""
+    layer = sum(p.numel() for p in lm.layers[0].parameters() if p.dim() == 2)
+    return {"layer": int(layer), "head": int(lm.hf.lm_head.weight.numel())}

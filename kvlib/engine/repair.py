@@ -17,51 +17,31 @@ Design facts:
 - `auto[:target]` does the same measurement on chunk heads only (where the bench shows
   drift lives), each chunk's head sized by its ingest drift score, and spends the least
   recompute that covers `target` of it.
-- The encoding is chosen before any repair, in the library: bare, behind E (`+sink`),
-  or behind E and a neutral lead-in (`+lead`); see Engine.
+- A repair is `(lm, composed, chunks, suffix_ids) -> slots`: it rewrites the composed
+  cache through its methods and returns the context slots it recomputed in every layer
+  (the engine's accounting counts them). The encoding is chosen before any repair, in the
+  library: bare, behind E (`+sink`), or behind E and a neutral lead-in (`+lead`); see spec.py.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvlib.engine.attention import Mask
 from kvlib.engine.compose import Composed
-from kvlib.engine.forward import attend, embed, project_qkv
-from kvlib.engine.rope import apply_rope
+from kvlib.engine.forward import embed, project_kv, run_layers
 from kvlib.errors import InputError
 
-# `--modes all` adds these to full, prefix, naive, rerope: each encoding and each repair family once.
-REPAIR_MODES = ("naive+sink", "rerope+sink", "rerope+lead", "rerope+sink+boundary:16", "rerope+lead+boundary:16",
-                "rerope+sink+blend:0.15", "rerope+sink+auto")
-
-
-def slot_mask(slots: torch.Tensor, total: int) -> torch.Tensor:
-    """Bool [S, total]: selected token at slot p sees slots 0..p."""
-    return torch.arange(total, device=slots.device)[None, :] <= slots[:, None]
-
-
-def run_layer_at(lm, index: int, h, slots, cache, total: int):
-    """One layer for tokens at `slots` (positions == slots); writes their KV in place."""
-    layer = lm.layers[index]
-    q, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
-    q = apply_rope(q, slots, lm.rope)
-    k_rot = apply_rope(k_sem, slots, lm.rope)
-    cache.k[index, :, slots] = k_rot[0].to(cache.k.dtype)
-    cache.v[index, :, slots] = v[0].to(cache.v.dtype)
-    out, _ = attend(layer, q, cache.k[index, :, :total], cache.v[index, :, :total], slot_mask(slots, total), False)
-    h = h + out
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+NO_SLOTS = torch.zeros(0, dtype=torch.long)
 
 
 @torch.inference_mode()
 def recompute_slots(lm, cache, ids: torch.Tensor, slots: torch.Tensor, layers: range, h=None):
-    """Recompute tokens `ids` at `slots` through `layers`; h: their hidden state entering layers[0]."""
-    total = cache.length
+    """Recompute tokens `ids` at `slots` (positions == slots) through `layers`, each attending to
+    every slot at or before its own; h: their hidden state entering layers[0]."""
     slots = slots.to(lm.device)
     h = embed(lm, ids) if h is None else h
-    for i in layers:
-        h = run_layer_at(lm, i, h, slots, cache, total)
-    return h
+    return run_layers(lm, h, slots, cache, Mask.at_slots(slots, cache.length), layers=layers, slots=slots).h
 
 
 def all_ids(composed: Composed, chunks) -> torch.Tensor:
@@ -76,28 +56,26 @@ def layer1_deviation(lm, cache, ids, slots):
     depends on the new neighbours); layer 1's fresh K/V are then only projected, not attended.
     Both layers keep the fresh KV for every slot: it is exactly what full recompute would hold.
     Returns (deviation [S] summed over heads, finish): `finish(pick)` carries the slots `pick`
-    (indices into slots) through layers 1..L-1 and returns len(pick).
+    (indices into slots) through layers 1..L-1 and returns those slots.
     """
-    layer = lm.layers[1]
     h0 = recompute_slots(lm, cache, ids[slots], slots, range(1))
-    _, k_sem, v = project_qkv(layer, layer.input_layernorm(h0), lm.head_dim)  # [1, Hkv, S, D]
-    k_rot = apply_rope(k_sem, slots, lm.rope)[0].to(cache.k.dtype)
-    v = v[0].to(cache.v.dtype)
-    dev = ((k_rot - cache.k[1, :, slots]).float().norm(dim=-1) +
-           (v - cache.v[1, :, slots]).float().norm(dim=-1)).sum(0)  # [S]
-    cache.k[1, :, slots], cache.v[1, :, slots] = k_rot, v
+    k_rot, v = project_kv(lm, 1, h0, slots.to(lm.device))
+    k_rot, v = k_rot.to(cache.k.dtype), v.to(cache.v.dtype)
+    old_k, old_v = cache.layer(1)
+    dev = ((k_rot - old_k[:, slots]).float().norm(dim=-1) + (v - old_v[:, slots]).float().norm(dim=-1)).sum(0)  # [S]
+    cache.write_slots(1, slots, k_rot, v)
 
-    def finish(pick: torch.Tensor) -> int:
+    def finish(pick: torch.Tensor) -> torch.Tensor:
         if pick.numel():
             recompute_slots(lm, cache, ids[slots[pick]], slots[pick], range(1, lm.n_layers), h=h0[:, pick])
-        return int(pick.numel())
+        return slots[pick]
 
     return dev, finish
 
 
 def chunk_slots(composed: Composed, skip_first: bool) -> torch.Tensor:
     spans = composed.spans[1:] if skip_first else composed.spans
-    return torch.cat([torch.arange(s, s + n) for s, n in spans] or [torch.zeros(0, dtype=torch.long)])
+    return torch.cat([torch.arange(s, s + n) for s, n in spans] or [NO_SLOTS])
 
 
 def first_chunk_exact(composed: Composed, chunks) -> bool:
@@ -105,13 +83,12 @@ def first_chunk_exact(composed: Composed, chunks) -> bool:
     return bool(chunks) and chunks[0].encoded_at in (None, composed.context_ids.numel())
 
 
-# -- token selectors: (engine, composed, chunks, suffix_ids) -> slots to recompute in every layer --
+# -- token selectors: (lm, composed, chunks, suffix_ids) -> slots to recompute in every layer --
 
 def boundary_slots(k: int):
     """EPIC: the first k tokens of every chunk but the first."""
-    def select(engine, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
-        return torch.cat([torch.arange(s, s + min(k, n)) for s, n in composed.spans[1:]]
-                         or [torch.zeros(0, dtype=torch.long)])
+    def select(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
+        return torch.cat([torch.arange(s, s + min(k, n)) for s, n in composed.spans[1:]] or [NO_SLOTS])
     return select
 
 
@@ -119,49 +96,45 @@ def boundary_slots(k: int):
 def question_attention(lm, cache, suffix_ids, n_layers: int = 2) -> torch.Tensor:
     """Attention mass [S] the question puts on each context slot at layer n_layers-1.
 
-    The suffix runs through the first n_layers only, in the free slots after the context;
-    the cache length is restored, so nothing of it stays.
+    The suffix runs through the first n_layers only, in the free slots after the context,
+    which the cache does not count as filled: nothing of it stays.
     """
-    from kvlib.engine.forward import causal_mask, run_layer
-
     n_ctx, ids = cache.length, torch.as_tensor(list(suffix_ids), dtype=torch.long)
     pos = torch.arange(n_ctx, n_ctx + ids.shape[0], device=lm.device)
-    h, mask = embed(lm, ids), causal_mask(ids.shape[0], n_ctx, lm.device)
-    for i in range(n_layers):
-        h, _, _, probs = run_layer(lm, i, h, pos, cache, n_ctx, mask, want_probs=i == n_layers - 1)
-    return probs[:, :, :n_ctx].sum(dim=(0, 1))  # over heads and question tokens
+    out = run_layers(lm, embed(lm, ids), pos, cache, Mask.causal(ids.shape[0], n_ctx), layers=range(n_layers),
+                     want_probs={n_layers - 1})
+    return out.probs[n_layers - 1][:, :, :n_ctx].sum(dim=(0, 1))  # over heads and question tokens
 
 
 def query_slots(ratio: float):
     """The fraction `ratio` of chunk tokens the question attends to most at layer 1 (cached KV)."""
-    def select(engine, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
+    def select(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
         slots = chunk_slots(composed, skip_first=first_chunk_exact(composed, chunks))
         n_pick = min(slots.numel(), round(ratio * chunk_slots(composed, False).numel()))
         if n_pick == 0:
-            return torch.zeros(0, dtype=torch.long)
-        mass = question_attention(engine.lm, composed.cache, suffix_ids)[slots]
+            return NO_SLOTS
+        mass = question_attention(lm, composed.cache, suffix_ids)[slots]
         return slots[mass.topk(n_pick).indices]
     return select
 
 
 def recompute_selected(*selectors):
     """Recompute, in every layer, the union of the slots the selectors pick."""
-    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
-        picked = [sel(engine, composed, chunks, suffix_ids) for sel in selectors]
-        slots = torch.unique(torch.cat(picked)) if picked else torch.zeros(0, dtype=torch.long)
+    def repair(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
+        picked = [sel(lm, composed, chunks, suffix_ids) for sel in selectors]
+        slots = torch.unique(torch.cat(picked)) if picked else NO_SLOTS
         if slots.numel():
-            recompute_slots(engine.lm, composed.cache, all_ids(composed, chunks)[slots], slots,
-                            range(engine.lm.n_layers))
-        return int(slots.numel())
+            recompute_slots(lm, composed.cache, all_ids(composed, chunks)[slots], slots, range(lm.n_layers))
+        return slots
     return repair
 
 
 def blend(ratio: float):
     """CacheBlend: refresh layers 0-1, carry the top-`ratio` layer-1 deviators through the rest."""
-    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
-        lm, cache = engine.lm, composed.cache
+    def repair(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
+        cache = composed.cache
         if not composed.spans or ratio <= 0:
-            return 0
+            return NO_SLOTS
         ids = all_ids(composed, chunks)
         slots = torch.arange(composed.spans[0][0], cache.length)
         dev, finish = layer1_deviation(lm, cache, ids, slots)
@@ -197,7 +170,7 @@ def drift_windows(chunks, window: int, skip_first: bool) -> list[int]:
 def head_slots(composed: Composed, sizes: list[int]) -> torch.Tensor:
     """The first sizes[i] tokens of chunk i."""
     return torch.cat([torch.arange(s, s + min(w, n)) for (s, n), w in zip(composed.spans, sizes) if w > 0]
-                     or [torch.zeros(0, dtype=torch.long)])
+                     or [NO_SLOTS])
 
 
 def auto(target: float, window: int = 32):
@@ -213,11 +186,11 @@ def auto(target: float, window: int = 32):
     has no new neighbours and is never spent on. The library's ingest drift score of each
     chunk sets how many of its head tokens are candidates (drift_windows).
     """
-    def repair(engine, composed: Composed, chunks, suffix_ids) -> int:
-        lm, cache = engine.lm, composed.cache
+    def repair(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
+        cache = composed.cache
         slots = head_slots(composed, drift_windows(chunks, window, skip_first=first_chunk_exact(composed, chunks)))
         if slots.numel() == 0:
-            return 0
+            return NO_SLOTS
         dev, finish = layer1_deviation(lm, cache, all_ids(composed, chunks), slots)
         order = dev.argsort(descending=True)
         covered = dev[order].cumsum(0) / dev.sum().clamp_min(1e-12)
@@ -256,15 +229,3 @@ def _selector(part: str):
     if kind == "query" and 0.0 <= float(arg) <= 1.0:
         return query_slots(float(arg))
     raise ValueError(part)
-
-
-class _Registry(dict):
-    """name -> repair callable, built on first use from the name itself."""
-
-    def __missing__(self, name: str):
-        self[name] = parse_repair(name)
-        return self[name]
-
-
-def repair_registry() -> dict:
-    return _Registry()

@@ -34,14 +34,6 @@ class RopeSpec:
     attention_scaling: float
     rope_type: str
 
-    def summary(self) -> dict:
-        """The fields that shape stored keys, for the model fingerprint."""
-        return {
-            "rope_type": self.rope_type,
-            "attention_scaling": float(self.attention_scaling),
-            "inv_freq": [float(x) for x in self.inv_freq.tolist()],
-        }
-
 
 def rope_spec_from_rotary(rotary: torch.nn.Module) -> RopeSpec:
     """Read the spec from a transformers rotary-embedding module, refusing unsafe types."""
@@ -63,21 +55,9 @@ def _angles(spec: RopeSpec, positions: torch.Tensor, device: torch.device) -> to
     return torch.cat((freqs, freqs), dim=-1)
 
 
-def cos_sin(spec: RopeSpec, positions: torch.Tensor, dtype: torch.dtype, device: torch.device, *, scaled: bool = True):
-    """cos, sin: [T, D] in `dtype`, scaled by attention_scaling exactly as transformers does."""
-    emb = _angles(spec, positions, device)
-    scale = spec.attention_scaling if scaled else 1.0
-    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_cos_sin(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [..., T, D]; cos/sin: [T, D]. The transformers formula, in x's dtype."""
-    return x * cos + rotate_half(x) * sin
 
 
 class _LastTables:

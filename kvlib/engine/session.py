@@ -1,9 +1,20 @@
-"""`Engine`: one loaded model with its prompt template and encoding-context KV.
+"""`Engine`: one loaded model with its prompt template and encoding contexts, and the one door.
 
 Design facts:
-- The engine is what the library, query and bench layers call. It maps text and
-  token ids to KV and answers; it knows nothing about storage or retrieval.
-- The encoding context E's KV is computed once when the engine starts.
+- `Engine.answer(spec, chunks, question)` is the one pipeline every caller uses (query,
+  bench, doctor, serve): compose the context from cached chunks (and a prefix hit), compute
+  misses in context, run the spec's repair, prefill the question, decode. It returns a
+  Generation with the TTFT split and the token accounting, defined here and nowhere else:
+  - cached: prompt tokens whose KV came from a cache (E, library chunks, a prefix hit),
+    less those a repair recomputed;
+  - recomputed: cached tokens a repair recomputed;
+  - computed: every other prompt token: the question, pending context ids, misses, and
+    chunks the caller marked `fresh` (encoded for this request).
+- `Engine.teacher_force(state, ...)` is the second entry point: the bench's quality pass,
+  on the context KV an answer left behind (`keep_state=True`), never a rebuilt cache.
+- The engine knows nothing about storage or retrieval: callers load chunks and report how
+  long that took (`spent`), and TTFT runs from their `t0`.
+- The encoding contexts' KV is computed once when the engine starts.
 """
 
 from __future__ import annotations
@@ -13,13 +24,12 @@ from pathlib import Path
 
 import torch
 
-from kvlib.engine.compose import ChunkKV, Composed, compose, encode_context, encode_packed
-from kvlib.engine.generate import Generation, generate
+from kvlib.engine.compose import ChunkKV, Composed, PrefixHit, compose, encode_context, encode_packed
+from kvlib.engine.generate import Generation, generate, teacher_forced_logits
 from kvlib.engine.model import LoadedModel, load_model
 from kvlib.engine.prompt import PromptTemplate, context_id_of, stop_ids, template_for
+from kvlib.engine.spec import ModeSpec
 
-
-ENCODINGS = ("sink", "bare", "lead")
 BARE_CONTEXT_ID = "bare"
 # "lead" encodes a chunk behind E and this neutral passage, then drops both: the chunk's first
 # tokens then follow *some* document, as they will in a prompt, instead of the user header.
@@ -100,17 +110,75 @@ class Engine:
         return ChunkKV(token_ids=kv.token_ids.cpu(), k_sem=kv.k_sem.to("cpu", dt), v=kv.v.to("cpu", dt),
                        encoded_at=kv.encoded_at)
 
-    def compose(self, chunks: list[ChunkKV], mode: str, *, extra: int = 512) -> Composed:
-        return compose(self.lm, self.context, chunks, mode, extra=extra)
+    @torch.inference_mode()
+    def answer(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, *, suffix_ids=None,
+               prefix: PrefixHit | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+               top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None, t0: float | None = None,
+               spent: dict | None = None, extra: int | None = None, keep_state: bool = False) -> Generation:
+        """Compose, compute misses, repair, prefill the question, decode: the one pipeline.
 
-    def answer(self, chunks: list[ChunkKV], question: str, *, mode: str = "rerope", max_new_tokens: int = 64,
-               temperature: float = 0.0, seed: int = 0, on_token=None, t0: float | None = None) -> Generation:
-        """Compose, prefill the question, decode. TTFT counts from t0 (default: now)."""
+        chunks: library KV (a chunk with k_sem None is a miss, computed in context); ignored
+        beyond their ids by full and prefix. suffix_ids replaces the question's template.
+        TTFT counts from t0 (default: now); `spent` holds the caller's stages before this call.
+        """
+        from kvlib.engine.repair import parse_repair
+
         t0 = time.perf_counter() if t0 is None else t0
-        suffix = self.suffix_ids(question)
-        composed = self.compose(chunks, mode, extra=len(suffix) + max_new_tokens + 1)
-        return generate(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
-                        seed=seed, stop=self.stop, on_token=on_token, t0=t0)
+        t_in = time.perf_counter()
+        suffix = list(self.suffix_ids(question) if suffix_ids is None else suffix_ids)
+        room = len(suffix) + max_new_tokens + 1 if extra is None else extra
+        composed = compose(self.lm, self.context, chunks, spec.base, extra=room, prefix=prefix)
+        compute_misses(self.lm, composed, chunks)
+        t_comp = time.perf_counter()
+        repaired = parse_repair(spec.repair)(self.lm, composed, chunks, suffix) if spec.repair else None
+        t_rep = time.perf_counter()
+        gen = generate(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
+                       top_p=top_p, seed=seed, stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop)
+        gen.spec = spec
+        gen.timings = {**(spent or {}), "compose": t_comp - t_in, "repair": t_rep - t_comp,
+                       "prefill": gen.ttft_s - (t_rep - t0)}
+        gen.tokens = token_accounting(composed, chunks, repaired, len(suffix))
+        gen.state = composed if keep_state else None
+        return gen
+
+    @torch.inference_mode()
+    def teacher_force(self, state: Composed, suffix_ids, gold_ids, *, attn_layers=()):
+        """The quality pass: rewind an answer's context KV, teacher-force suffix + gold.
+
+        Returns logits predicting each gold token [G, V] and, per asked layer, the suffix's
+        attention over the context [H, suffix, context] (on the CPU).
+        """
+        state.rewind()
+        n_ctx, n_suffix = state.n_context, len(suffix_ids)
+        logits, attn = teacher_forced_logits(self.lm, state, suffix_ids, gold_ids, attn_layers=attn_layers)
+        attn = [a[:, :n_suffix, :n_ctx].float().cpu() for a in attn] if attn_layers else None
+        return logits.cpu(), attn
+
+
+def compute_misses(lm, composed: Composed, chunks) -> None:
+    """Chunks without KV are computed in context, in place: each token attends to every slot
+    before it (its own chunk's earlier tokens included), as in full recompute."""
+    from kvlib.engine.repair import recompute_slots
+
+    if not composed.misses:
+        return
+    slots = torch.cat([torch.arange(s, s + chunks[i].n_tokens) for s, i in composed.misses])
+    ids = torch.cat([chunks[i].token_ids for _, i in composed.misses])
+    recompute_slots(lm, composed.cache, ids, slots, range(lm.n_layers))
+
+
+def token_accounting(composed: Composed, chunks, repaired, n_suffix: int) -> dict:
+    """Prompt tokens by source (see the module docstring); they add up to the prompt."""
+    n_ctx = composed.n_context
+    from_cache = torch.zeros(n_ctx, dtype=torch.bool)
+    # the opening: E behind library chunks, or the prefix hit (full: nothing)
+    from_cache[: composed.cached_tokens if composed.context_ids is None else composed.context_ids.numel()] = True
+    for (slot, n), c in zip(composed.spans, chunks):
+        if c.k_sem is not None and not c.fresh:
+            from_cache[slot : slot + n] = True
+    recomputed = int(from_cache[repaired.cpu()].sum()) if repaired is not None and repaired.numel() else 0
+    cached = int(from_cache.sum()) - recomputed
+    return {"cached": cached, "recomputed": recomputed, "computed": n_ctx + n_suffix - cached - recomputed}
 
 
 def sync(lm) -> None:

@@ -19,11 +19,19 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
+from kvlib.config import PUBLIC
 from kvlib.engine.drift import drift_scores
-from kvlib.retrieve.chunker import chunk_text
-from kvlib.retrieve.index import PUBLIC, IndexEntry
+from kvlib.retrieve.chunker import chunk_document
+from kvlib.retrieve.index import IndexEntry
 from kvlib.retrieve.sources import SourceDoc, iter_sources
+
+if TYPE_CHECKING:
+    from kvlib.engine.session import Engine
+    from kvlib.retrieve.embed import Embedder
+    from kvlib.retrieve.index import VectorIndex
+    from kvlib.store.library import Library
 
 
 @dataclass
@@ -75,25 +83,42 @@ def token_windows(chunks: list, max_tokens: int) -> list[list]:
     return out
 
 
-def chunk_document(engine, text: str, chunk_tokens: int) -> list:
-    """A document's chunks as ingest stores them. Paragraphs under half the budget travel with
-    their neighbours, so chunks come out near chunk_tokens rather than one short paragraph each."""
-    return chunk_text(text, engine.lm.tokenizer, max_tokens=chunk_tokens, min_tokens=max(1, chunk_tokens // 2))
-
-
 def owner_of(tenant: str, public: bool) -> str:
     return PUBLIC if public or tenant == PUBLIC else tenant
 
 
+@dataclass(eq=False)
+class Piece:
+    """One chunk to store: its ids, its text (the manifest's preview) and the piece before it
+    in its document, which is its neighbour for the drift score (None: the neutral lead-in)."""
+
+    token_ids: tuple
+    text: str
+    before: "Piece | None" = None
+
+
+def document_pieces(chunks: list) -> list[Piece]:
+    """A document's chunks as pieces, each behind the one before it."""
+    out: list[Piece] = []
+    for c in chunks:
+        out.append(Piece(tuple(c.token_ids), c.text, out[-1] if out else None))
+    return out
+
+
 @dataclass
 class Ingestor:
-    engine: object  # kvlib.engine.session.Engine
-    library: object  # kvlib.store.library.Library
-    index: object  # kvlib.retrieve.index.VectorIndex
-    embedder: object  # kvlib.retrieve.embed.Embedder
+    """Stores chunks' KV in one encoding (sink: behind E, the library default; lead; bare).
+    `run` ingests documents (chunks, KV, index); `store_pieces` is the KV part alone, which
+    the bench prepares its library with."""
+
+    engine: "Engine"
+    library: "Library"
+    index: "VectorIndex | None" = None
+    embedder: "Embedder | None" = None
     tenant: str = PUBLIC
     public: bool = False
     chunk_tokens: int = 256
+    encoding: str = "sink"
 
     def run(self, paths: list[Path], progress=None) -> IngestReport:
         progress = progress or NullProgress()
@@ -109,10 +134,16 @@ class Ingestor:
         report.seconds = time.perf_counter() - t0 - report.load_s
         return report
 
+    @property
+    def context_id(self) -> str:
+        return self.engine.context_id_for(self.encoding)
+
+    def key_of(self, token_ids):
+        return self.library.key_for(tenant=self.tenant, public=self.public, model_fp=self.engine.lm.fingerprint,
+                                    context_id=self.context_id, token_ids=token_ids)
+
     def chunk_keys(self, chunks) -> list:
-        lm = self.engine.lm
-        return [self.library.key_for(tenant=self.tenant, public=self.public, model_fp=lm.fingerprint,
-                                     context_id=self.engine.context_id, token_ids=c.token_ids) for c in chunks]
+        return [self.key_of(c.token_ids) for c in chunks]
 
     def is_unchanged(self, doc: SourceDoc, keys: list) -> bool:
         """Same text, model, encoding context and chunking as the stored version, all chunks present."""
@@ -123,7 +154,7 @@ class Ingestor:
 
     def ingest_document(self, doc: SourceDoc, report: IngestReport, progress) -> None:
         report.documents += 1
-        chunks = chunk_document(self.engine, doc.text, self.chunk_tokens)
+        chunks = chunk_document(doc.text, self.engine.lm.tokenizer, self.chunk_tokens)
         keys = self.chunk_keys(chunks)
         if self.is_unchanged(doc, keys):
             report.unchanged += 1
@@ -135,23 +166,14 @@ class Ingestor:
             self.embedder.warm()
             report.load_s = time.perf_counter() - t_load
         owner = owner_of(self.tenant, self.public)
-        todo = self.chunks_to_encode(keys, chunks, report, progress)
-        previous = {c.index: chunks[i - 1] for i, c in enumerate(chunks) if i > 0}
-        held: dict = {}  # chunk index -> KV, for the last window's chunks (the next one's neighbours)
-        pending: list = []
-        try:
-            # A window of chunks is encoded while the previous window's blobs are written on the
-            # library's writer thread; a document's memory stays two windows, however long it is.
-            for window in token_windows(todo, WINDOW_TOKENS):
-                # finish_puts discards its own puts on any error, the finally below the rest
-                older, pending = pending, self.begin_window(window, previous, held, report)
-                self.finish_chunks(older, report, progress)
-            t_embed = time.perf_counter()  # the last window's blobs are written meanwhile
+
+        def embed() -> list:  # runs while the last window's blobs are written
+            t_embed = time.perf_counter()
             vectors = self.embedder.embed([c.text for c in chunks])
             report.stage_s["embed"] += time.perf_counter() - t_embed
-            self.finish_chunks(pending, report, progress)
-        finally:
-            self.library.discard_puts([p for _, p in pending])  # after an error or Ctrl-C; else a no-op
+            return vectors
+
+        vectors = self.store_pieces(document_pieces(chunks), report, progress, overlap=embed)
         t_index = time.perf_counter()
         self.index.remove_document(doc.path, owner)
         self.index.add([IndexEntry(k.hex, doc.path, owner, c.index, c.text) for k, c in zip(keys, chunks)], vectors)
@@ -160,41 +182,75 @@ class Ingestor:
                                   content_hash=doc.content_hash, chunk_keys=keys)
         progress.doc_done(doc.path, unchanged=False)
 
-    def chunks_to_encode(self, keys, chunks, report: IngestReport, progress) -> list:
-        """The chunks the library does not hold yet; the others count as deduplicated."""
-        todo = []
-        for key, chunk in zip(keys, chunks):
-            report.tokens += len(chunk.token_ids)
-            if self.library.has(key, self.tenant):
+    def store_pieces(self, pieces: list[Piece], report: IngestReport, progress=None,
+                     overlap: Callable | None = None):
+        """Encode and store the pieces the library lacks; returns overlap()'s result.
+
+        A window of pieces is encoded while the previous window's blobs are written on the
+        library's writer thread, so memory stays two windows however many pieces there are.
+        `overlap` runs while the last window's blobs are written.
+        """
+        progress = progress or NullProgress()
+        todo = self.pieces_to_encode(pieces, report, progress)
+        held: dict = {}  # piece -> KV, for the last window's pieces (the next one's neighbours)
+        pending: list = []
+        try:
+            for window in token_windows(todo, WINDOW_TOKENS):
+                # finish_puts discards its own puts on any error, the finally below the rest
+                older, pending = pending, self.begin_window(window, held, report)
+                self.finish_chunks(older, report, progress)
+            result = overlap() if overlap else None
+            self.finish_chunks(pending, report, progress)
+        finally:
+            self.library.discard_puts([p for _, p in pending])  # after an error or Ctrl-C; else a no-op
+        return result
+
+    def pieces_to_encode(self, pieces: list[Piece], report: IngestReport, progress) -> list[Piece]:
+        """The pieces the library does not hold yet (each content once); the others count as deduplicated."""
+        todo, seen = [], set()
+        for piece in pieces:
+            key = self.key_of(piece.token_ids)
+            report.tokens += len(piece.token_ids)
+            if key.hex in seen or self.library.has(key, self.tenant):
                 report.chunks_dedup += 1
-                progress.chunk_done(len(chunk.token_ids), new=False)
+                progress.chunk_done(len(piece.token_ids), new=False)
             else:
-                todo.append(chunk)
+                seen.add(key.hex)
+                todo.append(piece)
         return todo
 
-    def begin_window(self, window: list, previous: dict, held: dict, report: IngestReport) -> list:
-        """Encode (packed) a window of chunks, score their drift and begin their puts on the
-        writer thread. Returns [(chunk, PendingPut)]; `held` becomes this window's KV."""
+    def drift_pairs(self, window: list[Piece], encoded: list, held: dict) -> list:
+        """(neighbour, chunk) per piece for drift_scores. The score is a property of the text,
+        always against the chunk behind E alone: in the sink encoding the KV just encoded is that
+        baseline and the neighbour's KV is reused when held; in another encoding both are
+        computed from ids (the first two layers behind E). A first piece follows the lead-in."""
+        lead, sink = self.engine.lead, self.encoding == "sink"
+        pairs = []
+        for piece, kv in zip(window, encoded):
+            before = piece.before
+            behind = lead if before is None else held.get(before, before.token_ids) if sink else before.token_ids
+            pairs.append((behind, kv if sink else kv.token_ids))
+        return pairs
+
+    def begin_window(self, window: list[Piece], held: dict, report: IngestReport) -> list:
+        """Encode (packed) a window of pieces, score their drift and begin their puts on the
+        writer thread. Returns [(piece, PendingPut)]; `held` becomes this window's KV."""
         lm, engine = self.engine.lm, self.engine
         t_encode = time.perf_counter()
-        encoded = engine.encode_many([c.token_ids for c in window])
+        encoded = engine.encode_many([p.token_ids for p in window], encoding=self.encoding)
         report.stage_s["encode"] += time.perf_counter() - t_encode
         t_drift = time.perf_counter()
-        held.update((c.index, kv) for c, kv in zip(window, encoded))
-        # Each chunk's neighbour is its KV from this encode when there is one, else its ids
-        # (first two layers computed); a document's first chunk follows the neutral lead-in.
-        behind = [engine.lead if (b := previous.get(c.index)) is None else held.get(b.index, b.token_ids)
-                  for c in window]
-        drifts = drift_scores(lm, engine.context, list(zip(behind, encoded)))
-        current = {c.index for c in window}
-        for index in [i for i in held if i not in current]:
-            del held[index]
+        held.update(zip(window, encoded))
+        drifts = drift_scores(lm, engine.context, self.drift_pairs(window, encoded, held))
+        current = set(window)
+        for piece in [p for p in held if p not in current]:
+            del held[piece]
         report.stage_s["drift"] += time.perf_counter() - t_drift
         t_write = time.perf_counter()
-        begun = [(chunk, self.library.put_begin(
-            tenant=self.tenant, public=self.public, model_fp=lm.fingerprint, context_id=engine.context_id,
-            token_ids=chunk.token_ids, k_sem=kv.k_sem, v=kv.v, text_preview=chunk.text, drift_score=drift,
-            background=True)) for chunk, kv, drift in zip(window, encoded, drifts)]
+        begun = [(piece, self.library.put_begin(
+            tenant=self.tenant, public=self.public, model_fp=lm.fingerprint, context_id=self.context_id,
+            token_ids=piece.token_ids, k_sem=kv.k_sem, v=kv.v, text_preview=piece.text, drift_score=drift,
+            background=True)) for piece, kv, drift in zip(window, encoded, drifts)]
         report.stage_s["write"] += time.perf_counter() - t_write
         return begun
 

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvlib.engine.session import Engine
+    from kvlib.retrieve.embed import Embedder
+    from kvlib.retrieve.index import VectorIndex
+    from kvlib.store.library import Library
 
 INDEX_DIR = "index"
 
@@ -11,10 +18,10 @@ INDEX_DIR = "index"
 @dataclass
 class Stack:
     home: Path
-    engine: object
-    library: object
-    index: object
-    embedder: object
+    engine: "Engine"
+    library: "Library"
+    index: "VectorIndex"
+    embedder: "Embedder"
 
     def close(self) -> None:
         self.index.close()

@@ -19,6 +19,12 @@ Design facts:
   sentences greedily within that paragraph only. A sentence over `max_tokens` is cut at the last
   word boundary that fits (at a character boundary inside one giant word), found by binary
   search on the tokenized length of the prefix, since token counts do not add across a cut.
+- The policy (`chunk_document`, the one entry point for documents and passages):
+  - a document's paragraphs under half the budget travel with their neighbours, so chunks
+    come out near `max_tokens` rather than one short paragraph each (min_tokens = max/2);
+  - a QA passage (a `ctxs` entry, DESIGN.md §4) that fits the budget is one chunk, its text
+    exactly as the data gives it, so every mode sees the data's own text; a longer one is
+    chunked as a document (`chunk_passage`).
 - Whitespace is normalised, nothing else is lost: line endings become '\\n', runs of blank
   lines become one paragraph separator, trailing spaces of a paragraph are dropped, and every
   paragraph, the last one included, ends with '\\n\\n' so the model sees the structure and
@@ -88,6 +94,19 @@ def chunk_text(text: str, tokenizer: Tokenizer, max_tokens: int = 256, min_token
     counter = _Counter(tokenizer)
     texts = _group_paragraphs(paragraphs(text), counter, max_tokens, min(min_tokens, max_tokens))
     return [TextChunk(text=t, token_ids=counter.ids(t), index=i) for i, t in enumerate(texts)]
+
+
+def chunk_document(text: str, tokenizer: Tokenizer, max_tokens: int = 256) -> list[TextChunk]:
+    """A document's chunks as the library stores them (see the policy above)."""
+    return chunk_text(text, tokenizer, max_tokens=max_tokens, min_tokens=max(1, max_tokens // 2))
+
+
+def chunk_passage(text: str, tokenizer: Tokenizer, max_tokens: int) -> list[tuple[int, ...]]:
+    """A QA passage's chunk ids: itself when it fits, else its document chunks."""
+    ids = tuple(tokenizer.encode(text, add_special_tokens=False))
+    if len(ids) <= max_tokens:
+        return [ids]
+    return [c.token_ids for c in chunk_document(text, tokenizer, max_tokens)]
 
 
 def paragraphs(text: str) -> list[str]:

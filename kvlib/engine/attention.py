@@ -1,0 +1,168 @@
+"""Attention of new tokens over a KV cache: one mask type, and the kernel each layout runs on.
+
+Design facts:
+- `Mask` is the one description of what new tokens see. Three layouts survive, each for a
+  reason:
+  - `causal`: T new tokens in the slots after P filled ones, each seeing every past slot
+    and the new tokens up to itself. Prefill, decode and encoding all are this.
+  - `packed`: several sequences in one forward, each behind the same P past slots (and
+    optionally a span of past slots only it sees), causal within itself and blind to the
+    others. Ingest packs chunks so the linear layers run on large matmuls; the drift
+    score packs chunk heads, each behind its own neighbour.
+  - `slots`: new tokens written at scattered slots of a filled cache, each seeing every
+    slot up to its own. Repair recomputes tokens in the middle of a prompt this way.
+- Kernels, chosen from the layout and sizes (measured on this project's CPU):
+  - one new token on CPU: two float32 matmuls (SDPA's bf16 kernel costs ~8x more for a
+    single query);
+  - causal with no past: SDPA's is_causal kernel;
+  - causal behind P <= T past slots: P zero queries padded in front so is_causal (aligned
+    top-left) gives each new token every past slot; the kernel skips masked blocks, where a
+    dense mask would compute all T x (P+T) scores (twice the work at P << T). Behind a
+    longer past the padding would cost more than it saves, and a dense mask is used;
+  - packed: the causal kernel per sequence, costing sum(n x (P + n)) instead of a dense
+    block-diagonal mask's T x (P + T);
+  - slots, and any layout whose probabilities are asked for: a dense boolean mask.
+- Shapes: q [1, H, T, D]; keys/values [Hkv, S, D]; grouped-query attention maps query head h
+  to KV head h // (H / Hkv).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True, eq=False)
+class Mask:
+    kind: str  # "causal", "packed" or "slots"
+    t_new: int = 0
+    t_past: int = 0
+    lengths: tuple[int, ...] = ()  # packed: each sequence's token count
+    own_past: tuple[tuple[int, int], ...] = ()  # packed: (first slot, count) of each sequence's own past
+    slots: torch.Tensor | None = None  # slots: the slot of each new token
+    total: int = 0  # slots: the cache slots attended over
+
+    @classmethod
+    def causal(cls, t_new: int, t_past: int) -> "Mask":
+        return cls("causal", t_new=t_new, t_past=t_past)
+
+    @classmethod
+    def packed(cls, lengths: tuple[int, ...], t_past: int, own_past: tuple = ()) -> "Mask":
+        return cls("packed", t_new=sum(lengths), t_past=t_past, lengths=tuple(lengths), own_past=tuple(own_past))
+
+    @classmethod
+    def at_slots(cls, slots: torch.Tensor, total: int) -> "Mask":
+        return cls("slots", t_new=int(slots.numel()), slots=slots, total=total)
+
+    @property
+    def first_new_slot(self) -> int:
+        """Packed: the slot of the first new token (after every shared and own past slot)."""
+        return max([self.t_past] + [a + n for a, n in self.own_past])
+
+    def seen_slots(self, i: int, start: int) -> list[slice]:
+        """Packed: the cache slots sequence i sees, in order; it starts at packed offset `start`."""
+        seen = [slice(0, self.t_past)] if self.t_past else []
+        if self.own_past:
+            a, n = self.own_past[i]
+            seen.append(slice(a, a + n))
+        new = self.first_new_slot + start
+        return seen + [slice(new, new + self.lengths[i])]
+
+    def dense(self, device) -> torch.Tensor:
+        """Bool [T, S]: True where a new token sees a slot."""
+        if self.kind == "causal":
+            return torch.ones(self.t_new, self.t_past + self.t_new, dtype=torch.bool, device=device).tril(
+                diagonal=self.t_past)
+        if self.kind == "slots":
+            return torch.arange(self.total, device=device)[None, :] <= self.slots.to(device)[:, None]
+        return self._packed_dense(device)
+
+    def _packed_dense(self, device) -> torch.Tensor:
+        total = sum(self.lengths)
+        mask = torch.zeros(total, self.first_new_slot + total, dtype=torch.bool, device=device)
+        start = 0
+        for i, n in enumerate(self.lengths):
+            *past, own = self.seen_slots(i, start)
+            for cols in past:
+                mask[start : start + n, cols] = True
+            mask[start : start + n, own] = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+            start += n
+        return mask
+
+
+def attention_probs(q, keys, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Explicit softmax(QK^T) for analysis. q: [1, H, T, D]; keys: [Hkv, S, D] -> [H, T, S]."""
+    rep = q.shape[1] // keys.shape[0]
+    kk = keys.repeat_interleave(rep, dim=0).to(torch.float32)
+    scores = torch.einsum("htd,hsd->hts", q[0].to(torch.float32), kk) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def single_query_attention(q, keys, values, scale: float) -> torch.Tensor:
+    """One new token over every slot, float32 inside. q: [1, H, 1, D] -> [1, H, 1, D].
+
+    On CPU, SDPA's kernel costs ~8x more than these two matmuls for a single bf16 query
+    (2.1 vs 0.25 ms per layer at 2.6k slots, one thread), so decoding uses this path there.
+    """
+    hkv, group = keys.shape[0], q.shape[1] // keys.shape[0]
+    qg = q[0].reshape(hkv, group, q.shape[3]).float()
+    scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [Hkv, G, S]
+    out = torch.matmul(scores.softmax(dim=-1), values.float())  # [Hkv, G, D]
+    return out.to(q.dtype).reshape(1, q.shape[1], 1, q.shape[3])
+
+
+def sdpa(q, keys, values, scale: float, *, mask: torch.Tensor | None = None, causal: bool = False):
+    return F.scaled_dot_product_attention(q, keys[None], values[None], attn_mask=mask, is_causal=causal,
+                                          scale=scale, enable_gqa=True)
+
+
+def causal_behind(q, keys, values, t_past: int, scale: float):
+    """T new queries over t_past past slots and, causally, themselves. keys/values: [Hkv, P+T, D]."""
+    t = q.shape[2]
+    if t_past > t:  # padding would cost more than it saves: a dense mask for these few queries
+        return sdpa(q, keys, values, scale, mask=Mask.causal(t, t_past).dense(q.device))
+    if t_past:
+        q = torch.cat([q.new_zeros(1, q.shape[1], t_past, q.shape[3]), q], dim=2)
+    return sdpa(q, keys, values, scale, causal=True)[:, :, t_past:]
+
+
+def packed_attention(q, keys, values, mask: Mask, scale: float):
+    parts, start = [], 0
+    for i, n in enumerate(mask.lengths):
+        seen = mask.seen_slots(i, start)
+        k_seq = torch.cat([keys[:, s] for s in seen], dim=1) if len(seen) > 1 else keys[:, seen[0]]
+        v_seq = torch.cat([values[:, s] for s in seen], dim=1) if len(seen) > 1 else values[:, seen[0]]
+        parts.append(causal_behind(q[:, :, start : start + n], k_seq, v_seq, k_seq.shape[1] - n, scale))
+        start += n
+    return torch.cat(parts, dim=2)
+
+
+def attend(q, keys, values, mask: Mask, scale: float, want_probs: bool = False):
+    """Attention output [1, H, T, D] and, when asked, probabilities [H, T, S]."""
+    t = q.shape[2]
+    if want_probs or mask.kind == "slots":  # the probabilities need the mask itself
+        dense = mask.dense(q.device)
+        if mask.kind == "causal" and mask.t_past == 0 and t > 1:
+            out = sdpa(q, keys, values, scale, causal=True)
+        elif mask.kind == "causal" and t == 1:
+            out = _one_query(q, keys, values, scale)
+        else:
+            out = sdpa(q, keys, values, scale, mask=dense)
+        return out, attention_probs(q, keys, dense, scale) if want_probs else None
+    if mask.kind == "packed":
+        return packed_attention(q, keys, values, mask, scale), None
+    if t == 1:
+        return _one_query(q, keys, values, scale), None
+    if mask.t_past == 0:
+        return sdpa(q, keys, values, scale, causal=True), None
+    return causal_behind(q, keys, values, mask.t_past, scale), None
+
+
+def _one_query(q, keys, values, scale: float):
+    if q.device.type == "cpu":
+        return single_query_attention(q, keys, values, scale)
+    return sdpa(q, keys, values, scale)

@@ -1,0 +1,121 @@
+"""The one door: every real path (query, bench, doctor) goes through Engine.answer, and a
+mode name resolves to the same spec in every command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvlib.engine.session import Engine
+from kvlib.engine.spec import ALL_MODES, ModeSpec, parse_mode, parse_modes
+from kvlib.errors import InputError
+from tiny_models import random_ids, tiny_lm
+
+
+def tiny_engine(family: str, n_context: int) -> Engine:
+    """An Engine around a tiny random model (no tokenizer): E is n_context random ids."""
+    from kvlib.engine.prompt import PromptTemplate
+
+    lm, _ = tiny_lm(family, "default")
+    return Engine(lm, PromptTemplate(context_ids=tuple(random_ids(n_context, 1).tolist()), suffix_text=""))
+
+
+class AnswerSpy:
+    """Wraps the real Engine.answer (it still runs) and records each call's spec and result."""
+
+    def __init__(self, monkeypatch):
+        self.calls, real = [], Engine.answer
+
+        def spy(engine, spec, *args, **kwargs):
+            gen = real(engine, spec, *args, **kwargs)
+            self.calls.append((spec, gen))
+            return gen
+
+        monkeypatch.setattr(Engine, "answer", spy)
+
+
+@pytest.mark.slow
+def test_kvlib_query_answers_through_engine_answer(ingested_home, kvlib_cli, monkeypatch):
+    spy = AnswerSpy(monkeypatch)
+    result = kvlib_cli("query", "How many arches does the Skelder Viaduct have?", "--home", ingested_home[0],
+                       "--k", 2, "--json", "--dtype", "float32", "--max-new-tokens", 4)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert len(spy.calls) == 1, "query must make exactly one pass through the door"
+    spec, gen = spy.calls[0]
+    assert out["spec"] == spec.as_dict() and out["tokens"] == gen.tokens and out["ttft_s"] == gen.ttft_s
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_query_json_reports_the_resolved_spec_of_every_mode(mode, ingested_home, kvlib_cli, smol_engine):
+    """The same mode name resolves to the same spec in query as in bench (tested there on the same names)."""
+    question = "How many arches does the Skelder Viaduct have?"
+    result = kvlib_cli("query", question, "--home", ingested_home[0], "--k", 2, "--mode", mode, "--json",
+                       "--dtype", "float32", "--max-new-tokens", 2)
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["spec"] == parse_mode(mode).as_dict() and out["mode"] == parse_mode(mode).name
+    t = out["tokens"]
+    assert t["computed"] >= len(smol_engine.suffix_ids(question)), t
+    if parse_mode(mode).base == "full":
+        assert t["cached"] == t["recomputed"] == 0, t
+
+
+def test_bench_mode_runner_and_doctor_answer_through_the_door(monkeypatch):
+    from kvlib.bench.modes import ModeRunner, PromptItem
+    from kvlib.engine.doctor import time_ttft
+
+    engine = tiny_engine("llama", 4)
+    spy = AnswerSpy(monkeypatch)
+    chunks = [engine.encode(random_ids(n, n)) for n in (6, 9)]
+    time_ttft(engine, chunks, "rerope", random_ids(3, 2).tolist())
+    assert [s.name for s, _ in spy.calls] == ["rerope+sink"]
+    item = PromptItem("r", "given", [c.token_ids.tolist() for c in chunks], {}, random_ids(3, 2).tolist(),
+                      [5, 6], ("x",))
+    ModeRunner(engine, library=None, max_new_tokens=2).run(item, parse_mode("full"))
+    assert [s.name for s, _ in spy.calls] == ["rerope+sink", "full"]
+
+
+def test_answer_accounting_adds_up_and_a_miss_is_computed_in_context():
+    """A chunk without KV is computed in context: the result equals full recompute exactly."""
+    from kvlib.engine.compose import ChunkKV
+
+    engine = tiny_engine("qwen2", 5)
+    ids = [random_ids(n, 10 + n) for n in (7, 11, 5)]
+    chunks = [engine.encode(i) for i in ids]
+    suffix = random_ids(4, 9).tolist()
+    full = engine.answer(parse_mode("full"), chunks, suffix_ids=suffix, max_new_tokens=1)
+    assert full.tokens == {"cached": 0, "recomputed": 0, "computed": 5 + 23 + 4}
+    # every chunk a miss: all computed in context, which is full recompute
+    misses = [ChunkKV(i, None, None) for i in ids]
+    allmiss = engine.answer(parse_mode("rerope"), misses, suffix_ids=suffix, max_new_tokens=1)
+    torch.testing.assert_close(allmiss.first_logits, full.first_logits, atol=1e-4, rtol=1e-4)
+    assert allmiss.tokens == {"cached": 5, "recomputed": 0, "computed": 23 + 4}, "E is cached, misses computed"
+    mixed = engine.answer(parse_mode("rerope+boundary:3"), [chunks[0], misses[1], chunks[2]], suffix_ids=suffix,
+                          max_new_tokens=1)
+    assert mixed.tokens == {"cached": 5 + 7 + 5 - 3, "recomputed": 3, "computed": 11 + 4}, mixed.tokens
+    assert sum(mixed.tokens.values()) == 5 + 23 + 4
+
+
+@pytest.mark.parametrize("name, spec", [
+    ("rerope", ModeSpec("rerope", "sink")), ("rerope+bare", ModeSpec("rerope", "bare")),
+    ("naive+lead", ModeSpec("naive", "lead")), ("rerope+auto:0.7", ModeSpec("rerope", "sink", "auto:0.7")),
+    ("rerope+lead+boundary:8+query:0.05", ModeSpec("rerope", "lead", "boundary:8+query:0.05")),
+    ("full", ModeSpec("full", "sink")), ("prefix", ModeSpec("prefix", "sink")),
+])
+def test_one_grammar(name, spec):
+    assert parse_mode(name) == spec and parse_mode(spec.name) == spec, "the canonical name parses back"
+
+
+@pytest.mark.parametrize("bad", ["sideways", "full+auto", "prefix+bare", "rerope+sink+lead", "rerope+blend:2"])
+def test_bad_modes_are_refused(bad):
+    with pytest.raises(InputError, match="unknown"):
+        parse_mode(bad)
+
+
+def test_all_modes_are_distinct_specs():
+    assert len(parse_modes("all")) == len(ALL_MODES)
+    assert parse_modes("rerope,rerope+sink,full") == [ModeSpec("rerope", "sink"), ModeSpec("full", "sink")]
