@@ -7,7 +7,7 @@ import torch
 
 from kvlib.engine.rope import apply_rope, rope_spec_from_rotary, rotate, unapply_rope
 from kvlib.errors import UnsupportedModelError
-from tiny_models import ROPE_TYPES, tiny_hf
+from tiny_models import ROPE_TYPES, tiny_hf, tiny_lm
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
@@ -82,3 +82,17 @@ def test_unsupported_family_is_refused():
     hf = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=50))
     with pytest.raises(UnsupportedModelError, match="supported: llama, mistral, qwen2, qwen3"):
         wrap_model(hf, None, name="gpt2", dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_in_place_rotation_is_bit_identical_to_apply_rope(dtype):
+    """compose rotates cache slots in place, layer by layer: the same bits as the out-of-place formula."""
+    from kvlib.engine.rope import apply_rope_
+
+    lm, _ = tiny_lm("llama", "yarn")
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, lm.n_kv_heads, 37, lm.head_dim, generator=g).to(dtype)
+    pos = torch.randint(0, 9000, (37,), generator=g)
+    expected = apply_rope(k, pos, lm.rope)
+    apply_rope_(k, pos, lm.rope)
+    assert torch.equal(k, expected)

@@ -57,6 +57,12 @@ class KVCache:
         self.k[layer, :, slots] = k_rot.to(self.k.dtype)
         self.v[layer, :, slots] = v.to(self.v.dtype)
 
+    def rotate(self, start: int, positions: torch.Tensor, rope) -> None:
+        """Rotate the pre-RoPE keys in slots [start, start + len(positions)) of every layer, in place."""
+        from kvlib.engine.rope import apply_rope_
+
+        apply_rope_(self.k[:, :, start : start + positions.shape[0]], positions, rope)
+
     def layer(self, layer: int, end: int | None = None):
         """Views of one layer's keys and values over slots [0, end) (default: the filled ones)."""
         end = self.length if end is None else end

@@ -90,6 +90,20 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torc
     return _rotate_f32(x, positions, spec, spec.attention_scaling)
 
 
+def apply_rope_(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> None:
+    """apply_rope in place on x: [L, ..., T, D] (a cache's slots), one leading index at a time.
+
+    The same arithmetic as apply_rope (float32 products, one rounding back), so the same
+    bits; but the float32 temporaries are one layer's, not the whole tensor's, which keeps
+    them in cache, and the result lands where it is used instead of being copied there.
+    """
+    cos, sin = _TABLES.get(spec, positions, x.device)
+    cos, sin = cos * spec.attention_scaling, sin * spec.attention_scaling
+    for part in x:  # views
+        xf = part.to(torch.float32)
+        part.copy_(xf * cos + rotate_half(xf) * sin)
+
+
 def rotate(x: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
     """Pure rotation by `delta` positions, no attention scaling: re-anchors rotated keys."""
     return _rotate_f32(x, delta, spec, 1.0)
