@@ -1,0 +1,115 @@
+"""`kvlib replay`, `kvlib replay-sessions`, `kvlib replay-synth`: parse, call kvlib.replay, render."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from kvlib.cli.common import HomeOpt, JsonOpt, ModelOpt, console, err_console, print_json
+
+TracesArg = Annotated[list[Path], typer.Argument(help="Trace files (JSONL, or .gz): OpenAI request logs or segment traces.")]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for replay.json, replay.md and the plots.")]
+
+
+@contextlib.contextmanager
+def _progress():
+    """Rich progress on a terminal; one plain line every 30 s in a log."""
+    if not err_console.is_terminal:
+        from kvlib.cli.common import LogProgress
+
+        log = LogProgress()
+        last = [0]
+
+        def report(n: int, tokens: int) -> None:
+            log("requests", n - last[0])
+            last[0] = n
+
+        yield report
+        return
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err_console,
+                  transient=True) as bar:
+        task = bar.add_task("replaying", total=None)
+
+        def report(n: int, tokens: int) -> None:
+            bar.update(task, description=f"replaying: {n:,} requests, {tokens:,} prompt tokens")
+
+        yield report
+
+
+def _render(result: dict, out: Path) -> None:
+    t, b = result["total"], result["baseline_fixed256"]
+    console.print(f"[bold]{t['requests']:,}[/] requests, {t['tokens']:,} prompt tokens: "
+                  f"prefix {100 * t['prefix_share']:.1f}%, library beyond prefix {100 * t['library_share']:.1f}%, "
+                  f"new {100 * t['new_share']:.1f}% (fixed 256-token chunks beyond prefix "
+                  f"{100 * b['share_beyond_prefix']:.1f}%)")
+    for i in result["inputs"]:
+        if i["malformed"]:
+            console.print(f"[yellow]{Path(i['path']).name}: {i['malformed']} malformed lines skipped[/] "
+                          f"({'; '.join(i['malformed_examples'][:2])})", highlight=False)
+    console.print(f"report: {out / 'replay.md'}")
+
+
+def replay_command(
+    traces: TracesArg,
+    out: OutOpt,
+    capacity: Annotated[Optional[str], typer.Option("--capacity", help="Library budget, the same for the prefix cache: bytes (2GiB, 500MB) or tokens (200000tok).")] = None,
+    policy: Annotated[str, typer.Option("--policy", help="Library eviction: lru or cost (GreedyDual-Size-Frequency).")] = "lru",
+    sweep: Annotated[bool, typer.Option("--sweep", help="Capacity curves from 1% to 100% of the unique bytes, LRU and cost-aware against prefix caching.")] = False,
+    live: Annotated[Optional[str], typer.Option("--live", help="Base URL of a running kvlib serve (e.g. http://127.0.0.1:8000/v1): send the requests and compare cached tokens.")] = None,
+    no_cost: Annotated[bool, typer.Option("--no-cost", help="Skip the savings (no model load or cost measurement).")] = False,
+    json_out: JsonOpt = False,
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """How much of a trace prefix caching and the library would serve, and what that saves."""
+    from kvlib.config import resolve_home
+    from kvlib.replay.api import replay
+
+    with _progress() as progress:
+        result = replay(traces, out=out, home=resolve_home(home), model=model, capacity=capacity, policy=policy,
+                        sweep=sweep, live=live, costs=not no_cost, progress=progress,
+                        note=lambda msg: err_console.print(msg, highlight=False))
+    if json_out:
+        print_json({k: v for k, v in result.items() if k not in ("timeline",)})
+    else:
+        _render(result, out)
+
+
+def sessions_command(
+    out: Annotated[Path, typer.Argument(help="Output JSONL of OpenAI-form requests.")],
+    hotpotqa: Annotated[Optional[Path], typer.Option("--hotpotqa", help="HotpotQA qa file (JSON list).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option("--corpus", help="Folder of text/markdown documents.")] = None,
+    sessions: Annotated[int, typer.Option("--sessions", help="Sessions per source.")] = 40,
+    turns: Annotated[int, typer.Option("--turns", help="Turns per session.")] = 4,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Build multi-turn RAG sessions whose documents accumulate and reorder across turns."""
+    from kvlib.cli.common import require_paths
+    from kvlib.replay.sessions import SessionSpec, write_sessions
+
+    require_paths([p for p in (hotpotqa, corpus) if p is not None])
+    n = write_sessions(out, SessionSpec(hotpotqa=hotpotqa, corpus=corpus, sessions=sessions, turns=turns, seed=seed))
+    console.print(f"{n} requests written to {out}")
+
+
+def synth_command(
+    out: Annotated[Path, typer.Argument(help="Output segment trace (JSONL).")],
+    tokens: Annotated[int, typer.Option("--tokens", help="Prompt tokens in all.")] = 50_000_000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Write a large synthetic segment trace (for memory and speed checks)."""
+    from kvlib.replay.sessions import write_synthetic_segments
+
+    n = write_synthetic_segments(out, tokens, seed)
+    console.print(f"{n} requests written to {out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("replay")(replay_command)
+    app.command("replay-sessions")(sessions_command)
+    app.command("replay-synth")(synth_command)
