@@ -4,8 +4,8 @@ Design facts:
 - Every measurement goes through `kvlib.engine`'s public functions (Engine.compose,
   generate.prefill, Engine.encode_many, engine.repair.parse_repair); this is the one module
   that touches the engine, so an engine redesign changes only this file.
-- Full prefill time is fitted as t(n) = a*n + c*n^2 (dense work per token, attention per
-  pair) from medians at several lengths. Computing m tokens whose context reaches n costs
+- Full prefill time is fitted as t(n) = t0 + a*n + c*n^2 (fixed cost, dense work per token,
+  attention per pair) from medians at several lengths. Computing m tokens whose context reaches n costs
   a*m + c*(n^2 - (n - m)^2) when they are the prompt's tail (prefix caching), and
   a*m + c*m*(n + p) when they are spread between the cached prefix p and n (misses sit between hits).
 - A library hit costs its tokens times (load + rotation + repair) seconds per token. Load is
@@ -33,6 +33,7 @@ CHUNK_TOKENS, N_CHUNKS = 256, 4  # the composed prompt that rotation and repair 
 
 @dataclass(frozen=True)
 class CostModel:
+    t0: float  # seconds of fixed cost per request (the same whatever is cached)
     a: float  # seconds per token of dense work
     c: float  # seconds per (token, context token) pair, over 2
     load_s_per_token: float
@@ -44,18 +45,18 @@ class CostModel:
     label: str  # what this model is: the machine and model measured, or a projection
 
     def full_s(self, n: int) -> float:
-        return self.a * n + self.c * n * n
+        return self.t0 + self.a * n + self.c * n * n
 
     def tail_s(self, n: int, cached_prefix: int) -> float:
         m = n - cached_prefix
-        return self.a * m + self.c * (n * n - cached_prefix * cached_prefix)
+        return self.t0 + self.a * m + self.c * (n * n - cached_prefix * cached_prefix)
 
     def kvlib_s(self, n: int, prefix: int, library: int) -> float:
         """Prefix cached at the head, library hits placed, the rest computed in place."""
         m = n - prefix - library
         hit = library * (self.load_s_per_token + self.rotate_s_per_token + self.repair_s_per_token)
         spread = self.a * m + self.c * m * (n + prefix)  # misses sit between prefix end and n
-        return spread + hit
+        return self.t0 + spread + hit
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -92,19 +93,19 @@ def measure_prefill(engine, lengths=LENGTHS) -> list[float]:
     return out
 
 
-def fit_prefill(lengths, seconds) -> tuple[float, float]:
-    """Least squares for t = a*n + c*n^2 (no intercept: a zero-length prefill costs nothing)."""
-    s11 = sum(n * n for n in lengths)
-    s12 = sum(n ** 3 for n in lengths)
-    s22 = sum(n ** 4 for n in lengths)
-    b1 = sum(n * t for n, t in zip(lengths, seconds))
-    b2 = sum(n * n * t for n, t in zip(lengths, seconds))
-    det = s11 * s22 - s12 * s12
-    a = (b1 * s22 - b2 * s12) / det
-    c = (s11 * b2 - s12 * b1) / det
-    if c < 0:  # attention too cheap to resolve at these lengths: fall back to linear
-        a, c = b1 / s11, 0.0
-    return a, c
+def fit_prefill(lengths, seconds) -> tuple[float, float, float]:
+    """Least squares for t = t0 + a*n + c*n^2; c is clamped at 0 (attention too cheap to resolve at
+    these lengths) and a, t0 refitted, so the model never predicts cheaper long prompts."""
+    import numpy as np
+
+    n, t = np.asarray(lengths, dtype=float), np.asarray(seconds, dtype=float)
+    (t0, a, c), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n, n * n], 1), t, rcond=None)
+    if c < 0:
+        (t0, a), *_ = np.linalg.lstsq(np.stack([np.ones_like(n), n], 1), t, rcond=None)
+        c = 0.0
+    if t0 < 0 or a <= 0:  # noise swamped the fixed cost: a line through the origin
+        t0, a, c = 0.0, float((n * t).sum() / (n * n).sum()), 0.0
+    return float(t0), float(a), float(c)
 
 
 def measure_hit_costs(engine, work_dir: Path, repair: str = DEFAULT_REPAIR) -> tuple[float, float, float]:
@@ -137,10 +138,10 @@ def measure_hit_costs(engine, work_dir: Path, repair: str = DEFAULT_REPAIR) -> t
 
 def measure_cost_model(engine, work_dir: Path, lengths=LENGTHS) -> CostModel:
     seconds = measure_prefill(engine, lengths)
-    a, c = fit_prefill(lengths, seconds)
+    t0, a, c = fit_prefill(lengths, seconds)
     load, rotate, repair = measure_hit_costs(engine, work_dir)
     dtype = str(engine.lm.dtype).replace("torch.", "")
-    return CostModel(a=a, c=c, load_s_per_token=load, rotate_s_per_token=rotate, repair_s_per_token=repair,
+    return CostModel(t0=t0, a=a, c=c, load_s_per_token=load, rotate_s_per_token=rotate, repair_s_per_token=repair,
                      repair=DEFAULT_REPAIR, lengths=tuple(lengths),
                      prefill_tok_s=tuple(n / t for n, t in zip(lengths, seconds)),
                      label=f"measured: {engine.lm.name} {dtype} on {engine.lm.device} of this machine")
@@ -189,7 +190,7 @@ def projected_cost_model(measured: CostModel, shape: ModelShape = LLAMA31_8B, gp
     c = 0.5 * shape.attn_flops_per_ctx_token / rate  # causal: each pair counted once, half the square
     repair_share = measured.repair_s_per_token / measured.a if measured.a > 0 else 0.0
     bkv = shape.kv_bytes_per_token
-    return CostModel(a=a, c=c, load_s_per_token=bkv / gpu.link_bytes_s, rotate_s_per_token=2 * bkv / gpu.hbm_bytes_s,
+    return CostModel(t0=0.0, a=a, c=c, load_s_per_token=bkv / gpu.link_bytes_s, rotate_s_per_token=2 * bkv / gpu.hbm_bytes_s,
                      repair_s_per_token=repair_share * a, repair=measured.repair, lengths=measured.lengths,
                      prefill_tok_s=tuple(n / (a * n + c * n * n) for n in measured.lengths),
                      label=f"projection: {shape.name} bf16 on {gpu.name} at {gpu.flops / 1e12:.0f} TFLOP/s x "

@@ -83,7 +83,7 @@ def _savings_md(result: dict) -> list[str]:
                          f"{s['ttft_kvlib_ms_per_request']:.1f} | {_pct(s['compute_saved_vs_prefix'])} | {s['saved_vs_prefix_s']:.1f} s |")
     cm = sv["measured_model"]
     lines += ["", f"Measured here: prefill {', '.join(f'{n}: {r:.0f} tok/s' for n, r in zip(cm['lengths'], cm['prefill_tok_s']))}; "
-              f"t(n) = {cm['a']:.3e}*n + {cm['c']:.3e}*n^2 s; per cached token: load {cm['load_s_per_token'] * 1e6:.2f} us, "
+              f"t(n) = {cm['t0']:.3f} + {cm['a']:.3e}*n + {cm['c']:.3e}*n^2 s; per cached token: load {cm['load_s_per_token'] * 1e6:.2f} us, "
               f"rotation {cm['rotate_s_per_token'] * 1e6:.2f} us, repair `{cm['repair']}` {cm['repair_s_per_token'] * 1e6:.2f} us.",
               "", f"Projection formula: {sv['projection_formula']}."]
     return lines
