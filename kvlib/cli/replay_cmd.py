@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvlib.cli.common import HomeOpt, JsonOpt, ModelOpt, console, err_console, print_json
+from kvlib.cli.common import HomeOpt, JsonOpt, ModelOpt, console, err_console, fail, print_json
 
 TracesArg = Annotated[list[Path], typer.Argument(help="Trace files (JSONL, or .gz): OpenAI request logs or segment traces.")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for replay.json, replay.md and the plots.")]
@@ -68,12 +68,16 @@ def replay_command(
 ) -> None:
     """How much of a trace prefix caching and the library would serve, and what that saves."""
     from kvlib.config import resolve_home
+    from kvlib.errors import KvlibError
     from kvlib.replay.api import replay
 
-    with _progress() as progress:
-        result = replay(traces, out=out, home=resolve_home(home), model=model, capacity=capacity, policy=policy,
-                        sweep=sweep, live=live, costs=not no_cost, progress=progress,
-                        note=lambda msg: err_console.print(msg, highlight=False))
+    try:
+        with _progress() as progress:
+            result = replay(traces, out=out, home=resolve_home(home), model=model, capacity=capacity, policy=policy,
+                            sweep=sweep, live=live, costs=not no_cost, progress=progress,
+                            note=lambda msg: err_console.print(msg, highlight=False))
+    except KvlibError as exc:
+        raise fail(str(exc))
     if json_out:
         print_json({k: v for k, v in result.items() if k not in ("timeline",)})
     else:
@@ -92,8 +96,13 @@ def sessions_command(
     from kvlib.cli.common import require_paths
     from kvlib.replay.sessions import SessionSpec, write_sessions
 
-    require_paths([p for p in (hotpotqa, corpus) if p is not None])
-    n = write_sessions(out, SessionSpec(hotpotqa=hotpotqa, corpus=corpus, sessions=sessions, turns=turns, seed=seed))
+    from kvlib.errors import KvlibError
+
+    try:
+        require_paths([p for p in (hotpotqa, corpus) if p is not None])
+        n = write_sessions(out, SessionSpec(hotpotqa=hotpotqa, corpus=corpus, sessions=sessions, turns=turns, seed=seed))
+    except KvlibError as exc:
+        raise fail(str(exc))
     console.print(f"{n} requests written to {out}")
 
 
