@@ -29,7 +29,6 @@ from kvlib.errors import InputError
 _SCAFFOLD = re.compile(r"^[ \t]*Document \[\d+\]\s*\(Title:[^\n]*?\)[ \t]*|</?document\b[^>\n]*>", re.M | re.I)
 _BLANK = re.compile(r"\n[ \t]*\n\s*")
 _HEADING = re.compile(r"^#{1,6}[ \t]", re.M)
-_GEAR_WINDOW = 64  # tokens: a 64-bit gear hash forgets a token after 64 shifts
 
 
 @dataclass(frozen=True)
@@ -52,12 +51,17 @@ class SegmentPolicy:
     min_tokens: int = 32
     avg_tokens: int = 256
     max_tokens: int = 1024
+    # Tokens a CDC cut decision looks back at. Short, so that cut points resynchronise soon after
+    # the text around a passage changes (byte-level CDC looks back 32-64 bytes, a dozen tokens).
+    cdc_window: int = 16
     part_separator: str = field(default="\n")  # joins a message's text parts, as vLLM does
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_tokens < self.avg_tokens < self.max_tokens:
             raise InputError(f"segment policy needs 1 <= min < avg < max tokens, got "
                              f"{self.min_tokens}/{self.avg_tokens}/{self.max_tokens}")
+        if not self.mask_bits <= self.cdc_window <= 64:
+            raise InputError(f"cdc_window must be {self.mask_bits}..64 tokens, got {self.cdc_window}")
 
     @property
     def mask_bits(self) -> int:
@@ -223,8 +227,9 @@ def cdc_lengths(token_ids: Sequence[int], policy: SegmentPolicy = DEFAULT_POLICY
     """Content-defined piece lengths over token ids (gear hash, FastCDC-style min/avg/max).
 
     Each piece is min..max tokens, except that the last may be shorter than min. A cut
-    candidate is a token whose 64-token gear hash has its top `mask_bits` bits zero, so cut
-    points depend only on nearby content and resynchronise after an insertion."""
+    candidate is a token whose gear hash over the last `cdc_window` tokens has its top
+    `mask_bits` bits (of those window bits) zero, so cut points depend only on nearby content
+    and resynchronise after an insertion."""
     import numpy as np
 
     n = len(token_ids)
@@ -232,9 +237,12 @@ def cdc_lengths(token_ids: Sequence[int], policy: SegmentPolicy = DEFAULT_POLICY
         return [n] if n else []
     g = _gear_table()[np.asarray(token_ids, dtype=np.int64) & 0xFFFF]
     h = np.zeros(n, dtype=np.uint64)
-    for j in range(min(_GEAR_WINDOW, n)):  # h[i] = sum_j g[i-j] << j, the gear hash unrolled
+    w = policy.cdc_window
+    for j in range(min(w, n)):  # h[i] = sum_j g[i-j] << j, the gear hash unrolled
         h[j:] += g[: n - j] << np.uint64(j)
-    candidates = np.flatnonzero((h >> np.uint64(64 - policy.mask_bits)) == 0) + 1  # cut after token i
+    # Bit k of h depends on the last k+1 tokens only: bits w-mask_bits .. w-1 see exactly the window.
+    top = (h >> np.uint64(w - policy.mask_bits)) & np.uint64((1 << policy.mask_bits) - 1)
+    candidates = np.flatnonzero(top == 0) + 1  # cut after token i
     return _pick_cuts(candidates.tolist(), n, policy)
 
 

@@ -62,6 +62,7 @@ def replay_command(
     sweep: Annotated[bool, typer.Option("--sweep", help="Capacity curves from 1% to 100% of the unique bytes, LRU and cost-aware against prefix caching.")] = False,
     live: Annotated[Optional[str], typer.Option("--live", help="Base URL of a running kvlib serve (e.g. http://127.0.0.1:8000/v1): send the requests and compare cached tokens.")] = None,
     no_cost: Annotated[bool, typer.Option("--no-cost", help="Skip the savings (no model load or cost measurement).")] = False,
+    segment: Annotated[str, typer.Option("--segment", help="Segmentation policy MIN/AVG/MAX[/WINDOW] tokens (see docs/replay.md).")] = "32/256/1024/16",
     json_out: JsonOpt = False,
     model: ModelOpt = None,
     home: HomeOpt = None,
@@ -75,6 +76,7 @@ def replay_command(
         with _progress() as progress:
             result = replay(traces, out=out, home=resolve_home(home), model=model, capacity=capacity, policy=policy,
                             sweep=sweep, live=live, costs=not no_cost, progress=progress,
+                            segment_policy=parse_policy(segment),
                             note=lambda msg: err_console.print(msg, highlight=False))
     except KvlibError as exc:
         raise fail(str(exc))
@@ -118,7 +120,55 @@ def synth_command(
     console.print(f"{n} requests written to {out}")
 
 
+def parse_policy(text: str):
+    """'MIN/AVG/MAX[/WINDOW]' token counts as a SegmentPolicy."""
+    from kvlib.errors import InputError
+    from kvlib.segment import DEFAULT_POLICY, SegmentPolicy
+
+    try:
+        parts = [int(x) for x in text.split("/")]
+        if len(parts) not in (3, 4):
+            raise ValueError(text)
+    except ValueError:
+        raise InputError(f"segment policy {text!r}: give MIN/AVG/MAX[/WINDOW] token counts, e.g. 32/256/1024/16") from None
+    window = parts[3] if len(parts) == 4 else DEFAULT_POLICY.cdc_window
+    return SegmentPolicy(min_tokens=parts[0], avg_tokens=parts[1], max_tokens=parts[2], cdc_window=window)
+
+
+def segstats_command(
+    passages: Annotated[Path, typer.Argument(help="HotpotQA pooled corpus (JSON object title -> sentences).")],
+    policies: Annotated[list[str], typer.Option("--policy", help="MIN/AVG/MAX[/WINDOW]; repeat to compare.")] = ["32/256/1024/16"],
+    trials: Annotated[int, typer.Option("--trials")] = 60,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    json_out: JsonOpt = False,
+    model: ModelOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Measure segmentation policies: is a passage found again when renumbered, reformatted or embedded?"""
+    from kvlib.config import resolve_home
+    from kvlib.errors import KvlibError
+    from kvlib.replay.segstats import CASES, hotpot_passages, measure_policy
+    from kvlib.replay.shape import load_tokenizer_and_shape
+
+    try:
+        pols = [parse_policy(p) for p in policies]
+        tokenizer = load_tokenizer_and_shape(model, resolve_home(home))[0]
+        pool = hotpot_passages(passages)
+        rows = [measure_policy(tokenizer, pool, p, trials, seed) for p in pols]
+    except (KvlibError, OSError, ValueError) as exc:
+        raise fail(str(exc))
+    if json_out:
+        print_json(rows)
+        return
+    for r in rows:
+        p = r["policy"]
+        found = ", ".join(f"{c} {100 * r['found'][c]:.0f}%" for c in CASES)
+        console.print(f"{p['min_tokens']}/{p['avg_tokens']}/{p['max_tokens']}/{p['cdc_window']}: found again {found}; "
+                      f"{r['segments_per_prompt']:.1f} segments/prompt, reusable mean {r['mean_reusable_tokens']:.0f} tokens")
+
+
 def register(app: typer.Typer) -> None:
+    app.command("replay-segstats")(segstats_command)
     app.command("replay")(replay_command)
     app.command("replay-sessions")(sessions_command)
     app.command("replay-synth")(synth_command)

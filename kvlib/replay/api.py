@@ -11,6 +11,7 @@ from kvlib.errors import InputError
 from kvlib.replay.run import ReplayConfig, run_replay
 from kvlib.replay.shape import SMOLLM2, ModelShape, load_tokenizer_and_shape
 from kvlib.replay.traces import OPENAI, detect_form
+from kvlib.segment import DEFAULT_POLICY
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -72,7 +73,7 @@ def add_savings(result: dict, accountant, model: str | None, home: Path, progres
 
 def replay(paths: list[Path], *, out: Path, home: Path, model: str | None = None, capacity: str | None = None,
            policy: str = "lru", sweep: bool = False, live: str | None = None, costs: bool = True,
-           progress=None, note=None) -> dict:
+           progress=None, note=None, segment_policy=None) -> dict:
     """Account `paths`, write replay.json, replay.md and the plots into `out`; return the result."""
     from kvlib.replay.policies import POLICIES
     from kvlib.replay.report import write_json, write_markdown
@@ -82,16 +83,17 @@ def replay(paths: list[Path], *, out: Path, home: Path, model: str | None = None
     tokenizer, shape, context, shape_source = resolve_model(paths, model, home)
     cap = parse_capacity(capacity, shape.kv_bytes_per_token)
     out.mkdir(parents=True, exist_ok=True)
-    config = ReplayConfig(capacity_tokens=cap.tokens if cap else None, policy=policy, sweep=sweep)
+    config = ReplayConfig(capacity_tokens=cap.tokens if cap else None, policy=policy, sweep=sweep,
+                          segment_policy=segment_policy or DEFAULT_POLICY)
     result, main = run_replay(paths, tokenizer=tokenizer, shape=shape, config=config, work_dir=out, progress=progress)
     result["model"] = {**shape.as_dict(), "shape_source": shape_source, "context": context}
     result["config"] = {"capacity_tokens": config.capacity_tokens, "capacity_bytes": cap.bytes if cap else None,
                         "policy": policy, "segment_policy": {k: getattr(config.segment_policy, k) for k in
-                                                              ("min_tokens", "avg_tokens", "max_tokens")}}
+                                                              ("min_tokens", "avg_tokens", "max_tokens", "cdc_window")}}
     if costs:
         add_savings(result, main, model, home, note)
     if live:
-        result["live"] = _live(paths, live, tokenizer, context, progress)
+        result["live"] = _live(paths, live, tokenizer, context, progress, config.segment_policy)
     result["peak_rss_mib"] = peak_rss_mib()
     from kvlib.replay.plots import write_plots
 
@@ -101,7 +103,7 @@ def replay(paths: list[Path], *, out: Path, home: Path, model: str | None = None
     return result
 
 
-def _live(paths: list[Path], url: str, tokenizer, context: int, progress) -> dict:
+def _live(paths: list[Path], url: str, tokenizer, context: int, progress, policy) -> dict:
     from kvlib.replay.live import run_live
     from kvlib.replay.traces import read_traces
 
@@ -110,4 +112,4 @@ def _live(paths: list[Path], url: str, tokenizer, context: int, progress) -> dic
     requests, stats = read_traces(paths)
     if any(s.form != OPENAI for s in stats):
         raise InputError("--live needs OpenAI-form traces only (segment traces carry no text to send)")
-    return run_live(url, requests, tokenizer, context, progress=progress)
+    return run_live(url, requests, tokenizer, context, progress=progress, policy=policy)

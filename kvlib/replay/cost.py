@@ -12,12 +12,15 @@ Design facts:
   a safetensors read of the chunk's K and V from the home's disk (page cache warm after the
   first read, as a hot library is); rotation is Engine.compose in rerope mode; repair is the
   default `auto` repair over the composed chunks.
-- The measured model is cached in the home per model fingerprint, so it is measured once.
+- The measured model is cached in the home per model fingerprint, so it is measured once; it
+  records the machine's load average, because a shared machine's timings are only as good as
+  its quiet (delete `<home>/replay/cost-*.json` to measure again).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -43,6 +46,7 @@ class CostModel:
     lengths: tuple[int, ...]
     prefill_tok_s: tuple[float, ...]  # measured full prefill throughput at each length
     label: str  # what this model is: the machine and model measured, or a projection
+    load_average: tuple[float, ...] = ()  # the machine's 1/5/15-minute load when measured: contention shows here
 
     def full_s(self, n: int) -> float:
         return self.t0 + self.a * n + self.c * n * n
@@ -144,7 +148,8 @@ def measure_cost_model(engine, work_dir: Path, lengths=LENGTHS) -> CostModel:
     return CostModel(t0=t0, a=a, c=c, load_s_per_token=load, rotate_s_per_token=rotate, repair_s_per_token=repair,
                      repair=DEFAULT_REPAIR, lengths=tuple(lengths),
                      prefill_tok_s=tuple(n / t for n, t in zip(lengths, seconds)),
-                     label=f"measured: {engine.lm.name} {dtype} on {engine.lm.device} of this machine")
+                     label=f"measured: {engine.lm.name} {dtype} on {engine.lm.device} of this machine",
+                     load_average=tuple(round(x, 2) for x in os.getloadavg()))
 
 
 def cached_cost_model(model: str | None, home: Path, progress=None) -> CostModel:
@@ -156,7 +161,7 @@ def cached_cost_model(model: str | None, home: Path, progress=None) -> CostModel
     if cache.exists():
         try:
             data = json.loads(cache.read_text())
-            return CostModel(**{**data, "lengths": tuple(data["lengths"]), "prefill_tok_s": tuple(data["prefill_tok_s"])})
+            return CostModel(**{**data, **{k: tuple(data[k]) for k in ("lengths", "prefill_tok_s", "load_average")}})
         except (ValueError, TypeError, KeyError):
             pass  # an unreadable cache is measured again and rewritten
     if progress:

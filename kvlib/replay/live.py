@@ -118,12 +118,12 @@ def compare(predictions: list[Prediction], responses: list[dict | None]) -> dict
 
 
 def run_live(url: str, requests: Iterator[TraceRequest], tokenizer, context: int, *, model: str = "default",
-             api_key: str = "kvlib-replay", progress=None) -> dict:
+             api_key: str = "kvlib-replay", progress=None, policy: SegmentPolicy = DEFAULT_POLICY) -> dict:
     """Send every request that fits, in order, and compare; a failed request is an error row, not a crash."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600)
-    stream, skipped = predict(requests, tokenizer, context)
+    stream, skipped = predict(requests, tokenizer, context, policy)
     preds, responses = [], []
     for pred, msgs in stream:
         try:

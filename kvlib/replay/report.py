@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 SCHEMA = "kvlib-replay/1"
@@ -84,7 +85,8 @@ def _savings_md(result: dict) -> list[str]:
     cm = sv["measured_model"]
     lines += ["", f"Measured here: prefill {', '.join(f'{n}: {r:.0f} tok/s' for n, r in zip(cm['lengths'], cm['prefill_tok_s']))}; "
               f"t(n) = {cm['t0']:.3f} + {cm['a']:.3e}*n + {cm['c']:.3e}*n^2 s; per cached token: load {cm['load_s_per_token'] * 1e6:.2f} us, "
-              f"rotation {cm['rotate_s_per_token'] * 1e6:.2f} us, repair `{cm['repair']}` {cm['repair_s_per_token'] * 1e6:.2f} us.",
+              f"rotation {cm['rotate_s_per_token'] * 1e6:.2f} us, repair `{cm['repair']}` {cm['repair_s_per_token'] * 1e6:.2f} us "
+              f"(load average {'/'.join(str(x) for x in cm.get('load_average') or ()) or 'unknown'} on {os.cpu_count()} cores when measured).",
               "", f"Projection formula: {sv['projection_formula']}."]
     return lines
 
