@@ -124,3 +124,13 @@ def test_sessions_accumulate_and_reorder_documents():
         assert len(docs[0]) < len(docs[1]) < len(docs[2])
         reordered += any(a != b for a, b in zip(docs[1], docs[2]))
     assert reordered >= 3, "documents keep their slots in most sessions: nothing to reorder"
+
+
+def test_replay_cuts_prompts_with_the_shared_segmenter_unchanged(tok):
+    """What replay accounts is segment_prompt's output itself (the function serve imports), key for key."""
+    messages = rag_messages([2, 0, 1], "Where is Brennock?")
+    ids, segments = segment_prompt(tok, messages)
+    prepared = prepare_openai(request(messages), tok)
+    assert prepared.tokens == len(ids)
+    assert [(p.kind, p.key, p.start, p.tokens, p.reusable) for p in prepared.pieces] == [
+        (s.kind, segment_key(s.token_ids), s.start, len(s.token_ids), s.reusable) for s in segments]
