@@ -182,3 +182,22 @@ def test_cli_replay_writes_reports_and_fails_cleanly(tmp_path):
     assert res.exit_code == 1 and "neither an OpenAI request log" in res.output
     res = runner.invoke(app, ["replay", str(RAGPULSE), "--out", str(out), "--no-cost", "--policy", "fifo"])
     assert res.exit_code == 1 and "unknown policy" in res.output
+
+
+@pytest.mark.parametrize("command", ["replay", "replay-sessions", "replay-segstats", "replay-synth"])
+def test_every_replay_command_has_help(command):
+    from typer.testing import CliRunner
+
+    from kvlib.cli.app import app
+
+    res = CliRunner().invoke(app, [command, "--help"])
+    assert res.exit_code == 0 and "Usage" in res.output, res.output
+
+
+def test_bad_segment_policy_is_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvlib.cli.app import app
+
+    res = CliRunner().invoke(app, ["replay", str(RAGPULSE), "--out", str(tmp_path), "--no-cost", "--segment", "1/2"])
+    assert res.exit_code == 1 and "segment policy '1/2'" in res.output, res.output

@@ -62,7 +62,7 @@ def replay_command(
     sweep: Annotated[bool, typer.Option("--sweep", help="Capacity curves from 1% to 100% of the unique bytes, LRU and cost-aware against prefix caching.")] = False,
     live: Annotated[Optional[str], typer.Option("--live", help="Base URL of a running kvlib serve (e.g. http://127.0.0.1:8000/v1): send the requests and compare cached tokens.")] = None,
     no_cost: Annotated[bool, typer.Option("--no-cost", help="Skip the savings (no model load or cost measurement).")] = False,
-    segment: Annotated[str, typer.Option("--segment", help="Segmentation policy MIN/AVG/MAX[/WINDOW] tokens (see docs/replay.md).")] = "32/256/1024/16",
+    segment: Annotated[str, typer.Option("--segment", help="Segmentation policy MIN/AVG/MAX or MIN/AVG/MAX/WINDOW tokens (see docs/replay.md).")] = "32/256/1024/16",
     json_out: JsonOpt = False,
     model: ModelOpt = None,
     home: HomeOpt = None,
@@ -130,14 +130,14 @@ def parse_policy(text: str):
         if len(parts) not in (3, 4):
             raise ValueError(text)
     except ValueError:
-        raise InputError(f"segment policy {text!r}: give MIN/AVG/MAX[/WINDOW] token counts, e.g. 32/256/1024/16") from None
+        raise InputError(f"segment policy {text!r}: give MIN/AVG/MAX or MIN/AVG/MAX/WINDOW token counts, e.g. 32/256/1024/16") from None
     window = parts[3] if len(parts) == 4 else DEFAULT_POLICY.cdc_window
     return SegmentPolicy(min_tokens=parts[0], avg_tokens=parts[1], max_tokens=parts[2], cdc_window=window)
 
 
 def segstats_command(
     passages: Annotated[Path, typer.Argument(help="HotpotQA pooled corpus (JSON object title -> sentences).")],
-    policies: Annotated[list[str], typer.Option("--policy", help="MIN/AVG/MAX[/WINDOW]; repeat to compare.")] = ["32/256/1024/16"],
+    policies: Annotated[list[str], typer.Option("--policy", help="MIN/AVG/MAX or MIN/AVG/MAX/WINDOW; repeat to compare.")] = ["32/256/1024/16"],
     trials: Annotated[int, typer.Option("--trials")] = 60,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     json_out: JsonOpt = False,
