@@ -134,3 +134,17 @@ def test_replay_cuts_prompts_with_the_shared_segmenter_unchanged(tok):
     assert prepared.tokens == len(ids)
     assert [(p.kind, p.key, p.start, p.tokens, p.reusable) for p in prepared.pieces] == [
         (s.kind, segment_key(s.token_ids), s.start, len(s.token_ids), s.reusable) for s in segments]
+
+
+def test_a_request_the_segmenter_refuses_is_a_malformed_line(tmp_path, tok):
+    from kvlib.replay.run import ReplayConfig, run_replay
+    from kvlib.replay.shape import SMOLLM2
+
+    good = {"messages": [{"role": "user", "content": "hello there"}]}
+    image = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in (good, image, good)) + "\n")
+    result, _ = run_replay([path], tokenizer=tok, shape=SMOLLM2, config=ReplayConfig(), work_dir=tmp_path)
+    (stats,) = result["inputs"]
+    assert result["total"]["requests"] == 2 and stats["requests"] == 2 and stats["malformed"] == 1
+    assert "line 2: cannot render" in stats["malformed_examples"][0]

@@ -43,7 +43,23 @@ def prepared_stream(paths: list[Path], tokenizer, policy: SegmentPolicy) -> tupl
         from kvlib.errors import InputError
 
         raise InputError("OpenAI-form traces need a tokenizer (a model)")
-    return (prepare(r, tokenizer, policy) for r in requests), stats
+    return _prepare_all(requests, tokenizer, policy, {Path(s.path).name: s for s in stats}), stats
+
+
+def _prepare_all(requests, tokenizer, policy: SegmentPolicy, stats: dict[str, FileStats]) -> Iterator[Prepared]:
+    """Prepared requests; one the segmenter or chat template refuses (a non-text part, roles a template
+    forbids) is a malformed line of its file, never the end of the replay."""
+    from jinja2 import TemplateError
+
+    from kvlib.errors import KvlibError
+
+    for r in requests:
+        try:
+            yield prepare(r, tokenizer, policy)
+        except (KvlibError, TemplateError, ValueError, TypeError) as exc:
+            file_stats = stats[r.source]
+            file_stats.requests -= 1
+            file_stats.bad(r.line, f"cannot render: {str(exc)[:120]}")
 
 
 def _feed(stream: Iterator[Prepared], accountants: list[Accountant], spool, progress: Progress | None) -> None:
