@@ -148,3 +148,17 @@ def test_a_request_the_segmenter_refuses_is_a_malformed_line(tmp_path, tok):
     (stats,) = result["inputs"]
     assert result["total"]["requests"] == 2 and stats["requests"] == 2 and stats["malformed"] == 1
     assert "line 2: cannot render" in stats["malformed_examples"][0]
+
+
+def test_live_against_no_server_counts_errors_and_does_not_crash(tok):
+    """The real openai client against a closed local port: every request is an error row, the run completes."""
+    import socket
+
+    from kvlib.replay.live import run_live
+
+    with socket.socket() as s:  # a port that was free a moment ago and has no listener now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    reqs = [request(rag_messages([0, 1], "Where is Kell?")), request(rag_messages([1, 0], "Where is Kell?"))]
+    result = run_live(f"http://127.0.0.1:{port}/v1", iter(reqs), tok, context=8192)
+    assert result["errors"] == 2 and result["requests"] == 0 and result["skipped_too_long"] == 0
