@@ -1,0 +1,137 @@
+"""`--live URL`: send the trace's OpenAI-form requests to a running server and compare its cached tokens.
+
+Design facts:
+- Requests go through the real `openai` client, one at a time in trace order, so each
+  request's cache state is what the accounting predicts from the requests before it.
+- Trim rule: a prompt must leave `RESERVE` tokens of the model's context for the answer.
+  Oldest messages that are neither system messages nor the last message are dropped one at
+  a time until it fits; a request whose system and last messages alone do not fit is
+  skipped and counted. The accounting runs on the trimmed requests, so it predicts what
+  was actually sent.
+- Two predictions are compared with `usage.prompt_tokens_details.cached_tokens`:
+  `library` (reusable segments found in the library at any position: a server whose cache
+  is the library) and `prefix_plus_library` (the prefix cache first, the library beyond it).
+  The rendered prompt length is compared with `usage.prompt_tokens` too, which checks that
+  replay and the server render the same ids.
+- The server stores misses off the request's critical path, so a segment sent twice in a
+  row may not be stored yet by the second request: disagreements are shown, not hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+from kvlib.replay.accounting import Accountant
+from kvlib.replay.prepare import prepare_openai
+from kvlib.replay.traces import TraceRequest
+from kvlib.segment import DEFAULT_POLICY, SegmentPolicy, render_prompt
+
+RESERVE = 64  # context tokens left for the answer (the server is sent max_tokens=1)
+TRIM_RULE = (f"keep system messages and the last message; drop the oldest other messages until the prompt "
+             f"leaves {RESERVE} tokens of the model's context; skip a request that still does not fit")
+PREDICTIONS = ("library", "prefix_plus_library")
+
+
+def trim_messages(tokenizer, messages: list[dict], context: int, policy: SegmentPolicy = DEFAULT_POLICY) -> list[dict] | None:
+    """Messages trimmed by TRIM_RULE, or None when the request cannot fit."""
+    msgs = list(messages)
+    limit = context - RESERVE
+    while len(render_prompt(tokenizer, msgs, policy)) > limit:
+        drop = next((i for i, m in enumerate(msgs[:-1]) if m.get("role") != "system"), None)
+        if drop is None:
+            return None
+        del msgs[drop]
+    return msgs
+
+
+@dataclass(frozen=True)
+class Prediction:
+    index: int
+    session: str
+    prompt_tokens: int
+    library: int
+    prefix_plus_library: int
+
+
+def predict(requests: Iterator[TraceRequest], tokenizer, context: int, policy: SegmentPolicy = DEFAULT_POLICY):
+    """(prediction, trimmed messages) per request that fits, in order; and the count skipped."""
+    acc, skipped = Accountant(None, "lru", keep_requests=False), [0]
+
+    def gen():
+        for i, req in enumerate(requests):
+            msgs = trim_messages(tokenizer, list(req.messages), context, policy)
+            if msgs is None:
+                skipped[0] += 1
+                continue
+            trimmed = TraceRequest(t=req.t, session=req.session, source=req.source, line=req.line, messages=tuple(msgs))
+            o = acc.observe(prepare_openai(trimmed, tokenizer, policy))
+            yield Prediction(i, req.session, o.tokens, o.library_any, o.prefix + o.library), msgs
+
+    return gen(), skipped
+
+
+def send(url: str, messages: list[dict], *, model: str = "default", api_key: str = "kvlib-replay", client=None):
+    """One chat completion through the real openai client; returns the response as a dict."""
+    import openai
+
+    client = client or openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600)
+    resp = client.chat.completions.create(model=model, messages=messages, max_tokens=1, temperature=0)
+    return resp.model_dump()
+
+
+def reported_usage(response: dict) -> tuple[int | None, int | None]:
+    """(prompt_tokens, cached_tokens) of a recorded chat completion, parsed by the openai package's own types."""
+    from openai.types.chat import ChatCompletion
+
+    usage = ChatCompletion.model_validate(response).usage
+    if usage is None:
+        return None, None
+    details = usage.prompt_tokens_details
+    return usage.prompt_tokens, (details.cached_tokens if details is not None else None)
+
+
+def compare(predictions: list[Prediction], responses: list[dict | None]) -> dict:
+    """Per-request rows and, per prediction, exact-match share and mean absolute error.
+
+    A None response is an error (counted); a response without cached_tokens counts as 0 cached,
+    as OpenAI's API omits the details when nothing was cached."""
+    rows, errors = [], 0
+    for p, r in zip(predictions, responses):
+        if r is None:
+            errors += 1
+            continue
+        prompt, cached = reported_usage(r)
+        rows.append({"index": p.index, "session": p.session, "predicted_prompt_tokens": p.prompt_tokens,
+                     "reported_prompt_tokens": prompt, "reported_cached_tokens": cached or 0,
+                     **{f"predicted_{name}": getattr(p, name) for name in PREDICTIONS}})
+    comparisons = {}
+    for name in PREDICTIONS:
+        diffs = [abs(row[f"predicted_{name}"] - row["reported_cached_tokens"]) for row in rows]
+        comparisons[name] = {"exact_share": sum(d == 0 for d in diffs) / len(diffs) if diffs else 0.0,
+                             "mean_abs_error": sum(diffs) / len(diffs) if diffs else 0.0,
+                             "predicted_total": sum(row[f"predicted_{name}"] for row in rows),
+                             "reported_total": sum(row["reported_cached_tokens"] for row in rows)}
+    same_prompt = sum(row["predicted_prompt_tokens"] == row["reported_prompt_tokens"] for row in rows)
+    return {"requests": len(rows), "errors": errors, "prompt_tokens_match_share": same_prompt / len(rows) if rows else 0.0,
+            "comparisons": comparisons, "rows": rows}
+
+
+def run_live(url: str, requests: Iterator[TraceRequest], tokenizer, context: int, *, model: str = "default",
+             api_key: str = "kvlib-replay", progress=None, policy: SegmentPolicy = DEFAULT_POLICY) -> dict:
+    """Send every request that fits, in order, and compare; a failed request is an error row, not a crash."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600)
+    stream, skipped = predict(requests, tokenizer, context, policy)
+    preds, responses = [], []
+    for pred, msgs in stream:
+        try:
+            responses.append(send(url, msgs, model=model, client=client))
+        except openai.OpenAIError:
+            responses.append(None)
+        preds.append(pred)
+        if progress:
+            progress(len(preds), pred.prompt_tokens)
+    result = compare(preds, responses)
+    return {"url": url, "trim_rule": TRIM_RULE, "skipped_too_long": skipped[0], **result}
