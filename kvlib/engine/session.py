@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from kvlib.engine.compose import ChunkKV, Composed, PrefixHit, compose, encode_context, encode_packed
+from kvlib.engine.compose import ChunkKV, Composed, ContextKV, PrefixHit, compose, encode_context, encode_packed
 from kvlib.engine.generate import Generation, generate, teacher_forced_logits
 from kvlib.engine.model import LoadedModel, load_model
 from kvlib.engine.prompt import PromptTemplate, context_id_of, stop_ids, template_for
@@ -114,12 +114,15 @@ class Engine:
     def answer(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, *, suffix_ids=None,
                prefix: PrefixHit | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
                top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None, t0: float | None = None,
-               spent: dict | None = None, extra: int | None = None, keep_state: bool = False) -> Generation:
+               spent: dict | None = None, extra: int | None = None, keep_state: bool = False,
+               context: ContextKV | None = None) -> Generation:
         """Compose, compute misses, repair, prefill the question, decode: the one pipeline.
 
         chunks: library KV (a chunk with k_sem None is a miss, computed in context); ignored
         beyond their ids by full and prefix. suffix_ids replaces the question's template.
         TTFT counts from t0 (default: now); `spent` holds the caller's stages before this call.
+        context: the cached opening the chunks follow (default E; `self.bare` when the caller's
+        prompt has its own opening, passed as the first chunks).
         """
         from kvlib.engine.repair import parse_repair
 
@@ -127,7 +130,8 @@ class Engine:
         t_in = time.perf_counter()
         suffix = list(self.suffix_ids(question) if suffix_ids is None else suffix_ids)
         room = len(suffix) + max_new_tokens + 1 if extra is None else extra
-        composed = compose(self.lm, self.context, chunks, spec.base, extra=room, prefix=prefix)
+        composed = compose(self.lm, self.context if context is None else context, chunks, spec.base, extra=room,
+                           prefix=prefix)
         compute_misses(self.lm, composed, chunks)
         t_comp = time.perf_counter()
         repaired = parse_repair(spec.repair)(self.lm, composed, chunks, suffix) if spec.repair else None

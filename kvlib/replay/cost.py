@@ -1,17 +1,17 @@
 """The cost model behind replay's savings: measured on this machine, plus a labelled GPU projection.
 
 Design facts:
-- Every measurement goes through `kvlib.engine`'s public functions (Engine.compose,
-  generate.prefill, Engine.encode_many, engine.repair.parse_repair); this is the one module
-  that touches the engine, so an engine redesign changes only this file.
+- Every measurement goes through the engine's one door, Engine.answer (and
+  Engine.encode_many for the probe chunks); this is the one module of replay that touches
+  the engine.
 - Full prefill time is fitted as t(n) = t0 + a*n + c*n^2 (fixed cost, dense work per token,
   attention per pair) from medians at several lengths. Computing m tokens whose context reaches n costs
   a*m + c*(n^2 - (n - m)^2) when they are the prompt's tail (prefix caching), and
   a*m + c*m*(n + p) when they are spread between the cached prefix p and n (misses sit between hits).
 - A library hit costs its tokens times (load + rotation + repair) seconds per token. Load is
   a safetensors read of the chunk's K and V from the home's disk (page cache warm after the
-  first read, as a hot library is); rotation is Engine.compose in rerope mode; repair is the
-  default `auto` repair over the composed chunks.
+  first read, as a hot library is); rotation is the rotate and assemble stages of a rerope
+  answer (engine/stages.py); repair is what `rerope+auto` costs over `rerope`.
 - The measured model is cached in the home per model fingerprint, so it is measured once; it
   records the machine's load average, because a shared machine's timings are only as good as
   its quiet (delete `<home>/replay/cost-*.json` to measure again).
@@ -83,17 +83,12 @@ def _token_ids(engine, n: int, salt: int = 0) -> list[int]:
 
 def measure_prefill(engine, lengths=LENGTHS) -> list[float]:
     """Median seconds of a full prefill of n tokens (behind the template's E), for each n."""
-    from kvlib.engine.generate import prefill
+    from kvlib.engine.spec import parse_mode
 
-    out = []
+    full, out = parse_mode("full"), []
     for n in lengths:
         ids = _token_ids(engine, n)
-
-        def run():
-            composed = engine.compose([], "full", extra=n + 1)
-            prefill(engine.lm, composed, ids)
-
-        out.append(_median_s(run))
+        out.append(_median_s(lambda: engine.answer(full, [], suffix_ids=ids, max_new_tokens=1)))
     return out
 
 
@@ -116,7 +111,8 @@ def measure_hit_costs(engine, work_dir: Path, repair: str = DEFAULT_REPAIR) -> t
     """Seconds per cached token to load, rotate into place, and repair (N_CHUNKS chunks)."""
     from safetensors.torch import load_file, save_file
 
-    from kvlib.engine.repair import parse_repair
+    from kvlib.engine.spec import parse_mode
+    from kvlib.engine.stages import recording
 
     chunks = engine.encode_many([_token_ids(engine, CHUNK_TOKENS, salt=i + 1) for i in range(N_CHUNKS)])
     n = N_CHUNKS * CHUNK_TOKENS
@@ -128,16 +124,19 @@ def measure_hit_costs(engine, work_dir: Path, repair: str = DEFAULT_REPAIR) -> t
     finally:
         for p in paths:
             p.unlink(missing_ok=True)
-    rotate = _median_s(lambda: engine.compose(chunks, "rerope", extra=64)) / n
     suffix = engine.suffix_ids("What do these notes say?")
-    fix = parse_repair(repair)
+    rerope, repaired = parse_mode("rerope"), parse_mode("rerope", repair)
 
-    def run_repair():
-        composed = engine.compose(chunks, "rerope", extra=len(suffix) + 2)
-        fix(engine, composed, chunks, suffix)
+    def placing() -> float:
+        with recording(engine.lm.device) as stages:
+            engine.answer(rerope, chunks, suffix_ids=suffix, max_new_tokens=1)
+        return stages.get("rotate", 0.0) + stages.get("assemble", 0.0)
 
-    repair_s = max(0.0, _median_s(run_repair) / n - rotate)
-    return load, rotate, repair_s
+    placing()  # warm-up
+    rotate = statistics.median(placing() for _ in range(REPEATS)) / n
+    plain = _median_s(lambda: engine.answer(rerope, chunks, suffix_ids=suffix, max_new_tokens=1))
+    fixed = _median_s(lambda: engine.answer(repaired, chunks, suffix_ids=suffix, max_new_tokens=1))
+    return load, rotate, max(0.0, (fixed - plain) / n)
 
 
 def measure_cost_model(engine, work_dir: Path, lengths=LENGTHS) -> CostModel:
