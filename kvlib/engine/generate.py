@@ -33,6 +33,7 @@ class Generation:
     spec: object = None  # the resolved ModeSpec
     timings: dict = field(default_factory=dict)  # seconds: the caller's stages (retrieval, load) + compose, repair, prefill
     tokens: dict = field(default_factory=dict)  # prompt tokens by source: cached, recomputed, computed
+    chunk_recomputed: list = field(default_factory=list)  # per chunk: its cached tokens a repair recomputed
     state: object = field(default=None, repr=False)  # the Composed context, when kept for a quality pass
 
     @property

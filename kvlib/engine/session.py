@@ -141,7 +141,7 @@ class Engine:
         gen.spec = spec
         gen.timings = {**(spent or {}), "compose": t_comp - t_in, "repair": t_rep - t_comp,
                        "prefill": gen.ttft_s - (t_rep - t0)}
-        gen.tokens = token_accounting(composed, chunks, repaired, len(suffix))
+        gen.tokens, gen.chunk_recomputed = token_accounting(composed, chunks, repaired, len(suffix))
         gen.state = composed if keep_state else None
         return gen
 
@@ -171,8 +171,9 @@ def compute_misses(lm, composed: Composed, chunks) -> None:
     recompute_slots(lm, composed.cache, ids, slots, range(lm.n_layers))
 
 
-def token_accounting(composed: Composed, chunks, repaired, n_suffix: int) -> dict:
-    """Prompt tokens by source (see the module docstring); they add up to the prompt."""
+def token_accounting(composed: Composed, chunks, repaired, n_suffix: int) -> tuple[dict, list[int]]:
+    """Prompt tokens by source (see the module docstring), which add up to the prompt; and per
+    chunk, how many of its cached tokens the repair recomputed."""
     n_ctx = composed.n_context
     from_cache = torch.zeros(n_ctx, dtype=torch.bool)
     # the opening: E behind library chunks, or the prefix hit (full: nothing)
@@ -180,9 +181,13 @@ def token_accounting(composed: Composed, chunks, repaired, n_suffix: int) -> dic
     for (slot, n), c in zip(composed.spans, chunks):
         if c.k_sem is not None and not c.fresh:
             from_cache[slot : slot + n] = True
-    recomputed = int(from_cache[repaired.cpu()].sum()) if repaired is not None and repaired.numel() else 0
+    rewritten = torch.zeros(n_ctx, dtype=torch.bool)
+    if repaired is not None and repaired.numel():
+        rewritten[repaired.cpu()] = True
+    recomputed = int((from_cache & rewritten).sum())
     cached = int(from_cache.sum()) - recomputed
-    return {"cached": cached, "recomputed": recomputed, "computed": n_ctx + n_suffix - cached - recomputed}
+    tokens = {"cached": cached, "recomputed": recomputed, "computed": n_ctx + n_suffix - cached - recomputed}
+    return tokens, [int((from_cache & rewritten)[s : s + n].sum()) for s, n in composed.spans]
 
 
 def sync(lm) -> None:
