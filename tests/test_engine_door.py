@@ -119,3 +119,22 @@ def test_bad_modes_are_refused(bad):
 def test_all_modes_are_distinct_specs():
     assert len(parse_modes("all")) == len(ALL_MODES)
     assert parse_modes("rerope,rerope+sink,full") == [ModeSpec("rerope", "sink"), ModeSpec("full", "sink")]
+
+
+def test_batched_decode_equals_each_stream_alone():
+    """Three prompts decoded together (one batched forward per step) give each one's own tokens."""
+    from kvlib.engine.compose import compose
+    from kvlib.engine.generate import advance, finish, generate, start
+
+    engine = tiny_engine("llama", 4)
+    lm = engine.lm
+    prompts = [[engine.encode(random_ids(n, 50 + n))] for n in (5, 9, 13)]
+    suffixes = [random_ids(3, 60 + i).tolist() for i in range(3)]
+    alone = [generate(lm, compose(lm, engine.context, c, "rerope"), q, max_new_tokens=6).token_ids
+             for c, q in zip(prompts, suffixes)]
+    streams = [start(lm, compose(lm, engine.context, c, "rerope"), q, max_new_tokens=6)
+               for c, q in zip(prompts, suffixes)]
+    live = streams
+    while live:
+        live = advance(lm, live)
+    assert [finish(s).token_ids for s in streams] == alone and all(len(t) == 6 for t in alone)

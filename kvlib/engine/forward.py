@@ -63,6 +63,18 @@ def project_kv(lm, index: int, h: torch.Tensor, position_ids: torch.Tensor):
     return apply_rope(k_sem, position_ids, lm.rope)[0], v[0]
 
 
+def _layer_qkv(lm, layer, h, position_ids):
+    """q rotated [1, H, T, D], k_sem and k_rot [1, Hkv, T, D], v [1, Hkv, T, D] for hidden states h."""
+    q, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
+    return apply_rope(q, position_ids, lm.rope), k_sem, apply_rope(k_sem, position_ids, lm.rope), v
+
+
+def _layer_out(layer, h, out):
+    """The residual stream after attention output out [1, H, T, D] and the MLP."""
+    h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(1, out.shape[2], -1))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
 def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots, want_probs: bool):
     """One decoder layer on new tokens h: [1, T, hidden], their KV written at `slots`
     (an int: contiguous from that slot; a tensor: scattered, attending over every filled slot).
@@ -71,9 +83,7 @@ def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots
     """
     layer = lm.layers[index]
     with stage("layers"):
-        q, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
-        q = apply_rope(q, position_ids, lm.rope)
-        k_rot = apply_rope(k_sem, position_ids, lm.rope)
+        q, k_sem, k_rot, v = _layer_qkv(lm, layer, h, position_ids)
         if isinstance(slots, int):
             keys, values = cache.write(index, slots, k_rot[0], v[0])
         else:
@@ -81,9 +91,32 @@ def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots
             keys, values = cache.layer(index)
         with stage("attention"):
             out, probs = attend(q, keys, values, mask, layer.self_attn.scaling, want_probs)
-        h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(1, q.shape[2], -1))
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = _layer_out(layer, h, out)
     return h, k_sem[0], v[0], probs
+
+
+@torch.inference_mode()
+def decode_batch(lm, token_ids: list[int], positions: list[int], caches: list[KVCache]) -> torch.Tensor:
+    """One new token for each of B sequences, each over its own cache: logits [B, V].
+
+    The linear layers run on the B tokens together, so each step reads the weights once for
+    all of them (decode is bound by reading weights); attention runs per sequence.
+    """
+    position_ids = torch.tensor(positions, device=lm.device)
+    h = embed(lm, torch.tensor(token_ids))  # [1, B, hidden]: the batch rides on the token axis
+    for index in range(lm.n_layers):
+        layer = lm.layers[index]
+        q, _, k_rot, v = _layer_qkv(lm, layer, h, position_ids)
+        outs = []
+        for b, cache in enumerate(caches):
+            keys, values = cache.write(index, cache.length, k_rot[0, :, b : b + 1], v[0, :, b : b + 1])
+            outs.append(attend(q[:, :, b : b + 1], keys, values, Mask.causal(1, cache.length),
+                               layer.self_attn.scaling)[0])
+        h = _layer_out(layer, h, torch.cat(outs, dim=2))
+    for cache in caches:
+        check_window(lm, cache.length + 1)
+        cache.commit(cache.length + 1)
+    return head_logits(lm, h)
 
 
 def run_layers(lm, h, position_ids, cache: KVCache, mask: Mask, *, layers=None, slots=None,

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from kvlib.engine.compose import Composed, as_ids
-from kvlib.engine.forward import forward
+from kvlib.engine.forward import decode_batch, forward
 
 
 @dataclass
@@ -62,39 +62,101 @@ def prefill(lm, composed: Composed, suffix_ids, *, logits: str = "last", attn_la
     return out, int(pos[-1]) + 1, int(ids.shape[0])
 
 
-def generate(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
-             top_p: float = 1.0, seed: int = 0, stop: set[int] = frozenset(),
-             on_token: Callable[[int], None] | None = None, t0: float | None = None,
-             should_stop: Callable[[], bool] | None = None) -> Generation:
-    """Prefill, then decode up to max_new_tokens, calling on_token for each new id;
-    should_stop (checked between decode steps) ends it early, as a cancelled request does."""
+@dataclass(eq=False)
+class Stream:
+    """One sequence being decoded: what `start` left and each `advance` moves on by a token."""
+
+    composed: Composed
+    pos: int  # rotary position of the next token
+    token: int  # the last token picked, not yet run through the model
+    tokens: list
+    stop: set
+    temperature: float
+    top_p: float
+    gen: torch.Generator | None
+    max_new_tokens: int
+    on_token: Callable[[int], None] | None
+    should_stop: Callable[[], bool] | None
+    t0: float
+    t_pre: float
+    t_first: float
+    prefill_tokens: int
+    first_logits: torch.Tensor
+    stopped: bool = False
+    cancelled: bool = False
+
+    @property
+    def done(self) -> bool:
+        if self.stopped or self.cancelled or len(self.tokens) >= self.max_new_tokens:
+            return True
+        if self.composed.cache.length >= self.composed.cache.capacity:
+            return True
+        if self.should_stop is not None and self.should_stop():
+            self.cancelled = True
+        return self.cancelled
+
+    def take(self, token: int) -> None:
+        self.pos += 1
+        self.token, self.stopped = token, token in self.stop
+        if not self.stopped:
+            self.tokens.append(token)
+            if self.on_token:
+                self.on_token(token)
+
+
+def start(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
+          top_p: float = 1.0, seed: int = 0, stop: set[int] = frozenset(),
+          on_token: Callable[[int], None] | None = None, t0: float | None = None,
+          should_stop: Callable[[], bool] | None = None) -> Stream:
+    """Prefill and pick the first token (calling on_token): a Stream that `advance` decodes."""
     t0 = time.perf_counter() if t0 is None else t0
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     t_pre = time.perf_counter()
     out, pos, n_prefill = prefill(lm, composed, suffix_ids)
     first_logits = out.logits[-1]
     token = pick_token(first_logits, temperature, top_p, gen)
-    t_first = time.perf_counter()
-    tokens, stopped, cancelled = [token], token in stop, False
-    if on_token and not stopped:
+    stream = Stream(composed=composed, pos=pos, token=token, tokens=[token], stop=set(stop), temperature=temperature,
+                    top_p=top_p, gen=gen, max_new_tokens=max_new_tokens, on_token=on_token, should_stop=should_stop,
+                    t0=t0, t_pre=t_pre, t_first=time.perf_counter(), prefill_tokens=n_prefill,
+                    first_logits=first_logits, stopped=token in stop)
+    if on_token and not stream.stopped:
         on_token(token)
-    while not stopped and len(tokens) < max_new_tokens and composed.cache.length < composed.cache.capacity:
-        if should_stop is not None and should_stop():
-            cancelled = True
-            break
-        out = forward(lm, torch.tensor([token]), torch.tensor([pos]), composed.cache, logits="last")
-        pos += 1
-        token = pick_token(out.logits[-1], temperature, top_p, gen)
-        stopped = token in stop
-        if not stopped:
-            tokens.append(token)
-            if on_token:
-                on_token(token)
-    if tokens and tokens[0] in stop:
-        tokens = []
-    return Generation(token_ids=tokens, ttft_s=t_first - t0, prefill_s=t_first - t_pre,
-                      decode_s=time.perf_counter() - t_first, prefill_tokens=n_prefill,
-                      stopped=stopped, first_logits=first_logits, cancelled=cancelled)
+    return stream
+
+
+def advance(lm, streams: list[Stream]) -> list[Stream]:
+    """One decode step for every stream not done; returns the streams still going.
+
+    One stream runs the plain forward; several run as one batch (forward.decode_batch), so
+    the weights are read once per step for all of them.
+    """
+    live = [s for s in streams if not s.done]
+    if len(live) == 1:
+        s = live[0]
+        out = forward(lm, torch.tensor([s.token]), torch.tensor([s.pos]), s.composed.cache, logits="last")
+        s.take(pick_token(out.logits[-1], s.temperature, s.top_p, s.gen))
+    elif live:
+        logits = decode_batch(lm, [s.token for s in live], [s.pos for s in live], [s.composed.cache for s in live])
+        for s, row in zip(live, logits):
+            s.take(pick_token(row, s.temperature, s.top_p, s.gen))
+    return [s for s in live if not s.done]
+
+
+def finish(stream: Stream) -> Generation:
+    tokens = [] if stream.tokens and stream.tokens[0] in stream.stop else stream.tokens
+    return Generation(token_ids=tokens, ttft_s=stream.t_first - stream.t0, prefill_s=stream.t_first - stream.t_pre,
+                      decode_s=time.perf_counter() - stream.t_first, prefill_tokens=stream.prefill_tokens,
+                      stopped=stream.stopped, first_logits=stream.first_logits, cancelled=stream.cancelled)
+
+
+def generate(lm, composed: Composed, suffix_ids, **kwargs) -> Generation:
+    """Prefill, then decode up to max_new_tokens, calling on_token for each new id;
+    should_stop (checked between decode steps) ends it early, as a cancelled request does.
+    (start's keyword arguments.)"""
+    stream = start(lm, composed, suffix_ids, **kwargs)
+    while advance(lm, [stream]):
+        pass
+    return finish(stream)
 
 
 def teacher_forced_logits(lm, composed: Composed, suffix_ids, gold_ids, *, attn_layers=()):

@@ -20,12 +20,13 @@ Design facts:
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from kvlib.engine.compose import ChunkKV, Composed, ContextKV, PrefixHit, compose, encode_context, encode_packed
-from kvlib.engine.generate import Generation, generate, teacher_forced_logits
+from kvlib.engine.generate import Generation, Stream, advance, finish, start, teacher_forced_logits
 from kvlib.engine.model import LoadedModel, load_model
 from kvlib.engine.prompt import PromptTemplate, context_id_of, stop_ids, template_for
 from kvlib.engine.spec import ModeSpec
@@ -110,20 +111,29 @@ class Engine:
         return ChunkKV(token_ids=kv.token_ids.cpu(), k_sem=kv.k_sem.to("cpu", dt), v=kv.v.to("cpu", dt),
                        encoded_at=kv.encoded_at)
 
-    @torch.inference_mode()
-    def answer(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, *, suffix_ids=None,
-               prefix: PrefixHit | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-               top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None, t0: float | None = None,
-               spent: dict | None = None, extra: int | None = None, keep_state: bool = False,
-               context: ContextKV | None = None) -> Generation:
+    def answer(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, **kwargs) -> Generation:
         """Compose, compute misses, repair, prefill the question, decode: the one pipeline.
 
         chunks: library KV (a chunk with k_sem None is a miss, computed in context); ignored
         beyond their ids by full and prefix. suffix_ids replaces the question's template.
         TTFT counts from t0 (default: now); `spent` holds the caller's stages before this call.
         context: the cached opening the chunks follow (default E; `self.bare` when the caller's
-        prompt has its own opening, passed as the first chunks).
+        prompt has its own opening, passed as the first chunks). See `begin` for the rest.
         """
+        answering = self.begin(spec, chunks, question, **kwargs)
+        with torch.inference_mode():
+            while advance(self.lm, [answering.stream]):
+                pass
+        return answering.finish()
+
+    @torch.inference_mode()
+    def begin(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, *, suffix_ids=None,
+              prefix: PrefixHit | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None, t0: float | None = None,
+              spent: dict | None = None, extra: int | None = None, keep_state: bool = False,
+              context: ContextKV | None = None) -> "Answering":
+        """Everything of `answer` up to the first token; a server decodes many of them together
+        (generate.advance over their streams), then calls `finish` on each."""
         from kvlib.engine.repair import parse_repair
 
         t0 = time.perf_counter() if t0 is None else t0
@@ -136,14 +146,12 @@ class Engine:
         t_comp = time.perf_counter()
         repaired = parse_repair(spec.repair)(self.lm, composed, chunks, suffix) if spec.repair else None
         t_rep = time.perf_counter()
-        gen = generate(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
+        stream = start(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed, stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop)
-        gen.spec = spec
-        gen.timings = {**(spent or {}), "compose": t_comp - t_in, "repair": t_rep - t_comp,
-                       "prefill": gen.ttft_s - (t_rep - t0)}
-        gen.tokens, gen.chunk_recomputed = token_accounting(composed, chunks, repaired, len(suffix))
-        gen.state = composed if keep_state else None
-        return gen
+        tokens, per_chunk = token_accounting(composed, chunks, repaired, len(suffix))
+        timings = {**(spent or {}), "compose": t_comp - t_in, "repair": t_rep - t_comp,
+                   "prefill": stream.t_first - t_rep}
+        return Answering(spec, stream, timings, tokens, per_chunk, composed if keep_state else None)
 
     @torch.inference_mode()
     def teacher_force(self, state: Composed, suffix_ids, gold_ids, *, attn_layers=()):
@@ -157,6 +165,24 @@ class Engine:
         logits, attn = teacher_forced_logits(self.lm, state, suffix_ids, gold_ids, attn_layers=attn_layers)
         attn = [a[:, :n_suffix, :n_ctx].float().cpu() for a in attn] if attn_layers else None
         return logits.cpu(), attn
+
+
+@dataclass
+class Answering:
+    """An answer under way: its stream (generate.Stream) and what the door measured before it."""
+
+    spec: ModeSpec
+    stream: Stream
+    timings: dict
+    tokens: dict
+    chunk_recomputed: list
+    state: Composed | None
+
+    def finish(self) -> Generation:
+        gen = finish(self.stream)
+        gen.spec, gen.timings, gen.tokens = self.spec, self.timings, self.tokens
+        gen.chunk_recomputed, gen.state = self.chunk_recomputed, self.state
+        return gen
 
 
 def compute_misses(lm, composed: Composed, chunks) -> None:
