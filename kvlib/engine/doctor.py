@@ -62,6 +62,17 @@ def check_composition(engine: Engine, ids) -> Check:
     return _check("single cached chunk vs full recompute (max abs logit diff)", diff, 1e-3)
 
 
+def check_forward(engine: Engine, ids) -> Check:
+    """Invariant 4: kvlib's own forward equals transformers' logits on the same ids."""
+    from kvlib.engine.cache import KVCache
+    from kvlib.engine.forward import forward, reference_logits
+
+    lm, ids = engine.lm, torch.as_tensor(ids, dtype=torch.long)
+    ours = forward(lm, ids, torch.arange(ids.shape[0]), KVCache.for_model(lm, ids.shape[0]), logits="all").logits
+    diff = (ours - reference_logits(lm, ids)).abs().max().item()
+    return _check("kvlib forward vs transformers logits (max abs)", diff, 1e-3)
+
+
 def check_rotation_roundtrip(engine: Engine) -> Check:
     lm = engine.lm
     g = torch.Generator().manual_seed(0)
@@ -74,7 +85,8 @@ def check_rotation_roundtrip(engine: Engine) -> Check:
 def run_checks(engine: Engine) -> list[Check]:
     """Needs a float32 engine: the limits assume float32 rounding."""
     ids = engine.tokenize(SAMPLE_TEXT)
-    return [check_shift_invariance(engine, ids), check_composition(engine, ids), check_rotation_roundtrip(engine)]
+    return [check_forward(engine, ids), check_shift_invariance(engine, ids), check_composition(engine, ids),
+            check_rotation_roundtrip(engine)]
 
 
 def checks_as_json(engine: Engine, checks: list[Check]) -> dict:

@@ -148,6 +148,12 @@ def head_logits(lm, h: torch.Tensor) -> torch.Tensor:
     return lm.hf.lm_head(lm.hf.model.norm(h))[0].float()
 
 
+@torch.inference_mode()
+def reference_logits(lm, input_ids: torch.Tensor) -> torch.Tensor:
+    """transformers' own forward of the same ids: [T, V] float32, the yardstick of kvlib's (doctor)."""
+    return lm.hf(input_ids.to(lm.device)[None]).logits[0].float()
+
+
 def check_window(lm, total: int) -> None:
     window = lm.config_summary.get("sliding_window")
     if window is not None and total > window:
