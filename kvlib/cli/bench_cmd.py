@@ -107,12 +107,17 @@ def profile_hot_path(mode: str, repeats: int, out: Path, home: Path, model, dtyp
     except KvlibError as exc:
         raise fail(str(exc))
     write_hot_path(out, report)
+    show_report(report, report_lines(report), json_out, [out / "hot_path.json", out / "hot_path.md"])
+
+
+def show_report(report: dict, lines: list[str], json_out: bool, written: list[Path]) -> None:
+    """--json prints the report; else its markdown lines and the files written."""
     if json_out:
         print_json(report)
         return
-    for line in report_lines(report):
+    for line in lines:
         console.print(line, highlight=False, markup=False)
-    console.print(f"wrote {out / 'hot_path.json'} and {out / 'hot_path.md'}")
+    console.print(f"wrote {' and '.join(map(str, written))}")
 
 
 def against_peer(peer_dir: Path, repeats: int, out: Path, home: Path, model, dtype, json_out: bool) -> None:
@@ -132,12 +137,7 @@ def against_peer(peer_dir: Path, repeats: int, out: Path, home: Path, model, dty
     out.mkdir(parents=True, exist_ok=True)
     (out / "peer.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "peer.md").write_text("\n".join(report_lines(report)) + "\n")
-    if json_out:
-        print_json(report)
-        return
-    for line in report_lines(report):
-        console.print(line, highlight=False, markup=False)
-    console.print(f"wrote {out / 'peer.json'} and {out / 'peer.md'}")
+    show_report(report, report_lines(report), json_out, [out / "peer.json", out / "peer.md"])
 
 
 def recall(data: str, pool_path: Path, limit: int | None, out: Path, json_out: bool) -> None:

@@ -14,6 +14,13 @@ def _pyplot():
     return plt
 
 
+def _save(fig, plt, out: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
 def plot_timeline(result: dict, out: Path) -> str:
     plt = _pyplot()
     pts = result["timeline"]
@@ -26,10 +33,7 @@ def plot_timeline(result: dict, out: Path) -> str:
     ax.set_ylabel("cumulative share of prompt tokens")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left")
-    fig.tight_layout()
-    fig.savefig(out / "shares_over_time.png", dpi=110)
-    plt.close(fig)
-    return "shares_over_time.png"
+    return _save(fig, plt, out, "shares_over_time.png")
 
 
 def plot_capacity(result: dict, out: Path) -> str | None:
@@ -50,10 +54,7 @@ def plot_capacity(result: dict, out: Path) -> str | None:
     ax.set_ylabel("share of prompt tokens served")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "capacity_curves.png", dpi=110)
-    plt.close(fig)
-    return "capacity_curves.png"
+    return _save(fig, plt, out, "capacity_curves.png")
 
 
 def plot_kinds(result: dict, out: Path) -> str:
@@ -69,10 +70,7 @@ def plot_kinds(result: dict, out: Path) -> str:
     ax.set_xlabel("share of the kind's tokens")
     ax.set_xlim(0, 1)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "shares_by_kind.png", dpi=110)
-    plt.close(fig)
-    return "shares_by_kind.png"
+    return _save(fig, plt, out, "shares_by_kind.png")
 
 
 def write_plots(result: dict, out: Path) -> list[str]:
