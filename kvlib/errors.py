@@ -34,3 +34,15 @@ class InputError(KvlibError):
 
 class ModelMismatchError(KvlibError):
     """Cached KV was produced by a different model fingerprint than the one loaded."""
+
+
+class ManifestUnavailableError(KvlibError):
+    """The manifest database (PostgreSQL) cannot be reached; nothing was changed."""
+
+
+class StoreUnavailableError(CorruptBlobError):
+    """The remote blob store cannot be reached and the local tier lacks the blob.
+
+    A CorruptBlobError on purpose: every caller that already re-encodes a bad blob
+    (query, serve) then recomputes the chunk on the spot, as it must when S3 is down.
+    """
