@@ -90,6 +90,13 @@ def open_blobs(home: Path, store: str | None, local_bytes: int | None):
     return TieredBlobs.open(home, store, resolve_local_bytes(local_bytes))
 
 
+def library_exists(home: Path, manifest: str | None = None) -> bool:
+    """Whether a library is there to open: a shared manifest (PostgreSQL) always is, since
+    a node joins it by naming it; a SQLite one only once its file exists."""
+    target = resolve_manifest(manifest, Path(home).expanduser())
+    return "://" in target or Path(target).is_file()
+
+
 class Library:
     """A library home: a manifest plus blobs (`manifest.sqlite` and `blobs/ab/<key>.safetensors` by default)."""
 
