@@ -25,9 +25,12 @@ def sync_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Upload the blobs this node queued while the object store was unreachable; exit 1 if some remain."""
-    from kvlib.store.library import Library
+    from kvlib.errors import NotFoundError
+    from kvlib.store.library import Library, library_exists
 
     try:
+        if not library_exists(resolve_home(home), manifest):
+            raise NotFoundError(f"no library at {resolve_home(home)} (nothing ingested there yet?)")
         with Library(resolve_home(home), store=store, manifest=manifest, local_bytes=local_bytes) as library:
             report = library.sync()
             problems = library.verify() if verify else []
