@@ -175,3 +175,28 @@ def test_manifest_outage_is_one_error_line(s3_cluster):
         services("up", "postgres")
     with s3_cluster.library("a") as a:
         assert len(a.list_chunks()) == 1 and a.verify() == []
+
+
+@pytest.mark.services
+@requires_services
+def test_background_sync_loop_uploads_once_the_store_is_back(s3_cluster):
+    from kvlib.store.sync_loop import SyncLoop
+
+    services("down", "rgw")
+    try:
+        with s3_cluster.library("a") as a, pytest.warns(RuntimeWarning):
+            queued = put_chunk(a, 5)
+        loop = SyncLoop(lambda: s3_cluster.library("a"), interval_s=0.5)
+        loop.run_once()
+        assert loop.pending == 1, "while the store is down the entry stays queued"
+    finally:
+        services("up", "rgw")
+    loop.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (loop.last_report and loop.last_report.uploaded) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        loop.stop()
+    assert loop.last_report.uploaded == (queued.key.hex,) and loop.last_error is None
+    assert queued.key.hex in s3_cluster.stored_objects()

@@ -7,7 +7,7 @@ Design facts:
   manifest checksum, else S3, whose bytes are checked against the checksum before use and
   then written to the local tier atomically (temp file, fsync, rename). A missing or
   corrupt object is a CorruptBlobError; an unreachable store a StoreUnavailableError
-  (a CorruptBlobError too), warned once per process: either way the caller recomputes.
+  (a CorruptBlobError too), warned once per outage: either way the caller recomputes.
 - The local tier is bounded by `local_bytes`, least recently used first (a read touches
   the file's mtime). It is a cache: evicting from it never loses data.
 - Writes: the blob lands in the local tier, is hard-linked into `<home>/upload-queue/`
@@ -50,8 +50,14 @@ class SyncReport:
 _warned_down = False
 
 
+def store_answered() -> None:
+    """The store answered again: the next outage gets its own warning."""
+    global _warned_down
+    _warned_down = False
+
+
 def warn_down_once(store: str, exc: Exception) -> None:
-    """Say once per process that the store is unreachable and what kvlib does instead."""
+    """Say once per outage (per process) that the store is unreachable and what kvlib does instead."""
     global _warned_down
     if not _warned_down:
         _warned_down = True
@@ -94,6 +100,7 @@ class TieredBlobs:
         try:
             self.remote.put(key, path.read_bytes(), checksum)
             entry.unlink(missing_ok=True)
+            store_answered()
         except RemoteUnavailable as exc:
             warn_down_once(self.remote.url, exc)
         self._account(path.stat().st_size)
@@ -184,6 +191,7 @@ class TieredBlobs:
                 return SyncReport(tuple(uploaded), tuple(dropped), len(entries) - done, str(exc))
             path.unlink(missing_ok=True)
             uploaded.append(hexkey)
+            store_answered()
         return SyncReport(tuple(uploaded), tuple(dropped), 0)
 
     # -- internals -------------------------------------------------------------
@@ -207,6 +215,7 @@ class TieredBlobs:
         else:
             try:
                 data = self.remote.get(key)
+                store_answered()
             except RemoteUnavailable as exc:
                 warn_down_once(self.remote.url, exc)
                 raise StoreUnavailableError(f"blob {key.short} is not in the local tier and {self.remote.url} "
