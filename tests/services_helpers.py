@@ -23,6 +23,13 @@ SKIP_REASON = "needs the real Ceph S3 gateway and PostgreSQL: run `make services
 requires_services = pytest.mark.skipif(not ENV_FILE.is_file(), reason=SKIP_REASON)
 
 
+def kvlib_command(*args) -> list[str]:
+    """The installed console script beside this interpreter (.venv/bin/kvlib), as a node runs it."""
+    import sys
+
+    return [str(Path(sys.executable).parent / "kvlib"), *map(str, args)]
+
+
 def services_env() -> dict[str, str]:
     """KEY=VALUE lines of .services/env."""
     pairs = (line.split("=", 1) for line in ENV_FILE.read_text().splitlines() if "=" in line)

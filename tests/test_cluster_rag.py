@@ -16,7 +16,7 @@ import pytest
 
 from conftest import CORPUS
 from rag_helpers import ingest
-from services_helpers import make_cluster, requires_services, services
+from services_helpers import kvlib_command, make_cluster, requires_services, services
 
 pytestmark = pytest.mark.slow
 KINDS = ["default", pytest.param("services", marks=[pytest.mark.services, requires_services])]
@@ -58,8 +58,6 @@ def test_node_b_answers_from_node_a_kv_without_encoding(cluster, make_home, smol
 
 
 def _ingest_process(cluster, home: Path, docs: list[Path]) -> subprocess.Popen:
-    from test_rag_ingest import kvlib_command
-
     return subprocess.Popen(kvlib_command("ingest", *docs, "--home", home, "--dtype", "float32", "--json"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cluster.node_env())
 
@@ -86,8 +84,6 @@ def test_concurrent_ingests_on_two_nodes_store_every_chunk_once(tmp_path, monkey
 @pytest.mark.services
 @requires_services
 def test_postgres_down_fails_one_line_exit_1_and_changes_nothing(tmp_path, monkeypatch, make_home):
-    from test_rag_ingest import kvlib_command
-
     cluster = make_cluster("services", tmp_path, monkeypatch)
     home = make_home(tmp_path, "home-a")
     cluster.library("a").close()  # the manifest exists and is migrated before the outage
