@@ -6,7 +6,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 DEMO_HOME ?= .kvlib-demo
 
-.PHONY: install test test-fast test-qwen model-qwen demo bench bench-peer clean
+.PHONY: install test test-fast test-qwen model-qwen demo bench bench-peer clean services services-down demo-cluster
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -44,5 +44,16 @@ demo: install
 bench-peer: install
 	bash scripts/bench_peer.sh $(BIN) $(DEMO_HOME) results/peer
 
+# The real services of a cluster (Ceph S3 gateway, PostgreSQL) under .services/; see docs/cluster.md.
+services:
+	bash scripts/services.sh up
+
+services-down:
+	bash scripts/services.sh down
+
+# Two nodes (two homes) over the shared services: node A ingests, node B answers from A's KV.
+demo-cluster: install services
+	bash scripts/demo-cluster.sh $(BIN) .kvlib-cluster
+
 clean:
-	rm -rf $(VENV) $(DEMO_HOME)
+	rm -rf $(VENV) $(DEMO_HOME) .kvlib-cluster

@@ -38,3 +38,15 @@ class ModelMismatchError(KvlibError):
 
 class ModelFetchError(ModelLoadError):
     """A known model could not be fetched: a part is missing or corrupt, or the index is unreachable."""
+
+
+class ManifestUnavailableError(KvlibError):
+    """The manifest database (PostgreSQL) cannot be reached; nothing was changed."""
+
+
+class StoreUnavailableError(CorruptBlobError):
+    """The remote blob store cannot be reached and the local tier lacks the blob.
+
+    A CorruptBlobError on purpose: every caller that already re-encodes a bad blob
+    (query, serve) then recomputes the chunk on the spot, as it must when S3 is down.
+    """

@@ -17,6 +17,18 @@ HomeOpt = Annotated[
     Optional[str],
     typer.Option("--home", envvar="KVLIB_HOME", help="Library home (default ~/.kvlib)."),
 ]
+StoreOpt = Annotated[
+    Optional[str],
+    typer.Option("--store", envvar="KVLIB_STORE", help="Blob store: 'local' (the home's blobs/) or s3://bucket[/prefix]."),
+]
+ManifestOpt = Annotated[
+    Optional[str],
+    typer.Option("--manifest", envvar="KVLIB_MANIFEST", help="Manifest: a SQLite path (default <home>/manifest.sqlite) or postgresql://..."),
+]
+LocalBytesOpt = Annotated[
+    Optional[int],
+    typer.Option("--local-bytes", envvar="KVLIB_LOCAL_BYTES", help="Local tier budget in bytes with a remote store (default 2 GiB)."),
+]
 TenantOpt = Annotated[str, typer.Option("--tenant", "-t", envvar="KVLIB_TENANT", help="Tenant name.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 ModelOpt = Annotated[

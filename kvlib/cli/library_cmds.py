@@ -33,10 +33,10 @@ def open_library(home: str | None) -> Iterator["Library"]:
     """
     try:
         from kvlib.store import Library
-        from kvlib.store.library import MANIFEST_NAME
+        from kvlib.store.library import library_exists
 
         path = resolve_home(home)
-        if not (path / MANIFEST_NAME).is_file():
+        if not library_exists(path):
             raise NotFoundError(f"no library at {path} (nothing ingested there yet?)")
         with Library(path) as library:
             yield library

@@ -15,6 +15,13 @@ Design facts:
   hits whenever k exist. The rows FAISS returns are then re-read from SQLite with the same
   visibility rule, so a hidden row cannot be returned even if the selector misbehaved.
 - `add` is idempotent per (chunk_key, doc_path, owner): a repeated entry keeps its id and vector.
+- With a shared manifest (`manifest=`, else `KVLIB_MANIFEST`), the manifest's `vectors`
+  table is the source of truth for every node and `index.sqlite` is this node's mirror of
+  it, with the manifest's ids. `add` and `remove_document` write the manifest; before a
+  search, one `SELECT COUNT(*), MAX(id)` says whether anything changed since the last
+  sync, and only then are the rows newer than the mirror's fetched (plus an id diff when
+  rows were removed or committed late). So a document ingested on node A is retrievable
+  on node B without re-embedding, and a quiet index costs one tiny query.
 - faiss is imported on first use, so importing kvlib stays fast.
 """
 
@@ -78,13 +85,17 @@ def _faiss():
 class VectorIndex:
     """Chunk embeddings searchable per tenant, persisted under `directory`."""
 
-    def __init__(self, directory: Path, dim: int | None = None):
+    def __init__(self, directory: Path, dim: int | None = None, manifest: str | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.directory / SQLITE_FILE)
         self._db.executescript(_SCHEMA)
         self.dim = self._resolve_dim(dim)
         self._index = self._open_faiss() if self.dim is not None else None
+        self._shared = _open_shared(manifest)
+        self._seen: tuple | None = None  # (count, max id) of the shared table at the last sync
+        if self._shared is not None:
+            self.sync()
 
     def __len__(self) -> int:
         return self._db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
@@ -98,6 +109,8 @@ class VectorIndex:
 
     def close(self) -> None:
         self._db.close()
+        if self._shared is not None:
+            self._shared.close()
 
     def add(self, entries: list[IndexEntry], vectors: np.ndarray) -> int:
         """Index `entries` with their `vectors` [n, dim]; returns how many were new."""
@@ -107,6 +120,10 @@ class VectorIndex:
         if not entries:
             return 0
         self._ensure_dim(vectors.shape[1])
+        if self._shared is not None:
+            added = _shared_add(self._shared, entries, vectors)
+            self.sync()
+            return added
         new_ids, new_rows = [], []
         with self._db:
             for entry, vector in zip(entries, vectors):
@@ -125,6 +142,13 @@ class VectorIndex:
 
     def remove_document(self, doc_path: str, owner: str) -> int:
         """Drop every chunk of `doc_path` owned by `owner`; returns how many were removed."""
+        if self._shared is not None:
+            removed = _shared_remove(self._shared, doc_path, owner)
+            self.sync()
+            return removed
+        return self._remove_local(doc_path, owner)
+
+    def _remove_local(self, doc_path: str, owner: str) -> int:
         ids = [r[0] for r in self._db.execute(
             "SELECT id FROM entries WHERE doc_path = ? AND owner = ?", (doc_path, owner))]
         if not ids:
@@ -137,6 +161,8 @@ class VectorIndex:
 
     def search(self, query_vec: np.ndarray, k: int, tenant: str) -> list[Hit]:
         """The `k` nearest chunks that `tenant` may see, best first."""
+        if self._shared is not None:
+            self.sync()
         visible = self._visible_ids(tenant)
         k = min(k, len(visible))
         if k <= 0 or self._index is None:
@@ -159,6 +185,31 @@ class VectorIndex:
         temp = self.directory / f".{FAISS_FILE}.{os.getpid()}.tmp"
         _faiss().write_index(self._index, str(temp))
         os.replace(temp, final)
+
+    def sync(self) -> int:
+        """Bring this node's mirror up to the shared manifest; how many rows changed (0: none)."""
+        from kvlib.retrieve.index_sync import fetch_changes, shared_state
+
+        state = shared_state(self._shared)
+        if state == self._seen:
+            return 0
+        local_ids = {r[0] for r in self._db.execute("SELECT id FROM entries")}
+        rows, gone = fetch_changes(self._shared, local_ids, state)
+        if rows:
+            self._ensure_dim(len(rows[0][5]) // 4)
+            with self._db:
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO entries (id, chunk_key, doc_path, owner, ord, vector, text)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            vectors = np.stack([np.frombuffer(r[5], dtype=np.float32) for r in rows])  # [n, dim]
+            self._index.remove_ids(_faiss().IDSelectorBatch(np.asarray([r[0] for r in rows], dtype=np.int64)))
+            self._index.add_with_ids(vectors, np.asarray([r[0] for r in rows], dtype=np.int64))
+        if gone:
+            with self._db:
+                self._db.executemany("DELETE FROM entries WHERE id = ?", [(i,) for i in gone])
+            self._index.remove_ids(_faiss().IDSelectorBatch(np.asarray(sorted(gone), dtype=np.int64)))
+        self._seen = state
+        return len(rows) + len(gone)
 
     def _visible_ids(self, tenant: str) -> np.ndarray:
         rows = self._db.execute("SELECT id FROM entries WHERE owner IN (?, ?)", (PUBLIC, tenant))
@@ -213,6 +264,28 @@ class VectorIndex:
             vectors = np.stack([np.frombuffer(blob, dtype=np.float32) for _, blob in rows])  # [n, dim]
             index.add_with_ids(vectors, np.asarray([i for i, _ in rows], dtype=np.int64))
         return index
+
+
+def _open_shared(manifest: str | None):
+    """The shared manifest named by `manifest` or KVLIB_MANIFEST, or None for a node-local index."""
+    target = manifest or os.environ.get("KVLIB_MANIFEST")
+    if not target:
+        return None
+    from kvlib.store.manifest import open_manifest
+
+    return open_manifest(target)
+
+
+def _shared_add(shared, entries: list[IndexEntry], vectors: np.ndarray) -> int:
+    from kvlib.retrieve.index_sync import insert_entries
+
+    return insert_entries(shared, [(e.chunk_key, e.doc_path, e.owner, e.ord, e.text) for e in entries], vectors)
+
+
+def _shared_remove(shared, doc_path: str, owner: str) -> int:
+    from kvlib.retrieve.index_sync import delete_document
+
+    return delete_document(shared, doc_path, owner)
 
 
 def _same_ids(index, dim: int, ids: np.ndarray) -> bool:

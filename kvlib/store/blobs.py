@@ -184,6 +184,27 @@ class BlobStore:
             raise CorruptBlobError(f"blob {key.short} is corrupt: checksum {actual[:12]} != manifest {expected_checksum[:12]}")
         return load_blob(path, key)
 
+    def publish(self, staged: StagedBlob, key: ChunkKey, checksum: str) -> None:
+        """Make a staged blob the stored one (a remote tier also uploads it: store/tiered.py)."""
+        staged.publish()
+
+    def intact(self, key: ChunkKey, checksum: str) -> bool:
+        """Whether the stored blob is whole and is the one the manifest describes."""
+        return self.file_checksum(key) == checksum
+
+    def status(self, key: ChunkKey, checksum: str) -> str:
+        """'ok', 'missing' or 'mismatch', checked now (inspect shows it)."""
+        actual = self.file_checksum(key)
+        return "missing" if actual is None else ("ok" if actual == checksum else "mismatch")
+
+    def orphan_candidates(self, rows: set[str]) -> list[str]:
+        """Stored keys without a manifest row. Under the manifest's write lock no put is in
+        flight here, so every one of them is garbage."""
+        return sorted(key for key, _ in self.iter_blobs() if key not in rows)
+
+    def stored_keys(self) -> set[str]:
+        return {key for key, _ in self.iter_blobs()}
+
     def delete(self, key: ChunkKey) -> bool:
         """Remove a blob file; True if there was one."""
         try:

@@ -4,9 +4,10 @@ Design facts:
 - Only chunks that no document holds are ever evicted, least recently used
   first. If the library is still over budget after that, the shortfall is
   reported (`BudgetReport.over_by`), never "fixed" by dropping held chunks.
-- Rows and files are removed while the manifest's write lock is held, just
-  before commit. Puts publish blobs under the same lock, so a concurrent put of
-  the same key cannot have its fresh file deleted by an eviction or a gc.
+- Rows and files are removed inside the manifest's write transaction, just before
+  commit, holding the victims' key locks (SQLite's file lock; PostgreSQL advisory
+  locks). Puts publish blobs under the same locks, so a concurrent put of the same
+  key cannot have its fresh blob deleted by an eviction or a gc.
   A crash after the unlink but before the commit leaves rows without blobs,
   which `gc` removes and `verify` reports meanwhile.
 - `gc` is home-wide maintenance, not a tenant operation.
@@ -16,11 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import sqlite_utils
+from typing import Any
 
-from kvlib.store.blobs import BlobStore
+import sqlalchemy as sa
+
 from kvlib.store.keys import ChunkKey
-from kvlib.store.manifest import placeholders, write_lock
+from kvlib.store.schema import chunks, doc_chunks, documents
 
 # SQLite caps bound parameters per statement; stay well below every build's cap.
 SQL_BATCH = 500
@@ -74,74 +76,73 @@ class GcReport:
         return len(self.orphan_blobs) + len(self.orphan_rows) + len(self.temp_files)
 
 
-def total_bytes(db: sqlite_utils.Database) -> int:
-    return db.execute("SELECT COALESCE(SUM(bytes), 0) FROM chunks").fetchone()[0]
+def total_bytes(conn: sa.Connection) -> int:
+    return int(conn.execute(sa.select(sa.func.coalesce(sa.func.sum(chunks.c.bytes), 0))).scalar_one())
 
 
-def evict_to_budget(db: sqlite_utils.Database, blobs: BlobStore, max_bytes: int, protect: set[str]) -> BudgetReport:
+def _unreferenced():
+    held = sa.select(doc_chunks.c.chunk_key).where(doc_chunks.c.chunk_key == chunks.c.key).exists()
+    return sa.select(chunks.c.key, chunks.c.bytes).where(~held).order_by(chunks.c.last_used, chunks.c.key)
+
+
+def evict_to_budget(db: Any, blobs: Any, max_bytes: int, protect: set[str]) -> BudgetReport:
     """Evict unreferenced chunks, least recently used first, until under `max_bytes`.
 
     `protect` holds keys that must survive this pass (just written, about to be
     claimed by a document) even though no document holds them yet.
     """
-    with write_lock(db):
-        total = total_bytes(db)
+    with db.write() as conn:
+        total = total_bytes(conn)
         if total <= max_bytes:
             return BudgetReport(max_bytes, total)
-        candidates = db.execute(
-            "SELECT key, bytes FROM chunks c"
-            " WHERE NOT EXISTS (SELECT 1 FROM doc_chunks dc WHERE dc.chunk_key = c.key)"
-            " ORDER BY last_used, rowid"
-        ).fetchall()
         victims: list[str] = []
         freed = 0
-        for key, size in candidates:
+        for key, size in conn.execute(_unreferenced()).all():
             if total - freed <= max_bytes:
                 break
             if key not in protect:
                 victims.append(key)
                 freed += size
-        delete_rows(db, victims)
+        db.lock_keys(conn, victims)
+        delete_rows(conn, victims)
         for key in victims:
             blobs.delete(ChunkKey(key))
     return BudgetReport(max_bytes, total - freed, tuple(victims), freed)
 
 
-def delete_rows(db: sqlite_utils.Database, keys: list[str]) -> int:
+def delete_rows(conn: sa.Connection, keys: list[str]) -> int:
     """Delete chunk rows and their document memberships; returns memberships dropped."""
     links = 0
     for start in range(0, len(keys), SQL_BATCH):
         batch = keys[start : start + SQL_BATCH]
-        marks = placeholders(len(batch))
-        links += db.execute(f"DELETE FROM doc_chunks WHERE chunk_key IN ({marks})", batch).rowcount
-        db.execute(f"DELETE FROM chunks WHERE key IN ({marks})", batch)
+        links += conn.execute(sa.delete(doc_chunks).where(doc_chunks.c.chunk_key.in_(batch))).rowcount
+        conn.execute(sa.delete(chunks).where(chunks.c.key.in_(batch)))
     return links
 
 
-def _documents_holding(db: sqlite_utils.Database, keys: list[str]) -> set[str]:
+def _documents_holding(conn: sa.Connection, keys: list[str]) -> set[str]:
     paths: set[str] = set()
     for start in range(0, len(keys), SQL_BATCH):
         batch = keys[start : start + SQL_BATCH]
-        rows = db.execute(
-            "SELECT DISTINCT d.path FROM documents d JOIN doc_chunks dc ON dc.doc_id = d.id"
-            f" WHERE dc.chunk_key IN ({placeholders(len(batch))})",
-            batch,
-        )
-        paths.update(row[0] for row in rows)
+        query = (sa.select(documents.c.path).distinct()
+                 .join(doc_chunks, doc_chunks.c.doc_id == documents.c.id)
+                 .where(doc_chunks.c.chunk_key.in_(batch)))
+        paths.update(conn.execute(query).scalars())
     return paths
 
 
-def collect_garbage(db: sqlite_utils.Database, blobs: BlobStore) -> GcReport:
-    """Remove blob files without rows, rows without blob files, and abandoned temp files."""
-    with write_lock(db):
-        rows = {row[0] for row in db.execute("SELECT key FROM chunks")}
-        files = dict(blobs.iter_blobs())
-        orphan_blobs = sorted(set(files) - rows)
-        orphan_rows = sorted(rows - set(files))
-        damaged = _documents_holding(db, orphan_rows)
-        links = delete_rows(db, orphan_rows)
+def collect_garbage(db: Any, blobs: Any) -> GcReport:
+    """Remove blobs without rows, rows without blobs, and abandoned temp files."""
+    with db.write() as conn:
+        rows = set(conn.execute(sa.select(chunks.c.key)).scalars())
+        stored = blobs.stored_keys()
+        orphan_blobs = blobs.orphan_candidates(rows)
+        orphan_rows = sorted(rows - stored)
+        db.lock_keys(conn, orphan_rows)
+        damaged = _documents_holding(conn, orphan_rows)
+        links = delete_rows(conn, orphan_rows)
         for key in orphan_blobs:
-            files[key].unlink(missing_ok=True)
+            blobs.delete(ChunkKey(key))
     temps = blobs.remove_abandoned_temps()
     return GcReport(
         orphan_blobs=tuple(orphan_blobs),

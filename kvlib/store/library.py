@@ -5,10 +5,16 @@ Design facts:
   context, token ids, namespace), so `put` of something already stored and
   intact writes nothing (new=False), as sqlite-utils / llm skip known hashes.
 - Blob first, row second: a row only ever appears after its blob was fsynced
-  and renamed into place, so no crash leaves a row pointing at a partial blob.
-  The rename and the row insert happen under the manifest's write lock, so two
-  processes putting the same key serialize and the row's checksum always
-  describes the file on disk.
+  and renamed into place (and, with a remote store, uploaded or durably queued),
+  so no crash leaves a row pointing at a partial blob. The publish and the row
+  insert happen inside the manifest's write transaction, holding the keys' locks
+  (SQLite's file lock, PostgreSQL advisory locks), so two writers of the same key
+  serialize and the row's checksum always describes the stored blob.
+- Backends sit behind this facade (DESIGN.md §3): the manifest is SQLite at
+  `<home>/manifest.sqlite` or PostgreSQL (`manifest=`, `KVLIB_MANIFEST`); blobs are the
+  home's `blobs/` folder or an S3 bucket (`store=`, `KVLIB_STORE`) with the home's
+  folder as a bounded local tier in front (store/tiered.py). Nothing above the store
+  knows which is in use.
 - Tenants: a tenant sees chunks owned by "public" or by itself and nothing else.
   Anything it may not see fails with exactly the NotFoundError a missing key
   gets, so no answer reveals that another tenant's chunk exists. The default
@@ -16,31 +22,31 @@ Design facts:
 - Puts can be split: `put_begin(..., background=True)` stages the blob on the library's
   writer thread (store/writer.py) while the caller computes; `finish_puts` publishes begun
   puts in order in one transaction on the caller's thread. `put` is both at once.
-- One Library holds one SQLite connection: use one per process or thread.
+- One Library per process or thread.
 - torch is imported inside functions only, so importing kvlib stays fast.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
-from kvlib.config import DEFAULT_TENANT
+import sqlalchemy as sa
+
+from kvlib.config import DEFAULT_TENANT, resolve_local_bytes, resolve_manifest, resolve_store
 from kvlib.errors import InputError, NotFoundError
+from kvlib.store import documents as docs
 from kvlib.store import reports
-from kvlib.store.blobs import (
-    FORMAT_VERSION, SUPPORTED_DTYPES, BlobStore, checksum_bytes, dtype_name, serialize_blob,
-)
+from kvlib.store.blobs import FORMAT_VERSION, BlobStore, checksum_bytes, dtype_name, serialize_blob
 from kvlib.store.capacity import BudgetReport, BudgetWarning, GcReport, collect_garbage, evict_to_budget
-from kvlib.store.keys import ChunkKey, as_key, compute_key, normalize_prefix, normalize_token_ids, pick_unique, prefix_range
-from kvlib.store.manifest import (
-    PUBLIC_OWNER, check_tenant, now_iso, open_manifest, placeholders, tenant_salt, visible_owners, write_lock,
-)
+from kvlib.store.keys import ChunkKey, as_key, compute_key, normalize_prefix, pick_unique, prefix_range
+from kvlib.store.manifest import PUBLIC_OWNER, check_tenant, now_iso, open_manifest, tenant_salt, visible_owners
+from kvlib.store.schema import chunks, models
+from kvlib.store.validate import check_drift, check_kv, check_text, to_json
 from kvlib.store.writer import BlobWriter, PendingPut, Staged, discard
 
 MANIFEST_NAME = "manifest.sqlite"
@@ -48,18 +54,6 @@ BLOBS_DIR = "blobs"
 # Enough text to recognise a chunk in a table; the blob holds the real tokens.
 PREVIEW_CHARS = 240
 SQL_BATCH = 500
-
-_UPSERT_CHUNK = """
-INSERT INTO chunks (key, model_fp, context_id, owner, tokens, bytes, dtype, shapes, checksum,
-                    hits, last_used, created, text_preview, drift_score, meta)
-VALUES (:key, :model_fp, :context_id, :owner, :tokens, :bytes, :dtype, :shapes, :checksum,
-        0, :now, :now, :text_preview, :drift_score, :meta)
-ON CONFLICT(key) DO UPDATE SET bytes = excluded.bytes, dtype = excluded.dtype, shapes = excluded.shapes,
-    checksum = excluded.checksum, last_used = excluded.last_used,
-    drift_score = COALESCE(excluded.drift_score, chunks.drift_score)
-"""
-
-_SET_DRIFT = "UPDATE chunks SET drift_score = ? WHERE key = ?"
 
 
 @dataclass(frozen=True)
@@ -87,16 +81,39 @@ def not_found(what: str) -> NotFoundError:
     return NotFoundError(f"chunk {what} not found")
 
 
-class Library:
-    """A library home: `manifest.sqlite` plus `blobs/ab/<key>.safetensors`."""
+def open_blobs(home: Path, store: str | None, local_bytes: int | None):
+    """The home's blob folder, or an S3 store with that folder as its bounded local tier."""
+    if store is None:
+        return BlobStore(home / BLOBS_DIR)
+    from kvlib.store.tiered import TieredBlobs
 
-    def __init__(self, home: str | Path, max_bytes: int | None = None) -> None:
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-            raise InputError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+    return TieredBlobs.open(home, store, resolve_local_bytes(local_bytes))
+
+
+def library_exists(home: Path, manifest: str | None = None) -> bool:
+    """Whether a library is there to open: a shared manifest (PostgreSQL) always is, since
+    a node joins it by naming it; a SQLite one only once its file exists."""
+    target = resolve_manifest(manifest, Path(home).expanduser())
+    return "://" in target or Path(target).is_file()
+
+
+class Library:
+    """A library home: a manifest plus blobs (`manifest.sqlite` and `blobs/ab/<key>.safetensors` by default)."""
+
+    def __init__(self, home: str | Path, max_bytes: int | None = None, *, store: str | None = None,
+                 manifest: str | None = None, local_bytes: int | None = None) -> None:
+        for name, value in (("max_bytes", max_bytes), ("local_bytes", local_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                raise InputError(f"{name} must be a non-negative int, got {value!r}")
         self.home = Path(home).expanduser()
         self.max_bytes = max_bytes
-        self.db = open_manifest(self.home / MANIFEST_NAME)
-        self.blobs = BlobStore(self.home / BLOBS_DIR)
+        self.store_url = resolve_store(store)
+        self.db = open_manifest(resolve_manifest(manifest, self.home))
+        try:
+            self.blobs = open_blobs(self.home, self.store_url, local_bytes)
+        except BaseException:
+            self.db.close()
+            raise
         # Keys this handle wrote that no document claimed yet: automatic eviction
         # must not drop a document's first chunks before set_document names them.
         self._unclaimed: set[str] = set()
@@ -106,6 +123,7 @@ class Library:
     def close(self) -> None:
         self.discard_puts(list(self._pending))
         self._writer.close()
+        getattr(self.blobs, "close", lambda: None)()
         self.db.close()
 
     def __enter__(self) -> "Library":
@@ -118,22 +136,24 @@ class Library:
 
     def register_model(self, fingerprint: str, name: str, config: dict) -> None:
         """Record a model fingerprint's human name and config (re-registering updates them)."""
-        _check_text("fingerprint", fingerprint)
-        self.db.execute(
-            "INSERT INTO models (fingerprint, name, config, created) VALUES (?, ?, ?, ?)"
-            " ON CONFLICT(fingerprint) DO UPDATE SET name = excluded.name, config = excluded.config",
-            [fingerprint, name, _to_json(config, "model config"), now_iso()],
-        )
+        check_text("fingerprint", fingerprint)
+        statement = self.db.insert(models).values(
+            fingerprint=fingerprint, name=name, config=to_json(config, "model config"), created=now_iso())
+        statement = statement.on_conflict_do_update(
+            index_elements=["fingerprint"], set_={"name": statement.excluded.name, "config": statement.excluded.config})
+        with self.db.write() as conn:
+            conn.execute(statement)
 
     def model(self, fingerprint: str) -> dict | None:
         """A registered model's row (config parsed), or None."""
-        row = next(self.db.query("SELECT * FROM models WHERE fingerprint = ?", [fingerprint]), None)
+        with self.db.read() as conn:
+            row = conn.execute(sa.select(models).where(models.c.fingerprint == fingerprint)).mappings().first()
         return None if row is None else {**row, "config": json.loads(row["config"] or "{}")}
 
     def key_for(self, *, tenant: str, public: bool, model_fp: str, context_id: str, token_ids: Any) -> ChunkKey:
         """The key `put` would give these ids: lets ingest skip encoding known chunks."""
-        _check_text("model_fp", model_fp)
-        _check_text("context_id", context_id)
+        check_text("model_fp", model_fp)
+        check_text("context_id", context_id)
         _, salt = self._namespace(tenant, public)
         return compute_key(model_fp=model_fp, context_id=context_id, token_ids=token_ids, salt=salt)
 
@@ -145,11 +165,11 @@ class Library:
         """Resolve a key prefix (>= 6 hex digits) among the chunks this tenant may see."""
         text = normalize_prefix(prefix)
         low, high = prefix_range(text)
-        rows = self.db.execute(
-            "SELECT key FROM chunks WHERE key >= ? AND key < ? AND owner IN (?, ?)",
-            [low, high, *visible_owners(tenant)],
-        )
-        return pick_unique(text, (row[0] for row in rows))
+        query = sa.select(chunks.c.key).where(
+            chunks.c.key >= low, chunks.c.key < high, chunks.c.owner.in_(visible_owners(tenant)))
+        with self.db.read() as conn:
+            found = list(conn.execute(query).scalars())
+        return pick_unique(text, found)
 
     # -- chunks ----------------------------------------------------------
 
@@ -172,29 +192,21 @@ class Library:
         Nothing is visible until `finish_puts` publishes it; `discard_puts` drops it.
         The tensors must not change until then.
         """
-        token_tensor = _check_kv(k_sem, v, token_ids)
-        _check_text("model_fp", model_fp)
-        _check_text("context_id", context_id)
-        _check_drift(drift_score)
+        token_tensor = check_kv(k_sem, v, token_ids)
+        check_text("model_fp", model_fp)
+        check_text("context_id", context_id)
+        check_drift(drift_score)
         owner, salt = self._namespace(tenant, public)
         key = compute_key(model_fp=model_fp, context_id=context_id, token_ids=token_ids, salt=salt)
         self._unclaimed.add(key.hex)
         existing = self._row(key)
-        if existing is not None and self._blob_intact(key, existing):
+        if existing is not None and self.blobs.intact(key, existing["checksum"]):
             return PendingPut(key, None, None, existing["bytes"], drift_score)
-        dtype = dtype_name(k_sem)
-        shapes = {"k_sem": list(k_sem.shape), "v": list(v.shape)}
+        record = _chunk_record(key, owner, model_fp, context_id, k_sem, v, text_preview, meta, drift_score)
         header = {
             "kvlib_format": FORMAT_VERSION, "key": key.hex, "model_fp": model_fp, "context_id": context_id,
-            "dtype": dtype, "k_sem_shape": json.dumps(shapes["k_sem"]), "v_shape": json.dumps(shapes["v"]),
+            "dtype": record["dtype"], "k_sem_shape": json.dumps(list(k_sem.shape)), "v_shape": json.dumps(list(v.shape)),
         }
-        record = {
-            "key": key.hex, "model_fp": model_fp, "context_id": context_id, "owner": owner,
-            "tokens": int(k_sem.shape[2]), "dtype": dtype, "shapes": json.dumps(shapes), "now": now_iso(),
-            "text_preview": (text_preview or "")[:PREVIEW_CHARS], "meta": _to_json(meta or {}, "meta"),
-            "drift_score": None if drift_score is None else float(drift_score),
-        }
-
         # Copies happen here: a torch op on the writer thread would start a second OpenMP
         # team, whose spinning threads take cores from the caller's compute.
         k_sem, v, token_tensor = (t.detach().cpu().contiguous() for t in (k_sem, v, token_tensor))
@@ -212,9 +224,10 @@ class Library:
         results: list[PutResult] = []
         try:
             wait([p.staged for p in pending if p.staged is not None])  # not while holding the write lock
-            with write_lock(self.db):
+            with self.db.write() as conn:
+                self.db.lock_keys(conn, [p.key.hex for p in pending])
                 for p in pending:
-                    results.append(self._finish(p))
+                    results.append(self._finish(conn, p))
         finally:
             self.discard_puts(pending)  # no-op for the published; drops the rest on any error
         budget = self._auto_evict(set())
@@ -226,24 +239,24 @@ class Library:
             discard(p)
             self._pending.discard(p)
 
-    def _finish(self, p: PendingPut) -> PutResult:
-        """Inside the write lock: rename the staged blob into place and write its row.
+    def _finish(self, conn: sa.Connection, p: PendingPut) -> PutResult:
+        """Inside the write transaction, holding the key's lock: publish the blob, write its row.
 
-        Re-checks under the lock: another process may have stored the same key since
-        put_begin looked, in which case its file and row stay and ours goes.
+        Re-checks under the lock: another writer may have stored the same key since
+        put_begin looked, in which case its blob and row stay and ours goes.
         """
         if p.staged is None:
-            self._touch_locked([p.key.hex], hit=False)
+            docs.touch(conn, [p.key.hex], hit=False)
             if p.drift_score is not None:
-                self.db.execute(_SET_DRIFT, [float(p.drift_score), p.key.hex])
+                conn.execute(sa.update(chunks).where(chunks.c.key == p.key.hex).values(drift_score=float(p.drift_score)))
             return PutResult(p.key, False, p.existing_bytes)
         staged = p.staged.result()
-        existing = self._row(p.key)
-        if existing is not None and self._blob_intact(p.key, existing):
+        existing = self._row(p.key, conn)
+        if existing is not None and self.blobs.intact(p.key, existing["checksum"]):
             return PutResult(p.key, False, existing["bytes"])  # discard_puts drops ours
-        staged.blob.publish()
+        self.blobs.publish(staged.blob, p.key, staged.checksum)
         p.settled = True
-        self.db.execute(_UPSERT_CHUNK, {**p.record, "bytes": staged.nbytes, "checksum": staged.checksum})
+        conn.execute(_upsert_chunk(self.db, {**p.record, "bytes": staged.nbytes, "checksum": staged.checksum}))
         return PutResult(p.key, True, staged.nbytes)
 
     def get(self, key: ChunkKey | str, tenant: str = DEFAULT_TENANT) -> StoredChunk:
@@ -261,15 +274,19 @@ class Library:
         for key in wanted:
             if key.hex not in loaded:
                 loaded[key.hex] = self._load(key, rows[key.hex])
-        self._touch(list(loaded))
+        with self.db.write() as conn:
+            self.db.lock_keys(conn, list(loaded))
+            docs.touch(conn, list(loaded), hit=True)
         return [loaded[key.hex] for key in wanted]
 
     def set_drift_score(self, key: ChunkKey | str, score: float | None) -> None:
         """Record how far this chunk's cached KV drifts from a full recompute (repair's measure)."""
-        _check_drift(score)
+        check_drift(score)
         hexkey = as_key(key).hex
-        cursor = self.db.execute(_SET_DRIFT, [None if score is None else float(score), hexkey])
-        if cursor.rowcount == 0:
+        with self.db.write() as conn:
+            result = conn.execute(sa.update(chunks).where(chunks.c.key == hexkey)
+                                  .values(drift_score=None if score is None else float(score)))
+        if result.rowcount == 0:
             raise not_found(hexkey)
 
     # -- documents -------------------------------------------------------
@@ -279,27 +296,19 @@ class Library:
     ) -> int:
         """Record a document as an ordered list of chunks; replaces the earlier version of
         the same path for this tenant and visibility. Returns the new document id."""
-        _check_text("path", path)
+        check_text("path", path)
         owner, _ = self._namespace(tenant, public)
         keys = [as_key(key).hex for key in chunk_keys]
-        with write_lock(self.db):
-            rows = self._visible_rows(keys, tenant)
+        with self.db.write() as conn:
+            is_public = int(owner == PUBLIC_OWNER)
+            self.db.lock_keys(conn, [f"document:{tenant}:{is_public}:{path}"])
+            rows = self._visible_rows(keys, tenant, conn)
             for hexkey in keys:
                 if hexkey not in rows:
                     raise not_found(hexkey)
                 if owner == PUBLIC_OWNER and rows[hexkey]["owner"] != PUBLIC_OWNER:
                     raise InputError(f"a public document cannot hold private chunk {hexkey[:12]}")
-            is_public = int(owner == PUBLIC_OWNER)
-            earlier = self.db.execute(
-                "SELECT id FROM documents WHERE tenant = ? AND public = ? AND path = ?", [tenant, is_public, path]
-            )
-            self._delete_documents([row[0] for row in earlier.fetchall()])
-            doc_id = self.db["documents"].insert(
-                {"path": path, "content_hash": content_hash, "tenant": tenant, "public": is_public, "ingested_at": now_iso()}
-            ).last_pk
-            self.db["doc_chunks"].insert_all(
-                [{"doc_id": doc_id, "chunk_key": hexkey, "ord": ord_} for ord_, hexkey in enumerate(keys)]
-            )
+            doc_id = docs.replace_document(conn, tenant, is_public, path, content_hash, keys)
         self._unclaimed.difference_update(keys)
         self._auto_evict(set())
         return doc_id
@@ -307,38 +316,24 @@ class Library:
     def document(self, tenant: str, path: str, public: bool | None = None) -> dict | None:
         """The visible document at `path`, preferring the tenant's own over others' public one."""
         check_tenant(tenant)
-        sql = "SELECT * FROM documents WHERE path = ? AND (public = 1 OR tenant = ?)"
-        params: list[Any] = [path, tenant]
-        if public is not None:
-            sql += " AND public = ?"
-            params.append(int(bool(public) or tenant == DEFAULT_TENANT))
-        sql += " ORDER BY (tenant = ?) DESC, public ASC, ingested_at DESC LIMIT 1"
-        row = next(self.db.query(sql, [*params, tenant]), None)
-        return None if row is None else reports.document_view(self.db, row, tenant)
+        with self.db.read() as conn:
+            return docs.find_document(conn, tenant, path, public)
 
     def remove_document(self, *, tenant: str, path: str, public: bool | None = None) -> int:
         """Delete one of this tenant's documents (not its chunks, which become evictable)."""
         check_tenant(tenant)
-        sql = "SELECT id, public FROM documents WHERE tenant = ? AND path = ?"
-        params: list[Any] = [tenant, path]
-        if public is not None:
-            sql += " AND public = ?"
-            params.append(int(bool(public) or tenant == DEFAULT_TENANT))
-        with write_lock(self.db):
-            found = self.db.execute(sql, params).fetchall()
-            if not found:
-                raise NotFoundError(f"document {path} not found")
-            if len(found) > 1:
-                raise InputError(f"document {path} exists both private and public: say which to remove")
-            self._delete_documents([found[0][0]])
+        with self.db.write() as conn:
+            doc_id = docs.remove_document(conn, tenant, path, public)
         self._auto_evict(set())
-        return found[0][0]
+        return doc_id
 
     def list_documents(self, tenant: str = DEFAULT_TENANT) -> list[dict]:
-        return reports.list_documents(self.db, tenant)
+        with self.db.read() as conn:
+            return reports.list_documents(conn, tenant)
 
     def list_chunks(self, tenant: str = DEFAULT_TENANT) -> list[dict]:
-        return reports.list_chunks(self.db, tenant)
+        with self.db.read() as conn:
+            return reports.list_chunks(conn, tenant)
 
     # -- reports and maintenance ----------------------------------------
 
@@ -348,10 +343,14 @@ class Library:
         row = self._visible_rows([key.hex], tenant).get(key.hex)
         if row is None:
             raise not_found(key.hex)
-        return reports.inspect_chunk(self.db, self.blobs, row, tenant)
+        with self.db.read() as conn:
+            return reports.inspect_chunk(conn, self.blobs, row, tenant)
 
     def stats(self, tenant: str = DEFAULT_TENANT) -> dict:
-        return {**reports.library_stats(self.db, tenant), "home": str(self.home), "max_bytes": self.max_bytes}
+        with self.db.read() as conn:
+            found = reports.library_stats(conn, tenant)
+        return {**found, "home": str(self.home), "max_bytes": self.max_bytes,
+                "manifest": self.db.url, "store": self.store_url or "local"}
 
     def verify(self, tenant: str | None = None) -> list[reports.Problem]:
         """Re-read every blob (or every one `tenant` may see) against the manifest."""
@@ -368,30 +367,44 @@ class Library:
         """Remove orphan blobs, orphan rows (and their memberships) and abandoned temp files."""
         return collect_garbage(self.db, self.blobs)
 
+    def sync(self):
+        """Upload the blobs queued while the remote store was unreachable (a no-op without one)."""
+        from kvlib.store.tiered import SyncReport
+
+        drain = getattr(self.blobs, "drain_queue", None)
+        if drain is None:
+            return SyncReport()
+        return drain(self._checksum_of)
+
     # -- internals -------------------------------------------------------
+
+    def _checksum_of(self, hexkey: str) -> str | None:
+        row = self._row(ChunkKey(hexkey))
+        return None if row is None else row["checksum"]
 
     def _namespace(self, tenant: str, public: bool) -> tuple[str, str]:
         """(owner, key salt): public chunks share the empty salt; private ones get the tenant's."""
         check_tenant(tenant)
         if public or tenant == DEFAULT_TENANT:
             return PUBLIC_OWNER, ""
-        return tenant, tenant_salt(self.db, tenant)
+        with self.db.write() as conn:
+            return tenant, tenant_salt(self.db, conn, tenant)
 
-    def _row(self, key: ChunkKey) -> dict | None:
-        return next(self.db.query("SELECT * FROM chunks WHERE key = ?", [key.hex]), None)
+    def _row(self, key: ChunkKey, conn: sa.Connection | None = None) -> dict | None:
+        query = sa.select(chunks).where(chunks.c.key == key.hex)
+        if conn is not None:
+            row = conn.execute(query).mappings().first()
+        else:
+            with self.db.read() as own:
+                row = own.execute(query).mappings().first()
+        return None if row is None else dict(row)
 
-    def _visible_rows(self, keys: list[str], tenant: str) -> dict[str, dict]:
+    def _visible_rows(self, keys: list[str], tenant: str, conn: sa.Connection | None = None) -> dict[str, dict]:
         owners = visible_owners(tenant)
-        unique = sorted(set(keys))
-        rows: dict[str, dict] = {}
-        for start in range(0, len(unique), SQL_BATCH):
-            batch = unique[start : start + SQL_BATCH]
-            sql = f"SELECT * FROM chunks WHERE key IN ({placeholders(len(batch))}) AND owner IN (?, ?)"
-            rows.update((row["key"], row) for row in self.db.query(sql, [*batch, *owners]))
-        return rows
-
-    def _blob_intact(self, key: ChunkKey, row: dict) -> bool:
-        return self.blobs.file_checksum(key) == row["checksum"]
+        if conn is None:
+            with self.db.read() as own:
+                return docs.visible_rows(own, keys, owners)
+        return docs.visible_rows(conn, keys, owners)
 
     def _load(self, key: ChunkKey, row: dict) -> StoredChunk:
         contents = self.blobs.read(key, row["checksum"])
@@ -400,26 +413,6 @@ class Library:
             model_fp=row["model_fp"], context_id=row["context_id"], dtype=row["dtype"],
             drift_score=row.get("drift_score"),
         )
-
-    def _touch(self, keys: list[str], hit: bool = True) -> None:
-        """Mark keys used now (LRU order); a read also counts a hit, a repeated put does not."""
-        with write_lock(self.db):
-            self._touch_locked(keys, hit)
-
-    def _touch_locked(self, keys: list[str], hit: bool) -> None:
-        now = now_iso()
-        for start in range(0, len(keys), SQL_BATCH):
-            batch = keys[start : start + SQL_BATCH]
-            self.db.execute(
-                f"UPDATE chunks SET hits = hits + ?, last_used = ? WHERE key IN ({placeholders(len(batch))})",
-                [int(hit), now, *batch],
-            )
-
-    def _delete_documents(self, ids: list[int]) -> None:
-        """Delete documents and their memberships (memberships first: they reference the row)."""
-        for doc_id in ids:
-            self.db.execute("DELETE FROM doc_chunks WHERE doc_id = ?", [doc_id])
-            self.db.execute("DELETE FROM documents WHERE id = ?", [doc_id])
 
     def _auto_evict(self, protect: set[str]) -> BudgetReport | None:
         """Keep the library within max_bytes after a write; warn visibly if it cannot."""
@@ -431,39 +424,25 @@ class Library:
         return report
 
 
-def _check_text(name: str, value: Any) -> None:
-    if not isinstance(value, str) or not value:
-        raise InputError(f"{name} must be a non-empty string, got {value!r}")
+def _chunk_record(key: ChunkKey, owner: str, model_fp: str, context_id: str, k_sem: Any, v: Any,
+                  text_preview: str, meta: dict | None, drift_score: float | None) -> dict:
+    """The manifest row of a new chunk, less bytes and checksum (known once staged)."""
+    now = now_iso()
+    return {
+        "key": key.hex, "model_fp": model_fp, "context_id": context_id, "owner": owner,
+        "tokens": int(k_sem.shape[2]), "dtype": dtype_name(k_sem),
+        "shapes": json.dumps({"k_sem": list(k_sem.shape), "v": list(v.shape)}), "hits": 0,
+        "last_used": now, "created": now, "text_preview": (text_preview or "")[:PREVIEW_CHARS],
+        "meta": to_json(meta or {}, "meta"), "drift_score": None if drift_score is None else float(drift_score),
+    }
 
 
-def _check_drift(score: Any) -> None:
-    if score is not None and (isinstance(score, bool) or not math.isfinite(float(score))):
-        raise InputError(f"drift score must be a finite number or None, got {score!r}")
-
-
-def _to_json(value: Any, what: str) -> str:
-    try:
-        return json.dumps(value, sort_keys=True)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{what} must be JSON-serializable: {exc}") from exc
-
-
-def _check_kv(k_sem: Any, v: Any, token_ids: Any) -> Any:
-    """Validate the tensors of one chunk; returns the token ids as a 1-D int tensor."""
-    import torch
-
-    if not isinstance(k_sem, torch.Tensor) or not isinstance(v, torch.Tensor):
-        raise InputError("k_sem and v must be torch tensors")
-    if k_sem.dim() != 4 or v.dim() != 4 or k_sem.shape[:3] != v.shape[:3]:
-        raise InputError(
-            f"k_sem and v must be [layers, kv_heads, tokens, head_dim] with matching leading dims, "
-            f"got {list(k_sem.shape)} and {list(v.shape)}"
-        )
-    if dtype_name(k_sem) not in SUPPORTED_DTYPES or k_sem.dtype != v.dtype:
-        raise InputError(f"k_sem and v must both be float16 or bfloat16, got {k_sem.dtype} and {v.dtype}")
-    ids = normalize_token_ids(token_ids)
-    if len(ids) != k_sem.shape[2]:
-        raise InputError(f"{len(ids)} token ids for a chunk of {k_sem.shape[2]} tokens")
-    if isinstance(token_ids, torch.Tensor) and token_ids.dtype in (torch.int32, torch.int64):
-        return token_ids.reshape(-1)
-    return torch.tensor(ids, dtype=torch.int64)
+def _upsert_chunk(db, record: dict):
+    """INSERT ... ON CONFLICT(key) DO UPDATE: a re-stored blob (the old one was corrupt or
+    missing) replaces the row's description of it; a known drift score is kept."""
+    statement = db.insert(chunks).values(**record)
+    new = statement.excluded
+    return statement.on_conflict_do_update(index_elements=["key"], set_={
+        "bytes": new.bytes, "dtype": new.dtype, "shapes": new.shapes, "checksum": new.checksum,
+        "last_used": new.last_used, "drift_score": sa.func.coalesce(new.drift_score, chunks.c.drift_score),
+    })

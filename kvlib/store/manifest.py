@@ -1,16 +1,24 @@
-"""Manifest: the library's SQLite index, through sqlite-utils.
+"""Manifest: the library's index of chunks, documents, tenants and vectors, through SQLAlchemy Core.
 
 Design facts:
-- WAL mode, so readers never block the one writer, and a 30 s busy timeout, so
-  several processes can ingest into one home and simply queue for the lock.
-- Multi-statement writes run in `BEGIN IMMEDIATE` transactions (`write_lock`):
-  taking the write lock up front avoids the SQLITE_BUSY a deferred transaction
-  gets when it tries to upgrade from reading to writing under contention.
-- Schema changes are named, ordered migrations recorded in `migrations`
-  (name, applied_at). Each runs inside the write lock and is re-checked there,
-  so two processes opening a fresh home at once apply it exactly once.
-- Visibility is one rule, `owner IN ('public', :tenant)`, kept here so every
-  query says it the same way.
+- One schema (store/schema.py) and one set of Core statements serve both backends:
+  - SQLite (the default, `<home>/manifest.sqlite`): WAL mode, so readers never block the
+    one writer, and a 30 s busy timeout, so several processes can ingest into one home
+    and simply queue for the lock. Write transactions start with `BEGIN IMMEDIATE`:
+    taking the lock up front avoids the SQLITE_BUSY a deferred transaction gets when
+    it upgrades from reading to writing under contention.
+  - PostgreSQL (`postgresql://...`, psycopg 3 under SQLAlchemy's connection pool), for many
+    machines. A write transaction takes per-key advisory locks (`lock_keys`) where
+    SQLite's whole-file lock did the serializing, so two nodes putting the same key
+    still publish exactly one row, and `ON CONFLICT` keeps dedup exact.
+- Schema changes are named, ordered migrations recorded in `migrations` (name,
+  applied_at). Each runs inside the migration lock and is re-checked there, so two
+  processes opening a fresh manifest at once apply it exactly once.
+- Visibility is one rule, `owner IN ('public', :tenant)`, kept here so every query says it
+  the same way.
+- An unreachable PostgreSQL is a ManifestUnavailableError naming the manifest (password
+  hidden): the CLI prints that one line and exits 1, and nothing was changed.
+- sqlalchemy is imported here; the CLI imports the store inside commands only.
 """
 
 from __future__ import annotations
@@ -18,21 +26,30 @@ from __future__ import annotations
 import contextlib
 import re
 import secrets
-import sqlite3
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Iterator
 
-import sqlite_utils
+import sqlalchemy as sa
+from sqlalchemy import event, exc as sa_exc
 
 from kvlib.config import DEFAULT_TENANT
-from kvlib.errors import InputError, KvlibError
+from kvlib.errors import InputError, KvlibError, ManifestUnavailableError
+from kvlib.store import schema
+from kvlib.store.schema import MIGRATIONS
+
+__all__ = [
+    "MIGRATIONS", "Manifest", "PUBLIC_OWNER", "applied_migrations", "apply_migrations", "check_tenant",
+    "now_iso", "open_manifest", "tenant_salt", "visible_owners",
+]
 
 BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 5
 PUBLIC_OWNER = DEFAULT_TENANT
 # Tenant names end up in SQL parameters and file-free places only, but they are
 # shown in tables and error lines; keep them plain.
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
+_MIGRATION_LOCK = 0x6B766C6962  # "kvlib": PostgreSQL advisory lock id for migrations
 
 
 def now_iso() -> str:
@@ -52,115 +69,189 @@ def visible_owners(tenant: str) -> tuple[str, str]:
     return (PUBLIC_OWNER, check_tenant(tenant))
 
 
-def _migrate_0001_initial(db: sqlite_utils.Database) -> None:
-    db["tenants"].create({"name": str, "salt": str, "created": str}, pk="name")
-    db["models"].create({"fingerprint": str, "name": str, "config": str, "created": str}, pk="fingerprint")
-    db["chunks"].create(
-        {
-            "key": str, "model_fp": str, "context_id": str, "owner": str,
-            "tokens": int, "bytes": int, "dtype": str, "shapes": str, "checksum": str,
-            "hits": int, "last_used": str, "created": str, "text_preview": str,
-            "drift_score": float, "meta": str,
-        },
-        pk="key",
-        not_null={"model_fp", "context_id", "owner", "tokens", "bytes", "dtype", "checksum", "hits"},
-        defaults={"hits": 0},
-    )
-    db["chunks"].create_index(["owner"])
-    db["chunks"].create_index(["last_used"])
-    # AUTOINCREMENT: a replaced document's id is never reused, so ids held
-    # elsewhere (an embedding index) cannot silently point at another document.
-    db.execute(
-        "CREATE TABLE documents (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL, content_hash TEXT,"
-        " tenant TEXT NOT NULL, public INTEGER NOT NULL, ingested_at TEXT)"
-    )
-    db["documents"].create_index(["tenant", "public", "path"], unique=True)
-    db["documents"].create_index(["path"])
-    db["doc_chunks"].create(
-        {"doc_id": int, "chunk_key": str, "ord": int},
-        pk=("doc_id", "ord"),
-        foreign_keys=[("doc_id", "documents", "id"), ("chunk_key", "chunks", "key")],
-    )
-    db["doc_chunks"].create_index(["chunk_key"])
+class RawResult:
+    """The rows and rowcount of one raw statement, read before its connection went back."""
+
+    def __init__(self, rows: list, rowcount: int) -> None:
+        self._rows, self.rowcount = rows, rowcount
+
+    def fetchone(self):
+        return self._rows[0] if self._rows else None
+
+    def fetchall(self) -> list:
+        return list(self._rows)
+
+    def __iter__(self):
+        return iter(self._rows)
 
 
-# Append only: a released migration is never edited, renamed or reordered.
-MIGRATIONS: tuple[tuple[str, Callable[[sqlite_utils.Database], None]], ...] = (
-    ("0001_initial", _migrate_0001_initial),
-)
+class Manifest:
+    """One manifest database: an engine, its dialect, and transactions that mean the same on both."""
+
+    def __init__(self, engine: sa.Engine, display: str) -> None:
+        self.engine = engine
+        self.url = display  # for error lines: never holds a password
+        self.dialect = engine.dialect.name  # "sqlite" or "postgresql"
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.dialect == "sqlite"
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[sa.Connection]:
+        """A write transaction: the whole file's lock on SQLite; on PostgreSQL, `lock_keys` inside."""
+        with self._errors(), self.engine.connect() as conn:
+            conn.execution_options(kvlib_write=True)
+            with conn.begin():
+                yield conn
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sa.Connection]:
+        """A short read transaction (deferred on SQLite: it never waits for the writer)."""
+        with self._errors(), self.engine.connect() as conn:
+            with conn.begin():
+                yield conn
+
+    def lock_keys(self, conn: sa.Connection, keys: list[str]) -> None:
+        """Serialize writers of these keys across machines until the transaction ends.
+
+        SQLite needs nothing: `BEGIN IMMEDIATE` already holds the one write lock.
+        Sorted, so two writers of overlapping key sets cannot deadlock.
+        """
+        if self.is_sqlite:
+            return
+        for key in sorted(set(keys)):
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(hashtextextended(:k, 0))"), {"k": key})
+
+    def insert(self, table: sa.Table):
+        """The dialect's INSERT, which knows `on_conflict_do_nothing` / `on_conflict_do_update`."""
+        if self.is_sqlite:
+            from sqlalchemy.dialects.sqlite import insert
+        else:
+            from sqlalchemy.dialects.postgresql import insert
+        return insert(table)
+
+    # -- raw SQL, for maintenance scripts and tests that look at the file directly --
+
+    def execute(self, sql: str, params: Any = ()) -> RawResult:
+        """Run one statement in the driver's own SQL and parameter style, committed."""
+        with self.write() as conn:
+            result = conn.exec_driver_sql(sql, tuple(params) if isinstance(params, list) else params)
+            rows = [tuple(r) for r in result] if result.returns_rows else []
+            return RawResult(rows, result.rowcount)
+
+    def query(self, sql: str, params: Any = ()) -> Iterator[dict]:
+        """Rows of one raw read as dicts."""
+        with self.read() as conn:
+            result = conn.exec_driver_sql(sql, tuple(params) if isinstance(params, list) else params)
+            rows = [dict(r._mapping) for r in result]
+        return iter(rows)
+
+    @property
+    def journal_mode(self) -> str:
+        with self.read() as conn:
+            return conn.exec_driver_sql("PRAGMA journal_mode").scalar()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """A lost or refused PostgreSQL connection becomes one line naming the manifest."""
+        try:
+            yield
+        except (sa_exc.OperationalError, sa_exc.InterfaceError) as exc:
+            if self.is_sqlite and not getattr(exc, "connection_invalidated", False):
+                raise
+            first = str(exc.orig or exc).strip().splitlines()[0] if str(exc.orig or exc).strip() else type(exc).__name__
+            raise ManifestUnavailableError(f"cannot reach manifest {self.url}: {first}") from None
 
 
-@contextlib.contextmanager
-def write_lock(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
-    """A `BEGIN IMMEDIATE` transaction: holds the database write lock throughout.
-
-    sqlite-utils' own writes inside the block become savepoints of this one
-    transaction, so the block commits or rolls back as a whole.
-    """
-    db.execute("BEGIN IMMEDIATE")
-    try:
-        yield db
-    except BaseException:
-        db.rollback()
-        raise
-    else:
-        db.execute("COMMIT")
-
-
-def open_manifest(path: Path) -> sqlite_utils.Database:
-    """Open (creating if needed) the manifest, in WAL mode, fully migrated."""
+def _sqlite_engine(path: Path) -> sa.Engine:
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The driver-level timeout is SQLite's busy timeout; it must be set before
-    # the first statement, since switching to WAL itself can meet a locked file.
-    db = sqlite_utils.Database(sqlite3.connect(str(path), timeout=BUSY_TIMEOUT_MS / 1000))
+    engine = sa.create_engine(f"sqlite:///{path}", connect_args={"timeout": BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn, _record) -> None:
+        dbapi_conn.isolation_level = None  # SQLAlchemy, not the driver, says BEGIN (see _on_begin)
+        dbapi_conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        dbapi_conn.execute("PRAGMA journal_mode = WAL")
+        dbapi_conn.execute("PRAGMA foreign_keys = ON")
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("kvlib_write") else "BEGIN")
+
+    return engine
+
+
+def _postgres_engine(url: str) -> tuple[sa.Engine, str]:
+    parsed = sa.engine.make_url(url)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    # pre_ping: a pooled connection that died with a server restart is replaced, not used.
+    engine = sa.create_engine(parsed, pool_size=4, max_overflow=4, pool_pre_ping=True,
+                              connect_args={"connect_timeout": PG_CONNECT_TIMEOUT_S})
+    return engine, parsed.set(drivername="postgresql").render_as_string(hide_password=True)
+
+
+def open_manifest(target: str | Path) -> Manifest:
+    """Open (creating if needed) the manifest at a SQLite path or a `postgresql://` URL, fully migrated."""
+    text = str(target)
+    if text.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
+        engine, display = _postgres_engine(text)
+    elif text.startswith("sqlite:///"):
+        engine, display = _sqlite_engine(Path(text.removeprefix("sqlite:///"))), text
+    elif "://" in text:
+        raise InputError(f"unsupported manifest {text!r}: use a SQLite path or postgresql://...")
+    else:
+        engine, display = _sqlite_engine(Path(text)), text
+    manifest = Manifest(engine, display)
     try:
-        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.enable_wal()
-        db.execute("PRAGMA foreign_keys = ON")
-        apply_migrations(db)
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        raise KvlibError(f"cannot open manifest {path}: {exc}") from exc
-    return db
+        apply_migrations(manifest)
+    except ManifestUnavailableError:
+        manifest.close()
+        raise
+    except sa_exc.DatabaseError as exc:
+        manifest.close()
+        raise KvlibError(f"cannot open manifest {display}: {exc.orig or exc}") from None
+    return manifest
 
 
-def applied_migrations(db: sqlite_utils.Database) -> list[str]:
-    """Names of the migrations already applied, in the order they were applied."""
-    if not db["migrations"].exists():
-        return []
-    return [row["name"] for row in db.query("SELECT name FROM migrations ORDER BY rowid")]
+def applied_migrations(db: Manifest) -> list[str]:
+    """Names of the migrations already applied, in order (names are ordered by design)."""
+    with db.read() as conn:
+        if not sa.inspect(conn).has_table("migrations"):
+            return []
+        return list(conn.execute(sa.select(schema.migrations.c.name).order_by(schema.migrations.c.name)).scalars())
 
 
-def apply_migrations(db: sqlite_utils.Database) -> list[str]:
+def apply_migrations(db: Manifest) -> list[str]:
     """Apply every pending migration, in order, each in its own write lock; idempotent."""
     applied: list[str] = []
     for name, migrate in MIGRATIONS:
-        with write_lock(db):
-            db.execute("CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
-            done = db.execute("SELECT 1 FROM migrations WHERE name = ?", [name]).fetchone()
+        with db.write() as conn:
+            if not db.is_sqlite:  # SQLite's BEGIN IMMEDIATE already excludes every other writer
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:id)"), {"id": _MIGRATION_LOCK})
+            schema.metadata.create_all(conn, tables=[schema.migrations], checkfirst=True)
+            table = schema.migrations
+            done = conn.execute(sa.select(table.c.name).where(table.c.name == name)).first()
             if done:
                 continue  # another process (or an earlier open) got here first
-            migrate(db)
-            db.execute("INSERT INTO migrations (name, applied_at) VALUES (?, ?)", [name, now_iso()])
+            migrate(conn)
+            conn.execute(table.insert().values(name=name, applied_at=now_iso()))
             applied.append(name)
     return applied
 
 
-def tenant_salt(db: sqlite_utils.Database, tenant: str) -> str:
+def tenant_salt(db: Manifest, conn: sa.Connection, tenant: str) -> str:
     """The tenant's private-key salt, created on first use.
 
-    INSERT OR IGNORE then SELECT: if two processes create the tenant at once,
-    one salt wins and both read that one.
+    INSERT ... ON CONFLICT DO NOTHING then SELECT: if two processes create the tenant at
+    once, one salt wins and both read that one.
     """
     check_tenant(tenant)
-    db.execute(
-        "INSERT OR IGNORE INTO tenants (name, salt, created) VALUES (?, ?, ?)",
-        [tenant, secrets.token_hex(32), now_iso()],
-    )
-    row = db.execute("SELECT salt FROM tenants WHERE name = ?", [tenant]).fetchone()
-    return row[0]
-
-
-def placeholders(count: int) -> str:
-    """`?, ?, ...` for an IN clause of `count` values."""
-    return ", ".join("?" * count)
+    table = schema.tenants
+    conn.execute(db.insert(table).values(name=tenant, salt=secrets.token_hex(32), created=now_iso())
+                 .on_conflict_do_nothing(index_elements=["name"]))
+    return conn.execute(sa.select(table.c.salt).where(table.c.name == tenant)).scalar_one()

@@ -14,14 +14,19 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
+import sqlalchemy as sa
 
 from kvlib.errors import CorruptBlobError
-from kvlib.store.blobs import BlobStore, checksum_file, dtype_name
+from kvlib.store.blobs import dtype_name
 from kvlib.store.keys import ChunkKey, compute_key
 from kvlib.store.manifest import PUBLIC_OWNER, check_tenant, visible_owners
 
-_VISIBLE_DOC = "(d.public = 1 OR d.tenant = ?)"
+# Portable SQL (SQLite and PostgreSQL alike), written once, with named parameters.
+_VISIBLE_DOC = "(d.public = 1 OR d.tenant = :tenant)"
+
+
+def _rows(conn: sa.Connection, sql: str, **params: Any) -> list[dict]:
+    return [dict(row) for row in conn.execute(sa.text(sql), params).mappings()]
 
 
 @dataclass(frozen=True)
@@ -32,9 +37,10 @@ class Problem:
     reason: str
 
 
-def document_view(db: sqlite_utils.Database, row: dict, tenant: str) -> dict:
+def document_view(conn: sa.Connection, row: dict, tenant: str) -> dict:
     """A document row as a tenant may see it, with its chunk keys in order."""
-    keys = [r[0] for r in db.execute("SELECT chunk_key FROM doc_chunks WHERE doc_id = ? ORDER BY ord", [row["id"]])]
+    keys = [r["chunk_key"] for r in _rows(conn, "SELECT chunk_key FROM doc_chunks WHERE doc_id = :id ORDER BY ord",
+                                          id=row["id"])]
     return {
         "id": row["id"],
         "path": row["path"],
@@ -47,15 +53,16 @@ def document_view(db: sqlite_utils.Database, row: dict, tenant: str) -> dict:
     }
 
 
-def list_documents(db: sqlite_utils.Database, tenant: str) -> list[dict]:
+def list_documents(conn: sa.Connection, tenant: str) -> list[dict]:
     """Visible documents with their chunk and token counts, by path."""
     check_tenant(tenant)
-    rows = db.query(
-        "SELECT d.id, d.path, d.content_hash, d.public, d.tenant = ? AS mine, d.ingested_at,"
+    rows = _rows(
+        conn,
+        "SELECT d.id, d.path, d.content_hash, d.public, d.tenant = :tenant AS mine, d.ingested_at,"
         " COUNT(dc.chunk_key) AS chunks, COALESCE(SUM(c.tokens), 0) AS tokens"
         " FROM documents d LEFT JOIN doc_chunks dc ON dc.doc_id = d.id LEFT JOIN chunks c ON c.key = dc.chunk_key"
         f" WHERE {_VISIBLE_DOC} GROUP BY d.id ORDER BY d.path, d.public",
-        [tenant, tenant],
+        tenant=tenant,
     )
     return [
         {**row, "public": bool(row["public"]), "mine": bool(row["mine"]), "owner": PUBLIC_OWNER if row["public"] else tenant}
@@ -63,36 +70,36 @@ def list_documents(db: sqlite_utils.Database, tenant: str) -> list[dict]:
     ]
 
 
-def list_chunks(db: sqlite_utils.Database, tenant: str) -> list[dict]:
+def list_chunks(conn: sa.Connection, tenant: str) -> list[dict]:
     """Visible chunks, oldest first, with how many visible documents hold each."""
-    owners = visible_owners(tenant)
-    rows = db.query(
+    visible_owners(tenant)
+    return _rows(
+        conn,
         "SELECT c.key, c.owner, c.model_fp, c.context_id, c.tokens, c.bytes, c.dtype, c.hits, c.last_used,"
         " c.created, c.text_preview, c.drift_score,"
         " (SELECT COUNT(*) FROM doc_chunks dc JOIN documents d ON d.id = dc.doc_id"
         f"   WHERE dc.chunk_key = c.key AND {_VISIBLE_DOC}) AS documents"
-        " FROM chunks c WHERE c.owner IN (?, ?) ORDER BY c.created, c.rowid",
-        [tenant, *owners],
+        " FROM chunks c WHERE c.owner IN (:public, :tenant) ORDER BY c.created, c.key",
+        tenant=tenant, public=PUBLIC_OWNER,
     )
-    return list(rows)
 
 
-def inspect_chunk(db: sqlite_utils.Database, blobs: BlobStore, row: dict, tenant: str) -> dict:
+def inspect_chunk(conn: sa.Connection, blobs: Any, row: dict, tenant: str) -> dict:
     """Everything about one chunk row the tenant may see; the checksum is checked now."""
     key = ChunkKey(row["key"])
-    actual = checksum_file(blobs.path_for(key))
-    status = "missing" if actual is None else ("ok" if actual == row["checksum"] else "mismatch")
-    model = db.execute("SELECT name FROM models WHERE fingerprint = ?", [row["model_fp"]]).fetchone()
-    documents = db.query(
+    status = blobs.status(key, row["checksum"])
+    model = _rows(conn, "SELECT name FROM models WHERE fingerprint = :fp", fp=row["model_fp"])
+    documents = _rows(
+        conn,
         "SELECT d.id, d.path, d.public, dc.ord FROM doc_chunks dc JOIN documents d ON d.id = dc.doc_id"
-        f" WHERE dc.chunk_key = ? AND {_VISIBLE_DOC} ORDER BY d.path, dc.ord",
-        [key.hex, tenant],
+        f" WHERE dc.chunk_key = :key AND {_VISIBLE_DOC} ORDER BY d.path, dc.ord",
+        key=key.hex, tenant=tenant,
     )
     return {
         "key": key.hex,
         "owner": row["owner"],
         "model_fp": row["model_fp"],
-        "model_name": model[0] if model else None,
+        "model_name": model[0]["name"] if model else None,
         "context_id": row["context_id"],
         "tokens": row["tokens"],
         "text_preview": row["text_preview"],
@@ -110,24 +117,24 @@ def inspect_chunk(db: sqlite_utils.Database, blobs: BlobStore, row: dict, tenant
     }
 
 
-def library_stats(db: sqlite_utils.Database, tenant: str) -> dict:
+def library_stats(conn: sa.Connection, tenant: str) -> dict:
     """Sizes and reuse as seen by one tenant.
 
     dedup ratio = chunk references from visible documents / distinct chunks they
     reference: 1.0 means no sharing; None means no document holds any chunk.
     """
-    owners = visible_owners(tenant)
-    docs = db.execute(f"SELECT COUNT(*) FROM documents d WHERE {_VISIBLE_DOC}", [tenant]).fetchone()[0]
-    chunks, size, tokens, hits = db.execute(
+    visible_owners(tenant)
+
+    def one(sql: str, **params: Any) -> Any:
+        return conn.execute(sa.text(sql), {"tenant": tenant, **params}).one()
+
+    docs = one(f"SELECT COUNT(*) FROM documents d WHERE {_VISIBLE_DOC}")[0]
+    chunks, size, tokens, hits = (int(x) for x in one(
         "SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(SUM(tokens), 0), COALESCE(SUM(hits), 0)"
-        " FROM chunks WHERE owner IN (?, ?)",
-        list(owners),
-    ).fetchone()
-    refs, distinct = db.execute(
+        " FROM chunks WHERE owner IN (:public, :tenant)", public=PUBLIC_OWNER))
+    refs, distinct = one(
         "SELECT COUNT(*), COUNT(DISTINCT dc.chunk_key) FROM doc_chunks dc JOIN documents d ON d.id = dc.doc_id"
-        f" WHERE {_VISIBLE_DOC}",
-        [tenant],
-    ).fetchone()
+        f" WHERE {_VISIBLE_DOC}")
     return {
         "tenant": tenant,
         "documents": docs,
@@ -142,13 +149,14 @@ def library_stats(db: sqlite_utils.Database, tenant: str) -> dict:
     }
 
 
-def verify_chunks(db: sqlite_utils.Database, blobs: BlobStore, owners: tuple[str, str] | None) -> list[Problem]:
+def verify_chunks(db: Any, blobs: Any, owners: tuple[str, str] | None) -> list[Problem]:
     """Re-read every blob (of `owners`, or all) and compare it with its manifest row."""
-    if owners is None:
-        rows = list(db.query("SELECT * FROM chunks ORDER BY key"))
-    else:
-        rows = list(db.query("SELECT * FROM chunks WHERE owner IN (?, ?) ORDER BY key", list(owners)))
-    salts = {row["name"]: row["salt"] for row in db.query("SELECT name, salt FROM tenants")}
+    with db.read() as conn:
+        if owners is None:
+            rows = _rows(conn, "SELECT * FROM chunks ORDER BY key")
+        else:
+            rows = _rows(conn, "SELECT * FROM chunks WHERE owner IN (:a, :b) ORDER BY key", a=owners[0], b=owners[1])
+        salts = {row["name"]: row["salt"] for row in _rows(conn, "SELECT name, salt FROM tenants")}
     problems = []
     for row in rows:
         reason = check_row(blobs, row, salts)
@@ -157,11 +165,13 @@ def verify_chunks(db: sqlite_utils.Database, blobs: BlobStore, owners: tuple[str
     return problems
 
 
-def check_row(blobs: BlobStore, row: dict, salts: dict[str, str]) -> str | None:
+def check_row(blobs: Any, row: dict, salts: dict[str, str]) -> str | None:
     """Why a blob disagrees with its row, or None when checksum, shapes, dtype and key all agree."""
     key = ChunkKey(row["key"])
+    # A tiered store checks the copy in the remote store, not the node's cache of it.
+    read = getattr(blobs, "verify_read", blobs.read)
     try:
-        contents = blobs.read(key, row["checksum"])
+        contents = read(key, row["checksum"])
     except CorruptBlobError as exc:
         return str(exc)
     found = {"k_sem": list(contents.k_sem.shape), "v": list(contents.v.shape)}
