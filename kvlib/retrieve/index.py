@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from kvlib.config import PUBLIC  # noqa: F401  (re-exported: the one spelling of the public tenant)
 from kvlib.errors import KvlibError
 
-PUBLIC = "public"
 FAISS_FILE = "faiss.index"
 SQLITE_FILE = "index.sqlite"
 

@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import sqlalchemy as sa
 from sqlalchemy import event, exc as sa_exc
 
-from kvlib.config import DEFAULT_TENANT
+from kvlib.config import DEFAULT_TENANT, PUBLIC
 from kvlib.errors import InputError, KvlibError, ManifestUnavailableError
 from kvlib.store import schema
 from kvlib.store.schema import MIGRATIONS
@@ -45,7 +45,7 @@ __all__ = [
 
 BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 5
-PUBLIC_OWNER = DEFAULT_TENANT
+PUBLIC_OWNER = PUBLIC
 # Tenant names end up in SQL parameters and file-free places only, but they are
 # shown in tables and error lines; keep them plain.
 _TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
