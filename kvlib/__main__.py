@@ -1,0 +1,6 @@
+"""`python -m kvlib`: the same CLI as the `kvlib` script, from whichever tree is on sys.path."""
+
+from kvlib.cli.app import main
+
+if __name__ == "__main__":
+    main()
