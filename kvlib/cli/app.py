@@ -24,7 +24,7 @@ def _root() -> None:
     """Store a model's reading of documents once; rotate, compose and repair it at query time."""
 
 
-COMMAND_MODULES: tuple[str, ...] = ("doctor_cmd", "library_cmds", "rag_cmds", "bench_cmd")
+COMMAND_MODULES: tuple[str, ...] = ("doctor_cmd", "library_cmds", "rag_cmds", "bench_cmd", "serve_cmds")
 
 
 def _register_all() -> None:

@@ -50,7 +50,6 @@ def create_app(settings: Settings, *, build=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         worker = EngineWorker(lambda: build(settings), max_queue=settings.max_queue, metrics=metrics)
         await asyncio.to_thread(worker.start)
-        metrics.after_job(worker.state)
         app.state.worker = worker
         try:
             yield
@@ -85,7 +84,12 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     if body.stream:
         events = stream_chat(plan, job, worker, request, request_id, created, t_arrival)
         return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    completion = await wait_for(job, worker, request)
+    try:
+        completion = await wait_for(job, worker, request)
+    except ApiError:
+        if job.cancelled():
+            plan.finish_abandoned(job, request.app.state.metrics, t_arrival)
+        raise
     plan.finish(completion, job, request.app.state.metrics, t_arrival)
     return JSONResponse(schemas.completion_body(request_id, plan.model, created, completion))
 
@@ -111,8 +115,6 @@ async def wait_for(job: Job, worker: EngineWorker, request: Request):
                 raise ApiError(499, "request cancelled", "cancelled") from None
         if await request.is_disconnected():
             worker.cancel(job)
-            # nobody reads the answer; wait for the engine to let go so the slot is really free
-            await asyncio.wait({job.future})
             raise ApiError(499, "client disconnected", "cancelled")
 
 

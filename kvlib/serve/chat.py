@@ -50,6 +50,15 @@ class ChatRequestPlan:
         metrics.observe_completion(completion, ttft_s, time.perf_counter() - t_arrival)
 
 
+    def finish_abandoned(self, job, metrics, t_arrival: float) -> None:
+        """The client left: count the completion when the engine lets go of it (finish_reason cancelled)."""
+        def settled(future):
+            if not future.cancelled() and future.exception() is None:
+                self.finish(future.result(), job, metrics, t_arrival)
+
+        job.future.add_done_callback(settled)
+
+
 async def plan_chat(body: schemas.ChatCompletionRequest, who, pipeline, settings) -> ChatRequestPlan:
     if body.model not in (pipeline.model_id, DEFAULT_ALIAS):
         raise ApiError(404, f"the model '{body.model}' does not exist: this server serves '{pipeline.model_id}' "

@@ -51,8 +51,8 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, s
     msg = first.get("msg", "invalid request")
     if first.get("type") == "extra_forbidden":
         return f"unrecognized request argument supplied: {param}", param, "unsupported_parameter"
-    if first.get("type") == "missing" and not loc:
-        return "the request body must be a JSON object", None, "invalid_request"
+    if not loc:  # the body itself is no object: an array, a number, nothing
+        return f"the request body must be a JSON object ({msg})", None, "invalid_request"
     return (f"invalid value for '{param}': {msg}" if param else msg), param, "invalid_value"
 
 

@@ -136,6 +136,8 @@ class EngineWorker:
     def _main(self) -> None:
         try:
             self.state = self.build()
+            if self.metrics is not None:
+                self.metrics.after_job(self.state)
         except BaseException as exc:  # reported by start(); the thread has nothing left to do
             self._startup_error = exc
             self._ready.set()

@@ -53,6 +53,7 @@ async def stream_chat(plan, job, worker, request, request_id: str, created: int,
     finally:
         if not job.future.done():
             worker.cancel(job)
+            plan.finish_abandoned(job, request.app.state.metrics, t_arrival)
 
 
 async def text_pieces(job):
