@@ -139,3 +139,20 @@ def test_metrics_exposes_the_serving_figures(server):
         assert name in text, f"{name} missing from /metrics"
     assert server.metric("kvlib_prompt_tokens_total", source="computed") > 0
     assert server.metric("kvlib_http_requests_total", route="/v1/chat/completions", status="401") >= 1
+
+
+def test_loadgen_runs_against_the_server(server, tmp_path):
+    """Benchmarks are not tests: this checks that a tiny bounded run completes and reports well-formed numbers."""
+    from kvlib.serve.loadgen import HOTPOT, LoadConfig, run_load, write_report
+
+    if not HOTPOT.is_file():
+        pytest.skip("shared/data/hotpotqa not beside the repo")
+    cfg = LoadConfig(url=server.url + "/v1", api_key=server.key, levels=[1], sessions=1, turns=2, max_tokens=2,
+                     max_seconds=120)
+    result = run_load(cfg, progress=lambda line: None)
+    (level,) = result["levels"]
+    assert level["ok"] == 2 and level["errors"] == 0, level
+    assert level["prompt_tokens"] > 200 and 0.0 <= level["cached_share"] <= 1.0
+    assert level["ttft_p50_s"] > 0 and level["requests_per_s"] > 0
+    paths = write_report(result, "reuse", tmp_path)
+    assert all(paths[k].stat().st_size > 0 for k in ("json", "md", "png"))

@@ -6,6 +6,7 @@ FastAPI, uvicorn, torch and the openai client are imported inside the commands s
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -142,7 +143,7 @@ def loadgen(
         paths = write_report(result, label, out, baseline)
     except KvlibError as exc:
         raise fail(str(exc))
-    console.print(paths["md_text"], markup=False, highlight=False)
+    sys.stdout.write(paths["md_text"])  # markdown for pasting: never wrapped to the terminal
     err_console.print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}", highlight=False)
 
 
