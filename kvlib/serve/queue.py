@@ -57,13 +57,19 @@ class Job:
     def emit(self, item) -> None:
         """Hand a streamed piece to the request's event loop (called on the worker thread)."""
         if self.events is not None:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+            self._post(self.events.put_nowait, item)
 
     def _resolve(self, value=None, error: BaseException | None = None) -> None:
         def settle():
             if not self.future.done():
                 self.future.set_exception(error) if error is not None else self.future.set_result(value)
-        self.loop.call_soon_threadsafe(settle)
+        self._post(settle)
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the server's loop has closed (shutdown): nobody is listening
+            pass
 
 
 class EngineWorker:
@@ -110,7 +116,9 @@ class EngineWorker:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if len(self._waiting) >= self.max_queue:
+            # a job that will start at once (the engine idle, nobody ahead) waits for nothing
+            idle = not self._running and not self._waiting
+            if not idle and len(self._waiting) >= self.max_queue:
                 raise QueueFull(self.retry_after())
             self._waiting.append(job)
             self._cond.notify()
