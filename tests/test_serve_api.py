@@ -156,3 +156,15 @@ def test_loadgen_runs_against_the_server(server, tmp_path):
     assert level["ttft_p50_s"] > 0 and level["requests_per_s"] > 0
     paths = write_report(result, "reuse", tmp_path)
     assert all(paths[k].stat().st_size > 0 for k in ("json", "md", "png"))
+
+
+def test_stop_string_ends_the_completion_before_it(server):
+    client = server.client(server.key)
+    plain = client.chat.completions.create(model="default", messages=LONG, max_tokens=12, temperature=0)
+    assert "3" in plain.choices[0].message.content, "the model counts past 3 within 12 tokens"
+    cut = client.chat.completions.create(model="default", messages=LONG, max_tokens=12, temperature=0, stop=["3"])
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model="default", messages=LONG, max_tokens=12, temperature=0, stop=["3"], stream=True) if c.choices)
+    text = cut.choices[0].message.content
+    assert cut.choices[0].finish_reason == "stop" and text == plain.choices[0].message.content.split("3")[0]
+    assert streamed == text, "held-back text is released, and the stop string never streamed"

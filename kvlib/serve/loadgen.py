@@ -243,6 +243,8 @@ def plot(result: dict, label: str, baseline: dict | None, path: Path) -> None:
     ax1.set(xlabel="concurrency", ylabel="requests/s", title="throughput")
     ax2.set(xlabel="concurrency", ylabel="seconds", title="time to first token")
     for ax in (ax1, ax2):
+        ax.set_ylim(bottom=0)  # ratios between runs read true only from zero
+        ax.set_xticks([lv["concurrency"] for lv in result["levels"]])
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()

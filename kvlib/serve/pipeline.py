@@ -109,7 +109,10 @@ class Pipeline:
         from kvlib.engine.generate import pick_token
 
         lm, stop_ids = self.engine.lm, self.engine.stop
-        gen = torch.Generator().manual_seed(seed if seed is not None else 0) if temperature > 0 else None
+        gen = None
+        if temperature > 0:  # no seed: a fresh random one, as OpenAI samples differently each call
+            gen = torch.Generator()
+            gen.manual_seed(seed) if seed is not None else gen.seed()
         cache = KVCache.for_model(lm, len(ids) + max_tokens)
         out = forward(lm, torch.tensor(ids), torch.arange(len(ids)), cache, logits="last")
         token = pick_token(out.logits[-1], temperature, top_p, gen)
