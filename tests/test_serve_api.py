@@ -105,26 +105,31 @@ def test_over_long_prompt_is_context_length_exceeded(server):
     assert err.value.body["code"] == "context_length_exceeded"
 
 
-def test_queue_full_is_429_and_a_cancelled_stream_frees_its_slot(server):
+def test_queue_full_is_429_and_cancelled_streams_free_their_slots(server):
     client = server.client(server.key, timeout=300)
     cancelled_before = server.metric("kvlib_chat_completions_total", finish_reason="cancelled")
     running = client.chat.completions.create(model="default", messages=LONG, max_tokens=400, temperature=0,
                                              stream=True)
     next(iter(running))  # the role chunk
     wait_until(lambda: server.health()["running"] == 1, 60, "the long request to reach the engine")
-    queued: dict = {}
-    waiter = threading.Thread(target=lambda: queued.setdefault("r", client.chat.completions.create(
-        model="default", messages=HELLO, max_tokens=3, temperature=0)))
-    waiter.start()
+    queued_stream = client.chat.completions.create(model="default", messages=HELLO, max_tokens=3, stream=True)
+    next(iter(queued_stream))
     wait_until(lambda: server.health()["waiting"] == 1, 60, "the second request to wait in the queue")
     with pytest.raises(openai.RateLimitError) as err:
         client.chat.completions.create(model="default", messages=HELLO, max_tokens=2)
     assert int(err.value.response.headers["Retry-After"]) >= 1 and err.value.body["code"] == "queue_full"
+    queued_stream.close()  # a client leaves while it waits: its slot frees without reaching the engine
+    wait_until(lambda: server.health()["waiting"] == 0, 10, "the abandoned queued stream to leave the queue")
+    queued: dict = {}
+    waiter = threading.Thread(target=lambda: queued.setdefault("r", client.chat.completions.create(
+        model="default", messages=HELLO, max_tokens=3, temperature=0)))
+    waiter.start()
+    wait_until(lambda: server.health()["waiting"] == 1, 60, "a new request to take the freed slot")
     running.close()  # the client goes away mid-generation
     wait_until(lambda: server.metric("kvlib_chat_completions_total", finish_reason="cancelled") > cancelled_before,
                30, "the engine to stop the abandoned stream")
     waiter.join(120)
-    assert queued["r"].choices[0].message.content, "the waiting request got the freed slot and an answer"
+    assert queued["r"].choices[0].message.content, "the waiting request got the engine and an answer"
     assert server.health()["waiting"] == 0
 
 

@@ -51,10 +51,23 @@ def serve(
         settings = Settings(home=resolve_home(home), model=model, dtype=dtype, mode=mode, repair=repair,
                             max_queue=max_queue, allow_anonymous=allow_anonymous,
                             max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens)
+        warn_without_keys(settings)
         err_console.print(f"kvlib serve: loading the model, then listening on http://{host}:{port}/v1", highlight=False)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
     except KvlibError as exc:
         raise fail(str(exc))
+
+
+def warn_without_keys(settings) -> None:
+    """Every request would be a 401: say so at start, not per request."""
+    from kvlib.serve.keys import KeyStore
+
+    store = KeyStore(settings.home)
+    live = [k for k in store.list() if k.revoked is None]
+    store.close()
+    if not live and not settings.allow_anonymous:
+        err_console.print(f"[yellow]warning:[/] no API keys in {settings.home}: every request will get 401; "
+                          "create one with `kvlib keys add TENANT`, or pass --allow-anonymous", highlight=False)
 
 
 def keys_add(
