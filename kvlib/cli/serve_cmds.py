@@ -139,9 +139,11 @@ def loadgen(
     baseline: Annotated[Optional[Path], typer.Option(help="An earlier run's JSON to compare against (e.g. --mode full).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for <label>.json, <label>.md and <label>.png.")] = Path("loadgen-out"),
     seed: Annotated[int, typer.Option(help="Seed for the session builder.")] = 0,
+    hotpot: Annotated[Optional[Path], typer.Option(help="HotpotQA JSON (default ../shared/data/hotpotqa/qa_train.json).")] = None,
+    corpus: Annotated[Optional[Path], typer.Option(help="Folder of extra passages (default examples/corpus).")] = None,
 ) -> None:
     """Replay multi-turn RAG sessions against a running server through the openai client (bounded)."""
-    from kvlib.serve.loadgen import LoadConfig, run_load, write_report
+    from kvlib.serve.loadgen import CORPUS, HOTPOT, LoadConfig, run_load, write_report
 
     try:
         levels = [int(x) for x in concurrency.split(",") if x.strip()]
@@ -150,7 +152,7 @@ def loadgen(
     if not levels or min(levels) < 1 or max(levels) > 64:
         raise fail("--concurrency levels must lie in 1..64")
     cfg = LoadConfig(url=url, api_key=api_key, levels=levels, sessions=sessions, turns=turns, max_tokens=max_tokens,
-                     max_seconds=max_seconds, seed=seed)
+                     max_seconds=max_seconds, seed=seed, hotpot=hotpot or HOTPOT, corpus=corpus or CORPUS)
     try:
         result = run_load(cfg, progress=lambda line: err_console.print(line, highlight=False))
         paths = write_report(result, label, out, baseline)
