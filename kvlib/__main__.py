@@ -1,5 +1,6 @@
-"""`python -m kvlib ARGS`: the CLI of this checkout, whatever the console script points at."""
+"""`python -m kvlib ARGS`: the same CLI as the `kvlib` script, from whichever tree is on sys.path."""
 
 from kvlib.cli.app import main
 
-main()
+if __name__ == "__main__":
+    main()

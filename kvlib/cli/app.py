@@ -25,7 +25,7 @@ def _root() -> None:
 
 
 COMMAND_MODULES: tuple[str, ...] = ("doctor_cmd", "library_cmds", "rag_cmds", "bench_cmd", "replay_cmd", "models_cmd",
-                                  "cluster_cmds")
+                                  "cluster_cmds", "serve_cmds")
 
 
 def _register_all() -> None:

@@ -1,0 +1,200 @@
+"""The engine's queue: one worker thread owns the model, the library and the index.
+
+Design facts:
+- The engine is not thread-safe and the CPU has two cores, so exactly one thread runs
+  engine work; HTTP handlers only enqueue and await. Everything the worker uses (the
+  engine, SQLite connections, FAISS) is opened on that thread, since a sqlite3
+  connection may only be used by the thread that opened it.
+- Admission is bounded: at most `max_queue` jobs wait beside the one running. One more
+  is refused at once with QueueFull (HTTP 429 + Retry-After), never queued to hang.
+- A waiting job that is cancelled (its client went away) leaves the queue at once, so
+  it frees its slot without ever reaching the engine; a running one is told through
+  `Job.cancelled`, which the pipeline polls between decode steps.
+- `_take_batch` hands the worker a list of jobs. Today it takes one: batched decode of
+  concurrent chat requests is an engine feature still to come, and the worker loop
+  already has the shape for it (take up to B chat jobs, run them as one batch).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+log = logging.getLogger("kvlib.serve")
+MAX_BATCH = 1  # chat jobs per engine step; raise when the engine decodes batches
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int):
+        super().__init__(f"the engine queue is full; retry in {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class JobCancelled(Exception):
+    """The job was cancelled before the engine started it."""
+
+
+@dataclass(eq=False)
+class Job:
+    kind: str  # "chat" or "document": only chat jobs may share a batch
+    run: Callable[[Any, "Job"], Any]  # run(worker_state, job) on the worker thread
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    events: asyncio.Queue | None = None  # streamed text pieces, for a streaming request
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    started_at: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def emit(self, item) -> None:
+        """Hand a streamed piece to the request's event loop (called on the worker thread)."""
+        if self.events is not None:
+            self._post(self.events.put_nowait, item)
+
+    def _resolve(self, value=None, error: BaseException | None = None) -> None:
+        def settle():
+            if not self.future.done():
+                self.future.set_exception(error) if error is not None else self.future.set_result(value)
+        self._post(settle)
+
+    def _post(self, fn, *args) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the server's loop has closed (shutdown): nobody is listening
+            pass
+
+
+class EngineWorker:
+    """Runs jobs one batch at a time on its own thread; `build()` runs there first."""
+
+    def __init__(self, build: Callable[[], Any], *, max_queue: int, metrics=None):
+        self.build, self.max_queue, self.metrics = build, max_queue, metrics
+        self.state = None  # what build() returned, once ready
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: list[Job] = []
+        self._stopping = False
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+        self._service_s = 2.0  # moving average of a job's engine time, for Retry-After
+        self._thread = threading.Thread(target=self._main, name="kvlib-engine", daemon=True)
+
+    # -- lifecycle (called from the server's thread) ---------------------------------
+
+    def start(self) -> None:
+        """Start the thread and wait until build() has finished (the model is loaded)."""
+        self._thread.start()
+        self._ready.wait()
+        if self._startup_error is not None:
+            raise self._startup_error
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            for job in list(self._waiting) + self._running:
+                job._cancel.set()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    # -- admission (called from the event loop) --------------------------------------
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            # a job that will start at once (the engine idle, nobody ahead) waits for nothing
+            idle = not self._running and not self._waiting
+            if not idle and len(self._waiting) >= self.max_queue:
+                raise QueueFull(self.retry_after())
+            self._waiting.append(job)
+            self._cond.notify()
+        self._report_depth()
+
+    def cancel(self, job: Job) -> None:
+        """The client went away: drop the job if it waits, else ask the engine to stop it."""
+        job._cancel.set()
+        with self._cond:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                return
+        job._resolve(error=JobCancelled())
+        self._report_depth()
+
+    def retry_after(self) -> int:
+        """Seconds until a slot is likely free: the queue ahead times a job's recent engine time."""
+        return max(1, min(60, math.ceil(self._service_s * (len(self._waiting) + 1) / MAX_BATCH)))
+
+    # -- the worker thread ------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            self.state = self.build()
+            if self.metrics is not None:
+                self.metrics.after_job(self.state)
+        except BaseException as exc:  # reported by start(); the thread has nothing left to do
+            self._startup_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        while (batch := self._take_batch()) is not None:
+            for job in batch:
+                self._run(job)
+            with self._cond:
+                self._running = []
+            self._report_depth()
+        close = getattr(self.state, "close", None)
+        if close:
+            close()
+
+    def _take_batch(self) -> list[Job] | None:
+        """Block for the next job; take up to MAX_BATCH chat jobs together. None = stop."""
+        with self._cond:
+            while not self._waiting and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            batch = [self._waiting.popleft()]
+            while batch[0].kind == "chat" and len(batch) < MAX_BATCH and self._waiting \
+                    and self._waiting[0].kind == "chat":
+                batch.append(self._waiting.popleft())
+            self._running = batch
+        self._report_depth()
+        return batch
+
+    def _run(self, job: Job) -> None:
+        if job.cancelled():
+            job._resolve(error=JobCancelled())
+            return
+        job.started_at = time.perf_counter()
+        try:
+            value = job.run(self.state, job)
+        except BaseException as exc:  # the request answers with it; the worker goes on
+            if not isinstance(exc, Exception):
+                raise
+            job._resolve(error=exc)
+        else:
+            job._resolve(value)
+        finally:
+            spent = time.perf_counter() - job.started_at
+            self._service_s = 0.8 * self._service_s + 0.2 * spent
+            if self.metrics is not None:
+                self.metrics.after_job(self.state)
+
+    def _report_depth(self) -> None:
+        if self.metrics is not None:
+            self.metrics.set_queue(len(self._waiting), len(self._running))

@@ -1,0 +1,24 @@
+"""Server settings, resolved once by the CLI (flag, then environment, then default)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path
+    model: str | None = None  # None = the default SmolLM2 GGUF
+    dtype: str | None = None
+    mode: str = "rerope"  # "full" turns reuse off (the load benchmark's baseline)
+    repair: str | None = None
+    max_queue: int = 8  # requests waiting for the engine beyond the one it is running
+    allow_anonymous: bool = False
+    max_body_bytes: int = 8 << 20  # a prompt at the model's context is ~40 KB; documents are bigger
+    default_max_tokens: int = 256  # when a request names no max_tokens (the default model decodes ~30 tok/s here)
+
+    @property
+    def spec(self) -> str:
+        """The engine spec string the pipeline resolves, e.g. 'rerope+boundary:8' or 'full'."""
+        return self.mode if not self.repair or self.mode == "full" else f"{self.mode}+{self.repair}"

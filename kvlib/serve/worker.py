@@ -1,0 +1,79 @@
+"""What the engine thread owns: the engine, the library, the index, and the pipeline.
+
+Built on the engine thread (queue.EngineWorker runs `build_state` there), since the
+library's and the index's SQLite connections may only be used by the thread that opened
+them. The index and the embedding model open on the first document, not at start-up:
+a server that is never sent documents never loads them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvlib.serve.pipeline import Pipeline
+from kvlib.serve.settings import Settings
+
+DOCUMENT_PREFIX = "api/"  # a document sent over HTTP is named api/<name>, apart from ingested files
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    engine: object
+    library: object
+    pipeline: Pipeline
+    _index: object = None
+    _embedder: object = None
+
+    def library_bytes(self) -> int:
+        # The facade's stats are per tenant; the server's gauge wants the whole home.
+        row = self.library.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM chunks").fetchone()
+        return int(row[0])
+
+    def ingest_text(self, tenant: str, public: bool, name: str | None, text: str, chunk_tokens: int) -> dict:
+        """Ingest one document as `kvlib ingest` would ingest a file holding `text`."""
+        from kvlib.rag.ingest import Ingestor, IngestReport, NullProgress
+        from kvlib.retrieve.sources import make_doc
+
+        index, embedder = self._retrieval()
+        name = name or hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+        doc = make_doc(DOCUMENT_PREFIX + name, text)
+        ingestor = Ingestor(self.engine, self.library, index, embedder, tenant, public, chunk_tokens)
+        lm = self.engine.lm
+        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+        report = IngestReport(files=1)
+        ingestor.ingest_document(doc, report, NullProgress())
+        index.save()
+        return {"id": doc.path, "object": "document", "tenant": "public" if public else tenant,
+                "chunks": report.chunks_new + report.chunks_dedup, "chunks_new": report.chunks_new,
+                "chunks_dedup": report.chunks_dedup, "tokens": report.tokens, "unchanged": bool(report.unchanged),
+                "bytes_written": report.bytes_written}
+
+    def _retrieval(self):
+        if self._index is None:
+            from kvlib.rag.stack import INDEX_DIR
+            from kvlib.retrieve.embed import Embedder
+            from kvlib.retrieve.index import VectorIndex
+
+            self._index, self._embedder = VectorIndex(self.settings.home / INDEX_DIR), Embedder()
+            self.pipeline.index, self.pipeline.embedder = self._index, self._embedder
+        return self._index, self._embedder
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+        self.library.close()
+
+
+def build_state(settings: Settings) -> ServerState:
+    from kvlib.engine.session import Engine
+    from kvlib.store.library import Library
+
+    home = Path(settings.home)
+    home.mkdir(parents=True, exist_ok=True)
+    engine = Engine.load(settings.model, home, dtype=settings.dtype)
+    library = Library(home)
+    pipeline = Pipeline(engine, library, spec=settings.spec)
+    return ServerState(settings=settings, engine=engine, library=library, pipeline=pipeline)
