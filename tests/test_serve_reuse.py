@@ -1,9 +1,7 @@
-"""What the reuse pipeline must show through the API. They fail today, on purpose.
-
-The server's pipeline (kvlib/serve/pipeline.py) is honest full recompute until segment
-lookup and Engine.answer are wired in; each test asserts cached_tokens > 0 where reuse
-must happen, so none can pass on full recompute. Remove the xfail marks at merge.
-"""
+"""What the reuse pipeline must show through the API (kvlib/serve/pipeline.py): documents found
+again in other orders and numbering, exactness behind the encoding context, no hit and no timing
+signal across tenants, and KV stored in canonical isolation. Each test asserts cached_tokens > 0
+where reuse must happen, so none can pass on full recompute."""
 
 from __future__ import annotations
 
@@ -11,7 +9,7 @@ import pytest
 
 from serve_helpers import Server, add_key, new_home
 
-pytestmark = [pytest.mark.slow, pytest.mark.xfail(strict=True, raises=AssertionError, reason="reuse pipeline not wired")]
+pytestmark = pytest.mark.slow
 
 DOCS = [
     ("Aberlow Mill", "Aberlow Mill was a water-powered flax mill on the river Senn, built in 1794 by the "
@@ -54,9 +52,15 @@ def test_reordered_renumbered_documents_are_cached(server):
 def test_one_cached_document_gives_full_recompute_tokens(server):
     """Greedy tokens through the API equal full recompute when one cached document precedes the question.
 
-    The first request computes everything in context (no hit yet), which is full recompute.
+    Exact when the prompt opens with the engine's encoding context E (the chat header with kvlib's
+    system prompt), behind which every document is stored (DESIGN invariant 2). The first request
+    computes everything in context (no hit yet), which is full recompute.
     """
-    messages = rag_prompt([1], "What was the first ferry called?")
+    from kvlib.engine.model import SYSTEM_PROMPT
+
+    # the document right behind E: no header between them, so its stored KV is its KV in this prompt
+    messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"{DOCS[1][1]}\n\nQuestion: What was the first ferry called?"}]
     cold = ask(server, "alice", messages, max_tokens=12)
     warm = ask(server, "alice", messages, max_tokens=12)
     assert warm.usage.prompt_tokens_details.cached_tokens > 0

@@ -77,7 +77,7 @@ async def chat_completions(body: schemas.ChatCompletionRequest, request: Request
     t_arrival = time.perf_counter()
     worker: EngineWorker = request.app.state.worker
     plan = await plan_chat(body, who, worker.state.pipeline, request.app.state.settings)
-    job = Job(kind="chat", run=plan.run, loop=asyncio.get_running_loop(),
+    job = Job(kind="chat", run=plan.run, begin=plan.begin, loop=asyncio.get_running_loop(),
               future=asyncio.get_running_loop().create_future(), events=asyncio.Queue() if body.stream else None)
     submit(worker, job, request.app.state.metrics)
     request_id, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", schemas.now()

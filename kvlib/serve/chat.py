@@ -34,8 +34,15 @@ class ChatRequestPlan:
     include_usage: bool
 
     def run(self, state, job):
-        """On the engine thread: the pipeline's completion, streaming text through the job."""
-        return state.pipeline.complete(
+        """On the engine thread, alone: begin, decode to the end, the Completion."""
+        pending = self.begin(state, job)
+        while state.pipeline.step([pending]):
+            pass
+        return state.pipeline.finish(pending)
+
+    def begin(self, state, job):
+        """On the engine thread: the answer under way (the worker decodes it with others)."""
+        return state.pipeline.begin(
             self.messages, self.tenant, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             seed=self.seed, stop=self.stop, on_text=job.emit, cancelled=job.cancelled, retrieve_k=self.retrieve_k,
             may_store=self.may_store)

@@ -1,15 +1,19 @@
-"""The one place where the server turns messages into a completion.
+"""The one place where the server turns messages into a completion: segments, the library, the door.
 
 Design facts:
-- Everything else in kvlib/serve calls only `Pipeline.prompt_ids` and `Pipeline.complete`
-  and reads a `Completion`; nothing else knows how the prompt's KV came to be.
-- TODAY THIS IS FULL RECOMPUTE. The messages are rendered with the model's chat template
-  and the whole prompt is prefilled, so `cached_tokens` is 0 and the `kvlib` object says
-  `"reuse": "not yet wired"`. Segment lookup and `Engine.answer` replace the body of
-  `complete` at merge (kvlib/segment.py and the engine redesign); the interface stays.
-- The decode loop is our own (not engine.generate) because a request must be able to
-  stop between any two decode steps: `cancelled()` is polled before each step, and a
-  client that disconnects gets finish_reason "cancelled" within one token.
+- Everything else in kvlib/serve calls `Pipeline.prompt_ids` and `Pipeline.complete` and
+  reads a `Completion`; nothing else knows how the prompt's KV came to be.
+- The messages are rendered with the model's chat template and cut by the segmenter that
+  replay uses (kvlib/segment.py); prompt_layout.py looks the reusable segments up in the
+  library and lays the prompt out for Engine.answer, the engine's one door (hits rotated
+  into place, misses computed in context), under the server's spec (`--mode`/`--repair`).
+- Stop strings and cancellation end the answer between decode steps (Engine.answer's
+  should_stop): a client that disconnects gets finish_reason "cancelled" within one token.
+- Reusable misses are stored after the response, off its critical path (`store_pending`,
+  which the engine thread runs when no request waits): each is encoded on its own behind E,
+  so stored KV never depends on who sent the text first, what came before it, or which
+  other segments shared its forward. Private to the sending tenant; a read-only caller
+  (anonymous) stores nothing.
 - The tokenizer is shared with the HTTP threads (prompt_ids runs there for the context
   check before a request is queued); HF fast tokenizers are not safe to call from two
   threads at once, so every use takes `_tok_lock`.
@@ -47,8 +51,13 @@ class Completion:
 
 class Pipeline:
     def __init__(self, engine, library, *, spec: str, index=None, embedder=None):
+        from kvlib.engine.spec import parse_mode
+
         self.engine, self.library, self.spec = engine, library, spec
-        self.index, self.embedder = index, embedder  # for the retrieve extension (lead: QueryRunner)
+        self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
+        self.index, self.embedder = index, embedder  # for the retrieve extension
+        self.pending: list = []  # (tenant, segment ids) to store when the engine is idle
+        self.open_retrieval = None  # set by the server: opens the home's index and embedder on first use
         self._tok_lock = threading.Lock()
 
     @property
@@ -62,76 +71,145 @@ class Pipeline:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """The ids full recompute would see: the chat template with the assistant header."""
-        tok = self.engine.lm.tokenizer
+        from kvlib.segment import render_prompt
+
         with self._tok_lock:
-            if getattr(tok, "chat_template", None):
-                out = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
-            else:  # a base model: plain "role: text" lines, then the answer's cue
-                text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-                ids = tok.encode(text)
-        return [int(i) for i in ids]
+            return render_prompt(self.engine.lm.tokenizer, messages)
 
     def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
             return self.engine.decode(ids)
 
-    def complete(self, messages: list[dict], tenant: str, *, max_tokens: int, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
-                 on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
-                 retrieve_k: int | None = None, may_store: bool = True) -> Completion:
-        """Answer `messages` for `tenant`, calling on_text with each new piece of text.
+    def complete(self, messages: list[dict], tenant: str, **kwargs) -> Completion:
+        """Answer `messages` for `tenant` (begin's arguments), calling on_text with each new piece of text."""
+        pending = self.begin(messages, tenant, **kwargs)
+        while self.step([pending]):
+            pass
+        return self.finish(pending)
+
+    def begin(self, messages: list[dict], tenant: str, *, max_tokens: int, temperature: float = 0.0,
+              top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
+              on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
+              retrieve_k: int | None = None, may_store: bool = True) -> "Pending":
+        """Segment, look up, compose, prefill, first token: an answer under way, which `step`
+        decodes (together with others) and `finish` turns into a Completion.
 
         may_store is False for read-only callers (anonymous): nothing they send is stored.
         """
-        if retrieve_k is not None:
-            raise PipelineUnavailable("the kvlib.retrieve extension needs the reuse pipeline, not wired yet")
-        t0 = time.perf_counter()
-        ids = self.prompt_ids(messages)
-        t_render = time.perf_counter()
-        decoder = TextStream(self, stop, on_text)
-        token_ids, finish, t_first = self._decode(ids, decoder, max_tokens, temperature, top_p, seed, cancelled)
-        t_end = time.perf_counter()
-        timings = {"render": t_render - t0, "prefill": t_first - t_render, "decode": t_end - t_first}
-        return Completion(
-            token_ids=token_ids, text=decoder.text, finish_reason=finish, prompt_tokens=len(ids),
-            cached_tokens=0, computed_tokens=len(ids), recomputed_tokens=0, ttft_s=t_first - t0, timings=timings,
-            kvlib={"spec": "full", "requested_spec": self.spec, "reuse": "not yet wired",
-                   "ttft_split_s": {"render": timings["render"], "prefill": timings["prefill"]},
-                   "segments": [{"tokens": len(ids), "fate": "computed"}]},
-        )
+        from kvlib.segment import segment_prompt
+        from kvlib.serve.prompt_layout import lay_out
 
-    def _decode(self, ids, decoder, max_tokens, temperature, top_p, seed, cancelled):
-        """Prefill the whole prompt, then decode one token per forward until a stop."""
+        if retrieve_k is not None:
+            messages = self.with_retrieved(messages, tenant, retrieve_k)
+        t0 = time.perf_counter()
+        with self._tok_lock:
+            ids, segments = segment_prompt(self.engine.lm.tokenizer, messages)
+        t_seg = time.perf_counter()
+        spec = self.resolved
+        layout = lay_out(self.engine, self.library, tenant, ids, segments, reuse=spec.reads_library)
+        t_lookup = time.perf_counter()
+        pending = Pending(decoder=TextStream(self, stop, on_text), layout=layout, n_prompt=len(ids),
+                          max_tokens=max_tokens, tenant=tenant, may_store=may_store)
+        pending.answering = self.engine.begin(
+            spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
+            temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
+            should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
+            spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg})
+        return pending
+
+    def step(self, pendings: list["Pending"]) -> list["Pending"]:
+        """One decode step for every answer under way, batched; returns those still going."""
         import torch
 
-        from kvlib.engine.forward import KVCache, forward
-        from kvlib.engine.generate import pick_token
+        from kvlib.engine.generate import advance
 
-        lm, stop_ids = self.engine.lm, self.engine.stop
-        gen = None
-        if temperature > 0:  # no seed: a fresh random one, as OpenAI samples differently each call
-            gen = torch.Generator()
-            gen.manual_seed(seed) if seed is not None else gen.seed()
-        cache = KVCache.for_model(lm, len(ids) + max_tokens)
-        out = forward(lm, torch.tensor(ids), torch.arange(len(ids)), cache, logits="last")
-        token = pick_token(out.logits[-1], temperature, top_p, gen)
-        t_first, tokens, pos = time.perf_counter(), [], len(ids)
-        while True:
-            if token in stop_ids:
-                decoder.flush()
-                return tokens, "stop", t_first
-            tokens.append(token)
-            if decoder.push(tokens):
-                return tokens, "stop", t_first
-            if len(tokens) >= max_tokens:
-                decoder.flush()
-                return tokens, "length", t_first
-            if cancelled():
-                return tokens, "cancelled", t_first
-            out = forward(lm, torch.tensor([token]), torch.tensor([pos]), cache, logits="last")
-            pos += 1
-            token = pick_token(out.logits[-1], temperature, top_p, gen)
+        by_stream = {id(p.answering.stream): p for p in pendings}
+        with torch.inference_mode():
+            live = advance(self.engine.lm, [p.answering.stream for p in pendings])
+        return [by_stream[id(s)] for s in live]
+
+    def finish(self, pending: "Pending") -> Completion:
+        if pending.may_store:
+            self.pending.extend((pending.tenant, ids) for ids in pending.layout.to_store)
+        return self.completion(pending.answering.finish(), pending.decoder, pending.tokens, pending.layout,
+                               pending.n_prompt, pending.max_tokens, self.resolved)
+
+    def completion(self, gen, decoder, tokens, layout, n_prompt: int, max_tokens: int, spec) -> Completion:
+        if not (decoder.stopped or gen.cancelled):
+            decoder.flush()
+        finish = "stop" if gen.stopped or decoder.stopped else "cancelled" if gen.cancelled else "length"
+        fates = list(layout.fates)
+        chunk_fates = [f for f in fates if f["kind"] not in ("context", "suffix")]
+        for fate, n in zip(chunk_fates, gen.chunk_recomputed):
+            if n:
+                fate.update(fate="recomputed" if fate["fate"] == "hit" else fate["fate"], recomputed_tokens=n)
+        t = gen.timings
+        return Completion(
+            token_ids=list(gen.token_ids), text=decoder.text, finish_reason=finish, prompt_tokens=n_prompt,
+            cached_tokens=gen.tokens["cached"], computed_tokens=gen.tokens["computed"],
+            recomputed_tokens=gen.tokens["recomputed"], ttft_s=gen.ttft_s, timings=dict(t, decode=gen.decode_s),
+            kvlib={"spec": spec.as_dict(), "mode": spec.name, "tokens": gen.tokens,
+                   "ttft_split_s": {k: t[k] for k in ("segment", "lookup", "compose", "repair", "prefill")},
+                   "segments": fates})
+
+    @staticmethod
+    def seed_for(seed: int | None, temperature: float) -> int:
+        """No seed: a fresh random one, as OpenAI samples differently each call."""
+        import random
+
+        return seed if seed is not None or temperature <= 0 else random.getrandbits(63)
+
+    def store_pending(self) -> int:
+        """Encode and store the misses of finished requests (engine thread, when idle); returns how many."""
+        from kvlib.engine.drift import drift_scores
+
+        engine, lm, done = self.engine, self.engine.lm, 0
+        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+        while self.pending:
+            tenant, ids = self.pending.pop(0)
+            key = self.library.key_for(tenant=tenant, public=False, model_fp=lm.fingerprint,
+                                       context_id=engine.context_id, token_ids=ids)
+            if self.library.has(key, tenant):
+                continue
+            kv = engine.encode_many([ids])[0]  # on its own: canonical isolation behind E
+            drift = drift_scores(lm, engine.context, [(engine.lead, kv)])[0]  # behind the neutral lead-in
+            self.library.put(tenant=tenant, public=False, model_fp=lm.fingerprint, context_id=engine.context_id,
+                             token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
+                             drift_score=drift)
+            done += 1
+        return done
+
+    def with_retrieved(self, messages: list[dict], tenant: str, k: int) -> list[dict]:
+        """The kvlib.retrieve extension: the tenant's top-k chunks as documents before the last user message."""
+        if self.index is None and self.open_retrieval is not None:
+            self.open_retrieval()
+        if self.index is None or self.embedder is None:
+            raise PipelineUnavailable("the kvlib.retrieve extension needs documents: POST /v1/documents first")
+        question = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+        hits = self.index.search(self.embedder.embed_query(question), k, tenant)
+        docs = "\n\n".join(f"Document [{i}](Title: {h.doc_path}) {h.text.strip()}" for i, h in enumerate(hits, 1))
+        out = [dict(m) for m in messages]
+        last = max(i for i, m in enumerate(out) if m["role"] == "user")
+        out[last]["content"] = f"{docs}\n\n{out[last]['content']}" if docs else out[last]["content"]
+        return out
+
+
+@dataclass(eq=False)
+class Pending:
+    """One request's answer under way (Pipeline.begin): the engine's Answering and the text it streams."""
+
+    decoder: "TextStream"
+    layout: object  # prompt_layout.Layout
+    n_prompt: int
+    max_tokens: int
+    tenant: str
+    may_store: bool
+    answering: object = None  # session.Answering
+    tokens: list = field(default_factory=list)
+
+    def on_token(self, token: int) -> None:
+        self.tokens.append(token)
+        self.decoder.stopped = self.decoder.stopped or self.decoder.push(self.tokens)
 
 
 class TextStream:
@@ -143,6 +221,7 @@ class TextStream:
 
     def __init__(self, pipeline: Pipeline, stop, on_text):
         self.pipeline, self.stops, self.on_text = pipeline, list(stop), on_text
+        self.stopped = False  # a stop string appeared: the answer ends before it
         self.text, self.sent = "", 0
 
     def push(self, tokens: list[int]) -> bool:

@@ -10,9 +10,10 @@ Design facts:
 - A waiting job that is cancelled (its client went away) leaves the queue at once, so
   it frees its slot without ever reaching the engine; a running one is told through
   `Job.cancelled`, which the pipeline polls between decode steps.
-- `_take_batch` hands the worker a list of jobs. Today it takes one: batched decode of
-  concurrent chat requests is an engine feature still to come, and the worker loop
-  already has the shape for it (take up to B chat jobs, run them as one batch).
+- `_take_batch` hands the worker up to MAX_BATCH chat jobs that wait together. Each is
+  begun (prompt laid out, prefilled, first token) in turn, then all are decoded together,
+  one batched forward per step (the engine's generate.advance), and each is answered as
+  soon as its own stream ends; a lone job runs the same way with a batch of one.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 log = logging.getLogger("kvlib.serve")
-MAX_BATCH = 1  # chat jobs per engine step; raise when the engine decodes batches
+MAX_BATCH = 8  # chat jobs decoded together: the weights are read once per step for all of them
 
 
 class QueueFull(Exception):
@@ -47,6 +48,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     events: asyncio.Queue | None = None  # streamed text pieces, for a streaming request
+    begin: Callable[[Any, "Job"], Any] | None = None  # chat: begin(worker_state, job) -> pipeline.Pending
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     _cancel: threading.Event = field(default_factory=threading.Event)
@@ -152,11 +154,17 @@ class EngineWorker:
             return
         self._ready.set()
         while (batch := self._take_batch()) is not None:
-            for job in batch:
-                self._run(job)
+            if batch[0].begin is not None:
+                self._run_chat(batch)
+            else:
+                for job in batch:
+                    self._run(job)
             with self._cond:
                 self._running = []
+                idle = not self._waiting
             self._report_depth()
+            if idle:  # work that must not delay a waiting request (storing misses)
+                self._idle_work()
         close = getattr(self.state, "close", None)
         if close:
             close()
@@ -194,6 +202,42 @@ class EngineWorker:
             self._service_s = 0.8 * self._service_s + 0.2 * spent
             if self.metrics is not None:
                 self.metrics.after_job(self.state)
+
+    def _run_chat(self, jobs: list[Job]) -> None:
+        """Begin each chat job, decode them together, answer each when its stream ends."""
+        pipeline, t0, begun = self.state.pipeline, time.perf_counter(), {}
+        for job in jobs:
+            if job.cancelled():
+                job._resolve(error=JobCancelled())
+                continue
+            job.started_at = time.perf_counter()
+            try:
+                begun[job] = job.begin(self.state, job)
+            except Exception as exc:  # the request answers with it; the others go on
+                job._resolve(error=exc)
+        live = list(begun)
+        try:
+            while live:
+                going = {id(p) for p in pipeline.step([begun[j] for j in live])}
+                for job in [j for j in live if id(begun[j]) not in going]:
+                    job._resolve(pipeline.finish(begun[job]))
+                live = [j for j in live if id(begun[j]) in going]
+        except Exception as exc:
+            for job in live:
+                job._resolve(error=exc)
+        finally:
+            spent = (time.perf_counter() - t0) / max(1, len(jobs))
+            self._service_s = 0.8 * self._service_s + 0.2 * spent
+            if self.metrics is not None:
+                self.metrics.after_job(self.state)
+
+    def _idle_work(self) -> None:
+        work = getattr(self.state, "idle", None)
+        try:
+            if work:
+                work()
+        except Exception:  # a failed store loses a cache entry, never the server
+            log.exception("idle work failed")
 
     def _report_depth(self) -> None:
         if self.metrics is not None:

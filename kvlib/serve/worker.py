@@ -51,6 +51,10 @@ class ServerState:
                 "chunks_dedup": report.chunks_dedup, "tokens": report.tokens, "unchanged": bool(report.unchanged),
                 "bytes_written": report.bytes_written}
 
+    def idle(self) -> None:
+        """When no request waits: store the misses of answered requests."""
+        self.pipeline.store_pending()
+
     def _retrieval(self):
         if self._index is None:
             from kvlib.rag.stack import INDEX_DIR
@@ -76,4 +80,6 @@ def build_state(settings: Settings) -> ServerState:
     engine = Engine.load(settings.model, home, dtype=settings.dtype)
     library = Library(home)
     pipeline = Pipeline(engine, library, spec=settings.spec)
-    return ServerState(settings=settings, engine=engine, library=library, pipeline=pipeline)
+    state = ServerState(settings=settings, engine=engine, library=library, pipeline=pipeline)
+    pipeline.open_retrieval = state._retrieval
+    return state
