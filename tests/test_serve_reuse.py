@@ -116,6 +116,8 @@ def test_timing_reveals_nothing_across_tenants(server):
 
     Statistic: a two-sided permutation test on the difference of median TTFT; the channel is
     closed if p > 0.01 (a real hit is several times faster, which gives p < 0.001 at n = 20).
+    The two probes run in random order within each trial: the server stores a request's misses
+    when it is idle, so a probe that always came second would wait for the first one's store.
     """
     import random
 
@@ -129,8 +131,11 @@ def test_timing_reveals_nothing_across_tenants(server):
         first_a = first_a or again.usage.prompt_tokens_details.cached_tokens
         assert first_a > 0, "the channel test needs A's documents actually cached for A"
         b_msgs = [{"role": "user", "content": f"Document [1](Title: Trial {trial}) {fresh_text}\n\nQuestion: Which word is first?"}]
-        on_a.append(stream_ttft(server, "bob", a_msgs))
-        unseen.append(stream_ttft(server, "bob", b_msgs))
+        # in random order within the trial, so neither probe always follows the other's stores
+        probes = [(on_a, a_msgs), (unseen, b_msgs)]
+        rng.shuffle(probes)
+        for times, msgs in probes:
+            times.append(stream_ttft(server, "bob", msgs))
     p = permutation_p(on_a, unseen)
     assert p > 0.01, f"B's TTFT tells A's cached documents from unseen ones (permutation p = {p:.4f})"
 

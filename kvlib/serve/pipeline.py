@@ -159,14 +159,17 @@ class Pipeline:
 
         return seed if seed is not None or temperature <= 0 else random.getrandbits(63)
 
-    def store_pending(self) -> int:
-        """Encode and store the misses of finished requests (engine thread, when idle); returns how many."""
+    def store_pending(self, limit: int | None = None) -> int:
+        """Encode and store up to `limit` misses of finished requests (engine thread, when idle);
+        returns how many were stored. The worker stores one at a time and looks at its queue in
+        between, so a request that arrives waits for one segment's encode at most. Newest first,
+        so a backlog never keeps the last request's documents from its follow-up."""
         from kvlib.engine.drift import drift_scores
 
         engine, lm, done = self.engine, self.engine.lm, 0
         self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
-        while self.pending:
-            tenant, ids = self.pending.pop(0)
+        while self.pending and (limit is None or done < limit):
+            tenant, ids = self.pending.pop()  # newest first: the next turn of a session asks for it soonest
             key = self.library.key_for(tenant=tenant, public=False, model_fp=lm.fingerprint,
                                        context_id=engine.context_id, token_ids=ids)
             if self.library.has(key, tenant):

@@ -232,10 +232,11 @@ class EngineWorker:
                 self.metrics.after_job(self.state)
 
     def _idle_work(self) -> None:
+        """One piece of idle work at a time (state.idle() -> False when done), while nobody waits."""
         work = getattr(self.state, "idle", None)
         try:
-            if work:
-                work()
+            while work is not None and not self._waiting and not self._stopping and work():
+                pass
         except Exception:  # a failed store loses a cache entry, never the server
             log.exception("idle work failed")
 

@@ -51,9 +51,9 @@ class ServerState:
                 "chunks_dedup": report.chunks_dedup, "tokens": report.tokens, "unchanged": bool(report.unchanged),
                 "bytes_written": report.bytes_written}
 
-    def idle(self) -> None:
-        """When no request waits: store the misses of answered requests."""
-        self.pipeline.store_pending()
+    def idle(self) -> bool:
+        """When no request waits: store one miss of an answered request; False when none is left."""
+        return bool(self.pipeline.pending) and self.pipeline.store_pending(limit=1) >= 0
 
     def _retrieval(self):
         if self._index is None:
