@@ -120,13 +120,15 @@ class Outcome:
     cached_tokens: int = 0
     completion_tokens: int = 0
     detail: str = ""
+    # the server's own overhead: HTTP and streaming (client TTFT - the server's TTFT) + segmentation + lookup
+    overhead_s: float | None = None
 
 
 async def one_request(client, messages, max_tokens: int) -> Outcome:
     import openai
 
     t0 = time.perf_counter()
-    ttft, text, usage = None, [], None
+    ttft, text, usage, meta = None, [], None, None
     try:
         stream = await client.chat.completions.create(
             model="default", messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
@@ -137,6 +139,7 @@ async def one_request(client, messages, max_tokens: int) -> Outcome:
                 text.append(chunk.choices[0].delta.content)
             if chunk.usage is not None:
                 usage = chunk.usage
+            meta = (chunk.model_extra or {}).get("kvlib", meta)
     except openai.RateLimitError:
         return Outcome("429")
     except (openai.OpenAIError, asyncio.TimeoutError) as exc:
@@ -144,7 +147,8 @@ async def one_request(client, messages, max_tokens: int) -> Outcome:
     if usage is None:
         return Outcome("error", detail="no usage chunk")
     details = usage.prompt_tokens_details
-    return Outcome("ok", ttft_s=ttft if ttft is not None else time.perf_counter() - t0,
+    ttft = ttft if ttft is not None else time.perf_counter() - t0
+    return Outcome("ok", ttft_s=ttft, overhead_s=server_overhead(ttft, meta),
                    e2e_s=time.perf_counter() - t0, prompt_tokens=usage.prompt_tokens,
                    cached_tokens=(details.cached_tokens or 0) if details else 0,
                    completion_tokens=usage.completion_tokens, detail="".join(text))
@@ -178,6 +182,14 @@ async def run_level(cfg: LoadConfig, level: int, progress) -> dict:
     return summary
 
 
+def server_overhead(client_ttft: float, meta: dict | None) -> float | None:
+    """Seconds of TTFT that are neither queueing nor the engine's work: HTTP and SSE, segmentation, lookup."""
+    if not meta or "ttft_s" not in meta:
+        return None
+    split = meta.get("ttft_split_s", {})
+    return (client_ttft - meta["ttft_s"]) + split.get("segment", 0.0) + split.get("lookup", 0.0)
+
+
 def percentile(values: list[float], q: float) -> float | None:
     if not values:
         return None
@@ -197,6 +209,8 @@ def summarize(level: int, outcomes: list[Outcome], wall: float) -> dict:
         "error_examples": sorted({o.detail for o in outcomes if o.status == "error"})[:3],
         "wall_s": round(wall, 2), "ttft_p50_s": r3(percentile(ttfts, 0.5)), "ttft_p99_s": r3(percentile(ttfts, 0.99)),
         "ttft_mean_s": r3(statistics.fmean(ttfts)) if ttfts else None,
+        "server_overhead_p50_ms": r3(1e3 * percentile([o.overhead_s for o in ok if o.overhead_s is not None], 0.5))
+        if any(o.overhead_s is not None for o in ok) else None,
         "requests_per_s": round(len(ok) / wall, 3) if wall else None,
         "decode_tokens_per_s": round(sum(o.completion_tokens for o in ok) / wall, 2) if wall else None,
         "prompt_tokens": prompt, "cached_tokens": sum(o.cached_tokens for o in ok),
@@ -212,13 +226,15 @@ def run_load(cfg: LoadConfig, progress=print) -> dict:
 
 
 def markdown(result: dict, label: str, baseline: dict | None) -> str:
-    head = ("| concurrency | ok | 429 | errors | TTFT p50 s | TTFT p99 s | req/s | decode tok/s | cached share |"
+    head = ("| concurrency | ok | 429 | errors | TTFT p50 s | TTFT p99 s | req/s | decode tok/s | cached share | "
+            "server overhead p50 ms |"
             + (" req/s vs baseline | p99 vs baseline |" if baseline else ""))
     lines = [f"**{label}**", "", head, "|" + " --- |" * (head.count("|") - 1)]
     base = {lv["concurrency"]: lv for lv in (baseline or {}).get("levels", [])}
     for lv in result["levels"]:
         row = (f"| {lv['concurrency']} | {lv['ok']} | {lv['rate_limited']} | {lv['errors']} | {lv['ttft_p50_s']} | "
-               f"{lv['ttft_p99_s']} | {lv['requests_per_s']} | {lv['decode_tokens_per_s']} | {lv['cached_share']} |")
+               f"{lv['ttft_p99_s']} | {lv['requests_per_s']} | {lv['decode_tokens_per_s']} | {lv['cached_share']} | "
+               f"{lv.get('server_overhead_p50_ms')} |")
         if baseline:
             b = base.get(lv["concurrency"], {})
             ratio = (lambda a, c: f"{a / c:.2f}x" if a and c else "-")
