@@ -43,13 +43,9 @@ def bench(
 
     if retrieval is not None:
         return recall(data, retrieval, limit, out, json_out)
-    if ingest:
-        return ingest_speed(ingest, repeats, out, resolve_home(home), model, dtype, json_out)
-    if peer is not None:
-        return against_peer(peer, repeats, out, resolve_home(home), model, dtype, json_out)
-    if hot_path:
-        return profile_hot_path("rerope" if modes == "all" else modes, repeats, out, resolve_home(home), model,
-                                dtype, json_out)
+    if ingest or peer is not None or hot_path:  # the profiles that take a home and a model, not a QA file
+        return other_profile(ingest, peer, modes if hot_path else None, repeats, out, resolve_home(home), model,
+                             dtype, json_out)
     log = LogProgress() if not (err_console.is_terminal or json_out) else None
     try:
         with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -91,6 +87,15 @@ def render_bench(report: dict, out: Path, json_out: bool) -> None:
     for line in report["findings"]:
         console.print(f"- {line}", highlight=False, markup=False)
     console.print(f"wrote {out / 'results.json'}, {out / 'report.md'} and {len(report['plots'])} plots")
+
+
+def other_profile(ingest, peer, hot_path_modes, repeats, out, home, model, dtype, json_out) -> None:
+    if ingest:
+        return ingest_speed(ingest, repeats, out, home, model, dtype, json_out)
+    if peer is not None:
+        return against_peer(peer, repeats, out, home, model, dtype, json_out)
+    mode = "rerope" if hot_path_modes == "all" else hot_path_modes
+    return profile_hot_path(mode, repeats, out, home, model, dtype, json_out)
 
 
 def profile_hot_path(mode: str, repeats: int, out: Path, home: Path, model, dtype, json_out: bool) -> None:
