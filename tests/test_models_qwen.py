@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvlib.engine.doctor import SAMPLE_QUESTION, SAMPLE_TEXT
+from kvlib.engine.spec import parse_mode
 
 pytestmark = [pytest.mark.qwen, pytest.mark.slow]  # slow too: `make test-fast` leaves it out
 
@@ -81,8 +82,8 @@ def test_own_forward_equals_transformers(qwen_engine):
 
 def test_single_cached_chunk_greedy_equals_full(qwen_engine):
     chunk = qwen_engine.encode(qwen_engine.tokenize(SAMPLE_TEXT))  # stored form: fp16 KV
-    full = qwen_engine.answer([chunk], SAMPLE_QUESTION, mode="full", max_new_tokens=12)
-    cached = qwen_engine.answer([chunk], SAMPLE_QUESTION, mode="rerope", max_new_tokens=12)
+    full = qwen_engine.answer(parse_mode("full"), [chunk], SAMPLE_QUESTION, max_new_tokens=12)
+    cached = qwen_engine.answer(parse_mode("rerope"), [chunk], SAMPLE_QUESTION, max_new_tokens=12)
     answer = qwen_engine.decode(full.token_ids)
     assert "Ansel Brook" in answer, f"a 1.5B model should answer this; got {answer!r}"
     assert cached.token_ids == full.token_ids, f"cached {qwen_engine.decode(cached.token_ids)!r} != full {answer!r}"
