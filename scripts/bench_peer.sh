@@ -11,7 +11,7 @@ VERSION=0.3.36
 mkdir -p "$PEER/wheels"
 if ! ls "$PEER"/wheels/llama_cpp_python-"$VERSION"-*.whl >/dev/null 2>&1; then
   echo "== building llama-cpp-python $VERSION from source (native CPU flags; cached in $PEER/wheels)"
-  python3 -m pip wheel --no-deps "llama-cpp-python==$VERSION" -w "$PEER/wheels"
+  python3 -m pip wheel --no-cache-dir --no-deps "llama-cpp-python==$VERSION" -w "$PEER/wheels"
 fi
 if [ ! -x "$PEER/venv/bin/python" ]; then
   python3 -m venv "$PEER/venv"

@@ -26,7 +26,8 @@ def test_hot_path_split_adds_up_and_floors_are_positive(smol_engine, tmp_path):
         # "other" is what the marked parts leave of the profiled TTFT, so they add up to it exactly
         assert sum(parts.values()) == pytest.approx(row["profiled_ttft_s"], rel=1e-9)
         assert parts["attention"] > 0 and parts["proj_mlp"] > 0 and parts["rotate"] > 0
-        assert row["floor_total_s"] > 0 and row["speedup_vs_full"] > 1, row
+        # well-formed, not fast: speed is the benchmark's to report, never a unit test's to assert
+        assert row["floor_total_s"] > 0 and row["full_ttft_s"] > 0 and row["ttft_over_floor"] > 0, row
     assert report["rows"][1]["work"]["kv_bytes"] > report["rows"][0]["work"]["kv_bytes"]
     assert any("TTFT / floor" in line for line in report_lines(report))
     json.dumps(report)  # the report is plain JSON
