@@ -48,12 +48,38 @@ def test_kvlib_query_answers_through_engine_answer(ingested_home, kvlib_cli, mon
     assert out["spec"] == spec.as_dict() and out["tokens"] == gen.tokens and out["ttft_s"] == gen.ttft_s
 
 
+VIADUCT = """The Skelder Viaduct
+
+The Skelder Viaduct carries the main line across the Tarrow Gorge on eleven stone arches. It was built between
+1861 and 1864 and reopened in 2023 after a fourteen-month restoration.
+
+The Tarrow Gorge is forty metres deep at the viaduct, and the river below floods most winters.
+"""
+
+
+@pytest.fixture(scope="module")
+def small_home(tmp_path_factory, make_home, smol_stack):
+    """A home of its own (modes that read other encodings store chunks on the spot: not in the shared one)."""
+    from kvlib.rag.ingest import Ingestor
+
+    root = tmp_path_factory.mktemp("door")
+    (root / "docs").mkdir()
+    (root / "docs" / "viaduct.txt").write_text(VIADUCT)
+    home = make_home(root)
+    stack = smol_stack(home)
+    try:
+        Ingestor(stack.engine, stack.library, stack.index, stack.embedder, chunk_tokens=48).run([root / "docs"])
+    finally:
+        stack.close()
+    return home
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ALL_MODES)
-def test_query_json_reports_the_resolved_spec_of_every_mode(mode, ingested_home, kvlib_cli, smol_engine):
+def test_query_json_reports_the_resolved_spec_of_every_mode(mode, small_home, kvlib_cli, smol_engine):
     """The same mode name resolves to the same spec in query as in bench (tested there on the same names)."""
     question = "How many arches does the Skelder Viaduct have?"
-    result = kvlib_cli("query", question, "--home", ingested_home[0], "--k", 2, "--mode", mode, "--json",
+    result = kvlib_cli("query", question, "--home", small_home, "--k", 2, "--mode", mode, "--json",
                        "--dtype", "float32", "--max-new-tokens", 2)
     assert result.exit_code == 0, result.output
     out = json.loads(result.stdout)

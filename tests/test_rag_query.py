@@ -23,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 CORPUS = Path(__file__).resolve().parents[1] / "examples" / "corpus"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+MAX_NEW = 12
 STAGES = ("retrieval", "load", "compose", "repair", "prefill")
 
 

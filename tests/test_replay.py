@@ -152,6 +152,10 @@ def test_files_merge_in_time_order(tmp_path):
     assert [r.t for r in stream] == [1, 2, 3, 5, 9, 10]
 
 
+NO_TRACE = pytest.mark.skipif(not RAGPULSE.exists(), reason="shared RAGPulse trace not beside the repo")
+
+
+@NO_TRACE
 def test_ragpulse_replay_and_sweep(tmp_path):
     result, acc = run_replay([RAGPULSE], tokenizer=None, shape=SMOLLM2, config=ReplayConfig(sweep=True,
                              fractions=(0.1, 1.0)), work_dir=tmp_path)
@@ -163,6 +167,7 @@ def test_ragpulse_replay_and_sweep(tmp_path):
     assert not (tmp_path / ".replay-spool.pkl").exists()
 
 
+@NO_TRACE
 def test_cli_replay_writes_reports_and_fails_cleanly(tmp_path):
     from typer.testing import CliRunner
 

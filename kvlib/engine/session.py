@@ -137,7 +137,6 @@ class Engine:
         from kvlib.engine.repair import parse_repair
 
         t0 = time.perf_counter() if t0 is None else t0
-        t_in = time.perf_counter()
         suffix = list(self.suffix_ids(question) if suffix_ids is None else suffix_ids)
         room = len(suffix) + max_new_tokens + 1 if extra is None else extra
         composed = compose(self.lm, self.context if context is None else context, chunks, spec.base, extra=room,
@@ -149,7 +148,9 @@ class Engine:
         stream = start(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed, stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop)
         tokens, per_chunk = token_accounting(composed, chunks, repaired, len(suffix))
-        timings = {**(spent or {}), "compose": t_comp - t_in, "repair": t_rep - t_comp,
+        spent = dict(spent or {})
+        # compose takes whatever the caller's stages leave before it, so the stages add up to TTFT exactly
+        timings = {**spent, "compose": t_comp - t0 - sum(spent.values()), "repair": t_rep - t_comp,
                    "prefill": stream.t_first - t_rep}
         return Answering(spec, stream, timings, tokens, per_chunk, composed if keep_state else None)
 
