@@ -80,7 +80,7 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
             out.chunks.append(ChunkKV(ids_t, stored.k_sem, stored.v, drift=stored.drift_score))
         else:
             out.chunks.append(ChunkKV(ids_t, None, None))
-            if s.reusable:
+            if s.reusable and reuse:  # a server without reuse stores nothing either
                 out.to_store.append(s.token_ids)
         out.fates.append({"kind": s.kind, "tokens": len(s.token_ids), "fate": "hit" if stored is not None else "miss"})
     out.fates.append({"kind": "suffix", "tokens": len(out.suffix), "fate": "computed"})
