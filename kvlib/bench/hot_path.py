@@ -102,11 +102,13 @@ def scratch_chunks(engine, library, n_ctx: int) -> list:
 
 def one_request(engine, library, keys, spec, suffix, profile: bool) -> tuple[float, dict]:
     """(TTFT, stage seconds) of one cached request, from the library read to the first token."""
+    from contextlib import nullcontext
+
     from kvlib.engine.compose import ChunkKV
     from kvlib.engine.session import sync
     from kvlib.engine.stages import recording
 
-    with recording(engine.lm.device) if profile else _nothing() as parts:
+    with recording(engine.lm.device) if profile else nullcontext() as parts:
         sync(engine.lm)
         t0 = time.perf_counter()
         stored = library.get_many(keys)
@@ -117,14 +119,6 @@ def one_request(engine, library, keys, spec, suffix, profile: bool) -> tuple[flo
     parts = dict(parts or {})
     parts["load"] = load
     return gen.ttft_s, parts
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def split(parts: dict) -> dict:
