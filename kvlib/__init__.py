@@ -7,3 +7,7 @@ they meet new neighbours.
 """
 
 __version__ = "0.1.0"
+
+from kvlib.memory import tune_malloc as _tune_malloc
+
+_tune_malloc()  # before the engine allocates: kvlib/memory.py says why

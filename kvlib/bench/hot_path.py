@@ -154,6 +154,7 @@ def run_hot_path(engine, library, *, spec, contexts=CONTEXTS, repeats: int = 5, 
     import torch
 
     from kvlib.engine.doctor import SAMPLE_QUESTION
+    from kvlib.memory import malloc_tuning
 
     suffix = engine.suffix_ids(SAMPLE_QUESTION)
     library.register_model(engine.lm.fingerprint, engine.lm.name, engine.lm.config_summary)
@@ -171,7 +172,7 @@ def run_hot_path(engine, library, *, spec, contexts=CONTEXTS, repeats: int = 5, 
     lm = engine.lm
     return {"settings": {"model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "threads": torch.get_num_threads(), "spec": spec.as_dict(), "repeats": repeats,
-                         "torch": torch.__version__.split("+")[0]},
+                         "torch": torch.__version__.split("+")[0], "malloc_tuning": malloc_tuning()},
             "rates": rates, "rows": rows}
 
 

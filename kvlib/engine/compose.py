@@ -22,6 +22,7 @@ import torch
 from kvlib.engine.attention import Mask
 from kvlib.engine.cache import KVCache
 from kvlib.engine.forward import forward
+from kvlib.engine.rope import half_tables
 from kvlib.engine.stages import stage
 from kvlib.errors import KvlibError
 
@@ -157,14 +158,6 @@ def chunk_positions(context: ContextKV, chunks: list, mode: str) -> list[torch.T
     return out
 
 
-def extend_runs(runs: list, start: int, positions: torch.Tensor) -> list:
-    """Runs of adjacent slots with their positions: [(first slot, positions)], merging a chunk
-    that starts where the last run ends."""
-    if runs and runs[-1][0] + runs[-1][1].shape[0] == start:
-        return runs[:-1] + [(runs[-1][0], torch.cat([runs[-1][1], positions]))]
-    return runs + [(start, positions)]
-
-
 def compose(lm, context: ContextKV, chunks: list, base: str, *, extra: int = 512,
             prefix: PrefixHit | None = None) -> Composed:
     """Lay out [E][chunk 1]...[chunk k]; `extra` slots are reserved for question and answer."""
@@ -181,19 +174,20 @@ def compose(lm, context: ContextKV, chunks: list, base: str, *, extra: int = 512
         return Composed(cache=cache, pending_ids=ids[hit:], next_pos=hit, cached_tokens=hit)
     with stage("assemble"):
         cache.append(context.k_rot, context.v)
-    spans, misses, cached, runs = [], [], context.n_tokens, []
-    for i, (c, pos) in enumerate(zip(chunks, chunk_positions(context, chunks, base))):
+    positions = chunk_positions(context, chunks, base)
+    with stage("rotate"):  # cos/sin once for every cached slot of the prompt
+        hits = [p for c, p in zip(chunks, positions) if c.k_sem is not None]
+        tables = half_tables(lm.rope, torch.cat(hits), lm.device) if hits else None
+    spans, misses, cached = [], [], context.n_tokens
+    for i, c in enumerate(chunks):
         spans.append((cache.length, c.n_tokens))
         if c.k_sem is None:  # a miss: its slots are filled when it is computed in context
             misses.append((cache.length, i))
             cache.commit(cache.length + c.n_tokens)
             continue
+        # keys rotated as they are copied into their slots (one pass), values copied
+        cache.append_rotated(c.k_sem.to(device=lm.device, dtype=lm.dtype), c.v.to(device=lm.device, dtype=lm.dtype),
+                             tables.slice(cached - context.n_tokens, c.n_tokens))
         cached += c.n_tokens
-        runs = extend_runs(runs, cache.length, pos)
-        with stage("assemble"):  # pre-RoPE keys go in as stored; they are rotated in place below
-            cache.append(c.k_sem.to(device=lm.device, dtype=lm.dtype), c.v.to(device=lm.device, dtype=lm.dtype))
-    with stage("rotate"):
-        for start, pos in runs:  # one pass per run of adjacent cached chunks: tables once, per-layer temporaries
-            cache.rotate(start, pos, lm.rope)
     return Composed(cache=cache, pending_ids=torch.zeros(0, dtype=torch.long), next_pos=total,
                     cached_tokens=cached, spans=spans, context_ids=context.token_ids, misses=misses)

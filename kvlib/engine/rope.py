@@ -90,18 +90,55 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torc
     return _rotate_f32(x, positions, spec, spec.attention_scaling)
 
 
-def apply_rope_(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> None:
-    """apply_rope in place on x: [L, ..., T, D] (a cache's slots), one leading index at a time.
+@dataclass(frozen=True, eq=False)
+class HalfTables:
+    """cos and sin of a run of positions, attention scaling folded in: [T, D/2] float32 each.
+    transformers' tables are cat(freqs, freqs), so one half holds all of it."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+    def slice(self, start: int, n: int) -> "HalfTables":
+        return HalfTables(self.cos[start : start + n], self.sin[start : start + n])
+
+
+def half_tables(spec: RopeSpec, positions: torch.Tensor, device) -> HalfTables:
+    freqs = positions.to(device=device, dtype=torch.float32)[:, None] * spec.inv_freq.to(device)[None, :]
+    return HalfTables(freqs.cos() * spec.attention_scaling, freqs.sin() * spec.attention_scaling)
+
+
+@torch.no_grad()
+def rope_into_(dst: torch.Tensor, src: torch.Tensor, tables: HalfTables) -> None:
+    """dst[l] = apply_rope(src[l]) for each leading index l; dst: [L, ..., T, D] (a cache's
+    slots), src the same shape (the stored pre-RoPE keys, or dst itself: in place).
 
     The same arithmetic as apply_rope (float32 products, one rounding back), so the same
-    bits; but the float32 temporaries are one layer's, not the whole tensor's, which keeps
-    them in cache, and the result lands where it is used instead of being copied there.
+    bits: rotate_half's halves are written out, x1*c - x2*s and x2*c + x1*s, which is what
+    x*cos + rotate_half(x)*sin computes element by element. Temporaries are one layer's,
+    allocated once and reused, so they stay in cache, and the result lands in the cache
+    slots without a second copy.
     """
-    cos, sin = _TABLES.get(spec, positions, x.device)
-    cos, sin = cos * spec.attention_scaling, sin * spec.attention_scaling
-    for part in x:  # views
-        xf = part.to(torch.float32)
-        part.copy_(xf * cos + rotate_half(xf) * sin)
+    half = dst.shape[-1] // 2
+    c, s = tables.cos, tables.sin
+    xf = torch.empty(src.shape[1:], dtype=torch.float32, device=src.device)  # one layer's, reused:
+    lo, hi, tmp = (torch.empty((*xf.shape[:-1], half), dtype=torch.float32, device=src.device) for _ in range(3))
+    for i in range(dst.shape[0]):  # one layer at a time, written out= (9.0 against 16.8 ms at 4k)
+        d = dst[i]
+        xf.copy_(src[i])
+        x1, x2 = xf[..., :half], xf[..., half:]
+        torch.mul(x1, c, out=lo)
+        torch.mul(x2, s, out=tmp)
+        lo.sub_(tmp)
+        torch.mul(x2, c, out=hi)
+        torch.mul(x1, s, out=tmp)
+        hi.add_(tmp)
+        d[..., :half] = lo  # both halves computed before either is written: d may be x
+        d[..., half:] = hi
+
+
+def apply_rope_(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> None:
+    """apply_rope in place on x: [L, ..., T, D], one leading index at a time (rope_into_)."""
+    rope_into_(x, x, half_tables(spec, positions, x.device))
 
 
 def rotate(x: torch.Tensor, delta: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
