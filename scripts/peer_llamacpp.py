@@ -28,6 +28,7 @@ def to_bf16(src: Path, dst: Path) -> None:
         return
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = LLAMA_FTYPE_MOSTLY_BF16
+    params.allow_requantize = True  # the bundled GGUF is Q4_1: dequantized to BF16, as kvlib dequantizes it
     tmp = dst.with_suffix(".tmp")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0:
