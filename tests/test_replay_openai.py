@@ -163,3 +163,43 @@ def test_live_against_no_server_counts_errors_and_does_not_crash(tok):
     reqs = [request(rag_messages([0, 1], "Where is Kell?")), request(rag_messages([1, 0], "Where is Kell?"))]
     result = run_live(f"http://127.0.0.1:{port}/v1", iter(reqs), tok, context=8192)
     assert result["errors"] == 2 and result["requests"] == 0 and result["skipped_too_long"] == 0
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/healthz"),
+    ("http://127.0.0.1:8000/v1/", "http://127.0.0.1:8000/healthz"),
+    ("http://h:9/", "http://h:9/healthz")])
+def test_health_url_sits_beside_the_openai_base(url, expected):
+    from kvlib.replay.live import health_url
+
+    assert health_url(url) == expected
+
+
+def test_waiting_on_a_server_that_cannot_report_its_stores_is_a_clear_error():
+    """A real HTTP server whose /healthz has no pending_stores (as kvlib serve before it had one)."""
+    import http.server
+    import threading
+
+    from kvlib.errors import InputError
+    from kvlib.replay.live import wait_idle
+
+    class OldHealth(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps({"status": "ok", "waiting": 0, "running": 0}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), OldHealth)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(InputError, match="pending_stores.*--no-live-wait"):
+            wait_idle(f"http://127.0.0.1:{httpd.server_address[1]}/v1", timeout=5)
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -51,7 +51,19 @@ def _render(result: dict, out: Path) -> None:
         if i["malformed"]:
             console.print(f"[yellow]{Path(i['path']).name}: {i['malformed']} malformed lines skipped[/] "
                           f"({'; '.join(i['malformed_examples'][:2])})", highlight=False)
+    if "live" in result:
+        _render_live(result["live"])
     console.print(f"report: {out / 'replay.md'}")
+
+
+def _render_live(live: dict) -> None:
+    lib = live["comparisons"]["library"]
+    console.print(f"live: {live['requests']} requests answered, {live['errors']} errors, "
+                  f"{live['skipped_too_long']} too long; prompt tokens as rendered {live['prompt_tokens_match']}/"
+                  f"{live['requests']}; cached tokens as predicted {lib['exact']}/{live['requests']} "
+                  f"(predicted {lib['predicted_total']:,}, reported {lib['reported_total']:,})", highlight=False)
+    for example in live["error_examples"]:
+        console.print(f"[yellow]{example}[/]", highlight=False)
 
 
 def replay_command(
@@ -61,6 +73,8 @@ def replay_command(
     policy: Annotated[str, typer.Option("--policy", help="Library eviction: lru or cost (GreedyDual-Size-Frequency).")] = "lru",
     sweep: Annotated[bool, typer.Option("--sweep", help="Capacity curves from 1% to 100% of the unique bytes, LRU and cost-aware against prefix caching.")] = False,
     live: Annotated[Optional[str], typer.Option("--live", help="Base URL of a running kvlib serve (e.g. http://127.0.0.1:8000/v1): send the requests and compare cached tokens.")] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="KVLIB_API_KEY", help="With --live: the server's bearer key (`kvlib keys add TENANT`).")] = None,
+    live_wait: Annotated[bool, typer.Option("--live-wait/--no-live-wait", help="With --live: send each request only once the server has stored the misses of those before (its /healthz pending_stores is 0).")] = True,
     no_cost: Annotated[bool, typer.Option("--no-cost", help="Skip the savings (no model load or cost measurement).")] = False,
     segment: Annotated[str, typer.Option("--segment", help="Segmentation policy MIN/AVG/MAX or MIN/AVG/MAX/WINDOW tokens (see docs/replay.md).")] = "32/256/1024/16",
     json_out: JsonOpt = False,
@@ -75,7 +89,7 @@ def replay_command(
     try:
         with _progress() as progress:
             result = replay(traces, out=out, home=resolve_home(home), model=model, capacity=capacity, policy=policy,
-                            sweep=sweep, live=live, costs=not no_cost, progress=progress,
+                            sweep=sweep, live=live, live_key=api_key, live_wait=live_wait, costs=not no_cost, progress=progress,
                             segment_policy=parse_policy(segment),
                             note=lambda msg: err_console.print(msg, highlight=False))
     except KvlibError as exc:

@@ -72,8 +72,8 @@ def add_savings(result: dict, accountant, model: str | None, home: Path, progres
 
 
 def replay(paths: list[Path], *, out: Path, home: Path, model: str | None = None, capacity: str | None = None,
-           policy: str = "lru", sweep: bool = False, live: str | None = None, costs: bool = True,
-           progress=None, note=None, segment_policy=None) -> dict:
+           policy: str = "lru", sweep: bool = False, live: str | None = None, live_key: str | None = None,
+           live_wait: bool = True, costs: bool = True, progress=None, note=None, segment_policy=None) -> dict:
     """Account `paths`, write replay.json, replay.md and the plots into `out`; return the result."""
     from kvlib.replay.policies import POLICIES
     from kvlib.replay.report import write_json, write_markdown
@@ -93,7 +93,8 @@ def replay(paths: list[Path], *, out: Path, home: Path, model: str | None = None
     if costs:
         add_savings(result, main, model, home, note)
     if live:
-        result["live"] = _live(paths, live, tokenizer, context, progress, config.segment_policy)
+        result["live"] = _live(paths, live, tokenizer, context, progress, config.segment_policy,
+                               api_key=live_key, wait=live_wait)
     result["peak_rss_mib"] = peak_rss_mib()
     from kvlib.replay.plots import write_plots
 
@@ -103,7 +104,8 @@ def replay(paths: list[Path], *, out: Path, home: Path, model: str | None = None
     return result
 
 
-def _live(paths: list[Path], url: str, tokenizer, context: int, progress, policy) -> dict:
+def _live(paths: list[Path], url: str, tokenizer, context: int, progress, policy, *, api_key: str | None,
+          wait: bool) -> dict:
     from kvlib.replay.live import run_live
     from kvlib.replay.traces import read_traces
 
@@ -112,4 +114,4 @@ def _live(paths: list[Path], url: str, tokenizer, context: int, progress, policy
     requests, stats = read_traces(paths)
     if any(s.form != OPENAI for s in stats):
         raise InputError("--live needs OpenAI-form traces only (segment traces carry no text to send)")
-    return run_live(url, requests, tokenizer, context, progress=progress, policy=policy)
+    return run_live(url, requests, tokenizer, context, api_key=api_key, wait=wait, progress=progress, policy=policy)

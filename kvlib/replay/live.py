@@ -9,16 +9,21 @@ Design facts:
   skipped and counted. The accounting runs on the trimmed requests, so it predicts what
   was actually sent.
 - Two predictions are compared with `usage.prompt_tokens_details.cached_tokens`:
-  `library` (reusable segments found in the library at any position: a server whose cache
-  is the library) and `prefix_plus_library` (the prefix cache first, the library beyond it).
-  The rendered prompt length is compared with `usage.prompt_tokens` too, which checks that
-  replay and the server render the same ids.
-- The server stores misses off the request's critical path, so a segment sent twice in a
-  row may not be stored yet by the second request: disagreements are shown, not hidden.
+  `library` (what `kvlib serve` serves: reusable segments found in the library at any
+  position, plus the encoding context E when the prompt opens with it, whose KV the server
+  holds from the start) and `prefix_plus_library` (the prefix cache first, the library
+  beyond it: a server with both). The rendered prompt length is compared with
+  `usage.prompt_tokens` too, which checks that replay and the server render the same ids.
+- The server stores misses off the request's critical path, when its queue is empty. With
+  `wait` (the default), each request is sent only once the server's /healthz reports
+  `pending_stores: 0` and an empty queue, so the library holds everything the accounting
+  assumes; without it, a segment sent again at once may not be stored yet, and the
+  disagreements that makes are shown, not hidden.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -31,18 +36,25 @@ RESERVE = 64  # context tokens left for the answer (the server is sent max_token
 TRIM_RULE = (f"keep system messages and the last message; drop the oldest other messages until the prompt "
              f"leaves {RESERVE} tokens of the model's context; skip a request that still does not fit")
 PREDICTIONS = ("library", "prefix_plus_library")
+IDLE_TIMEOUT_S = 600.0  # longest wait for the server to store a request's misses before the next is sent
 
 
-def trim_messages(tokenizer, messages: list[dict], context: int, policy: SegmentPolicy = DEFAULT_POLICY) -> list[dict] | None:
-    """Messages trimmed by TRIM_RULE, or None when the request cannot fit."""
+def fit_prompt(tokenizer, messages: list[dict], context: int, policy: SegmentPolicy = DEFAULT_POLICY):
+    """(messages trimmed by TRIM_RULE, their rendered ids), or None when the request cannot fit."""
     msgs = list(messages)
     limit = context - RESERVE
-    while len(render_prompt(tokenizer, msgs, policy)) > limit:
+    while len(ids := render_prompt(tokenizer, msgs, policy)) > limit:
         drop = next((i for i, m in enumerate(msgs[:-1]) if m.get("role") != "system"), None)
         if drop is None:
             return None
         del msgs[drop]
-    return msgs
+    return msgs, ids
+
+
+def trim_messages(tokenizer, messages: list[dict], context: int, policy: SegmentPolicy = DEFAULT_POLICY) -> list[dict] | None:
+    """Messages trimmed by TRIM_RULE, or None when the request cannot fit."""
+    fitted = fit_prompt(tokenizer, messages, context, policy)
+    return None if fitted is None else fitted[0]
 
 
 @dataclass(frozen=True)
@@ -54,21 +66,65 @@ class Prediction:
     prefix_plus_library: int
 
 
+def encoding_context_ids(tokenizer) -> list[int]:
+    """E, the opening whose KV the server holds from the start (the engine's prompt template)."""
+    from kvlib.engine.prompt import template_for
+
+    return list(template_for(tokenizer).context_ids)
+
+
 def predict(requests: Iterator[TraceRequest], tokenizer, context: int, policy: SegmentPolicy = DEFAULT_POLICY):
-    """(prediction, trimmed messages) per request that fits, in order; and the count skipped."""
-    acc, skipped = Accountant(None, "lru", keep_requests=False), [0]
+    """(prediction, trimmed messages) per request that fits, in order; and the count skipped.
+
+    A prompt that opens with E is served E from the server's own cache: the `library`
+    prediction counts E's tokens and not the segments inside it, which the server never looks up."""
+    acc, skipped, e_ids = Accountant(None, "lru", keep_requests=False), [0], encoding_context_ids(tokenizer)
 
     def gen():
         for i, req in enumerate(requests):
-            msgs = trim_messages(tokenizer, list(req.messages), context, policy)
-            if msgs is None:
+            fitted = fit_prompt(tokenizer, list(req.messages), context, policy)
+            if fitted is None:
                 skipped[0] += 1
                 continue
+            msgs, ids = fitted
             trimmed = TraceRequest(t=req.t, session=req.session, source=req.source, line=req.line, messages=tuple(msgs))
-            o = acc.observe(prepare_openai(trimmed, tokenizer, policy))
-            yield Prediction(i, req.session, o.tokens, o.library_any, o.prefix + o.library), msgs
+            prepared = prepare_openai(trimmed, tokenizer, policy)
+            n_e = len(e_ids) if e_ids and ids[: len(e_ids)] == e_ids else 0
+            inside_e = sum(p.tokens for p in prepared.pieces
+                           if p.reusable and p.start + p.tokens <= n_e and p.key in acc.library)
+            o = acc.observe(prepared)
+            yield Prediction(i, req.session, o.tokens, n_e + o.library_any - inside_e, o.prefix + o.library), msgs
 
     return gen(), skipped
+
+
+def health_url(url: str) -> str:
+    """The server's /healthz beside its OpenAI base URL (http://host:port/v1 -> http://host:port/healthz)."""
+    base = url.rstrip("/")
+    return (base[: -len("/v1")] if base.endswith("/v1") else base) + "/healthz"
+
+
+def wait_idle(url: str, timeout: float = IDLE_TIMEOUT_S, every: float = 0.2) -> bool:
+    """Wait until the server has stored every miss and runs nothing; False on timeout.
+
+    A server whose /healthz has no `pending_stores` cannot say so: a clear error, not a guess."""
+    import httpx
+
+    from kvlib.errors import InputError
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            health = httpx.get(health_url(url), timeout=10).json()
+        except (httpx.HTTPError, ValueError):
+            return False  # the request that follows fails too, and is counted as an error
+        if "pending_stores" not in health:
+            raise InputError(f"{health_url(url)} reports no pending_stores (an older kvlib serve?): "
+                             "pass --no-live-wait to send requests without waiting for its stores")
+        if health["pending_stores"] == 0 and health.get("waiting", 0) == 0 and health.get("running", 0) == 0:
+            return True
+        time.sleep(every)
+    return False
 
 
 def send(url: str, messages: list[dict], *, model: str = "default", api_key: str = "kvlib-replay", client=None):
@@ -109,29 +165,39 @@ def compare(predictions: list[Prediction], responses: list[dict | None]) -> dict
     for name in PREDICTIONS:
         diffs = [abs(row[f"predicted_{name}"] - row["reported_cached_tokens"]) for row in rows]
         comparisons[name] = {"exact_share": sum(d == 0 for d in diffs) / len(diffs) if diffs else 0.0,
+                             "exact": sum(d == 0 for d in diffs),
                              "mean_abs_error": sum(diffs) / len(diffs) if diffs else 0.0,
                              "predicted_total": sum(row[f"predicted_{name}"] for row in rows),
                              "reported_total": sum(row["reported_cached_tokens"] for row in rows)}
     same_prompt = sum(row["predicted_prompt_tokens"] == row["reported_prompt_tokens"] for row in rows)
-    return {"requests": len(rows), "errors": errors, "prompt_tokens_match_share": same_prompt / len(rows) if rows else 0.0,
+    return {"requests": len(rows), "errors": errors, "prompt_tokens_match": same_prompt,
+            "prompt_tokens_match_share": same_prompt / len(rows) if rows else 0.0,
             "comparisons": comparisons, "rows": rows}
 
 
 def run_live(url: str, requests: Iterator[TraceRequest], tokenizer, context: int, *, model: str = "default",
-             api_key: str = "kvlib-replay", progress=None, policy: SegmentPolicy = DEFAULT_POLICY) -> dict:
-    """Send every request that fits, in order, and compare; a failed request is an error row, not a crash."""
+             api_key: str | None = None, wait: bool = True, progress=None,
+             policy: SegmentPolicy = DEFAULT_POLICY) -> dict:
+    """Send every request that fits, in order, and compare; a failed request is an error row, not a crash.
+
+    wait: before each request, wait until the server has stored the misses of the ones before."""
     import openai
 
-    client = openai.OpenAI(base_url=url, api_key=api_key, max_retries=0, timeout=600)
+    client = openai.OpenAI(base_url=url, api_key=api_key or "kvlib-replay", max_retries=0, timeout=600)
     stream, skipped = predict(requests, tokenizer, context, policy)
-    preds, responses = [], []
+    preds, responses, error_examples, wait_timeouts = [], [], [], 0
     for pred, msgs in stream:
+        if wait:
+            wait_timeouts += not wait_idle(url)
         try:
             responses.append(send(url, msgs, model=model, client=client))
-        except openai.OpenAIError:
+        except openai.OpenAIError as exc:
             responses.append(None)
+            if len(error_examples) < 3:
+                error_examples.append(f"request {pred.index}: {str(exc)[:200]}")
         preds.append(pred)
         if progress:
             progress(len(preds), pred.prompt_tokens)
     result = compare(preds, responses)
-    return {"url": url, "trim_rule": TRIM_RULE, "skipped_too_long": skipped[0], **result}
+    return {"url": url, "trim_rule": TRIM_RULE, "waited_for_stores": wait, "wait_timeouts": wait_timeouts,
+            "skipped_too_long": skipped[0], **result, "error_examples": error_examples}

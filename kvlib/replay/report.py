@@ -95,7 +95,10 @@ def _live_md(result: dict) -> list[str]:
     live = result.get("live")
     if not live:
         return []
-    return ["## Live comparison", "", f"Server: {live['url']}; {live['requests']} requests sent, {live['errors']} errors. "
+    waited = ("each request sent once the server had stored the misses of those before" if live.get("waited_for_stores")
+              else "requests sent back to back, without waiting for the server's stores")
+    return ["## Live comparison", "", f"Server: {live['url']}; {live['requests']} requests sent, {live['errors']} errors; "
+            f"{waited}. Prompt tokens as replay renders them: {live['prompt_tokens_match']}/{live['requests']}. "
             f"Trim rule: {live['trim_rule']}.", "",
             "| prediction | exact matches | mean abs error (tokens) | predicted total | reported total |", "|---|---:|---:|---:|---:|"] + [
         f"| {name} | {_pct(c['exact_share'])} | {c['mean_abs_error']:.1f} | {c['predicted_total']:,} | {c['reported_total']:,} |"

@@ -144,7 +144,8 @@ async def add_document(body: DocumentRequest, request: Request, who: Caller = De
 async def healthz(request: Request):
     worker = request.app.state.worker
     return {"status": "ok", "model": worker.state.pipeline.model_id, "spec": request.app.state.settings.spec,
-            "waiting": worker.waiting, "running": worker.running}
+            "waiting": worker.waiting, "running": worker.running,
+            "pending_stores": worker.state.pipeline.pending_stores}
 
 
 async def metrics_text(request: Request):

@@ -57,8 +57,18 @@ class Pipeline:
         self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
         self.index, self.embedder = index, embedder  # for the retrieve extension
         self.pending: list = []  # (tenant, segment ids) to store when the engine is idle
+        self.storing = 0  # misses taken off `pending` whose store has not finished (0 or 1)
         self.open_retrieval = None  # set by the server: opens the home's index and embedder on first use
         self._tok_lock = threading.Lock()
+
+    @property
+    def pending_stores(self) -> int:
+        """Misses of answered requests not yet in the library (read from other threads, for /healthz).
+
+        `pending` is read before `storing`, and store_pending raises `storing` before it pops, so
+        a store moving from one to the other is always counted (at worst twice, never not at all)."""
+        queued = len(self.pending)
+        return queued + self.storing
 
     @property
     def model_id(self) -> str:
@@ -164,23 +174,32 @@ class Pipeline:
         returns how many were stored. The worker stores one at a time and looks at its queue in
         between, so a request that arrives waits for one segment's encode at most. Newest first,
         so a backlog never keeps the last request's documents from its follow-up."""
-        from kvlib.engine.drift import drift_scores
-
-        engine, lm, done = self.engine, self.engine.lm, 0
+        lm, done = self.engine.lm, 0
         self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
         while self.pending and (limit is None or done < limit):
-            tenant, ids = self.pending.pop()  # newest first: the next turn of a session asks for it soonest
-            key = self.library.key_for(tenant=tenant, public=False, model_fp=lm.fingerprint,
-                                       context_id=engine.context_id, token_ids=ids)
-            if self.library.has(key, tenant):
-                continue
-            kv = engine.encode_many([ids])[0]  # on its own: canonical isolation behind E
-            drift = drift_scores(lm, engine.context, [(engine.lead, kv)])[0]  # behind the neutral lead-in
-            self.library.put(tenant=tenant, public=False, model_fp=lm.fingerprint, context_id=engine.context_id,
-                             token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
-                             drift_score=drift)
-            done += 1
+            self.storing += 1  # before the pop: see pending_stores
+            try:
+                tenant, ids = self.pending.pop()  # newest first: the next turn of a session asks for it soonest
+                done += self._store_one(tenant, ids)
+            finally:
+                self.storing -= 1
         return done
+
+    def _store_one(self, tenant: str, ids) -> bool:
+        """Encode one miss on its own behind E and store it privately; False when already stored."""
+        from kvlib.engine.drift import drift_scores
+
+        engine, lm = self.engine, self.engine.lm
+        key = self.library.key_for(tenant=tenant, public=False, model_fp=lm.fingerprint,
+                                   context_id=engine.context_id, token_ids=ids)
+        if self.library.has(key, tenant):
+            return False
+        kv = engine.encode_many([ids])[0]  # on its own: canonical isolation behind E
+        drift = drift_scores(lm, engine.context, [(engine.lead, kv)])[0]  # behind the neutral lead-in
+        self.library.put(tenant=tenant, public=False, model_fp=lm.fingerprint, context_id=engine.context_id,
+                         token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
+                         drift_score=drift)
+        return True
 
     def with_retrieved(self, messages: list[dict], tenant: str, k: int) -> list[dict]:
         """The kvlib.retrieve extension: the tenant's top-k chunks as documents before the last user message."""
