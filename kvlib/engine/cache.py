@@ -59,7 +59,8 @@ class BufferPool:
             if fits:
                 return min(fits, key=lambda b: b.shape[3])
             slots = -(-capacity // 1024) * 1024
-            buf = torch.empty((2, n_layers, n_kv, slots, head_dim), dtype=dtype, device=device)
+            with torch.inference_mode(False):  # a normal tensor: reused later in or out of inference mode
+                buf = torch.empty((2, n_layers, n_kv, slots, head_dim), dtype=dtype, device=device)
             self._keep(buf)
             return buf
 
