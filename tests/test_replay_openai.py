@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from kvlib.replay.accounting import Accountant
-from kvlib.replay.live import compare, predict, reported_usage, trim_messages
+from kvlib.replay.live import compare, fit_prompt, predict, reported_usage
 from kvlib.replay.prepare import PREFIX_BLOCK, prepare_openai
 from kvlib.replay.sessions import SessionSpec, build_sessions
 from kvlib.replay.traces import FileStats, TraceRequest, read_file
@@ -105,11 +105,11 @@ def test_trim_drops_oldest_turns_then_gives_up(tok):
     for i in range(6):
         history += [{"role": "user", "content": f"Question {i} " * 30}, {"role": "assistant", "content": "Answer " * 30}]
     last = {"role": "user", "content": "Final question?"}
-    trimmed = trim_messages(tok, history + [last], context=400)
+    trimmed = fit_prompt(tok, history + [last], context=400)[0]
     assert trimmed[0] == history[0] and trimmed[-1] == last and len(trimmed) < len(history) + 1
     kept = trimmed[1:-1]
     assert kept == history[len(history) - len(kept):]  # the newest turns survive
-    assert trim_messages(tok, [history[0], {"role": "user", "content": "long " * 500}], context=300) is None
+    assert fit_prompt(tok, [history[0], {"role": "user", "content": "long " * 500}], context=300) is None
 
 
 @pytest.mark.skipif(not HOTPOTQA.exists(), reason="shared HotpotQA data not beside the repo")

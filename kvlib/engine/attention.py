@@ -16,7 +16,7 @@ Design facts:
     single query);
   - causal with no past: SDPA's is_causal kernel;
   - causal behind a past longer than the new tokens (a question over cached chunks) on CPU:
-    two float32-score matmuls (`few_queries`), 1.6 ms against SDPA's 2.6 ms per layer for
+    two float32-score matmuls (`few_queries`), 1.9 ms against SDPA's 2.6 ms per layer for
     30 queries over 4k slots; SDPA's kernel costs ~4.6 ns a score at so few queries;
   - causal behind P <= T past slots: P zero queries padded in front so is_causal (aligned
     top-left) gives each new token every past slot; the kernel skips masked blocks, where a
@@ -148,9 +148,9 @@ FEW_QUERIES_MAX_SCORES = 1 << 24
 def causal_behind(q, keys, values, t_past: int, scale: float):
     """T new queries over t_past past slots and, causally, themselves. keys/values: [Hkv, P+T, D]."""
     t = q.shape[2]
-    if t_past > t and q.device.type == "cpu" and q.shape[1] * t * keys.shape[1] <= FEW_QUERIES_MAX_SCORES:
-        return few_queries(q, keys, values, t_past, scale)
-    if t_past > t:  # padding would cost more than it saves: a dense mask for these few queries
+    if t_past > t:  # padding would cost more than it saves
+        if q.device.type == "cpu" and q.shape[1] * t * keys.shape[1] <= FEW_QUERIES_MAX_SCORES:
+            return few_queries(q, keys, values, t_past, scale)
         return sdpa(q, keys, values, scale, mask=Mask.causal(t, t_past).dense(q.device))
     if t_past:
         q = torch.cat([q.new_zeros(1, q.shape[1], t_past, q.shape[3]), q], dim=2)

@@ -48,7 +48,9 @@ class BufferPool:
 
     @staticmethod
     def _free(buf: torch.Tensor) -> bool:
-        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2  # buf and this query
+        # torch's count of tensors sharing the storage (private, stable under the exact torch pin):
+        # buf itself and the wrapper made for this query
+        return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
 
     def take(self, n_layers: int, n_kv: int, capacity: int, head_dim: int, dtype, device) -> torch.Tensor:
         """A buffer with room for `capacity` slots: [2, L, Hkv, >= capacity, D]."""

@@ -49,9 +49,14 @@ def rope_spec_from_rotary(rotary: torch.nn.Module) -> RopeSpec:
     return RopeSpec(inv_freq=inv_freq, attention_scaling=float(rotary.attention_scaling), rope_type=rope_type)
 
 
+def _freqs(spec: RopeSpec, positions: torch.Tensor, device) -> torch.Tensor:
+    """positions: [T] -> angles [T, D/2] in float32."""
+    return positions.to(device=device, dtype=torch.float32)[:, None] * spec.inv_freq.to(device)[None, :]
+
+
 def _angles(spec: RopeSpec, positions: torch.Tensor, device: torch.device) -> torch.Tensor:
     # positions: [T] -> angles [T, D] laid out as transformers does: cat(freqs, freqs)
-    freqs = positions.to(device=device, dtype=torch.float32)[:, None] * spec.inv_freq.to(device)[None, :]
+    freqs = _freqs(spec, positions, device)
     return torch.cat((freqs, freqs), dim=-1)
 
 
@@ -103,7 +108,7 @@ class HalfTables:
 
 
 def half_tables(spec: RopeSpec, positions: torch.Tensor, device) -> HalfTables:
-    freqs = positions.to(device=device, dtype=torch.float32)[:, None] * spec.inv_freq.to(device)[None, :]
+    freqs = _freqs(spec, positions, device)
     return HalfTables(freqs.cos() * spec.attention_scaling, freqs.sin() * spec.attention_scaling)
 
 

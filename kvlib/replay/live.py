@@ -51,12 +51,6 @@ def fit_prompt(tokenizer, messages: list[dict], context: int, policy: SegmentPol
     return msgs, ids
 
 
-def trim_messages(tokenizer, messages: list[dict], context: int, policy: SegmentPolicy = DEFAULT_POLICY) -> list[dict] | None:
-    """Messages trimmed by TRIM_RULE, or None when the request cannot fit."""
-    fitted = fit_prompt(tokenizer, messages, context, policy)
-    return None if fitted is None else fitted[0]
-
-
 @dataclass(frozen=True)
 class Prediction:
     index: int
