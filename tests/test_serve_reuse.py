@@ -163,3 +163,22 @@ def test_stored_kv_does_not_depend_on_who_sent_it_first(server):
     for ids in common:
         a, b = stored["alice"][ids], stored["bob"][ids]
         assert torch.equal(a.k_sem, b.k_sem) and torch.equal(a.v, b.v), "stored KV depends on the preamble"
+
+
+def test_posted_document_serves_a_chat_that_pastes_it(server):
+    """POST /v1/documents stores the document's prompt forms: the first chat holding it is served from
+    the library, as a block behind a blank line and after a `Document [n](Title: ...)` header alike;
+    another tenant gets nothing from it."""
+    import httpx
+
+    title, text = ("Orrin Lighthouse", "The Orrin lighthouse stands on a basalt stack off the west cape; its "
+                   "lamp was first lit in 1871 and automated in 1988, and its keepers' cottages are now a museum.")
+    reply = httpx.post(server.url + "/v1/documents", json={"name": "orrin", "text": text},
+                       headers={"Authorization": f"Bearer {server.keys['alice']}"}, timeout=600)
+    assert reply.status_code == 200 and reply.json()["prompt_forms_new"] >= 1, reply.text
+    blank = [{"role": "user", "content": f"Use this:\n\n{text}\n\nWhen was the lamp first lit?"}]
+    header = [{"role": "user", "content": f"Document [3](Title: {title}) {text}\n\nWhen was it automated?"}]
+    for messages in (blank, header):
+        cached = ask(server, "alice", messages).usage.prompt_tokens_details.cached_tokens
+        assert cached >= len(text.split()) // 2, f"the posted document serves the chat: {cached} cached"
+    assert ask(server, "bob", header).usage.prompt_tokens_details.cached_tokens == 0, "alice's document is hers"

@@ -187,19 +187,39 @@ class Pipeline:
 
     def _store_one(self, tenant: str, ids) -> bool:
         """Encode one miss on its own behind E and store it privately; False when already stored."""
+        return self.store_segments(tenant, [ids]) == 1
+
+    def store_segments(self, tenant: str, id_lists: list, public: bool = False) -> int:
+        """Encode segments, each on its own behind E (canonical isolation), and store those not
+        stored yet, privately or (admin documents) publicly; how many were new."""
         from kvlib.engine.drift import drift_scores
 
         engine, lm = self.engine, self.engine.lm
-        key = self.library.key_for(tenant=tenant, public=False, model_fp=lm.fingerprint,
-                                   context_id=engine.context_id, token_ids=ids)
-        if self.library.has(key, tenant):
-            return False
-        kv = engine.encode_many([ids])[0]  # on its own: canonical isolation behind E
-        drift = drift_scores(lm, engine.context, [(engine.lead, kv)])[0]  # behind the neutral lead-in
-        self.library.put(tenant=tenant, public=False, model_fp=lm.fingerprint, context_id=engine.context_id,
-                         token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
-                         drift_score=drift)
-        return True
+        keyed = {}
+        for ids in id_lists:
+            key = self.library.key_for(tenant=tenant, public=public, model_fp=lm.fingerprint,
+                                       context_id=engine.context_id, token_ids=ids)
+            if key not in keyed and not self.library.has(key, tenant):
+                keyed[key] = tuple(ids)
+        todo = list(keyed.values())
+        if not todo:
+            return 0
+        kvs = engine.encode_many(todo)  # packed, each chunk attending only to E and itself
+        drifts = drift_scores(lm, engine.context, [(engine.lead, kv) for kv in kvs])  # behind the neutral lead-in
+        for ids, kv, drift in zip(todo, kvs, drifts):
+            self.library.put(tenant=tenant, public=public, model_fp=lm.fingerprint, context_id=engine.context_id,
+                             token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
+                             drift_score=drift)
+        return len(todo)
+
+    def store_document(self, tenant: str, public: bool, text: str) -> int:
+        """Store a document's prompt forms now (kvlib.segment.text_segments: the segments a chat that
+        pastes it as a block will carry), so that chat is served from the library on its first turn."""
+        from kvlib.segment import text_segments
+
+        self.library.register_model(self.engine.lm.fingerprint, self.engine.lm.name, self.engine.lm.config_summary)
+        forms = [s.token_ids for s in text_segments(self.engine.lm.tokenizer, text) if s.reusable]
+        return self.store_segments(tenant, forms, public=public)
 
     def with_retrieved(self, messages: list[dict], tenant: str, k: int) -> list[dict]:
         """The kvlib.retrieve extension: the tenant's top-k chunks as documents before the last user message."""
