@@ -29,6 +29,7 @@ def serve(
     home: HomeOpt = None,
     mode: Annotated[str, typer.Option(help="rerope (reuse library KV), naive, or full (no reuse: the baseline).")] = "rerope",
     repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8 or auto.")] = None,
+    misses: Annotated[str, typer.Option(help="New documents: isolated (encoded on their own, as stored, and stored at once) or context (computed in context, stored later by a second encode).")] = "isolated",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for the engine; more get 429.")] = 8,
     allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous", help="Callers without a key use the read-only public tenant.")] = False,
@@ -38,6 +39,10 @@ def serve(
     """Serve the OpenAI chat completions API on the library (see docs/serve.md)."""
     if mode not in SERVE_MODES:
         raise fail(f"unknown mode '{mode}'; choose one of {', '.join(SERVE_MODES)}")
+    from kvlib.serve.pipeline import MISS_POLICIES
+
+    if misses not in MISS_POLICIES:
+        raise fail(f"unknown miss policy '{misses}'; choose one of {', '.join(MISS_POLICIES)}")
     try:
         if repair:
             from kvlib.engine.repair import parse_repair
@@ -49,7 +54,7 @@ def serve(
         from kvlib.serve.settings import Settings
 
         settings = Settings(home=resolve_home(home), model=model, dtype=dtype, mode=mode, repair=repair,
-                            max_queue=max_queue, allow_anonymous=allow_anonymous,
+                            misses=misses, max_queue=max_queue, allow_anonymous=allow_anonymous,
                             max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens)
         warn_without_keys(settings)
         err_console.print(f"kvlib serve: loading the model, then listening on http://{host}:{port}/v1", highlight=False)

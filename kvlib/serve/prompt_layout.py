@@ -36,6 +36,7 @@ class Layout:
     suffix: list  # ids prefilled after the chunks
     fates: list = field(default_factory=list)  # per piece: {"kind", "tokens", "fate"}
     to_store: list = field(default_factory=list)  # token-id tuples of reusable misses
+    store_at: list = field(default_factory=list)  # their indices in chunks
 
     def add(self, kind: str, token_ids: tuple, stored, skip: int = 0) -> None:
         """One piece: a hit on `stored` (its KV from token `skip` on) or, with stored None, a miss."""
@@ -100,6 +101,7 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
         if stored is None:
             out.add(s.kind, s.token_ids, None)
             out.to_store.append(s.token_ids)  # a server without reuse stores nothing either
+            out.store_at.append(len(out.chunks) - 1)
             continue
         # The other spacing is stored: its KV serves the ids after the first word, which differs.
         alt, shared = variant

@@ -81,7 +81,7 @@ def build_state(settings: Settings) -> ServerState:
     home.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(settings.model, home, dtype=settings.dtype)
     library = Library(home)
-    pipeline = Pipeline(engine, library, spec=settings.spec)
+    pipeline = Pipeline(engine, library, spec=settings.spec, misses=settings.misses)
     state = ServerState(settings=settings, engine=engine, library=library, pipeline=pipeline)
     pipeline.open_retrieval = state._retrieval
     return state
