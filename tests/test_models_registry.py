@@ -246,3 +246,19 @@ def test_cli_models_ls_and_errors(tmp_path):
     assert unknown.exit_code == 1 and "unknown model 'gpt-9'; known models: smollm2-135m, qwen2.5-1.5b" in unknown.output
     doctor = runner.invoke(app, ["doctor", "--model", "qwen2.5-1.5b", "--home", str(tmp_path)], env=env)
     assert doctor.exit_code == 1 and "kvlib models fetch qwen2.5-1.5b" in doctor.output
+
+
+def test_a_conversion_another_process_published_first_is_kept(tmp_path, smol_home):
+    """Two servers started on one new home both convert the GGUF; the one that publishes second
+    keeps the first one's directory instead of failing (os.replace onto a non-empty folder)."""
+    from kvlib.engine import model
+    from kvlib.engine import models_registry as registry
+
+    gguf = registry.installed_file(registry.get_spec(registry.SMOLLM2.name), smol_home)
+    target = tmp_path / "models" / "converted"
+    target.mkdir(parents=True)
+    (target / "config.json").write_text("{}")
+    (target / "theirs").write_text("published by the other process")
+    model._dequantize_gguf(gguf, target)
+    assert (target / "theirs").exists(), "the published conversion is kept"
+    assert not list(target.parent.glob(".tmp-*")), "our temporary copy is removed"

@@ -73,8 +73,7 @@ def test_one_cached_document_gives_full_recompute_tokens(context_server):
     # the document right behind E: no header between them, so its stored KV is its KV in this prompt
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": f"{DOCS[1][1]}\n\nQuestion: What was the first ferry called?"}]
-    cold = ask(context_server, "alice", messages, max_tokens=12)
-    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    cold = ask(context_server, "alice", messages, max_tokens=12)  # only E is cached: the document is computed in context
     wait_until(lambda: context_server.health()["pending_stores"] == 0, 120, "the idle-time store")
     warm = ask(context_server, "alice", messages, max_tokens=12)
     assert warm.usage.prompt_tokens_details.cached_tokens > 0

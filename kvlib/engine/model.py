@@ -140,7 +140,11 @@ def _dequantize_gguf(gguf: Path, target: Path) -> None:
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:  # another process published the same conversion first: use theirs
+            if not (target / "config.json").exists():
+                raise ModelLoadError(f"cannot write the converted model to {target}: {exc}") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
