@@ -88,13 +88,20 @@ def wait_reuse_again(server) -> None:
     assert server.metric("kvlib_degraded") == 0.0
 
 
-@pytest.mark.services
-@requires_services
-def test_postgres_stopped_under_a_running_server_answers_by_full_recompute(tmp_path, monkeypatch, smol_home):
+@pytest.fixture
+def pg_node(tmp_path, monkeypatch, smol_home):
+    """(cluster, home, alice's key, start): a home over its own database and prefix, and how to serve it."""
     cluster = make_cluster("services", tmp_path, monkeypatch)
     home = new_home(tmp_path, smol_home)
-    key = add_key(home, "alice")
-    server = Server(home, *backend_flags(cluster), "--manifest-retry", str(RETRY_S))
+    return cluster, home, add_key(home, "alice"), \
+        lambda: Server(home, *backend_flags(cluster), "--manifest-retry", str(RETRY_S))
+
+
+@pytest.mark.services
+@requires_services
+def test_postgres_stopped_under_a_running_server_answers_by_full_recompute(pg_node):
+    cluster, home, key, start = pg_node
+    server = start()
     try:
         ask(server, key, rag_prompt([0, 1]))
         server.wait_idle(600)  # both documents stored
@@ -125,14 +132,12 @@ def test_postgres_stopped_under_a_running_server_answers_by_full_recompute(tmp_p
 
 @pytest.mark.services
 @requires_services
-def test_server_starts_with_postgres_down_and_goes_to_reuse_when_it_is_back(tmp_path, monkeypatch, smol_home):
-    cluster = make_cluster("services", tmp_path, monkeypatch)
-    home = new_home(tmp_path, smol_home)
-    key = add_key(home, "alice")
+def test_server_starts_with_postgres_down_and_goes_to_reuse_when_it_is_back(pg_node):
+    cluster, home, key, start = pg_node
     services("down", "postgres")
     server = None
     try:
-        server = Server(home, *backend_flags(cluster), "--manifest-retry", str(RETRY_S))
+        server = start()
         assert_full_recompute(ask(server, key, rag_prompt([0, 1])))
         assert_degraded(server, key)
     except BaseException:
