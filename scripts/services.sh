@@ -57,6 +57,11 @@ pg_dir() {  # choose (once) and record PostgreSQL's folder: one the postgres use
   if [[ -f "$DIR/pg-dir" ]]; then cat "$DIR/pg-dir"; return; fi
   if [[ "$(id -u)" == 0 && ! -f "$DIR/pg/data/PG_VERSION" ]]; then  # a cluster from before stays where it is
     dir="/var/tmp/kvlib-pg-$(printf %s "$ROOT" | sha256sum | cut -c1-16)"
+    # Not recorded, so not this .services/'s: left by an earlier checkout at this path, never cleaned.
+    if [[ -f "$dir/data/postmaster.pid" ]] && kill -0 "$(head -1 "$dir/data/postmaster.pid")" 2>/dev/null; then
+      log "$dir holds a running PostgreSQL that this checkout did not start: stop it first"; return 1
+    fi
+    rm -rf "$dir"
   fi
   echo "$dir" >"$DIR/pg-dir"
   echo "$dir"
