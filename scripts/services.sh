@@ -16,10 +16,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="$ROOT/.services"
 PIDS="$DIR/pids"
-# Ports away from the usual ones, so a second checkout on the machine can pick others.
-PG_PORT="${KVLIB_PG_PORT:-55432}"
-RGW_PORT="${KVLIB_RGW_PORT:-57480}"
-MON_PORT="${KVLIB_MON_PORT:-56789}"
+# Ports away from the usual ones, so a second checkout on the machine can pick others. The first
+# `up` records them in .services/ports, so a later `up` or `down` of one service uses the same ones.
+[[ -f "$DIR/ports" ]] && . "$DIR/ports"
+PG_PORT="${KVLIB_PG_PORT:-${PG_PORT:-55432}}"
+RGW_PORT="${KVLIB_RGW_PORT:-${RGW_PORT:-57480}}"
+MON_PORT="${KVLIB_MON_PORT:-${MON_PORT:-56789}}"
 BUCKET="${KVLIB_BUCKET:-kvlib}"
 ACCESS_KEY="kvlibaccess"
 SECRET_KEY="kvlibsecret0000000000000000000000000000"
@@ -253,6 +255,7 @@ EOF
 main() {
   local action="${1:-}" which="${2:-all}"
   mkdir -p "$PIDS"
+  printf 'PG_PORT=%s\nRGW_PORT=%s\nMON_PORT=%s\n' "$PG_PORT" "$RGW_PORT" "$MON_PORT" >"$DIR/ports"
   case "$action:$which" in
     up:all) pg_up; ceph_up; write_env ;;
     up:postgres) pg_up ;;
