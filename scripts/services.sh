@@ -48,7 +48,8 @@ pg_bin() {
   log "PostgreSQL is still missing after apt-get install"; return 1
 }
 
-as_postgres() { if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# From /, which the postgres user can enter, whatever folder this checkout lies in.
+as_postgres() { if [[ "$(id -u)" == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
 
 pg_dir_known() {  # where PostgreSQL's folder is, if `up` ever chose one
   if [[ -f "$DIR/pg-dir" ]]; then cat "$DIR/pg-dir"; else echo "$DIR/pg"; fi
