@@ -4,18 +4,24 @@
 #     radosgw S3 gateway, cephx off;
 #   - PostgreSQL 15, started by initdb/pg_ctl as the postgres user.
 # Usage: scripts/services.sh up|down [s3|postgres]   (no service: both)
-# `up` writes .services/env (KVLIB_STORE, KVLIB_MANIFEST, AWS_* as KEY=VALUE lines) and
-# records PIDs under .services/pids; `down` stops by those PIDs. Data stays until
-# `scripts/services.sh clean`, so a fault test can stop a service and start it again.
+# `up` starts what is not already running (by the PIDs it recorded), writes .services/env
+# (KVLIB_STORE, KVLIB_MANIFEST, AWS_* as KEY=VALUE lines) and records PIDs under
+# .services/pids; `down` stops by those PIDs. Data stays until `scripts/services.sh clean`,
+# so a fault test can stop a service and start it again.
+# PostgreSQL runs as the postgres user, which cannot enter a checkout inside a 0700 folder
+# (`mktemp -d`): as root its folder is /var/tmp/kvlib-pg-<hash of this checkout's path>,
+# recorded in .services/pg-dir so that `down` and `clean` find it.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 DIR="$ROOT/.services"
 PIDS="$DIR/pids"
-# Ports away from the usual ones, so a second checkout on the machine can pick others.
-PG_PORT="${KVLIB_PG_PORT:-55432}"
-RGW_PORT="${KVLIB_RGW_PORT:-57480}"
-MON_PORT="${KVLIB_MON_PORT:-56789}"
+# Ports away from the usual ones, so a second checkout on the machine can pick others. The first
+# `up` records them in .services/ports, so a later `up` or `down` of one service uses the same ones.
+[[ -f "$DIR/ports" ]] && . "$DIR/ports"
+PG_PORT="${KVLIB_PG_PORT:-${PG_PORT:-55432}}"
+RGW_PORT="${KVLIB_RGW_PORT:-${RGW_PORT:-57480}}"
+MON_PORT="${KVLIB_MON_PORT:-${MON_PORT:-56789}}"
 BUCKET="${KVLIB_BUCKET:-kvlib}"
 ACCESS_KEY="kvlibaccess"
 SECRET_KEY="kvlibsecret0000000000000000000000000000"
@@ -42,31 +48,61 @@ pg_bin() {
   log "PostgreSQL is still missing after apt-get install"; return 1
 }
 
-as_postgres() { if [[ "$(id -u)" == 0 ]]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# From /, which the postgres user can enter, whatever folder this checkout lies in.
+as_postgres() { if [[ "$(id -u)" == 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi; }
+
+pg_dir_known() {  # where PostgreSQL's folder is, if `up` ever chose one
+  if [[ -f "$DIR/pg-dir" ]]; then cat "$DIR/pg-dir"; else echo "$DIR/pg"; fi
+}
+
+pg_dir() {  # choose (once) and record PostgreSQL's folder: one the postgres user can enter
+  local dir="$DIR/pg"
+  if [[ -f "$DIR/pg-dir" ]]; then cat "$DIR/pg-dir"; return; fi
+  if [[ "$(id -u)" == 0 && ! -f "$DIR/pg/data/PG_VERSION" ]]; then  # a cluster from before stays where it is
+    dir="/var/tmp/kvlib-pg-$(printf %s "$ROOT" | sha256sum | cut -c1-16)"
+    # Not recorded, so not this .services/'s: left by an earlier checkout at this path, never cleaned.
+    if [[ -f "$dir/data/postmaster.pid" ]] && kill -0 "$(head -1 "$dir/data/postmaster.pid")" 2>/dev/null; then
+      log "$dir holds a running PostgreSQL that this checkout did not start: stop it first"; return 1
+    fi
+    rm -rf "$dir"
+  fi
+  echo "$dir" >"$DIR/pg-dir"
+  echo "$dir"
+}
 
 pg_up() {
-  local bin data="$DIR/pg/data"
-  bin="$(pg_bin)"
-  mkdir -p "$DIR/pg"
-  chmod 755 "$DIR"
-  if [[ "$(id -u)" == 0 ]]; then chown postgres: "$DIR/pg"; fi
-  if [[ ! -f "$data/PG_VERSION" ]]; then
-    as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$DIR/pg/initdb.log"
+  local bin pg data
+  pg="$(pg_dir)"; data="$pg/data"
+  if [[ -f "$data/postmaster.pid" ]] && kill -0 "$(head -1 "$data/postmaster.pid")" 2>/dev/null; then
+    head -1 "$data/postmaster.pid" >"$PIDS/postgres"
+    log "PostgreSQL already running (pid $(cat "$PIDS/postgres"))"
+    return
   fi
-  as_postgres "$bin/pg_ctl" -D "$data" -l "$DIR/pg/server.log" -w -t 60 \
-    -o "-p $PG_PORT -k $DIR/pg -c listen_addresses=127.0.0.1 -c fsync=on" start >/dev/null
+  bin="$(pg_bin)"
+  mkdir -p "$pg"
+  if [[ "$(id -u)" == 0 ]]; then chown postgres: "$pg"; chmod 700 "$pg"; fi
+  if ! as_postgres test -w "$pg"; then
+    log "the postgres user cannot write $pg (a parent folder is not searchable by it): remove $DIR/pg-dir to choose again"
+    return 1
+  fi
+  if [[ ! -f "$data/PG_VERSION" ]]; then
+    as_postgres "$bin/initdb" -D "$data" -U postgres --auth=trust -E UTF8 >"$pg/initdb.log"
+  fi
+  as_postgres "$bin/pg_ctl" -D "$data" -l "$pg/server.log" -w -t 60 \
+    -o "-p $PG_PORT -k $pg -c listen_addresses=127.0.0.1 -c fsync=on" start >/dev/null
   head -1 "$data/postmaster.pid" >"$PIDS/postgres"
   as_postgres "$bin/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -tAc \
     "SELECT 1 FROM pg_database WHERE datname = 'kvlib'" | grep -q 1 ||
     as_postgres "$bin/createdb" -h 127.0.0.1 -p "$PG_PORT" -U postgres kvlib
-  log "PostgreSQL on 127.0.0.1:$PG_PORT (pid $(cat "$PIDS/postgres"))"
+  log "PostgreSQL on 127.0.0.1:$PG_PORT (pid $(cat "$PIDS/postgres"), data in $data)"
 }
 
 pg_down() {
-  local bin
-  if [[ -f "$DIR/pg/data/postmaster.pid" ]]; then
+  local bin data
+  data="$(pg_dir_known)/data"
+  if [[ -f "$data/postmaster.pid" ]]; then
     bin="$(pg_bin)"
-    as_postgres "$bin/pg_ctl" -D "$DIR/pg/data" -m fast -w -t 60 stop >/dev/null || stop_pid postgres
+    as_postgres "$bin/pg_ctl" -D "$data" -m fast -w -t 60 stop >/dev/null || stop_pid postgres
   fi
   rm -f "$PIDS/postgres"
 }
@@ -148,17 +184,22 @@ ceph_up() {
   }
   mkdir -p "$DIR/ceph/run" "$DIR/ceph/log" "$DIR/ceph/mon/a" "$DIR/ceph/osd/0" "$DIR/ceph/rgw"
   if [[ ! -f "$DIR/ceph/created" ]]; then
-    rm -rf "$DIR/ceph/mon/a" "$DIR/ceph/osd/0" && mkdir -p "$DIR/ceph/mon/a" "$DIR/ceph/osd/0"
+    stop_pid radosgw; stop_pid ceph-osd; stop_pid ceph-mon  # a half-made cluster from an interrupted first start
+    rm -rf "$DIR/ceph/mon/a" "$DIR/ceph/osd/0" "$DIR/ceph/run/mon.a.pid" && mkdir -p "$DIR/ceph/mon/a" "$DIR/ceph/osd/0"
     ceph_create
-  else
+  elif ! running ceph-mon; then
     ceph_conf
+    rm -f "$DIR/ceph/run/mon.a.pid"
     ceph-mon -c "$DIR/ceph/ceph.conf" -i a
   fi
   wait_for 30 "ceph-mon" test -s "$DIR/ceph/run/mon.a.pid"
   cp "$DIR/ceph/run/mon.a.pid" "$PIDS/ceph-mon"
-  ceph-osd -c "$DIR/ceph/ceph.conf" -i 0
-  wait_for 30 "ceph-osd" test -s "$DIR/ceph/run/osd.0.pid"
-  cp "$DIR/ceph/run/osd.0.pid" "$PIDS/ceph-osd"
+  if ! running ceph-osd; then
+    rm -f "$DIR/ceph/run/osd.0.pid"
+    ceph-osd -c "$DIR/ceph/ceph.conf" -i 0
+    wait_for 30 "ceph-osd" test -s "$DIR/ceph/run/osd.0.pid"
+    cp "$DIR/ceph/run/osd.0.pid" "$PIDS/ceph-osd"
+  fi
   wait_for 60 "osd.0 up" bash -c "ceph -c '$DIR/ceph/ceph.conf' osd dump | grep -q '^osd.0 up'"
   rgw_up
   if ! radosgw-admin -c "$DIR/ceph/ceph.conf" user info --uid=kvlib >/dev/null 2>&1; then
@@ -169,6 +210,8 @@ ceph_up() {
 }
 
 rgw_up() {
+  if running radosgw; then return; fi
+  rm -f "$DIR/ceph/run/client.rgw.a.pid"
   radosgw -c "$DIR/ceph/ceph.conf" -n client.rgw.a
   wait_for 60 "radosgw" test -s "$DIR/ceph/run/client.rgw.a.pid"
   cp "$DIR/ceph/run/client.rgw.a.pid" "$PIDS/radosgw"
@@ -178,6 +221,13 @@ rgw_up() {
 ceph_down() { stop_pid radosgw; stop_pid ceph-osd; stop_pid ceph-mon; }
 
 # -- shared ---------------------------------------------------------------------
+
+running() {  # running NAME: the PID recorded for NAME is alive and is that program
+  local file="$PIDS/$1" pid
+  [[ -f "$file" ]] || return 1
+  pid="$(cat "$file")"
+  [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && [[ "$(cat "/proc/$pid/comm" 2>/dev/null)" == "$1"* ]]
+}
 
 stop_pid() {  # stop_pid NAME: TERM the recorded PID, wait, then KILL
   local file="$PIDS/$1" pid
@@ -206,6 +256,7 @@ EOF
 main() {
   local action="${1:-}" which="${2:-all}"
   mkdir -p "$PIDS"
+  printf 'PG_PORT=%s\nRGW_PORT=%s\nMON_PORT=%s\n' "$PG_PORT" "$RGW_PORT" "$MON_PORT" >"$DIR/ports"
   case "$action:$which" in
     up:all) pg_up; ceph_up; write_env ;;
     up:postgres) pg_up ;;
@@ -215,7 +266,7 @@ main() {
     down:postgres) pg_down ;;
     down:s3) ceph_down ;;
     down:rgw) stop_pid radosgw ;;
-    clean:*) main down all; rm -rf "$DIR" ;;
+    clean:*) local pg; pg="$(pg_dir_known)"; main down all; rm -rf "$pg" "$DIR" ;;
     *) echo "usage: $0 up|down|clean [s3|rgw|postgres]" >&2; exit 2 ;;
   esac
 }

@@ -7,23 +7,15 @@ never the installed console script. Every wait is bounded.
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
+from kvlib.serve.node import ServeNode, free_port, wait_until  # noqa: F401 - re-exported for the tests
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-START_TIMEOUT_S = 240  # model load is ~10 s alone, several times that on a busy 2-core machine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def kvlib_env() -> dict:
@@ -47,36 +39,16 @@ def add_key(home: Path, tenant: str, admin: bool = False) -> str:
         store.close()
 
 
-class Server:
-    def __init__(self, home: Path, *args: str):
-        self.home, self.port = home, free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = home / f"server-{self.port}.log"
-        cmd = [sys.executable, "-m", "kvlib", "serve", "--home", str(home), "--port", str(self.port), *args]
-        self.proc = subprocess.Popen(cmd, env=kvlib_env(), stdout=open(self.log, "w"), stderr=subprocess.STDOUT)
-        self._wait_ready()
+class Server(ServeNode):
+    """A node that sees no KVLIB_* variable of the caller's (backends come as flags), with the openai client."""
 
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"server not ready after {START_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
+    def __init__(self, home: Path, *args: str):
+        super().__init__(home, *args, env=kvlib_env())
 
     def client(self, key: str | None, **kw):
         import openai
 
         return openai.OpenAI(api_key=key or "none", base_url=self.url + "/v1", max_retries=0, **kw)
-
-    def health(self) -> dict:
-        return httpx.get(self.url + "/healthz", timeout=10).json()
 
     def metric(self, name: str, **labels) -> float:
         """One sample's value from /metrics (0.0 if absent)."""
@@ -86,29 +58,6 @@ class Server:
             if line.startswith(sample + " "):
                 return float(line.rsplit(" ", 1)[1])
         return 0.0
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(30)
-
-
-def wait_until(predicate, timeout: float, what: str, every: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def new_home(parent: Path, smol_home: Path, name: str = "home") -> Path:

@@ -44,13 +44,9 @@ def services(action: str, which: str) -> None:
 
 def fresh_database(manifest_url: str) -> str:
     """A new, empty PostgreSQL database on the services' server; its URL."""
-    import psycopg
+    from kvlib.store.manifest import create_database
 
-    name = f"kvlib_test_{uuid.uuid4().hex[:12]}"
-    base, _, _ = manifest_url.rpartition("/")
-    with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return f"{base}/{name}"
+    return create_database(manifest_url, f"kvlib_test_{uuid.uuid4().hex[:12]}")
 
 
 @dataclass

@@ -80,3 +80,22 @@ def test_startup_error_is_raised_by_start():
     worker = EngineWorker(broken, max_queue=1)
     with pytest.raises(RuntimeError, match="no model here"):
         worker.start()
+
+
+def test_poke_runs_the_idle_work_without_a_job():
+    """The library answers again after an outage: the worker stores what waited, though no request comes."""
+    ran = threading.Event()
+
+    class Waiting:  # idle work that is done after one call, as ServerState.idle() is once nothing waits
+        def idle(self):
+            ran.set()
+            return False
+
+    worker = EngineWorker(Waiting, max_queue=1)
+    worker.start()
+    try:
+        assert not ran.wait(0.3), "with no job and no poke the worker sleeps"
+        worker.poke()
+        assert ran.wait(5), "poke must run the idle work"
+    finally:
+        worker.stop()

@@ -19,7 +19,7 @@ HomeOpt = Annotated[
 ]
 StoreOpt = Annotated[
     Optional[str],
-    typer.Option("--store", envvar="KVLIB_STORE", help="Blob store: 'local' (the home's blobs/) or s3://bucket[/prefix]."),
+    typer.Option("--store", envvar="KVLIB_STORE", help="Blob store: 'local' (the home's blobs/), s3://bucket or s3://bucket/prefix."),
 ]
 ManifestOpt = Annotated[
     Optional[str],

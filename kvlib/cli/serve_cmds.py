@@ -13,7 +13,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from kvlib.cli.common import HomeOpt, JsonOpt, ModelOpt, console, err_console, fail, print_json
+from kvlib.cli.common import (HomeOpt, JsonOpt, LocalBytesOpt, ManifestOpt, ModelOpt, StoreOpt, console, err_console,
+                              fail, print_json)
 from kvlib.config import resolve_home
 from kvlib.errors import KvlibError
 
@@ -35,6 +36,11 @@ def serve(
     allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous", help="Callers without a key use the read-only public tenant.")] = False,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body accepted.")] = 8.0,
     default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, help="Completion limit when a request sets none.")] = 256,
+    store: StoreOpt = None,
+    manifest: ManifestOpt = None,
+    local_bytes: LocalBytesOpt = None,
+    manifest_retry: Annotated[float, typer.Option("--manifest-retry", min=0.1, help="Seconds between tries of an unreachable manifest (answers are full recompute meanwhile).")] = 5.0,
+    sync_interval: Annotated[float, typer.Option("--sync-interval", min=0, help="Seconds between background uploads of the queue a store outage left (0: off).")] = 30.0,
 ) -> None:
     """Serve the OpenAI chat completions API on the library (see docs/serve.md)."""
     if mode not in SERVE_MODES:
@@ -55,7 +61,9 @@ def serve(
 
         settings = Settings(home=resolve_home(home), model=model, dtype=dtype, mode=mode, repair=repair,
                             misses=misses, max_queue=max_queue, allow_anonymous=allow_anonymous,
-                            max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens)
+                            max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens,
+                            store=store, manifest=manifest, local_bytes=local_bytes, manifest_retry_s=manifest_retry,
+                            sync_interval_s=sync_interval)
         warn_without_keys(settings)
         err_console.print(f"kvlib serve: loading the model, then listening on http://{host}:{port}/v1", highlight=False)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

@@ -3,6 +3,8 @@
 `create_app(settings)` builds one app. Its lifespan loads the model on the engine thread
 before uvicorn opens the port, so a server that accepts connections is ready to answer.
 Routes validate and enqueue; the engine thread computes (queue.py, pipeline.py).
+The lifespan also runs the background upload of the home's queue with a remote store
+(store/sync_loop.py, every `--sync-interval` s) and stops it, then the engine, on shutdown.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from kvlib.serve.middleware import Guard
 from kvlib.serve.queue import EngineWorker, Job, JobCancelled, QueueFull
 from kvlib.serve.settings import Settings
 from kvlib.serve.streaming import stream_chat
+from kvlib.store.tiered import queue_length
 
 DISCONNECT_POLL_S = 0.25  # how soon a non-streaming request notices that its client left
 
@@ -48,12 +51,20 @@ def create_app(settings: Settings, *, build=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        from kvlib.serve.library_link import sync_loop_for
+
         worker = EngineWorker(lambda: build(settings), max_queue=settings.max_queue, metrics=metrics)
         await asyncio.to_thread(worker.start)
         app.state.worker = worker
+        link = worker.state.link
+        link.on_recover = worker.poke  # misses that waited through an outage are stored at once
+        metrics.watch(link, lambda: queue_length(settings.home))
+        app.state.sync = await asyncio.to_thread(sync_loop_for, settings)
         try:
             yield
         finally:
+            if app.state.sync is not None:
+                await asyncio.to_thread(app.state.sync.stop)
             await asyncio.to_thread(worker.stop)
             app.state.keys.close()
 
@@ -131,6 +142,10 @@ async def add_document(body: DocumentRequest, request: Request, who: Caller = De
         raise ApiError(403, "only an admin key may add public documents", "admin_required", "public")
     public = body.public or who.tenant == "public"
     worker = request.app.state.worker
+    link = worker.state.link
+    if link.degraded:
+        raise ApiError(503, f"documents cannot be added while the library's manifest is unreachable ({link.reason}); "
+                       "chat completions are answered by full recompute until it is back", "manifest_unavailable")
 
     def run(state, job):
         return state.ingest_text(who.tenant, public, body.name, body.text, body.chunk_tokens)
@@ -142,10 +157,17 @@ async def add_document(body: DocumentRequest, request: Request, who: Caller = De
 
 
 async def healthz(request: Request):
-    worker = request.app.state.worker
-    return {"status": "ok", "model": worker.state.pipeline.model_id, "spec": request.app.state.settings.spec,
-            "waiting": worker.waiting, "running": worker.running,
-            "pending_stores": worker.state.pipeline.pending_stores}
+    """Always 200 once started: `status` is "degraded" (with the reason) while the manifest is unreachable."""
+    worker, sync, settings = request.app.state.worker, request.app.state.sync, request.app.state.settings
+    link = worker.state.link
+    body = {"status": "degraded" if link.degraded else "ok", "model": worker.state.pipeline.model_id,
+            "spec": settings.spec, "waiting": worker.waiting, "running": worker.running,
+            "pending_stores": worker.state.pipeline.pending_stores,
+            "upload_queue": await run_in_threadpool(queue_length, settings.home),
+            "sync_error": None if sync is None else sync.last_error}
+    if link.degraded:
+        body["degraded_reason"] = link.reason
+    return body
 
 
 async def metrics_text(request: Request):

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvlib.errors import InputError, KvlibError
+from kvlib.errors import InputError, KvlibError, ManifestUnavailableError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 429: "rate_limit_error", 501: "not_implemented_error", 503: "server_error"}
@@ -39,6 +39,17 @@ def error_body(status: int, message: str, code: str | None = None, param: str | 
 def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def kvlib_status(exc: KvlibError) -> tuple[int, str]:
+    """(HTTP status, code) for a KvlibError that reaches a route."""
+    from kvlib.serve.pipeline import PipelineUnavailable
+
+    if isinstance(exc, PipelineUnavailable):
+        return 501, "not_implemented"
+    if isinstance(exc, ManifestUnavailableError):  # the server is degraded; it says so on /healthz
+        return 503, "manifest_unavailable"
+    return (400, "invalid_input") if isinstance(exc, InputError) else (500, "engine_error")
 
 
 def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
@@ -73,12 +84,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(KvlibError)
     async def _kvlib(_: Request, exc: KvlibError):
-        from kvlib.serve.pipeline import PipelineUnavailable
-
-        if isinstance(exc, PipelineUnavailable):
-            return error_response(501, str(exc), "not_implemented")
-        return error_response(400 if isinstance(exc, InputError) else 500, str(exc),
-                              "invalid_input" if isinstance(exc, InputError) else "engine_error")
+        status, code = kvlib_status(exc)
+        return error_response(status, str(exc), code)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

@@ -207,7 +207,8 @@ def summarize(level: int, outcomes: list[Outcome], wall: float) -> dict:
         "rate_limited": sum(o.status == "429" for o in outcomes),
         "errors": sum(o.status == "error" for o in outcomes),
         "error_examples": sorted({o.detail for o in outcomes if o.status == "error"})[:3],
-        "wall_s": round(wall, 2), "ttft_p50_s": r3(percentile(ttfts, 0.5)), "ttft_p99_s": r3(percentile(ttfts, 0.99)),
+        "wall_s": round(wall, 2), "ttft_p50_s": r3(percentile(ttfts, 0.5)), "ttft_p90_s": r3(percentile(ttfts, 0.9)),
+        "ttft_p99_s": r3(percentile(ttfts, 0.99)),
         "ttft_mean_s": r3(statistics.fmean(ttfts)) if ttfts else None,
         "server_overhead_p50_ms": r3(1e3 * percentile([o.overhead_s for o in ok if o.overhead_s is not None], 0.5))
         if any(o.overhead_s is not None for o in ok) else None,

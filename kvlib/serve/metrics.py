@@ -6,7 +6,10 @@ Design facts:
   (prefilled in the request) and `recomputed` (cached, then recomputed by repair). Their
   sum is the prompt tokens; cached / sum is the reuse share the load benchmark reports.
 - Library bytes are refreshed by the engine thread after each job (the thread that owns
-  the library's SQLite connection), not at scrape time.
+  the library's SQLite connection), not at scrape time; while the manifest is unreachable
+  the gauge keeps its last value.
+- `kvlib_degraded` (1 while the manifest is unreachable and requests are answered by full
+  recompute) and `kvlib_upload_queue_blobs` are read at scrape time (`watch`).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ class Metrics:
         self.rejected = Counter("kvlib_rejected_requests", "Requests refused because the queue was full",
                                 registry=r)
         self.library_bytes = Gauge("kvlib_library_bytes", "Bytes of KV stored in the library", registry=r)
+        self.degraded = Gauge("kvlib_degraded", "1 while the manifest is unreachable (answers by full recompute)",
+                              registry=r)
+        self.upload_queue = Gauge("kvlib_upload_queue_blobs", "Blobs queued for the remote store", registry=r)
         for source in TOKEN_SOURCES:
             self.prompt_tokens.labels(source)
 
@@ -47,8 +53,15 @@ class Metrics:
         self.queue.set(waiting)
         self.running.set(running)
 
+    def watch(self, link, upload_queue) -> None:
+        """Read the degraded flag (a LibraryLink) and upload_queue() at each scrape."""
+        self.degraded.set_function(lambda: float(link.degraded))
+        self.upload_queue.set_function(lambda: float(upload_queue()))
+
     def after_job(self, state) -> None:
-        self.library_bytes.set(state.library_bytes())
+        stored = state.library_bytes()
+        if stored is not None:  # None: the manifest is unreachable
+            self.library_bytes.set(stored)
 
     def observe_completion(self, completion, ttft_s: float, duration_s: float) -> None:
         self.ttft.observe(ttft_s)

@@ -19,6 +19,11 @@ Design facts:
   Either way stored KV is encoded on its own behind E, so it never depends on who sent the
   text first, what came before it, or which other segments shared its forward. Private to
   the sending tenant; a read-only caller (anonymous) stores nothing.
+- The library is reached through the server's LibraryLink. While its manifest is unreachable
+  (the link is degraded, or a lookup fails on it) a request is answered by full recompute,
+  under the `full` spec, with `"degraded": true` and the reason in its `kvlib` object; nothing
+  is stored, and misses that waited from before the outage (or whose store it cut off) are
+  stored once it is over.
 - The tokenizer is shared with the HTTP threads (prompt_ids runs there for the context
   check before a request is queued); HF fast tokenizers are not safe to call from two
   threads at once, so every use takes `_tok_lock`.
@@ -32,10 +37,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from kvlib.engine.compose import ChunkKV
-from kvlib.errors import InputError, KvlibError
+from kvlib.errors import InputError, KvlibError, ManifestUnavailableError
 
 FINISH_REASONS = ("stop", "length", "cancelled")
 MISS_POLICIES = ("isolated", "context")
+FULL_RECOMPUTE = "full"  # the spec a request falls back to while the manifest is unreachable
 
 
 class PipelineUnavailable(KvlibError):
@@ -57,13 +63,14 @@ class Completion:
 
 
 class Pipeline:
-    def __init__(self, engine, library, *, spec: str, index=None, embedder=None, misses: str = "isolated"):
+    def __init__(self, engine, link, *, spec: str, index=None, embedder=None, misses: str = "isolated"):
         from kvlib.engine.spec import parse_mode
 
         if misses not in MISS_POLICIES:
             raise InputError(f"unknown miss policy {misses!r}; choose one of {', '.join(MISS_POLICIES)}")
-        self.engine, self.library, self.spec, self.misses = engine, library, spec, misses
+        self.engine, self.link, self.spec, self.misses = engine, link, spec, misses  # link: library_link.LibraryLink
         self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
+        self.full_recompute = parse_mode(FULL_RECOMPUTE)
         self.index, self.embedder = index, embedder  # for the retrieve extension
         self.pending: list = []  # (tenant, segment ids) to store when the engine is idle
         self.storing = 0  # misses taken off `pending` whose store has not finished (0 or 1)
@@ -116,29 +123,55 @@ class Pipeline:
         may_store is False for read-only callers (anonymous): nothing they send is stored.
         """
         from kvlib.segment import segment_prompt
-        from kvlib.serve.prompt_layout import lay_out
 
         if retrieve_k is not None:
-            messages = self.with_retrieved(messages, tenant, retrieve_k)
+            with self.link.watching():  # retrieval needs the manifest's vectors: a 503 while it is unreachable
+                messages = self.with_retrieved(messages, tenant, retrieve_k)
         t0 = time.perf_counter()
         with self._tok_lock:
             ids, segments = segment_prompt(self.engine.lm.tokenizer, messages)
         t_seg = time.perf_counter()
-        spec = self.resolved
-        layout = lay_out(self.engine, self.library, tenant, ids, segments, reuse=spec.reads_library)
+        layout, spec, degraded = self.lay_out(tenant, ids, segments)
         t_lookup = time.perf_counter()
         encoded = self.encode_misses(layout) if self.misses == "isolated" else []
         t_encode = time.perf_counter()
         pending = Pending(decoder=TextStream(self, stop, on_text), layout=layout, n_prompt=len(ids),
-                          max_tokens=max_tokens, tenant=tenant, may_store=may_store)
+                          max_tokens=max_tokens, tenant=tenant, may_store=may_store and degraded is None,
+                          spec=spec, degraded=degraded)
         pending.answering = self.engine.begin(
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
             spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup})
-        if encoded and may_store:  # after the first token, before the next request's lookup
-            self.store_segments(tenant, [ids for ids, _ in encoded], kvs=[kv for _, kv in encoded])
+        if encoded and pending.may_store:  # after the first token, before the next request's lookup
+            self.store_encoded(tenant, encoded)
         return pending
+
+    def lay_out(self, tenant: str, ids: list, segments: list):
+        """(layout, spec, degraded reason or None): the server's spec over the library, or full
+        recompute when the manifest is unreachable (the link is down, or this lookup failed)."""
+        from kvlib.serve.prompt_layout import lay_out
+
+        spec, reason = self.resolved, self.link.reason
+        if spec.reads_library:
+            library = self.link.usable()
+            if library is not None:
+                try:
+                    return lay_out(self.engine, library, tenant, ids, segments, reuse=True), spec, None
+                except ManifestUnavailableError as exc:
+                    self.link.failed(exc)
+                    reason = str(exc)
+            spec, reason = self.full_recompute, reason or self.link.reason or "the library is not open"
+        return lay_out(self.engine, None, tenant, ids, segments, reuse=False), spec, reason
+
+    def store_encoded(self, tenant: str, encoded: list) -> None:
+        """Store the isolated misses (ids, KV) of a request under way; if the manifest is lost on
+        the way, the request still answers and the misses wait on `pending` for its return."""
+        try:
+            self.store_segments(tenant, [ids for ids, _ in encoded], kvs=[kv for _, kv in encoded])
+        except ManifestUnavailableError as exc:
+            self.link.failed(exc)
+            self.pending.extend((tenant, ids) for ids, _ in encoded)
 
     def encode_misses(self, layout) -> list:
         """The isolated miss policy: reusable misses are encoded on their own behind E (packed), as
@@ -169,8 +202,12 @@ class Pipeline:
     def finish(self, pending: "Pending") -> Completion:
         if pending.may_store:
             self.pending.extend((pending.tenant, ids) for ids in pending.layout.to_store)
-        return self.completion(pending.answering.finish(), pending.decoder, pending.tokens, pending.layout,
-                               pending.n_prompt, pending.max_tokens, self.resolved)
+        done = self.completion(pending.answering.finish(), pending.decoder, pending.tokens, pending.layout,
+                               pending.n_prompt, pending.max_tokens, pending.spec)
+        done.kvlib["degraded"] = pending.degraded is not None
+        if pending.degraded is not None:
+            done.kvlib["degraded_reason"] = pending.degraded
+        return done
 
     def completion(self, gen, decoder, tokens, layout, n_prompt: int, max_tokens: int, spec) -> Completion:
         if not (decoder.stopped or gen.cancelled):
@@ -201,16 +238,27 @@ class Pipeline:
         """Encode and store up to `limit` misses of finished requests (engine thread, when idle);
         returns how many were stored. The worker stores one at a time and looks at its queue in
         between, so a request that arrives waits for one segment's encode at most. Newest first,
-        so a backlog never keeps the last request's documents from its follow-up."""
-        lm, done = self.engine.lm, 0
-        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
-        while self.pending and (limit is None or done < limit):
-            self.storing += 1  # before the pop: see pending_stores
-            try:
-                tenant, ids = self.pending.pop()  # newest first: the next turn of a session asks for it soonest
-                done += self._store_one(tenant, ids)
-            finally:
-                self.storing -= 1
+        so a backlog never keeps the last request's documents from its follow-up.
+
+        While the manifest is unreachable nothing is stored: a miss whose store it cut off goes
+        back on `pending` (the library wrote no row for it) and waits for the manifest."""
+        done = 0
+        if self.link.usable() is None:
+            return 0
+        try:
+            while self.pending and (limit is None or done < limit):
+                self.storing += 1  # before the pop: see pending_stores
+                try:
+                    miss = self.pending.pop()  # newest first: the next turn of a session asks for it soonest
+                    try:
+                        done += self._store_one(*miss)
+                    except ManifestUnavailableError:
+                        self.pending.append(miss)
+                        raise
+                finally:
+                    self.storing -= 1
+        except ManifestUnavailableError as exc:
+            self.link.failed(exc)
         return done
 
     def _store_one(self, tenant: str, ids) -> bool:
@@ -220,27 +268,26 @@ class Pipeline:
     def store_segments(self, tenant: str, id_lists: list, public: bool = False, kvs: list | None = None) -> int:
         """Store segments not stored yet, privately or (admin documents) publicly, each encoded on its
         own behind E (canonical isolation): here, or by the caller (kvs, one per id list, encoded so);
-        how many were new."""
+        how many were new. ManifestUnavailableError while the manifest is unreachable."""
         from kvlib.engine.drift import drift_scores
 
-        engine, lm = self.engine, self.engine.lm
+        engine, lm, library = self.engine, self.engine.lm, self.link.require()
         keyed = {}
         for n, ids in enumerate(id_lists):
-            key = self.library.key_for(tenant=tenant, public=public, model_fp=lm.fingerprint,
-                                       context_id=engine.context_id, token_ids=ids)
-            if key not in keyed and not self.library.has(key, tenant):
+            key = library.key_for(tenant=tenant, public=public, model_fp=lm.fingerprint,
+                                  context_id=engine.context_id, token_ids=ids)
+            if key not in keyed and not library.has(key, tenant):
                 keyed[key] = n
         if not keyed:
             return 0
-        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+        library.register_model(lm.fingerprint, lm.name, lm.config_summary)
         todo = [tuple(id_lists[n]) for n in keyed.values()]
         # packed, each chunk attending only to E and itself
         kvs = engine.encode_many(todo) if kvs is None else [kvs[n] for n in keyed.values()]
         drifts = drift_scores(lm, engine.context, [(engine.lead, kv) for kv in kvs])  # behind the neutral lead-in
         for ids, kv, drift in zip(todo, kvs, drifts):
-            self.library.put(tenant=tenant, public=public, model_fp=lm.fingerprint, context_id=engine.context_id,
-                             token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
-                             drift_score=drift)
+            library.put(tenant=tenant, public=public, model_fp=lm.fingerprint, context_id=engine.context_id,
+                        token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids), drift_score=drift)
         return len(todo)
 
     def store_document(self, tenant: str, public: bool, text: str) -> int:
@@ -276,6 +323,8 @@ class Pending:
     max_tokens: int
     tenant: str
     may_store: bool
+    spec: object = None  # the ModeSpec it is answered under: the server's, or full recompute while degraded
+    degraded: str | None = None  # why the manifest was unreachable, when it was
     answering: object = None  # session.Answering
     tokens: list = field(default_factory=list)
 

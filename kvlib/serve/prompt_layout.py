@@ -79,6 +79,7 @@ def lookup(library, engine, tenant: str, ids: tuple):
 
 
 def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: bool) -> Layout:
+    """The prompt's pieces for Engine.begin; with reuse False the library is not touched (may be None)."""
     e_ids = [int(t) for t in engine.context.token_ids]
     opens_with_e = ids[: len(e_ids)] == e_ids
     context = engine.context if opens_with_e else engine.bare
@@ -86,8 +87,8 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
     body_end = segments[last].end if last >= 0 else 0
     body = split_at([s for s in segments if s.end <= body_end], len(e_ids) if opens_with_e else 0)
     out = Layout(context=context, chunks=[], suffix=ids[max(body_end, len(e_ids) if opens_with_e else 0):])
-    if opens_with_e:
-        out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit"})
+    if opens_with_e:  # without reuse (full recompute) E is prefilled with the rest
+        out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit" if reuse else "computed"})
     for s in body:
         if not (reuse and s.reusable):
             out.add(s.kind, s.token_ids, None)

@@ -84,6 +84,7 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._running: list[Job] = []
         self._stopping = False
+        self._poked = False  # idle work asked for though no job came (poke)
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._service_s = 2.0  # moving average of a job's engine time, for Retry-After
@@ -126,6 +127,13 @@ class EngineWorker:
             self._cond.notify()
         self._report_depth()
 
+    def poke(self) -> None:
+        """Run the idle work soon though no job comes (any thread): the library answers again,
+        and the misses that waited through the outage can be stored."""
+        with self._cond:
+            self._poked = True
+            self._cond.notify()
+
     def cancel(self, job: Job) -> None:
         """The client went away: drop the job if it waits, else ask the engine to stop it."""
         job._cancel.set()
@@ -154,7 +162,7 @@ class EngineWorker:
             return
         self._ready.set()
         while (batch := self._take_batch()) is not None:
-            if batch[0].begin is not None:
+            if batch and batch[0].begin is not None:
                 self._run_chat(batch)
             else:
                 for job in batch:
@@ -170,12 +178,16 @@ class EngineWorker:
             close()
 
     def _take_batch(self) -> list[Job] | None:
-        """Block for the next job; take up to MAX_BATCH chat jobs together. None = stop."""
+        """Block for the next job; take up to MAX_BATCH chat jobs together. None = stop;
+        [] = no job, but poked: the idle work runs."""
         with self._cond:
-            while not self._waiting and not self._stopping:
+            while not self._waiting and not self._stopping and not self._poked:
                 self._cond.wait()
             if self._stopping:
                 return None
+            self._poked = False
+            if not self._waiting:
+                return []
             batch = [self._waiting.popleft()]
             while batch[0].kind == "chat" and len(batch) < MAX_BATCH and self._waiting \
                     and self._waiting[0].kind == "chat":

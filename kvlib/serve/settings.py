@@ -18,6 +18,11 @@ class Settings:
     allow_anonymous: bool = False
     max_body_bytes: int = 8 << 20  # a prompt at the model's context is ~40 KB; documents are bigger
     default_max_tokens: int = 256  # when a request names no max_tokens (the default model decodes ~30 tok/s here)
+    store: str | None = None  # blobs: None = KVLIB_STORE, else the home's folder; or s3://bucket[/prefix]
+    manifest: str | None = None  # None = KVLIB_MANIFEST, else <home>/manifest.sqlite; or postgresql://...
+    local_bytes: int | None = None  # the local tier's budget with a remote store (None = KVLIB_LOCAL_BYTES / 2 GiB)
+    manifest_retry_s: float = 5.0  # while degraded, how often the manifest is tried again
+    sync_interval_s: float = 30.0  # how often the upload queue is retried in the background (0: never)
 
     @property
     def spec(self) -> str:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 
+from kvlib.errors import KvlibError
 from kvlib.serve import schemas
-from kvlib.serve.errors import ApiError, error_body
+from kvlib.serve.errors import ApiError, error_body, kvlib_status
 
 HEARTBEAT_S = 1.0
 
@@ -81,4 +82,7 @@ class Heartbeat:
 def error_event(exc: Exception) -> dict:
     if isinstance(exc, ApiError):
         return error_body(exc.status, exc.message, exc.code, exc.param)
+    if isinstance(exc, KvlibError):
+        status, code = kvlib_status(exc)
+        return error_body(status, str(exc), code)
     return error_body(500, f"{type(exc).__name__}: {exc}", "engine_error")

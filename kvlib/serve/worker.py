@@ -4,6 +4,9 @@ Built on the engine thread (queue.EngineWorker runs `build_state` there), since 
 library's and the index's SQLite connections may only be used by the thread that opened
 them. The index and the embedding model open on the first document, not at start-up:
 a server that is never sent documents never loads them.
+
+The library is reached through a LibraryLink (library_link.py): the server starts and
+answers while the manifest is unreachable, degraded, and goes back to reuse when it answers.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvlib.errors import ManifestUnavailableError
+from kvlib.serve.library_link import LibraryLink, library_opener
 from kvlib.serve.pipeline import Pipeline
 from kvlib.serve.settings import Settings
 
@@ -22,14 +27,21 @@ DOCUMENT_PREFIX = "api/"  # a document sent over HTTP is named api/<name>, apart
 class ServerState:
     settings: Settings
     engine: object
-    library: object
+    link: LibraryLink
     pipeline: Pipeline
     _index: object = None
     _embedder: object = None
 
-    def library_bytes(self) -> int:
-        # The facade's stats are per tenant; the server's gauge wants the whole home.
-        row = self.library.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM chunks").fetchone()
+    def library_bytes(self) -> int | None:
+        """Bytes of KV in the library, or None while the manifest is unreachable."""
+        library = self.link.usable()
+        if library is None:
+            return None
+        try:  # the facade's stats are per tenant; the server's gauge wants the whole home
+            row = library.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM chunks").fetchone()
+        except ManifestUnavailableError as exc:
+            self.link.failed(exc)
+            return None
         return int(row[0])
 
     def ingest_text(self, tenant: str, public: bool, name: str | None, text: str, chunk_tokens: int) -> dict:
@@ -38,24 +50,30 @@ class ServerState:
         from kvlib.rag.ingest import Ingestor, IngestReport, NullProgress
         from kvlib.retrieve.sources import make_doc
 
-        index, embedder = self._retrieval()
-        name = name or hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-        doc = make_doc(DOCUMENT_PREFIX + name, text)
-        ingestor = Ingestor(self.engine, self.library, index, embedder, tenant, public, chunk_tokens)
-        lm = self.engine.lm
-        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
-        report = IngestReport(files=1)
-        ingestor.ingest_document(doc, report, NullProgress())
-        index.save()
-        forms = self.pipeline.store_document(tenant, public, text)  # what a chat pasting it will carry
+        with self.link.watching():  # an unreachable manifest: a 503, and the server degraded
+            library = self.link.require()
+            index, embedder = self._retrieval()
+            name = name or hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+            doc = make_doc(DOCUMENT_PREFIX + name, text)
+            ingestor = Ingestor(self.engine, library, index, embedder, tenant, public, chunk_tokens)
+            lm = self.engine.lm
+            library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+            report = IngestReport(files=1)
+            ingestor.ingest_document(doc, report, NullProgress())
+            index.save()
+            forms = self.pipeline.store_document(tenant, public, text)  # what a chat pasting it will carry
         return {"id": doc.path, "object": "document", "tenant": "public" if public else tenant,
                 "chunks": report.chunks_new + report.chunks_dedup, "chunks_new": report.chunks_new,
                 "chunks_dedup": report.chunks_dedup, "tokens": report.tokens, "unchanged": bool(report.unchanged),
                 "bytes_written": report.bytes_written, "prompt_forms_new": forms}
 
     def idle(self) -> bool:
-        """When no request waits: store one miss of an answered request; False when none is left."""
-        return bool(self.pipeline.pending) and self.pipeline.store_pending(limit=1) >= 0
+        """When no request waits: store one miss of an answered request; False when none is left,
+        or while the manifest is unreachable (the misses wait for it)."""
+        if not self.pipeline.pending or self.link.degraded:
+            return False
+        self.pipeline.store_pending(limit=1)
+        return True
 
     def _retrieval(self):
         if self._index is None:
@@ -63,25 +81,25 @@ class ServerState:
             from kvlib.retrieve.embed import Embedder
             from kvlib.retrieve.index import VectorIndex
 
-            self._index, self._embedder = VectorIndex(self.settings.home / INDEX_DIR), Embedder()
+            index = VectorIndex(self.settings.home / INDEX_DIR, manifest=self.settings.manifest)
+            self._index, self._embedder = index, Embedder()
             self.pipeline.index, self.pipeline.embedder = self._index, self._embedder
         return self._index, self._embedder
 
     def close(self) -> None:
         if self._index is not None:
             self._index.close()
-        self.library.close()
+        self.link.close()
 
 
 def build_state(settings: Settings) -> ServerState:
     from kvlib.engine.session import Engine
-    from kvlib.store.library import Library
 
     home = Path(settings.home)
     home.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(settings.model, home, dtype=settings.dtype)
-    library = Library(home)
-    pipeline = Pipeline(engine, library, spec=settings.spec, misses=settings.misses)
-    state = ServerState(settings=settings, engine=engine, library=library, pipeline=pipeline)
+    link = LibraryLink(library_opener(settings), retry_s=settings.manifest_retry_s).start()
+    pipeline = Pipeline(engine, link, spec=settings.spec, misses=settings.misses)
+    state = ServerState(settings=settings, engine=engine, link=link, pipeline=pipeline)
     pipeline.open_retrieval = state._retrieval
     return state

@@ -126,6 +126,10 @@ class Library:
         getattr(self.blobs, "close", lambda: None)()
         self.db.close()
 
+    def ping(self) -> None:
+        """A cheap check that the manifest answers (ManifestUnavailableError if not); touches no blob."""
+        self.db.ping()
+
     def __enter__(self) -> "Library":
         return self
 

@@ -40,7 +40,7 @@ from kvlib.store.schema import MIGRATIONS
 
 __all__ = [
     "MIGRATIONS", "Manifest", "PUBLIC_OWNER", "applied_migrations", "apply_migrations", "check_tenant",
-    "now_iso", "open_manifest", "tenant_salt", "visible_owners",
+    "create_database", "now_iso", "open_manifest", "tenant_salt", "visible_owners",
 ]
 
 BUSY_TIMEOUT_MS = 30_000
@@ -147,6 +147,11 @@ class Manifest:
             rows = [dict(r._mapping) for r in result]
         return iter(rows)
 
+    def ping(self) -> None:
+        """One `SELECT 1`: ManifestUnavailableError when the database cannot be reached."""
+        with self.read() as conn:
+            conn.execute(sa.text("SELECT 1"))
+
     @property
     def journal_mode(self) -> str:
         with self.read() as conn:
@@ -216,6 +221,25 @@ def open_manifest(target: str | Path) -> Manifest:
         manifest.close()
         raise KvlibError(f"cannot open manifest {display}: {exc.orig or exc}") from None
     return manifest
+
+
+def create_database(server_url: str, name: str) -> str:
+    """CREATE DATABASE `name` on the PostgreSQL server of `server_url`; the new database's URL.
+
+    For a fresh, empty manifest beside others on one server (a test, a benchmark run)."""
+    import psycopg
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", name):
+        raise InputError(f"invalid database name {name!r}: use lower-case letters, digits and '_'")
+    parsed = sa.engine.make_url(server_url).set(drivername="postgresql")
+    admin = parsed.set(database="postgres").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(admin, autocommit=True, connect_timeout=PG_CONNECT_TIMEOUT_S) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        raise ManifestUnavailableError(f"cannot reach manifest {parsed.set(database='postgres').render_as_string()}: "
+                                       f"{str(exc).strip().splitlines()[0]}") from None
+    return parsed.set(database=name).render_as_string(hide_password=False)
 
 
 def applied_migrations(db: Manifest) -> list[str]:

@@ -3,7 +3,8 @@
 Design facts:
 - Its own Library, opened on its own thread: a Library is used by one thread only.
 - Every `interval_s` it runs `Library.sync()`; an unreachable store or manifest is not an
-  error here, only a reason to try again later, and the last outcome is kept for /healthz.
+  error here, only a reason to try again later, and the last outcome is kept for /healthz
+  (`last_error`: why the latest round could not open the library or upload everything).
 - `stop()` ends the loop and waits for it, so a server shuts down with the queue on disk intact.
 """
 
@@ -26,7 +27,7 @@ class SyncLoop:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_report = None  # the latest SyncReport
-        self.last_error: str | None = None  # why the latest round could not run, if it could not
+        self.last_error: str | None = None  # why the latest round could not run or finish, if so
 
     def start(self) -> "SyncLoop":
         self._thread = threading.Thread(target=self._run, name="kvlib-sync", daemon=True)
@@ -50,6 +51,7 @@ class SyncLoop:
     def run_once(self) -> None:
         try:
             with self._open() as library:
-                self.last_report, self.last_error = library.sync(), None
+                self.last_report = library.sync()
+            self.last_error = self.last_report.error  # None, or the outage that stopped the upload
         except KvlibError as exc:
             self.last_error = str(exc)

@@ -65,6 +65,11 @@ def warn_down_once(store: str, exc: Exception) -> None:
                       "what it lacks, queueing writes for `kvlib sync`", RuntimeWarning, stacklevel=3)
 
 
+def queue_length(home: Path) -> int:
+    """Blobs in a home's upload queue, waiting for the store (0 for a home without a remote store)."""
+    return sum(1 for _ in (Path(home) / QUEUE_DIR).glob(f"*{BLOB_SUFFIX}"))
+
+
 class TieredBlobs:
     """S3 behind a bounded local tier, with a durable queue for uploads the store missed."""
 
