@@ -19,7 +19,6 @@ from kvlib.errors import KvlibError
 
 keys_app = typer.Typer(help="API keys: each selects a tenant; the home stores only their sha256.",
                        no_args_is_help=True)
-SERVE_MODES = ("rerope", "naive", "full")
 
 
 def serve(
@@ -27,8 +26,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     model: ModelOpt = None,
     home: HomeOpt = None,
-    mode: Annotated[str, typer.Option(help="rerope (reuse library KV), naive, or full (no reuse: the baseline).")] = "rerope",
-    repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8 or auto.")] = None,
+    mode: Annotated[str, typer.Option(help="Default mode: rerope (reuse library KV), naive, full (no reuse: the baseline), or rerope+guard:B (bound each answer's KL to full by B; needs `kvlib calibrate`). A request may name its own in kvlib.mode.")] = "rerope",
+    repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8, auto or guard:B.")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for the engine; more get 429.")] = 8,
     allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous", help="Callers without a key use the read-only public tenant.")] = False,
@@ -36,21 +35,16 @@ def serve(
     default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, help="Completion limit when a request sets none.")] = 256,
 ) -> None:
     """Serve the OpenAI chat completions API on the library (see docs/serve.md)."""
-    if mode not in SERVE_MODES:
-        raise fail(f"unknown mode '{mode}'; choose one of {', '.join(SERVE_MODES)}")
     try:
-        if repair:
-            from kvlib.engine.repair import parse_repair
-
-            parse_repair(repair)  # a typo fails before the model loads
         import uvicorn
 
         from kvlib.serve.app import create_app
-        from kvlib.serve.settings import Settings
+        from kvlib.serve.settings import Settings, serve_spec
 
         settings = Settings(home=resolve_home(home), model=model, dtype=dtype, mode=mode, repair=repair,
                             max_queue=max_queue, allow_anonymous=allow_anonymous,
                             max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens)
+        serve_spec(settings.spec)  # a typo fails before the model loads
         warn_without_keys(settings)
         err_console.print(f"kvlib serve: loading the model, then listening on http://{host}:{port}/v1", highlight=False)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

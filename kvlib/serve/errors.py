@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvlib.errors import InputError, KvlibError
+from kvlib.errors import CalibrationMissingError, InputError, KvlibError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 429: "rate_limit_error", 501: "not_implemented_error", 503: "server_error"}
@@ -56,6 +56,23 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, s
     return (f"invalid value for '{param}': {msg}" if param else msg), param, "invalid_value"
 
 
+def kvlib_error_status(exc: KvlibError) -> int:
+    from kvlib.serve.pipeline import PipelineUnavailable
+
+    if isinstance(exc, PipelineUnavailable):
+        return 501
+    return 400 if isinstance(exc, (InputError, CalibrationMissingError)) else 500
+
+
+def kvlib_error_body(exc: KvlibError) -> dict:
+    """The OpenAI error object of a domain error, as a response or as a stream's error event."""
+    status = kvlib_error_status(exc)
+    if isinstance(exc, CalibrationMissingError):  # the mode asked needs `kvlib calibrate` first
+        return error_body(status, str(exc), "calibration_missing", "kvlib.mode")
+    code = {501: "not_implemented", 400: "invalid_input"}.get(status, "engine_error")
+    return error_body(status, str(exc), code)
+
+
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api(_: Request, exc: ApiError):
@@ -73,12 +90,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(KvlibError)
     async def _kvlib(_: Request, exc: KvlibError):
-        from kvlib.serve.pipeline import PipelineUnavailable
-
-        if isinstance(exc, PipelineUnavailable):
-            return error_response(501, str(exc), "not_implemented")
-        return error_response(400 if isinstance(exc, InputError) else 500, str(exc),
-                              "invalid_input" if isinstance(exc, InputError) else "engine_error")
+        return JSONResponse(kvlib_error_body(exc), status_code=kvlib_error_status(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

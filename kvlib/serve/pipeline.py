@@ -55,6 +55,7 @@ class Pipeline:
 
         self.engine, self.library, self.spec = engine, library, spec
         self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
+        self.calibrations: dict = {}  # encoding -> the guard's Calibration, once the library has one
         self.index, self.embedder = index, embedder  # for the retrieve extension
         self.pending: list = []  # (tenant, segment ids) to store when the engine is idle
         self.storing = 0  # misses taken off `pending` whose store has not finished (0 or 1)
@@ -100,32 +101,45 @@ class Pipeline:
     def begin(self, messages: list[dict], tenant: str, *, max_tokens: int, temperature: float = 0.0,
               top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
               on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
-              retrieve_k: int | None = None, may_store: bool = True) -> "Pending":
+              retrieve_k: int | None = None, may_store: bool = True, spec=None) -> "Pending":
         """Segment, look up, compose, prefill, first token: an answer under way, which `step`
         decodes (together with others) and `finish` turns into a Completion.
 
         may_store is False for read-only callers (anonymous): nothing they send is stored.
+        spec: the request's own ModeSpec (kvlib.mode); default the server's.
         """
         from kvlib.segment import segment_prompt
         from kvlib.serve.prompt_layout import lay_out
 
+        spec = spec or self.resolved
+        calibration = self.calibration_for(spec)  # a guard without one fails before any work
         if retrieve_k is not None:
             messages = self.with_retrieved(messages, tenant, retrieve_k)
         t0 = time.perf_counter()
         with self._tok_lock:
             ids, segments = segment_prompt(self.engine.lm.tokenizer, messages)
         t_seg = time.perf_counter()
-        spec = self.resolved
         layout = lay_out(self.engine, self.library, tenant, ids, segments, reuse=spec.reads_library)
         t_lookup = time.perf_counter()
         pending = Pending(decoder=TextStream(self, stop, on_text), layout=layout, n_prompt=len(ids),
-                          max_tokens=max_tokens, tenant=tenant, may_store=may_store)
+                          max_tokens=max_tokens, tenant=tenant, may_store=may_store, spec=spec)
         pending.answering = self.engine.begin(
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
-            spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg})
+            spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg}, calibration=calibration)
         return pending
+
+    def calibration_for(self, spec):
+        """A guarded spec's calibration; the library is asked again until it has one (`kvlib calibrate`
+        may run beside the server), and a guard request meanwhile is a CalibrationMissingError."""
+        from kvlib.engine.guard import load_calibration
+
+        if spec.guard is None:
+            return None
+        if spec.encoding not in self.calibrations:
+            self.calibrations[spec.encoding] = load_calibration(self.library, self.engine.lm, spec)
+        return self.calibrations[spec.encoding]
 
     def step(self, pendings: list["Pending"]) -> list["Pending"]:
         """One decode step for every answer under way, batched; returns those still going."""
@@ -142,7 +156,7 @@ class Pipeline:
         if pending.may_store:
             self.pending.extend((pending.tenant, ids) for ids in pending.layout.to_store)
         return self.completion(pending.answering.finish(), pending.decoder, pending.tokens, pending.layout,
-                               pending.n_prompt, pending.max_tokens, self.resolved)
+                               pending.n_prompt, pending.max_tokens, pending.spec)
 
     def completion(self, gen, decoder, tokens, layout, n_prompt: int, max_tokens: int, spec) -> Completion:
         if not (decoder.stopped or gen.cancelled):
@@ -153,6 +167,10 @@ class Pipeline:
         for fate, n in zip(chunk_fates, gen.chunk_recomputed):
             if n:
                 fate.update(fate="recomputed" if fate["fate"] == "hit" else fate["fate"], recomputed_tokens=n)
+        if gen.guard is not None and gen.guard["fell_back"]:  # the guard recomputed every hit in full (E too)
+            for fate in fates:
+                if fate["fate"] == "hit":
+                    fate.update(fate="recomputed", recomputed_tokens=fate["tokens"])
         t = gen.timings
         return Completion(
             token_ids=list(gen.token_ids), text=decoder.text, finish_reason=finish, prompt_tokens=n_prompt,
@@ -160,7 +178,7 @@ class Pipeline:
             recomputed_tokens=gen.tokens["recomputed"], ttft_s=gen.ttft_s, timings=dict(t, decode=gen.decode_s),
             kvlib={"spec": spec.as_dict(), "mode": spec.name, "tokens": gen.tokens,
                    "ttft_split_s": {k: t[k] for k in ("segment", "lookup", "compose", "repair", "prefill")},
-                   "segments": fates})
+                   "segments": fates, **({"guard": gen.guard} if gen.guard is not None else {})})
 
     @staticmethod
     def seed_for(seed: int | None, temperature: float) -> int:
@@ -226,6 +244,7 @@ class Pending:
     max_tokens: int
     tenant: str
     may_store: bool
+    spec: object = None  # the ModeSpec it is answered in
     answering: object = None  # session.Answering
     tokens: list = field(default_factory=list)
 

@@ -19,7 +19,8 @@ import asyncio
 import json
 
 from kvlib.serve import schemas
-from kvlib.serve.errors import ApiError, error_body
+from kvlib.errors import KvlibError
+from kvlib.serve.errors import ApiError, error_body, kvlib_error_body
 
 HEARTBEAT_S = 1.0
 
@@ -81,4 +82,6 @@ class Heartbeat:
 def error_event(exc: Exception) -> dict:
     if isinstance(exc, ApiError):
         return error_body(exc.status, exc.message, exc.code, exc.param)
+    if isinstance(exc, KvlibError):
+        return kvlib_error_body(exc)
     return error_body(500, f"{type(exc).__name__}: {exc}", "engine_error")
