@@ -66,7 +66,7 @@ def measure_request(runner, item, rungs) -> dict:
     return {"record": item.record_id, "features": features, "kl": kls, "ttft_s": ttfts + [ref.ttft]}
 
 
-def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, holdout: float = 0.3,
+def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, ctxs=None, holdout: float = 0.3,
                   confidence: float = 0.9, encoding: str = "sink", seed: int = 0, chunk_tokens: int = 512,
                   progress=None, engine=None) -> dict:
     """Measure, fit, check on the held-back part, store; returns the report (with the rows measured)."""
@@ -79,7 +79,7 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
     t0 = time.perf_counter()
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
     try:
-        records = load_records(data, limit=limit, seed=seed).records
+        records = load_records(data, limit=limit, ctxs=ctxs, seed=seed).records
         rungs = [rung_spec(encoding, r) for r in LADDER]
         config = BenchConfig(modes=rungs, orders=["given"], seed=seed, max_new_tokens=1, chunk_tokens=chunk_tokens,
                              data=str(data))
@@ -93,7 +93,7 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
             if progress:
                 progress("measure", 1, len(items))
         report = fit_and_store(stack.library, stack.engine.lm, rows, holdout=holdout, confidence=confidence,
-                               encoding=encoding, seed=seed, data=str(data))
+                               encoding=encoding, seed=seed, data=str(data), ctxs=ctxs)
     finally:
         stack.close()
     report["seconds"] = time.perf_counter() - t0
@@ -101,7 +101,7 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
 
 
 def fit_and_store(library, lm, rows: list[dict], *, holdout: float, confidence: float, encoding: str, seed: int,
-                  data: str) -> dict:
+                  data: str, ctxs: int | None = None) -> dict:
     """Fit on the fitting part, calibrate on the calibration part, check on the held-back part, store."""
     from kvlib.engine.calibration import METHOD, evaluate, fit_calibration
     from kvlib.engine.guard import FEATURES, LADDER
@@ -114,7 +114,7 @@ def fit_and_store(library, lm, rows: list[dict], *, holdout: float, confidence: 
     calibration = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=LADDER, confidence=confidence,
                                   model_fp=lm.fingerprint, model_name=lm.name, encoding=encoding)
     check = evaluate(calibration, x[test], kl[test], REPORT_BUDGETS, ttft[test]) if len(test) else None
-    report = {"model": lm.name, "fingerprint": lm.fingerprint, "encoding": encoding, "data": data,
+    report = {"model": lm.name, "fingerprint": lm.fingerprint, "encoding": encoding, "data": data, "ctxs": ctxs,
               "method": METHOD, "confidence": confidence, "quantile": calibration.quantile,
               "requests": len(rows), "n_fit": len(fit), "n_cal": len(cal), "n_test": len(test), "seed": seed,
               "rungs": [{"rung": r.name or "rerope", "ridge": r.ridge, "sigma": r.sigma,

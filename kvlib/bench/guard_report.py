@@ -28,6 +28,10 @@ def share_within(kls: list, budget: float) -> float | None:
     return sum(k <= budget for k in kls) / len(kls) if kls else None
 
 
+def mean_ttft(row: dict) -> float:
+    return row["ttft_s"].get("mean", row["ttft_s"]["median"])
+
+
 def is_fixed_reuse(row: dict) -> bool:
     spec = row["spec"]
     return spec["base"] in ("rerope", "naive") and spec.get("guard") is None and "kl_per_request" in row
@@ -41,19 +45,18 @@ def guard_rows(results: list[dict]) -> list[dict]:
             continue
         budget, order, per = row["guard"]["budget"], row["order"], row["per_request"]
         full = next((r for r in results if r["mode"] == "full" and r["order"] == order), None)
-        mean_ttft = statistics.fmean(p["ttft_s"] for p in per)
+        mine = statistics.fmean(p["ttft_s"] for p in per)
         fixed = [(r, share_within(r["kl_per_request"], budget)) for r in results
-                 if r["order"] == order and is_fixed_reuse(r) and r["ttft_s"]["mean"] <= mean_ttft]
-        best = max(fixed, key=lambda rs: (rs[1] or 0.0, -rs[0]["ttft_s"]["mean"]), default=(None, None))
+                 if r["order"] == order and is_fixed_reuse(r) and mean_ttft(r) <= mine]
+        best = max(fixed, key=lambda rs: (rs[1] or 0.0, -mean_ttft(rs[0])), default=(None, None))
         out.append({
             "mode": row["mode"], "order": order, "budget": budget, "n": len(per),
             "within_budget": share_within([p["kl_to_full"] for p in per], budget),
             "without_full": sum(not p["fell_back"] for p in per) / len(per),
-            "mean_ttft_s": mean_ttft,
-            "ttft_vs_full": mean_ttft / full["ttft_s"]["mean"] if full and full["ttft_s"]["mean"] else None,
+            "mean_ttft_s": mine, "ttft_vs_full": mine / mean_ttft(full) if full and mean_ttft(full) else None,
             "rungs": dict(Counter(p["rung"] for p in per)),
             "best_fixed": best[0]["mode"] if best[0] else None, "best_fixed_within": best[1],
-            "best_fixed_ttft_s": best[0]["ttft_s"]["mean"] if best[0] else None,
+            "best_fixed_ttft_s": mean_ttft(best[0]) if best[0] else None,
         })
     return out
 

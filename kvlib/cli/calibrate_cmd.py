@@ -17,6 +17,7 @@ def calibrate(
     data: Annotated[str, typer.Option(help="Development QA file (ctxs or HotpotQA form; JSON, JSONL, .gz): never the questions you test on.")],
     model: ModelOpt = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N usable records.")] = None,
+    ctxs: Annotated[Optional[int], typer.Option(min=1, help="Use the first K passages of each record (as `kvlib bench --ctxs`).")] = None,
     holdout: Annotated[float, typer.Option(help="Share of the records held back to report coverage on (the rest: half fit, half conformal calibration).")] = 0.3,
     confidence: Annotated[float, typer.Option(help="Confidence of the stated bound: P(KL <= bound) for a new request.")] = 0.9,
     encoding: Annotated[str, typer.Option(help="Chunk encoding the guarded modes read: sink (default), lead or bare.")] = "sink",
@@ -33,7 +34,7 @@ def calibrate(
         check_options(holdout, confidence, encoding)  # bad input fails before the model loads
         log = LogProgress() if not json_out else None
         report = run_calibrate(data=data, home=resolve_home(home), model=model, dtype=dtype, limit=limit,
-                               holdout=holdout, confidence=confidence, encoding=encoding, seed=seed, progress=log)
+                               ctxs=ctxs, holdout=holdout, confidence=confidence, encoding=encoding, seed=seed, progress=log)
         written = write_calibrate_report(out, report) if out is not None else None
     except KvlibError as exc:
         raise fail(str(exc))

@@ -10,6 +10,7 @@ Design facts:
   new request exchangeable with those, P(every rung's KL <= its bound) >= c, so whichever
   rung the guard picks (the first whose bound is <= B), P(KL <= B) >= c. A per-rung
   quantile would only cover each rung on its own, and the pick would select on its errors.
+- Every bound is > 0 (KL + EPS <= exp(yhat + q sigma)), so B = 0 always falls back to full.
 - Too few calibration requests for the asked confidence (ceil((n+1) c) > n) leave q
   infinite: every bound is infinite and the guard always falls back to full. It never
   pretends to a bound it cannot state.
@@ -72,7 +73,8 @@ class Calibration:
         point = [max(0.0, math.exp(y) - EPS) for y in yhat]
         if self.quantile is None:
             return point, [math.inf] * len(yhat)
-        bound = [max(0.0, math.exp(y + self.quantile * r.sigma) - EPS) for y, r in zip(yhat, self.rungs)]
+        # KL + EPS <= exp(yhat + q sigma), so exp(yhat + q sigma) bounds KL too, and is > 0: only full meets B = 0
+        bound = [math.exp(y + self.quantile * r.sigma) for y, r in zip(yhat, self.rungs)]
         return point, bound
 
     def choose(self, features: dict, budget: float) -> tuple[int, float, float]:
