@@ -153,10 +153,7 @@ class Engine:
         t_comp = time.perf_counter()
         repair, choice = spec.repair, None
         if spec.guard is not None:  # its measurement counts in the repair stage
-            choice = choose_rung(self.lm, calibration, spec, composed, chunks, suffix)
-            repair = choice.repair
-            if choice.fell_back:  # exactly what mode full composes
-                composed = compose(self.lm, ctx, chunks, "full", extra=room)
+            composed, repair, choice = self._climb(spec, calibration, composed, ctx, chunks, suffix, room)
         repaired = parse_repair(repair)(self.lm, composed, chunks, suffix) if repair else None
         t_rep = time.perf_counter()
         stream = start(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -168,6 +165,14 @@ class Engine:
                    "prefill": stream.t_first - t_rep}
         return Answering(spec, stream, timings, tokens, per_chunk, composed if keep_state else None,
                          None if choice is None else choice.as_dict())
+
+    def _climb(self, spec: ModeSpec, calibration, composed: Composed, ctx: ContextKV, chunks, suffix, room: int):
+        """A guarded spec's rung on its rerope composition: (composition, repair to run, GuardChoice).
+        Falling back, the composition is exactly what mode full composes."""
+        choice = choose_rung(self.lm, calibration, spec, composed, chunks, suffix)
+        if choice.fell_back:
+            composed = compose(self.lm, ctx, chunks, "full", extra=room)
+        return composed, choice.repair, choice
 
     @torch.inference_mode()
     def guard_features(self, chunks: list[ChunkKV], suffix_ids) -> dict:
