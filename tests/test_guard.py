@@ -267,6 +267,22 @@ def test_calibration_round_trips_through_the_library(kind, tmp_path, monkeypatch
             load_calibration(library, lm, parse_mode("rerope+lead+guard:0.1"))
 
 
+def test_a_home_from_before_calibrations_gains_the_table_on_open(tmp_path):
+    from kvlib.store.library import Library
+    from kvlib.store.manifest import applied_migrations
+
+    home = tmp_path / "home"
+    with Library(home) as library:  # make it look like a home written before 0003: its table and record gone
+        library.register_model("fp", "old", {})
+        library.db.execute("DROP TABLE calibrations")
+        library.db.execute("DELETE FROM migrations WHERE name = '0003_calibrations'")
+    with Library(home) as library:
+        assert applied_migrations(library.db)[-1] == "0003_calibrations"
+        assert library.model("fp")["name"] == "old", "the migration must keep what the home held"
+        library.put_calibration("fp", "sink", fitted().to_dict(), method="m", confidence=0.9)
+        assert library.calibration("fp", "sink")["confidence"] == 0.9
+
+
 # -- bench results, report and plot ------------------------------------------------------
 
 def bench_row(mode: str, ttft: float, kls: list, **extra) -> dict:
