@@ -20,6 +20,7 @@ Design facts:
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -111,8 +112,6 @@ def measure_features(lm, composed: Composed, chunks, suffix_ids) -> dict:
 def choose_rung(lm, calibration: Calibration, spec: ModeSpec, composed: Composed, chunks, suffix_ids,
                 features: dict | None = None) -> GuardChoice:
     """Measure (unless given) and pick the rung for this request (see the module docstring)."""
-    import time
-
     t0 = time.perf_counter()
     features = measure_features(lm, composed, chunks, suffix_ids) if features is None else features
     index, point, bound = calibration.choose(features, spec.guard)
