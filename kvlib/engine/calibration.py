@@ -132,16 +132,25 @@ def conformal_quantile(scores: np.ndarray, confidence: float) -> float | None:
     return None if k > n else float(np.sort(scores)[k - 1])
 
 
+def column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation of each column over its known (non-NaN) values; a column
+    with none gets mean 0, and one that does not vary gets scale 1."""
+    known = ~np.isnan(x)
+    count = known.sum(0)
+    filled = np.where(known, x, 0.0)
+    center = filled.sum(0) / np.maximum(count, 1)
+    var = (np.where(known, x - center, 0.0) ** 2).sum(0) / np.maximum(count, 1)
+    scale = np.sqrt(var)
+    return center, np.where(scale < 1e-12, 1.0, scale)
+
+
 def fit_calibration(x: np.ndarray, kl: np.ndarray, fit: np.ndarray, cal: np.ndarray, *, features, rungs,
                     confidence: float, model_fp: str, model_name: str, encoding: str) -> Calibration:
     """x: [N, F] raw features; kl: [N, R] measured KL to full per rung; fit, cal: disjoint row indices."""
     if len(fit) < 3 or len(cal) < 1:
         raise KvlibError(f"too few requests to calibrate: {len(fit)} to fit and {len(cal)} to calibrate "
                          "(need at least 3 and 1); use more data or a smaller --holdout")
-    center = np.nanmean(x[fit], axis=0)
-    center = np.where(np.isnan(center), 0.0, center)
-    scale = np.nanstd(x[fit], axis=0)
-    scale = np.where(np.isnan(scale) | (scale < 1e-12), 1.0, scale)
+    center, scale = column_moments(x[fit])
     z = np.where(np.isnan((x - center) / scale), 0.0, (x - center) / scale)
     y = log_kl(kl)
     models = []
