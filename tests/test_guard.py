@@ -8,6 +8,7 @@ SmolLM2 tests (slow) run one small calibration and use it from bench, query and 
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import math
 from pathlib import Path
@@ -366,6 +367,22 @@ def test_split_shares_no_question_and_is_deterministic(tmp_path):
         split_records(records, 0)
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["--holdout", "0.95"], "--holdout must lie in [0, 0.9)"),
+    (["--confidence", "1.0"], "--confidence must lie in [0.5, 1)"),
+    (["--encoding", "sideways"], "unknown encoding 'sideways'"),
+])
+def test_calibrate_refuses_bad_options_before_loading_a_model(args, expected, tmp_path):
+    from typer.testing import CliRunner
+
+    from kvlib.cli.app import app
+
+    result = CliRunner().invoke(app, ["calibrate", "--data", "nowhere.json", "--home", str(tmp_path), *args])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and expected in lines[0], result.output
+    assert not any(tmp_path.iterdir()), "nothing may be written before the options are checked"
+
+
 # -- the real model (slow): one small calibration, used by calibrate, bench, query and serve --
 
 HOTPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpotqa" / "qa_train.json"
@@ -390,7 +407,10 @@ def calibrated(tmp_path_factory, make_home, smol_engine):
 
 
 @pytest.mark.slow
-def test_a_small_calibrate_run_stores_what_it_checked(calibrated, smol_engine):
+def test_a_small_calibrate_run_stores_what_it_checked(calibrated, smol_engine, monkeypatch):
+    from rich.console import Console
+
+    from kvlib.cli import calibrate_cmd
     from kvlib.store.library import Library
 
     home, _, report = calibrated
@@ -405,6 +425,11 @@ def test_a_small_calibrate_run_stores_what_it_checked(calibrated, smol_engine):
     with Library(home) as library:
         stored = Calibration.from_dict(library.calibration(smol_engine.lm.fingerprint, "sink"))
     assert stored.report["held_back"] == held and stored.features == FEATURES and stored.n_cal == 5
+    out = io.StringIO()
+    monkeypatch.setattr(calibrate_cmd, "console", Console(file=out, width=160))
+    calibrate_cmd.render({**report, "seconds": 1.0})
+    text = out.getvalue()
+    assert "every rung at once" in text and "served without full" in text and "4 fit, 5 calibrate, 3 held" in text
 
 
 @pytest.mark.slow
