@@ -70,6 +70,7 @@ class SegmentPolicy:
 
 
 DEFAULT_POLICY = SegmentPolicy()
+FIRST_WORD_TOKENS = 4  # spacing_variant: a toggled leading space re-tokenizes the first word only
 
 
 def message_text(message: dict, policy: SegmentPolicy = DEFAULT_POLICY) -> str:
@@ -296,6 +297,20 @@ def segment_prompt(tokenizer, messages: list[dict], policy: SegmentPolicy = DEFA
     """The rendered ids and segments that tile them exactly, in order (concatenation == ids)."""
     msgs = normalize_messages(messages, policy)
     text = render_text(tokenizer, msgs, policy)
+    return _tiled(tokenizer, text, _layout(text, msgs), policy)
+
+
+def text_segments(tokenizer, text: str, policy: SegmentPolicy = DEFAULT_POLICY) -> list[Segment]:
+    """The segments a text gets when a prompt carries it as a block of its own (behind a blank line,
+    a document tag or a message start): what a client pasting this document into a chat will send.
+    POST /v1/documents stores these, so a later chat holding the document finds them."""
+    if not text.strip():
+        return []
+    spans = _label_blocks(_content_spans(text, 0), "user", last_user=False)
+    return _tiled(tokenizer, text, spans, policy)[1]
+
+
+def _tiled(tokenizer, text: str, spans: list[_Span], policy: SegmentPolicy) -> tuple[list[int], list[Segment]]:
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     # Running maximum: byte-level pieces of one character may repeat an offset; cuts need order.
@@ -303,11 +318,35 @@ def segment_prompt(tokenizer, messages: list[dict], policy: SegmentPolicy = DEFA
     for _, e in enc["offset_mapping"]:
         top = max(top, e)
         ends.append(top)
-    segments = _segments_of(ids, ends, _layout(text, msgs), policy)
+    segments = _segments_of(ids, ends, spans, policy)
     covered = sum(len(s.token_ids) for s in segments)
     if covered != len(ids):  # tiling is the contract; a gap would silently drop tokens
         segments = _fill_gaps(ids, segments)
     return ids, segments
+
+
+def spacing_variant(tokenizer, token_ids: Sequence[int]) -> tuple[tuple[int, ...], int] | None:
+    """The same text with its leading space toggled, and how many trailing ids the two share,
+    when only the first word's tokens differ (at most FIRST_WORD_TOKENS of them).
+
+    A block after a header on the same line (`Document [1](Title: T) Kell...`) starts with
+    ' Kell' (one token); the same block behind a blank line, or stored from POST /v1/documents,
+    starts with 'K', 'ell'. Everything after the first word is the same ids, so a lookup may serve
+    those from either form and compute the first word in context."""
+    if len(token_ids) < 2:
+        return None
+    ids = tuple(token_ids)
+    text = tokenizer.decode(list(ids))
+    other = text[1:] if text.startswith(" ") else " " + text
+    alt = tuple(tokenizer(other, add_special_tokens=False)["input_ids"])
+    shared = 0
+    while shared < min(len(ids), len(alt)) and ids[-1 - shared] == alt[-1 - shared]:
+        shared += 1
+    if shared == 0 or len(ids) - shared > FIRST_WORD_TOKENS or len(alt) - shared > FIRST_WORD_TOKENS:
+        return None
+    if shared == len(ids) or shared == len(alt):  # one is a suffix of the other: nothing was toggled
+        return None
+    return alt, shared
 
 
 def _fill_gaps(ids: list[int], segments: list[Segment]) -> list[Segment]:

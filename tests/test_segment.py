@@ -171,3 +171,38 @@ def test_segment_key_is_content_and_salt():
 def test_policy_validation():
     with pytest.raises(InputError, match="min < avg < max"):
         SegmentPolicy(min_tokens=64, avg_tokens=32, max_tokens=128)
+
+
+def test_text_segments_are_the_blocks_a_prompt_carries(tok):
+    """A document stored on its own (POST /v1/documents) has the ids of its block in a chat that
+    pastes it behind a blank line or a document tag, so that chat finds it."""
+    from kvlib.segment import text_segments
+
+    doc = PASSAGES["Ostrand"] + "\n\n" + PASSAGES["Kell"]
+    policy = SegmentPolicy(min_tokens=8, avg_tokens=64, max_tokens=512)
+    stored = {s.token_ids for s in text_segments(tok, doc, policy) if s.reusable}
+    assert len(stored) == 2, "two paragraphs, two blocks"
+    for messages in (tagged(["Ostrand", "Kell"]),
+                     [SYSTEM, {"role": "user", "content": f"Context:\n\n{doc}\n\nWhere is Kell?"}]):
+        _, segments = segment_prompt(tok, messages, policy)
+        found = {s.token_ids for s in segments if s.reusable} & stored
+        assert found == stored, f"both stored blocks recur in {messages[1]['content'][:30]!r}"
+    assert text_segments(tok, " \n\n ") == []
+
+
+def test_spacing_variant_links_a_header_line_block_to_its_own_form(tok):
+    """'Document [1](Title: T) Kell' gives the body ' Kell' as first token; alone it is 'K', 'ell'."""
+    from kvlib.segment import spacing_variant, text_segments
+
+    policy = SegmentPolicy(min_tokens=8, avg_tokens=64, max_tokens=512)
+    _, segments = segment_prompt(tok, lost_in_the_middle(["Kell", "Ostrand"]), policy)
+    alone = {s.token_ids for s in text_segments(tok, PASSAGES["Kell"], policy) if s.reusable}
+    in_prompt = [s for s in segments if s.reusable and s.kind == "document"]
+    assert not alone & {s.token_ids for s in in_prompt}, "the spaced first token differs"
+    variants = {spacing_variant(tok, s.token_ids)[0] for s in in_prompt}
+    assert alone <= variants, "toggling the leading space gives the stored form"
+    for s in in_prompt:
+        alt, shared = spacing_variant(tok, s.token_ids)
+        assert 0 < len(s.token_ids) - shared <= 4 and alt[-shared:] == s.token_ids[-shared:]
+        assert spacing_variant(tok, alt)[0] == s.token_ids, "toggling twice comes back"
+    assert spacing_variant(tok, in_prompt[0].token_ids[:1]) is None, "a single token has no tail to share"

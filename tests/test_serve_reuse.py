@@ -37,6 +37,16 @@ def server(tmp_path_factory, smol_home):
     srv.stop()
 
 
+@pytest.fixture(scope="module")
+def context_server(tmp_path_factory, smol_home):
+    """Misses computed in context (`--misses context`): a cold request is then full recompute."""
+    home = new_home(tmp_path_factory.mktemp("serve-context"), smol_home)
+    srv = Server(home, "--misses", "context")
+    srv.keys = {"alice": add_key(home, "alice")}
+    yield srv
+    srv.stop()
+
+
 def ask(server, tenant, messages, max_tokens=4):
     return server.client(server.keys[tenant]).chat.completions.create(
         model="default", messages=messages, max_tokens=max_tokens, temperature=0)
@@ -49,22 +59,46 @@ def test_reordered_renumbered_documents_are_cached(server):
     assert cached > 0, "the same documents in another order and numbering must be served from the library"
 
 
-def test_one_cached_document_gives_full_recompute_tokens(server):
+def test_one_cached_document_gives_full_recompute_tokens(context_server):
     """Greedy tokens through the API equal full recompute when one cached document precedes the question.
 
     Exact when the prompt opens with the engine's encoding context E (the chat header with kvlib's
-    system prompt), behind which every document is stored (DESIGN invariant 2). The first request
-    computes everything in context (no hit yet), which is full recompute.
+    system prompt), behind which every document is stored (DESIGN invariant 2). On a `--misses
+    context` server the first request computes everything in context (no hit yet): full recompute.
     """
     from kvlib.engine.model import SYSTEM_PROMPT
+
+    from serve_helpers import wait_until
 
     # the document right behind E: no header between them, so its stored KV is its KV in this prompt
     messages = [{"role": "system", "content": SYSTEM_PROMPT},
                 {"role": "user", "content": f"{DOCS[1][1]}\n\nQuestion: What was the first ferry called?"}]
-    cold = ask(server, "alice", messages, max_tokens=12)
-    warm = ask(server, "alice", messages, max_tokens=12)
+    cold = ask(context_server, "alice", messages, max_tokens=12)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    wait_until(lambda: context_server.health()["pending_stores"] == 0, 120, "the idle-time store")
+    warm = ask(context_server, "alice", messages, max_tokens=12)
     assert warm.usage.prompt_tokens_details.cached_tokens > 0
     assert warm.choices[0].message.content == cold.choices[0].message.content
+
+
+def test_isolated_misses_are_stored_before_the_response_ends(server):
+    """The default miss policy stores a request's new documents right after its first token: nothing
+    waits for idle time, and the very next request, in another order, is served from them."""
+    docs = [("Tollan Weir", "Tollan weir holds back the upper Senn for the mill leat; its stone apron was "
+             "rebuilt in 1903 and a fish pass was cut through it in 1995."),
+            ("Marrow Quay", "Marrow quay served the slate boats until 1931; the crane at its end lifted six "
+             "tons and is the last of the four that once stood there.")]
+
+    def prompt(order, question):
+        lines = [f"Document [{n}](Title: {docs[i][0]}) {docs[i][1]}" for n, i in enumerate(order, 1)]
+        return [{"role": "user", "content": "\n\n".join(lines) + f"\n\nQuestion: {question}"}]
+
+    first = ask(server, "alice", prompt([0, 1], "When was the apron rebuilt?"))
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert first.model_extra["kvlib"]["ttft_split_s"]["encode"] > 0, "new documents were encoded on their own"
+    assert server.health()["pending_stores"] == 0, "isolated misses leave nothing to store later"
+    again = ask(server, "alice", prompt([1, 0], "How much did the crane lift?"))
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_tenant_never_hits_another_tenants_private_text(server):
@@ -163,3 +197,22 @@ def test_stored_kv_does_not_depend_on_who_sent_it_first(server):
     for ids in common:
         a, b = stored["alice"][ids], stored["bob"][ids]
         assert torch.equal(a.k_sem, b.k_sem) and torch.equal(a.v, b.v), "stored KV depends on the preamble"
+
+
+def test_posted_document_serves_a_chat_that_pastes_it(server):
+    """POST /v1/documents stores the document's prompt forms: the first chat holding it is served from
+    the library, as a block behind a blank line and after a `Document [n](Title: ...)` header alike;
+    another tenant gets nothing from it."""
+    import httpx
+
+    title, text = ("Orrin Lighthouse", "The Orrin lighthouse stands on a basalt stack off the west cape; its "
+                   "lamp was first lit in 1871 and automated in 1988, and its keepers' cottages are now a museum.")
+    reply = httpx.post(server.url + "/v1/documents", json={"name": "orrin", "text": text},
+                       headers={"Authorization": f"Bearer {server.keys['alice']}"}, timeout=600)
+    assert reply.status_code == 200 and reply.json()["prompt_forms_new"] >= 1, reply.text
+    blank = [{"role": "user", "content": f"Use this:\n\n{text}\n\nWhen was the lamp first lit?"}]
+    header = [{"role": "user", "content": f"Document [3](Title: {title}) {text}\n\nWhen was it automated?"}]
+    for messages in (blank, header):
+        cached = ask(server, "alice", messages).usage.prompt_tokens_details.cached_tokens
+        assert cached >= len(text.split()) // 2, f"the posted document serves the chat: {cached} cached"
+    assert ask(server, "bob", header).usage.prompt_tokens_details.cached_tokens == 0, "alice's document is hers"

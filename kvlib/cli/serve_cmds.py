@@ -28,6 +28,7 @@ def serve(
     home: HomeOpt = None,
     mode: Annotated[str, typer.Option(help="Default mode: rerope (reuse library KV), naive, full (no reuse: the baseline), or rerope+guard:B (bound each answer's KL to full by B; needs `kvlib calibrate`). A request may name its own in kvlib.mode.")] = "rerope",
     repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8, auto or guard:B.")] = None,
+    misses: Annotated[str, typer.Option(help="New documents: isolated (encoded on their own, as stored, and stored at once) or context (computed in context, stored later by a second encode).")] = "isolated",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for the engine; more get 429.")] = 8,
     allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous", help="Callers without a key use the read-only public tenant.")] = False,
@@ -35,6 +36,10 @@ def serve(
     default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, help="Completion limit when a request sets none.")] = 256,
 ) -> None:
     """Serve the OpenAI chat completions API on the library (see docs/serve.md)."""
+    from kvlib.serve.pipeline import MISS_POLICIES
+
+    if misses not in MISS_POLICIES:
+        raise fail(f"unknown miss policy '{misses}'; choose one of {', '.join(MISS_POLICIES)}")
     try:
         import uvicorn
 
@@ -42,7 +47,7 @@ def serve(
         from kvlib.serve.settings import Settings, serve_spec
 
         settings = Settings(home=resolve_home(home), model=model, dtype=dtype, mode=mode, repair=repair,
-                            max_queue=max_queue, allow_anonymous=allow_anonymous,
+                            misses=misses, max_queue=max_queue, allow_anonymous=allow_anonymous,
                             max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens)
         serve_spec(settings.spec)  # a typo fails before the model loads
         warn_without_keys(settings)

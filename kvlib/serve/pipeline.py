@@ -9,11 +9,16 @@ Design facts:
   into place, misses computed in context), under the server's spec (`--mode`/`--repair`).
 - Stop strings and cancellation end the answer between decode steps (Engine.answer's
   should_stop): a client that disconnects gets finish_reason "cancelled" within one token.
-- Reusable misses are stored after the response, off its critical path (`store_pending`,
-  which the engine thread runs when no request waits): each is encoded on its own behind E,
-  so stored KV never depends on who sent the text first, what came before it, or which
-  other segments shared its forward. Private to the sending tenant; a read-only caller
-  (anonymous) stores nothing.
+- Reusable misses (`--misses`, Settings.misses):
+  - `isolated` (the default): encoded on their own behind E before the first token (packed,
+    attention per segment), served at their positions like hits, and stored right after the
+    first token, so the next request already finds them. One encode per new segment.
+  - `context`: computed in context (as full recompute would) and stored after the response,
+    off its critical path (`store_pending`, which the engine thread runs when no request
+    waits), by a second, isolated encode.
+  Either way stored KV is encoded on its own behind E, so it never depends on who sent the
+  text first, what came before it, or which other segments shared its forward. Private to
+  the sending tenant; a read-only caller (anonymous) stores nothing.
 - The tokenizer is shared with the HTTP threads (prompt_ids runs there for the context
   check before a request is queued); HF fast tokenizers are not safe to call from two
   threads at once, so every use takes `_tok_lock`.
@@ -26,9 +31,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from kvlib.errors import KvlibError
+from kvlib.engine.compose import ChunkKV
+from kvlib.errors import InputError, KvlibError
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+MISS_POLICIES = ("isolated", "context")
 
 
 class PipelineUnavailable(KvlibError):
@@ -50,10 +57,12 @@ class Completion:
 
 
 class Pipeline:
-    def __init__(self, engine, library, *, spec: str, index=None, embedder=None):
+    def __init__(self, engine, library, *, spec: str, index=None, embedder=None, misses: str = "isolated"):
         from kvlib.engine.spec import parse_mode
 
-        self.engine, self.library, self.spec = engine, library, spec
+        if misses not in MISS_POLICIES:
+            raise InputError(f"unknown miss policy {misses!r}; choose one of {', '.join(MISS_POLICIES)}")
+        self.engine, self.library, self.spec, self.misses = engine, library, spec, misses
         self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
         self.calibrations: dict = {}  # encoding -> the guard's Calibration, once the library has one
         self.index, self.embedder = index, embedder  # for the retrieve extension
@@ -121,13 +130,18 @@ class Pipeline:
         t_seg = time.perf_counter()
         layout = lay_out(self.engine, self.library, tenant, ids, segments, reuse=spec.reads_library)
         t_lookup = time.perf_counter()
+        encoded = self.encode_misses(layout) if self.misses == "isolated" else []
+        t_encode = time.perf_counter()
         pending = Pending(decoder=TextStream(self, stop, on_text), layout=layout, n_prompt=len(ids),
                           max_tokens=max_tokens, tenant=tenant, may_store=may_store, spec=spec)
         pending.answering = self.engine.begin(
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
-            spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg}, calibration=calibration)
+            spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup},
+            calibration=calibration)
+        if encoded and may_store:  # after the first token, before the next request's lookup
+            self.store_segments(tenant, [ids for ids, _ in encoded], kvs=[kv for _, kv in encoded])
         return pending
 
     def calibration_for(self, spec):
@@ -140,6 +154,21 @@ class Pipeline:
         if spec.encoding not in self.calibrations:
             self.calibrations[spec.encoding] = load_calibration(self.library, self.engine.lm, spec)
         return self.calibrations[spec.encoding]
+
+    def encode_misses(self, layout) -> list:
+        """The isolated miss policy: reusable misses are encoded on their own behind E (packed), as
+        they will be stored, and served at their positions like hits; stored right after the first
+        token. One encode per new segment, where computing it in context and storing it later costs
+        two. Returns (ids, KV) pairs; the layout then has nothing left to store later."""
+        if not layout.to_store:
+            return []
+        kvs = self.engine.encode_many(list(layout.to_store))
+        for at, kv in zip(layout.store_at, kvs):
+            ids_t = layout.chunks[at].token_ids
+            layout.chunks[at] = ChunkKV(ids_t, kv.k_sem, kv.v, fresh=True)  # counted as computed
+        encoded = list(zip(layout.to_store, kvs))
+        layout.to_store, layout.store_at = [], []
+        return encoded
 
     def step(self, pendings: list["Pending"]) -> list["Pending"]:
         """One decode step for every answer under way, batched; returns those still going."""
@@ -177,7 +206,7 @@ class Pipeline:
             cached_tokens=gen.tokens["cached"], computed_tokens=gen.tokens["computed"],
             recomputed_tokens=gen.tokens["recomputed"], ttft_s=gen.ttft_s, timings=dict(t, decode=gen.decode_s),
             kvlib={"spec": spec.as_dict(), "mode": spec.name, "tokens": gen.tokens,
-                   "ttft_split_s": {k: t[k] for k in ("segment", "lookup", "compose", "repair", "prefill")},
+                   "ttft_split_s": {k: t[k] for k in ("segment", "lookup", "encode", "compose", "repair", "prefill")},
                    "segments": fates, **({"guard": gen.guard} if gen.guard is not None else {})})
 
     @staticmethod
@@ -205,19 +234,41 @@ class Pipeline:
 
     def _store_one(self, tenant: str, ids) -> bool:
         """Encode one miss on its own behind E and store it privately; False when already stored."""
+        return self.store_segments(tenant, [ids]) == 1
+
+    def store_segments(self, tenant: str, id_lists: list, public: bool = False, kvs: list | None = None) -> int:
+        """Store segments not stored yet, privately or (admin documents) publicly, each encoded on its
+        own behind E (canonical isolation): here, or by the caller (kvs, one per id list, encoded so);
+        how many were new."""
         from kvlib.engine.drift import drift_scores
 
         engine, lm = self.engine, self.engine.lm
-        key = self.library.key_for(tenant=tenant, public=False, model_fp=lm.fingerprint,
-                                   context_id=engine.context_id, token_ids=ids)
-        if self.library.has(key, tenant):
-            return False
-        kv = engine.encode_many([ids])[0]  # on its own: canonical isolation behind E
-        drift = drift_scores(lm, engine.context, [(engine.lead, kv)])[0]  # behind the neutral lead-in
-        self.library.put(tenant=tenant, public=False, model_fp=lm.fingerprint, context_id=engine.context_id,
-                         token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
-                         drift_score=drift)
-        return True
+        keyed = {}
+        for n, ids in enumerate(id_lists):
+            key = self.library.key_for(tenant=tenant, public=public, model_fp=lm.fingerprint,
+                                       context_id=engine.context_id, token_ids=ids)
+            if key not in keyed and not self.library.has(key, tenant):
+                keyed[key] = n
+        if not keyed:
+            return 0
+        self.library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+        todo = [tuple(id_lists[n]) for n in keyed.values()]
+        # packed, each chunk attending only to E and itself
+        kvs = engine.encode_many(todo) if kvs is None else [kvs[n] for n in keyed.values()]
+        drifts = drift_scores(lm, engine.context, [(engine.lead, kv) for kv in kvs])  # behind the neutral lead-in
+        for ids, kv, drift in zip(todo, kvs, drifts):
+            self.library.put(tenant=tenant, public=public, model_fp=lm.fingerprint, context_id=engine.context_id,
+                             token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids),
+                             drift_score=drift)
+        return len(todo)
+
+    def store_document(self, tenant: str, public: bool, text: str) -> int:
+        """Store a document's prompt forms now (kvlib.segment.text_segments: the segments a chat that
+        pastes it as a block will carry), so that chat is served from the library on its first turn."""
+        from kvlib.segment import text_segments
+
+        forms = [s.token_ids for s in text_segments(self.engine.lm.tokenizer, text) if s.reusable]
+        return self.store_segments(tenant, forms, public=public)
 
     def with_retrieved(self, messages: list[dict], tenant: str, k: int) -> list[dict]:
         """The kvlib.retrieve extension: the tenant's top-k chunks as documents before the last user message."""

@@ -11,6 +11,9 @@ Design facts:
 - When the prompt opens with exactly the engine's encoding context E (the chat header
   with kvlib's system prompt), E's cached KV opens it and a document right behind it is
   exact composition; otherwise the prompt's own opening is a miss behind nothing.
+- A block after a header on the same line starts with a spaced first token (' Text'), the same
+  block behind a blank line (or stored from POST /v1/documents) with 'Text': when the exact ids
+  miss, the other spacing is looked up too, and a hit serves all tokens after the first word.
 - Misses of useful length are stored later, each encoded on its own behind E (canonical
   isolation): stored KV never depends on who sent the text first or what came before it.
 """
@@ -23,6 +26,7 @@ import torch
 
 from kvlib.engine.compose import ChunkKV
 from kvlib.errors import CorruptBlobError, NotFoundError
+from kvlib.segment import spacing_variant
 
 
 @dataclass
@@ -32,6 +36,17 @@ class Layout:
     suffix: list  # ids prefilled after the chunks
     fates: list = field(default_factory=list)  # per piece: {"kind", "tokens", "fate"}
     to_store: list = field(default_factory=list)  # token-id tuples of reusable misses
+    store_at: list = field(default_factory=list)  # their indices in chunks
+
+    def add(self, kind: str, token_ids: tuple, stored, skip: int = 0) -> None:
+        """One piece: a hit on `stored` (its KV from token `skip` on) or, with stored None, a miss."""
+        ids_t = torch.tensor(token_ids, dtype=torch.long)
+        if stored is None:
+            self.chunks.append(ChunkKV(ids_t, None, None))
+        else:
+            k, v = stored.k_sem[:, :, skip:], stored.v[:, :, skip:]
+            self.chunks.append(ChunkKV(ids_t, k, v, drift=stored.drift_score))
+        self.fates.append({"kind": kind, "tokens": len(token_ids), "fate": "miss" if stored is None else "hit"})
 
 
 def split_at(segments: list, cut: int) -> list:
@@ -74,14 +89,24 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
     if opens_with_e:
         out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit"})
     for s in body:
-        stored = lookup(library, engine, tenant, s.token_ids) if reuse and s.reusable else None
-        ids_t = torch.tensor(s.token_ids, dtype=torch.long)
+        if not (reuse and s.reusable):
+            out.add(s.kind, s.token_ids, None)
+            continue
+        stored = lookup(library, engine, tenant, s.token_ids)
         if stored is not None:
-            out.chunks.append(ChunkKV(ids_t, stored.k_sem, stored.v, drift=stored.drift_score))
-        else:
-            out.chunks.append(ChunkKV(ids_t, None, None))
-            if s.reusable and reuse:  # a server without reuse stores nothing either
-                out.to_store.append(s.token_ids)
-        out.fates.append({"kind": s.kind, "tokens": len(s.token_ids), "fate": "hit" if stored is not None else "miss"})
+            out.add(s.kind, s.token_ids, stored)
+            continue
+        variant = spacing_variant(engine.lm.tokenizer, s.token_ids)
+        stored = lookup(library, engine, tenant, variant[0]) if variant is not None else None
+        if stored is None:
+            out.add(s.kind, s.token_ids, None)
+            out.to_store.append(s.token_ids)  # a server without reuse stores nothing either
+            out.store_at.append(len(out.chunks) - 1)
+            continue
+        # The other spacing is stored: its KV serves the ids after the first word, which differs.
+        alt, shared = variant
+        head = len(s.token_ids) - shared
+        out.add(s.kind, s.token_ids[:head], None)
+        out.add(s.kind, s.token_ids[head:], stored, skip=len(alt) - shared)
     out.fates.append({"kind": "suffix", "tokens": len(out.suffix), "fate": "computed"})
     return out

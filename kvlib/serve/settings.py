@@ -17,6 +17,7 @@ class Settings:
     dtype: str | None = None
     mode: str = "rerope"  # "full" turns reuse off (the load benchmark's baseline)
     repair: str | None = None
+    misses: str = "isolated"  # reusable misses: encoded on their own and stored at once, or "context"
     max_queue: int = 8  # requests waiting for the engine beyond the one it is running
     allow_anonymous: bool = False
     max_body_bytes: int = 8 << 20  # a prompt at the model's context is ~40 KB; documents are bigger

@@ -33,7 +33,8 @@ class ServerState:
         return int(row[0])
 
     def ingest_text(self, tenant: str, public: bool, name: str | None, text: str, chunk_tokens: int) -> dict:
-        """Ingest one document as `kvlib ingest` would ingest a file holding `text`."""
+        """Ingest one document as `kvlib ingest` would ingest a file holding `text` (chunks for
+        retrieval), and store its prompt forms for chats that paste it in (Pipeline.store_document)."""
         from kvlib.rag.ingest import Ingestor, IngestReport, NullProgress
         from kvlib.retrieve.sources import make_doc
 
@@ -46,10 +47,11 @@ class ServerState:
         report = IngestReport(files=1)
         ingestor.ingest_document(doc, report, NullProgress())
         index.save()
+        forms = self.pipeline.store_document(tenant, public, text)  # what a chat pasting it will carry
         return {"id": doc.path, "object": "document", "tenant": "public" if public else tenant,
                 "chunks": report.chunks_new + report.chunks_dedup, "chunks_new": report.chunks_new,
                 "chunks_dedup": report.chunks_dedup, "tokens": report.tokens, "unchanged": bool(report.unchanged),
-                "bytes_written": report.bytes_written}
+                "bytes_written": report.bytes_written, "prompt_forms_new": forms}
 
     def idle(self) -> bool:
         """When no request waits: store one miss of an answered request; False when none is left."""
@@ -79,7 +81,7 @@ def build_state(settings: Settings) -> ServerState:
     home.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(settings.model, home, dtype=settings.dtype)
     library = Library(home)
-    pipeline = Pipeline(engine, library, spec=settings.spec)
+    pipeline = Pipeline(engine, library, spec=settings.spec, misses=settings.misses)
     state = ServerState(settings=settings, engine=engine, library=library, pipeline=pipeline)
     pipeline.open_retrieval = state._retrieval
     warn_without_calibration(pipeline)
