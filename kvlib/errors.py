@@ -50,3 +50,7 @@ class StoreUnavailableError(CorruptBlobError):
     A CorruptBlobError on purpose: every caller that already re-encodes a bad blob
     (query, serve) then recomputes the chunk on the spot, as it must when S3 is down.
     """
+
+
+class CalibrationMissingError(KvlibError):
+    """A `guard:B` mode was asked for a model (and encoding) that has no calibration in the library."""

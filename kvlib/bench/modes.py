@@ -61,40 +61,58 @@ class Sample:
     kl: float | None = None
     nll: float | None = None
     sim: object = None  # AttentionSimilarity
+    guard: dict | None = None  # a guarded mode's choice (guard.GuardChoice.as_dict())
 
 
 class ModeRunner:
-    def __init__(self, engine: "Engine", library: "Library", *, max_new_tokens: int = 12):
+    def __init__(self, engine: "Engine", library: "Library", *, max_new_tokens: int = 12, attention: bool = True):
         self.engine, self.lm, self.library = engine, engine.lm, library
         self.max_new_tokens = max_new_tokens
+        self.attention = attention  # record every layer's attention in the quality pass (calibrate needs none)
         # 4096 blocks of SmolLM2 KV in fp16 are ~1.5 GB: room for every prompt of a 30-question run.
         self.prefix = PrefixCache(block_size=BLOCK, max_blocks=4096, salt=self.lm.fingerprint)
+        self.calibrations: dict = {}  # encoding -> the guard's Calibration, read once from the library
+
+    def calibration_for(self, spec: ModeSpec):
+        """A guarded spec's calibration (CalibrationMissingError without one); None for other specs."""
+        from kvlib.engine.guard import load_calibration
+
+        if spec.guard is None:
+            return None
+        if spec.encoding not in self.calibrations:
+            self.calibrations[spec.encoding] = load_calibration(self.library, self.lm, spec)
+        return self.calibrations[spec.encoding]
+
+    def load_chunks(self, item: PromptItem, spec: ModeSpec) -> tuple[list[ChunkKV], int]:
+        """The prompt's chunks as `spec` reads them (library KV, or ids only) and the KV bytes read."""
+        if not spec.reads_library:
+            return [ChunkKV(as_ids(ids), None, None) for ids in item.chunk_ids], 0
+        stored = self.library.get_many(item.chunk_keys[spec.encoding])
+        chunks = [ChunkKV(s.token_ids, s.k_sem, s.v, self.engine.encoded_at(s.context_id), s.drift_score)
+                  for s in stored]
+        return chunks, sum(c.k_sem.numel() * c.k_sem.element_size() * 2 for c in chunks)
 
     def run(self, item: PromptItem, spec: ModeSpec) -> Sample:
+        calibration = self.calibration_for(spec)  # read before the clock starts, as a server holds it
         t0 = time.perf_counter()
-        prefix, kv_bytes = None, 0
-        if spec.reads_library:
-            stored = self.library.get_many(item.chunk_keys[spec.encoding])
-            chunks = [ChunkKV(s.token_ids, s.k_sem, s.v, self.engine.encoded_at(s.context_id), s.drift_score)
-                      for s in stored]
-            kv_bytes = sum(c.k_sem.numel() * c.k_sem.element_size() * 2 for c in chunks)
-        else:
-            chunks = [ChunkKV(as_ids(ids), None, None) for ids in item.chunk_ids]
-            if spec.base == "prefix":
-                prefix = self.prefix_hit(item)
-                kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in prefix.blocks)
+        prefix = None
+        chunks, kv_bytes = self.load_chunks(item, spec)
+        if spec.base == "prefix":
+            prefix = self.prefix_hit(item)
+            kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in prefix.blocks)
         load_s = time.perf_counter() - t0
         gen = self.engine.answer(spec, chunks, suffix_ids=item.suffix_ids, prefix=prefix,
                                  max_new_tokens=self.max_new_tokens, t0=t0, spent={"load": load_s},
-                                 extra=self._extra(item), keep_state=True)
+                                 extra=self._extra(item), keep_state=True, calibration=calibration)
         latency = time.perf_counter() - t0
         n_ctx = gen.state.n_context
         sample = Sample(ttft=gen.ttft_s, decode_tok_s=gen.decode_tok_s, answer_ids=gen.token_ids,
                         parts={k: gen.timings[k] for k in ("load", "compose", "repair", "prefill")},
                         ctx_tokens=n_ctx, hit_tokens=gen.tokens["cached"] + gen.tokens["recomputed"],
-                        computed_ctx=n_ctx - gen.tokens["cached"], kv_bytes=kv_bytes, latency=latency)
+                        computed_ctx=n_ctx - gen.tokens["cached"], kv_bytes=kv_bytes, latency=latency,
+                        guard=gen.guard)
         sample.gold_logits, sample.attn = self.engine.teacher_force(
-            gen.state, item.suffix_ids, item.gold_ids, attn_layers=range(self.lm.n_layers))
+            gen.state, item.suffix_ids, item.gold_ids, attn_layers=range(self.lm.n_layers) if self.attention else ())
         if spec.base == "prefix":  # the context KV is still valid after the quality pass rewound to it
             self._remember_prefix(self.context_ids(item), gen.state.cache)
         return sample

@@ -24,7 +24,8 @@ _NAN = float("nan")
 
 
 def plot_all(out_dir: str | Path, results: list[dict]) -> list[str]:
-    """Write ttft_by_mode, quality_by_mode, hit_rate_by_order and pareto PNGs; return their names."""
+    """Write ttft_by_mode, quality_by_mode, hit_rate_by_order and pareto PNGs (and, with guard
+    modes, guard_predicted_vs_measured); return their names."""
     if not results:
         return []
     out = Path(out_dir)
@@ -35,6 +36,10 @@ def plot_all(out_dir: str | Path, results: list[dict]) -> list[str]:
         "hit_rate_by_order.png": plot_hit_rate,
         "pareto.png": plot_pareto,
     }
+    if any("per_request" in r for r in results):
+        from kvlib.bench.guard_report import plot_guard
+
+        drawers["guard_predicted_vs_measured.png"] = plot_guard
     names = []
     for name, draw in drawers.items():
         fig = draw(results)

@@ -5,6 +5,9 @@ Design facts:
   and is used both by the runner before writing and by the tests. A result row must have
   exactly the listed keys, so a renamed key fails loudly instead of silently vanishing
   from plots; settings may carry extra keys.
+- A guarded mode (`+guard:B`) also carries `per_request`: one record per request with
+  exactly PER_REQUEST_KEYS (measured and predicted KL, the bound, the rung, whether it
+  fell back to full, TTFT); report.md then gets a Guard table (guard_report.py).
 - A metric that does not apply to a mode or was not measured (e.g. `attn_sim` when the
   run did not record attentions) is `null`, never NaN: the file is strict JSON.
 - Speed is compared within one run as a ratio to `full` in the same order (DESIGN.md §7),
@@ -33,6 +36,8 @@ RESULT_KEYS = (
 TTFT_KEYS = ("median", "p90")
 TTFT_PART_KEYS = ("load", "compose", "repair", "prefill")
 SPEC_KEYS = ("base", "encoding", "repair")
+GUARD_SPEC_KEYS = SPEC_KEYS + ("guard",)  # a guarded mode's spec
+PER_REQUEST_KEYS = ("kl_to_full", "predicted_kl", "kl_bound", "rung", "fell_back", "ttft_s")
 _NUMBER_KEYS = (
     "decode_tok_s", "qps", "f1", "em", "nll", "ppl", "kl_to_full", "attn_sim", "hit_rate",
     "recompute_frac", "kv_bytes_read",
@@ -56,7 +61,10 @@ def _validate_row(row: Any, where: str) -> None:
     for key in ("mode", "order"):
         if not isinstance(row[key], str) or not row[key]:
             raise ValueError(f"{where}.{key} must be a non-empty string")
-    _require_keys(row["spec"], SPEC_KEYS, f"{where}.spec", extra_ok=False)
+    guarded = isinstance(row["spec"], dict) and "guard" in row["spec"]
+    _require_keys(row["spec"], GUARD_SPEC_KEYS if guarded else SPEC_KEYS, f"{where}.spec", extra_ok=False)
+    if guarded or "per_request" in row:
+        _validate_per_request(row, where)
     if not isinstance(row["n"], int) or isinstance(row["n"], bool):
         raise ValueError(f"{where}.n must be an integer")
     _require_keys(row["ttft_s"], TTFT_KEYS, f"{where}.ttft_s", extra_ok=True)
@@ -69,6 +77,19 @@ def _validate_row(row: Any, where: str) -> None:
     numbers += [(f"attn_sim_per_layer[{j}]", v) for j, v in enumerate(row["attn_sim_per_layer"])]
     for name, value in numbers:
         _check_number(value, f"{where}.{name}")
+
+
+def _validate_per_request(row: dict, where: str) -> None:
+    """A guard row's per-request records: exactly PER_REQUEST_KEYS each, one per request."""
+    per = row.get("per_request")
+    if not isinstance(per, list) or len(per) != row["n"]:
+        raise ValueError(f"{where}.per_request must be a list of {row['n']} records (one per request)")
+    for j, rec in enumerate(per):
+        _require_keys(rec, PER_REQUEST_KEYS, f"{where}.per_request[{j}]", extra_ok=False)
+        if not isinstance(rec["rung"], str) or not isinstance(rec["fell_back"], bool):
+            raise ValueError(f"{where}.per_request[{j}]: rung must be a string and fell_back a boolean")
+        for key in ("kl_to_full", "predicted_kl", "kl_bound", "ttft_s"):
+            _check_number(rec[key], f"{where}.per_request[{j}].{key}")
 
 
 def _require_keys(obj: Any, keys: Sequence[str], where: str, *, extra_ok: bool) -> None:
@@ -207,6 +228,14 @@ def write_report_md(
         if len(rows) > 2:
             lines += ["", f"## Trade-off ({order} order): fastest first; gap closed = 1 - KL / KL(base)", ""]
             lines += pareto_markdown(rows)
+    from kvlib.bench.guard_report import guard_markdown, guard_rows
+
+    guarded = guard_rows(results)
+    if guarded:
+        lines += ["", "## Guard: per-request bound on KL to full", "",
+                  "Share of requests whose measured KL to full is <= B, share served without full recompute, "
+                  "and mean TTFT against full's; beside the best fixed reuse mode whose mean TTFT is no more.", ""]
+        lines += guard_markdown(guarded)
     if findings:
         lines += ["", "## Findings", "", *(f"- {f}" for f in findings)]
     if plots:

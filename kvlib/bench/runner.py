@@ -126,6 +126,8 @@ class BenchRunner:
         return out
 
     def run(self, records, progress=None) -> tuple[dict, list, Prepared]:
+        for spec in self.config.modes:  # a guard mode without a calibration fails before any work
+            self.modes.calibration_for(spec)
         prep = self.prepare(records, progress)
         samples: dict = {}  # (mode, order) -> [(item, Sample)]
         self.warm_up(self.items(records[:1], prep, "given"))
@@ -241,4 +243,15 @@ def aggregate(spec: ModeSpec, order: str, rows: list, engine) -> dict:
         "recompute_frac": sum(s.computed_ctx for s in samples) / ctx,
         "kv_bytes_read": sum(s.kv_bytes for s in samples),
         "answers": answers[:5],
+        "kl_per_request": [s.kl for s in samples],  # in record order: what the guard table compares
+        **guard_fields(spec, samples),
     }
+
+
+def guard_fields(spec: ModeSpec, samples: list) -> dict:
+    """A guarded mode's per-request record (the choice and what it measured) and its budget."""
+    if spec.guard is None:
+        return {}
+    per_request = [{"kl_to_full": s.kl, "predicted_kl": s.guard["predicted_kl"], "kl_bound": s.guard["kl_bound"],
+                    "rung": s.guard["rung"], "fell_back": s.guard["fell_back"], "ttft_s": s.ttft} for s in samples]
+    return {"per_request": per_request, "guard": {"budget": spec.guard, "confidence": samples[0].guard["confidence"]}}

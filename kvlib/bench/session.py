@@ -6,6 +6,7 @@ from pathlib import Path
 
 from kvlib.bench.data import load_records
 from kvlib.bench.findings import findings
+from kvlib.bench.guard_report import guard_findings
 from kvlib.bench.plots import plot_all
 from kvlib.bench.report import write_report_md, write_results
 from kvlib.bench.runner import BenchConfig, BenchRunner, Prepared, expand_modes, expand_orders
@@ -60,7 +61,7 @@ def run_bench(*, data: str, modes: str, order: str, limit, ctxs, seed: int, max_
     out.mkdir(parents=True, exist_ok=True)
     write_results(out, settings, results)
     plots = plot_all(out, results)
-    lines = findings(results)
+    lines = findings(results) + guard_findings(results)
     write_report_md(out, settings, results, plots, lines)
     return {"results_json": {"settings": settings, "results": results}, "plots": plots, "findings": lines,
             "skipped": loaded.skipped}

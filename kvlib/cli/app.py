@@ -24,8 +24,8 @@ def _root() -> None:
     """Store a model's reading of documents once; rotate, compose and repair it at query time."""
 
 
-COMMAND_MODULES: tuple[str, ...] = ("doctor_cmd", "library_cmds", "rag_cmds", "bench_cmd", "replay_cmd", "models_cmd",
-                                  "cluster_cmds", "serve_cmds")
+COMMAND_MODULES: tuple[str, ...] = ("doctor_cmd", "library_cmds", "rag_cmds", "bench_cmd", "calibrate_cmd",
+                                  "replay_cmd", "models_cmd", "cluster_cmds", "serve_cmds")
 
 
 def _register_all() -> None:

@@ -113,8 +113,8 @@ class Streamer:
 def query(
     question: Annotated[str, typer.Argument(help="The question to answer from the library.")],
     k: Annotated[int, typer.Option("--k", min=1, help="Chunks to retrieve.")] = 4,
-    mode: Annotated[str, typer.Option(help="BASE[+ENCODING][+REPAIR]: rerope (= rerope+sink: rotate cached keys), naive (as encoded), full, prefix; +bare/+lead read other encodings.")] = "rerope",
-    repair: Annotated[Optional[str], typer.Option(help="Repair after composing: boundary:K, query:R, a union (boundary:8+query:0.05), blend:R or auto[:TARGET].")] = None,
+    mode: Annotated[str, typer.Option(help="BASE[+ENCODING][+REPAIR]: rerope (= rerope+sink: rotate cached keys), naive (as encoded), full, prefix; +bare/+lead read other encodings; rerope+guard:B bounds KL to full by B (needs `kvlib calibrate`).")] = "rerope",
+    repair: Annotated[Optional[str], typer.Option(help="Repair after composing: boundary:K, query:R, a union (boundary:8+query:0.05), blend:R, auto[:TARGET] or guard:B.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Also run full recompute on the same ids.")] = False,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length limit.")] = 64,
     home: HomeOpt = None,
@@ -140,6 +140,7 @@ def query(
         if len(stack.index) == 0:
             raise InputError("the library has no indexed documents: run `kvlib ingest PATH` first")
         runner = QueryRunner(stack.engine, stack.library, stack.index, stack.embedder, tenant)
+        runner.calibration_for(spec)  # a guard mode without a calibration fails before retrieval
         stack.embedder.warm()  # loading the embedding model is start-up, like loading the LLM, not per question
         t0 = time.perf_counter()  # TTFT starts when the question arrives: retrieval is part of it
         hits = runner.retrieve(question, k)
@@ -182,6 +183,11 @@ def render_answer(main, other) -> None:
         f"[bold]{main.mode}[/] TTFT {main.ttft_s * 1000:.0f} ms = {stages} ms; decode {main.decode_tok_s:.1f} tok/s; "
         f"prompt tokens cached {n['cached']}, recomputed {n['recomputed']}, computed {n['computed']}"
     )
+    if main.guard:
+        g = main.guard
+        console.print(f"guard: rung {g['rung']}{' (fell back to full)' if g['fell_back'] else ''}, predicted KL to "
+                      f"full {g['predicted_kl']:.3f}, bound {g['kl_bound']:.3f} at {g['confidence']:.0%} "
+                      f"(budget {g['budget']:g})", highlight=False)
     if other:
         console.print(f"[bold]full[/] answer: {other.answer}", highlight=False)
         console.print(f"full TTFT {other.ttft_s * 1000:.0f} ms -> {main.mode} is "

@@ -20,7 +20,6 @@ from kvlib.errors import KvlibError
 
 keys_app = typer.Typer(help="API keys: each selects a tenant; the home stores only their sha256.",
                        no_args_is_help=True)
-SERVE_MODES = ("rerope", "naive", "full")
 
 
 def serve(
@@ -28,8 +27,8 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     model: ModelOpt = None,
     home: HomeOpt = None,
-    mode: Annotated[str, typer.Option(help="rerope (reuse library KV), naive, or full (no reuse: the baseline).")] = "rerope",
-    repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8 or auto.")] = None,
+    mode: Annotated[str, typer.Option(help="Default mode: rerope (reuse library KV), naive, full (no reuse: the baseline), or rerope+guard:B (bound each answer's KL to full by B; needs `kvlib calibrate`). A request may name its own in kvlib.mode.")] = "rerope",
+    repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8, auto or guard:B.")] = None,
     misses: Annotated[str, typer.Option(help="New documents: isolated (encoded on their own, as stored, and stored at once) or context (computed in context, stored later by a second encode).")] = "isolated",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for the engine; more get 429.")] = 8,
@@ -43,27 +42,22 @@ def serve(
     sync_interval: Annotated[float, typer.Option("--sync-interval", min=0, help="Seconds between background uploads of the queue a store outage left (0: off).")] = 30.0,
 ) -> None:
     """Serve the OpenAI chat completions API on the library (see docs/serve.md)."""
-    if mode not in SERVE_MODES:
-        raise fail(f"unknown mode '{mode}'; choose one of {', '.join(SERVE_MODES)}")
     from kvlib.serve.pipeline import MISS_POLICIES
 
     if misses not in MISS_POLICIES:
         raise fail(f"unknown miss policy '{misses}'; choose one of {', '.join(MISS_POLICIES)}")
     try:
-        if repair:
-            from kvlib.engine.repair import parse_repair
-
-            parse_repair(repair)  # a typo fails before the model loads
         import uvicorn
 
         from kvlib.serve.app import create_app
-        from kvlib.serve.settings import Settings
+        from kvlib.serve.settings import Settings, serve_spec
 
         settings = Settings(home=resolve_home(home), model=model, dtype=dtype, mode=mode, repair=repair,
                             misses=misses, max_queue=max_queue, allow_anonymous=allow_anonymous,
                             max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens,
                             store=store, manifest=manifest, local_bytes=local_bytes, manifest_retry_s=manifest_retry,
                             sync_interval_s=sync_interval)
+        serve_spec(settings.spec)  # a typo fails before the model loads
         warn_without_keys(settings)
         err_console.print(f"kvlib serve: loading the model, then listening on http://{host}:{port}/v1", highlight=False)
         uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)

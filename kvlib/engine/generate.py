@@ -35,6 +35,7 @@ class Generation:
     tokens: dict = field(default_factory=dict)  # prompt tokens by source: cached, recomputed, computed
     chunk_recomputed: list = field(default_factory=list)  # per chunk: its cached tokens a repair recomputed
     state: object = field(default=None, repr=False)  # the Composed context, when kept for a quality pass
+    guard: dict | None = None  # a guarded spec's choice: rung, fell_back, predicted_kl, kl_bound (guard.py)
 
     @property
     def decode_tok_s(self) -> float:

@@ -199,6 +199,30 @@ def auto(target: float, window: int = 32):
     return repair
 
 
+@torch.inference_mode()
+def head_deviation(lm, composed: Composed, chunks, window: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """auto's measurement, read-only: the relative layer-1 KV deviation of chunk heads.
+
+    The candidates are the first `window` tokens of every chunk with new neighbours (an exact
+    first chunk has none). Layers 0-1 of those slots are refreshed as auto does, the deviation
+    is divided by the cached KV's norm (as the ingest drift score is), and the cached KV is
+    put back bit for bit, so a composition measured here answers exactly as one that was not.
+    Returns (slots [S], deviation [S]).
+    """
+    skip = first_chunk_exact(composed, chunks)
+    slots = head_slots(composed, [0 if skip and i == 0 else window for i in range(len(chunks))])
+    if slots.numel() == 0:
+        return slots, torch.zeros(0)
+    cache = composed.cache
+    saved = [tuple(t[:, slots].clone() for t in cache.layer(layer)) for layer in (0, 1)]
+    dev, _ = layer1_deviation(lm, cache, all_ids(composed, chunks), slots)
+    old_k, old_v = saved[1]
+    scale = (old_k.float().norm(dim=-1) + old_v.float().norm(dim=-1)).sum(0).clamp_min(1e-6)  # [S]
+    for layer, (k, v) in enumerate(saved):
+        cache.write_slots(layer, slots, k, v)
+    return slots, (dev / scale).cpu()
+
+
 AUTO_TARGET = 0.5  # share of question-weighted drift mass to cover
 
 

@@ -10,6 +10,8 @@ Design facts:
   - recomputed: cached tokens a repair recomputed;
   - computed: every other prompt token: the question, pending context ids, misses, and
     chunks the caller marked `fresh` (encoded for this request).
+- A `+guard:B` spec composes as rerope, measures the guard's features, and climbs its
+  calibration's ladder (guard.py) before the repair stage; falling back, it composes as full.
 - `Engine.teacher_force(state, ...)` is the second entry point: the bench's quality pass,
   on the context KV an answer left behind (`keep_state=True`), never a rebuilt cache.
 - The engine knows nothing about storage or retrieval: callers load chunks and report how
@@ -27,6 +29,7 @@ import torch
 
 from kvlib.engine.compose import ChunkKV, Composed, ContextKV, PrefixHit, compose, encode_context, encode_packed
 from kvlib.engine.generate import Generation, Stream, advance, finish, start, teacher_forced_logits
+from kvlib.engine.guard import choose_rung, measure_features, require_calibration
 from kvlib.engine.model import LoadedModel, load_model
 from kvlib.engine.prompt import PromptTemplate, context_id_of, stop_ids, template_for
 from kvlib.engine.spec import ModeSpec
@@ -131,19 +134,27 @@ class Engine:
               prefix: PrefixHit | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
               top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None, t0: float | None = None,
               spent: dict | None = None, extra: int | None = None, keep_state: bool = False,
-              context: ContextKV | None = None) -> "Answering":
+              context: ContextKV | None = None, calibration=None) -> "Answering":
         """Everything of `answer` up to the first token; a server decodes many of them together
-        (generate.advance over their streams), then calls `finish` on each."""
+        (generate.advance over their streams), then calls `finish` on each.
+
+        calibration: the guard's (calibration.Calibration), needed by a `+guard:B` spec only."""
         from kvlib.engine.repair import parse_repair
 
         t0 = time.perf_counter() if t0 is None else t0
+        if spec.guard is not None:  # no work before the missing-calibration error
+            calibration = require_calibration(calibration, self.lm, spec)
         suffix = list(self.suffix_ids(question) if suffix_ids is None else suffix_ids)
         room = len(suffix) + max_new_tokens + 1 if extra is None else extra
-        composed = compose(self.lm, self.context if context is None else context, chunks, spec.base, extra=room,
+        ctx = self.context if context is None else context
+        composed = compose(self.lm, ctx, chunks, "rerope" if spec.guard is not None else spec.base, extra=room,
                            prefix=prefix)
         compute_misses(self.lm, composed, chunks)
         t_comp = time.perf_counter()
-        repaired = parse_repair(spec.repair)(self.lm, composed, chunks, suffix) if spec.repair else None
+        repair, choice = spec.repair, None
+        if spec.guard is not None:  # its measurement counts in the repair stage
+            composed, repair, choice = self._climb(spec, calibration, composed, ctx, chunks, suffix, room)
+        repaired = parse_repair(repair)(self.lm, composed, chunks, suffix) if repair else None
         t_rep = time.perf_counter()
         stream = start(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, seed=seed, stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop)
@@ -152,7 +163,24 @@ class Engine:
         # compose takes whatever the caller's stages leave before it, so the stages add up to TTFT exactly
         timings = {**spent, "compose": t_comp - t0 - sum(spent.values()), "repair": t_rep - t_comp,
                    "prefill": stream.t_first - t_rep}
-        return Answering(spec, stream, timings, tokens, per_chunk, composed if keep_state else None)
+        return Answering(spec, stream, timings, tokens, per_chunk, composed if keep_state else None,
+                         None if choice is None else choice.as_dict())
+
+    def _climb(self, spec: ModeSpec, calibration, composed: Composed, ctx: ContextKV, chunks, suffix, room: int):
+        """A guarded spec's rung on its rerope composition: (composition, repair to run, GuardChoice).
+        Falling back, the composition is exactly what mode full composes."""
+        choice = choose_rung(self.lm, calibration, spec, composed, chunks, suffix)
+        if choice.fell_back:
+            composed = compose(self.lm, ctx, chunks, "full", extra=room)
+        return composed, choice.repair, choice
+
+    @torch.inference_mode()
+    def guard_features(self, chunks: list[ChunkKV], suffix_ids) -> dict:
+        """What a `+guard:B` answer measures before choosing its rung (guard.FEATURES), on the
+        same rerope composition behind E: `kvlib calibrate` records it beside each rung's KL."""
+        composed = compose(self.lm, self.context, chunks, "rerope", extra=len(suffix_ids) + 1)
+        compute_misses(self.lm, composed, chunks)
+        return measure_features(self.lm, composed, chunks, list(suffix_ids))
 
     @torch.inference_mode()
     def teacher_force(self, state: Composed, suffix_ids, gold_ids, *, attn_layers=()):
@@ -178,11 +206,12 @@ class Answering:
     tokens: dict
     chunk_recomputed: list
     state: Composed | None
+    guard: dict | None = None  # GuardChoice.as_dict() of a guarded spec
 
     def finish(self) -> Generation:
         gen = finish(self.stream)
         gen.spec, gen.timings, gen.tokens = self.spec, self.timings, self.tokens
-        gen.chunk_recomputed, gen.state = self.chunk_recomputed, self.state
+        gen.chunk_recomputed, gen.state, gen.guard = self.chunk_recomputed, self.state, self.guard
         return gen
 
 

@@ -9,6 +9,8 @@ Design facts:
   and counted as computed. A corrupt blob is treated the same way, with a warning;
   neither is an error.
 - `full` and `prefix` load no KV: they prefill the same token ids the cached modes compose.
+- A `+guard:B` mode reads its calibration from the library once, before the clock starts;
+  without one it is a CalibrationMissingError.
 """
 
 from __future__ import annotations
@@ -42,15 +44,17 @@ class Answer:
     decode_tok_s: float
     token_ids: list = field(default_factory=list)
     warnings: list = field(default_factory=list)
+    guard: dict | None = None  # a guarded mode's choice: rung, fell_back, predicted_kl, kl_bound
 
     @property
     def mode(self) -> str:
         return self.spec.name
 
     def as_dict(self, model: str) -> dict:
-        return {"answer": self.answer, "mode": self.mode, "spec": self.spec.as_dict(), "ttft_s": self.ttft_s,
-                "timings": self.timings, "sources": self.sources, "tokens": self.tokens,
-                "decode_tok_s": self.decode_tok_s, "warnings": self.warnings, "model": model}
+        out = {"answer": self.answer, "mode": self.mode, "spec": self.spec.as_dict(), "ttft_s": self.ttft_s,
+               "timings": self.timings, "sources": self.sources, "tokens": self.tokens,
+               "decode_tok_s": self.decode_tok_s, "warnings": self.warnings, "model": model}
+        return out if self.guard is None else {**out, "guard": self.guard}
 
 
 @dataclass
@@ -68,6 +72,15 @@ class QueryRunner:
     embedder: "Embedder"
     tenant: str = PUBLIC
     public: bool = False
+    calibrations: dict = field(default_factory=dict)  # encoding -> the guard's Calibration
+
+    def calibration_for(self, spec: ModeSpec):
+        """A guarded spec's calibration from the library (CalibrationMissingError without one); else None."""
+        from kvlib.engine.guard import load_calibration
+
+        if spec.guard is not None and spec.encoding not in self.calibrations:
+            self.calibrations[spec.encoding] = load_calibration(self.library, self.engine.lm, spec)
+        return self.calibrations.get(spec.encoding) if spec.guard is not None else None
 
     def retrieve(self, question: str, k: int):
         return self.index.search(self.embedder.embed_query(question), k, self.tenant)
@@ -115,13 +128,15 @@ class QueryRunner:
                on_token=None, hits=None, t0: float | None = None) -> Answer:
         """With `hits` already retrieved, pass `t0` from before retrieval so TTFT includes it."""
         spec = parse_mode(mode) if isinstance(mode, str) else mode
+        calibration = self.calibration_for(spec)
         t0 = time.perf_counter() if t0 is None else t0
         hits = self.retrieve(question, k) if hits is None else hits
         t_ret = time.perf_counter()
         got = self.load(hits, spec)
         t_load = time.perf_counter()
         gen = self.engine.answer(spec, got.chunks, question, max_new_tokens=max_new_tokens, on_token=on_token,
-                                 t0=t0, spent={"retrieval": t_ret - t0, "load": t_load - t_ret})
+                                 t0=t0, spent={"retrieval": t_ret - t0, "load": t_load - t_ret},
+                                 calibration=calibration)
         return Answer(answer=self.engine.decode(gen.token_ids).strip(), spec=spec, ttft_s=gen.ttft_s,
                       timings=gen.timings, sources=got.sources, tokens=gen.tokens, decode_tok_s=gen.decode_tok_s,
-                      token_ids=gen.token_ids, warnings=got.warnings)
+                      token_ids=gen.token_ids, warnings=got.warnings, guard=gen.guard)

@@ -32,6 +32,7 @@ class ChatRequestPlan:
     stop: list[str]
     retrieve_k: int | None
     include_usage: bool
+    spec: object = None  # the request's own mode (kvlib.mode), resolved; None: the server's default
 
     def run(self, state, job):
         """On the engine thread, alone: begin, decode to the end, the Completion."""
@@ -45,7 +46,7 @@ class ChatRequestPlan:
         return state.pipeline.begin(
             self.messages, self.tenant, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             seed=self.seed, stop=self.stop, on_text=job.emit, cancelled=job.cancelled, retrieve_k=self.retrieve_k,
-            may_store=self.may_store)
+            may_store=self.may_store, spec=self.spec)
 
     def finish(self, completion, job, metrics, t_arrival: float) -> None:
         """Back on the loop: the server-side TTFT (queue wait included) into kvlib and metrics."""
@@ -81,12 +82,26 @@ async def plan_chat(body: schemas.ChatCompletionRequest, who, pipeline, settings
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = completion_budget(n_prompt, asked, pipeline.context_length, settings.default_max_tokens)
     retrieve = body.kvlib.retrieve if body.kvlib else None
+    spec = request_spec(body.kvlib.mode if body.kvlib else None)
     return ChatRequestPlan(
         model=body.model, messages=messages, tenant=who.tenant, may_store=not who.read_only, prompt_tokens=n_prompt,
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
         retrieve_k=retrieve.k if retrieve else None,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage))
+        include_usage=bool(body.stream_options and body.stream_options.include_usage), spec=spec)
+
+
+def request_spec(mode: str | None):
+    """kvlib.mode resolved by the one grammar, or None; a bad one is a 400 naming the field."""
+    from kvlib.errors import InputError
+    from kvlib.serve.settings import serve_spec
+
+    if mode is None:
+        return None
+    try:
+        return serve_spec(mode)
+    except InputError as exc:
+        raise ApiError(400, str(exc), "invalid_value", "kvlib.mode") from None
 
 
 def completion_budget(n_prompt: int, asked: int | None, context: int, default: int) -> int:

@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvlib.errors import InputError, KvlibError, ManifestUnavailableError
+from kvlib.errors import CalibrationMissingError, InputError, KvlibError, ManifestUnavailableError
 
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
          404: "not_found_error", 429: "rate_limit_error", 501: "not_implemented_error", 503: "server_error"}
@@ -41,17 +41,6 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def kvlib_status(exc: KvlibError) -> tuple[int, str]:
-    """(HTTP status, code) for a KvlibError that reaches a route."""
-    from kvlib.serve.pipeline import PipelineUnavailable
-
-    if isinstance(exc, PipelineUnavailable):
-        return 501, "not_implemented"
-    if isinstance(exc, ManifestUnavailableError):  # the server is degraded; it says so on /healthz
-        return 503, "manifest_unavailable"
-    return (400, "invalid_input") if isinstance(exc, InputError) else (500, "engine_error")
-
-
 def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
     """One readable line from Pydantic's error list: (message, param, code)."""
     first = (exc.errors() or [{}])[0]
@@ -65,6 +54,25 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, s
     if not loc:  # the body itself is no object: an array, a number, nothing
         return f"the request body must be a JSON object ({msg})", None, "invalid_request"
     return (f"invalid value for '{param}': {msg}" if param else msg), param, "invalid_value"
+
+
+def kvlib_error_status(exc: KvlibError) -> int:
+    from kvlib.serve.pipeline import PipelineUnavailable
+
+    if isinstance(exc, PipelineUnavailable):
+        return 501
+    if isinstance(exc, ManifestUnavailableError):  # the server is degraded; it says so on /healthz
+        return 503
+    return 400 if isinstance(exc, (InputError, CalibrationMissingError)) else 500
+
+
+def kvlib_error_body(exc: KvlibError) -> dict:
+    """The OpenAI error object of a domain error, as a response or as a stream's error event."""
+    status = kvlib_error_status(exc)
+    if isinstance(exc, CalibrationMissingError):  # the mode asked needs `kvlib calibrate` first
+        return error_body(status, str(exc), "calibration_missing", "kvlib.mode")
+    code = {501: "not_implemented", 503: "manifest_unavailable", 400: "invalid_input"}.get(status, "engine_error")
+    return error_body(status, str(exc), code)
 
 
 def install_handlers(app: FastAPI) -> None:
@@ -84,8 +92,7 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(KvlibError)
     async def _kvlib(_: Request, exc: KvlibError):
-        status, code = kvlib_status(exc)
-        return error_response(status, str(exc), code)
+        return JSONResponse(kvlib_error_body(exc), status_code=kvlib_error_status(exc))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception):

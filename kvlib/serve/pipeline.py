@@ -71,6 +71,7 @@ class Pipeline:
         self.engine, self.link, self.spec, self.misses = engine, link, spec, misses  # link: library_link.LibraryLink
         self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
         self.full_recompute = parse_mode(FULL_RECOMPUTE)
+        self.calibrations: dict = {}  # encoding -> the guard's Calibration, once the library has one
         self.index, self.embedder = index, embedder  # for the retrieve extension
         self.pending: list = []  # (tenant, segment ids) to store when the engine is idle
         self.storing = 0  # misses taken off `pending` whose store has not finished (0 or 1)
@@ -116,14 +117,17 @@ class Pipeline:
     def begin(self, messages: list[dict], tenant: str, *, max_tokens: int, temperature: float = 0.0,
               top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
               on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
-              retrieve_k: int | None = None, may_store: bool = True) -> "Pending":
+              retrieve_k: int | None = None, may_store: bool = True, spec=None) -> "Pending":
         """Segment, look up, compose, prefill, first token: an answer under way, which `step`
         decodes (together with others) and `finish` turns into a Completion.
 
         may_store is False for read-only callers (anonymous): nothing they send is stored.
+        spec: the request's own ModeSpec (kvlib.mode); default the server's.
         """
         from kvlib.segment import segment_prompt
 
+        spec = spec or self.resolved
+        calibration = self.calibration_for(spec)  # a guard without one fails before any work
         if retrieve_k is not None:
             with self.link.watching():  # retrieval needs the manifest's vectors: a 503 while it is unreachable
                 messages = self.with_retrieved(messages, tenant, retrieve_k)
@@ -131,7 +135,7 @@ class Pipeline:
         with self._tok_lock:
             ids, segments = segment_prompt(self.engine.lm.tokenizer, messages)
         t_seg = time.perf_counter()
-        layout, spec, degraded = self.lay_out(tenant, ids, segments)
+        layout, spec, degraded = self.lay_out(tenant, ids, segments, spec)
         t_lookup = time.perf_counter()
         encoded = self.encode_misses(layout) if self.misses == "isolated" else []
         t_encode = time.perf_counter()
@@ -142,17 +146,18 @@ class Pipeline:
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
-            spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup})
+            spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup},
+            calibration=calibration if degraded is None else None)
         if encoded and pending.may_store:  # after the first token, before the next request's lookup
             self.store_encoded(tenant, encoded)
         return pending
 
-    def lay_out(self, tenant: str, ids: list, segments: list):
+    def lay_out(self, tenant: str, ids: list, segments: list, spec):
         """(layout, spec, degraded reason or None): the server's spec over the library, or full
         recompute when the manifest is unreachable (the link is down, or this lookup failed)."""
         from kvlib.serve.prompt_layout import lay_out
 
-        spec, reason = self.resolved, self.link.reason
+        reason = self.link.reason
         if spec.reads_library:
             library = self.link.usable()
             if library is not None:
@@ -172,6 +177,20 @@ class Pipeline:
         except ManifestUnavailableError as exc:
             self.link.failed(exc)
             self.pending.extend((tenant, ids) for ids, _ in encoded)
+
+    def calibration_for(self, spec):
+        """A guarded spec's calibration; the library is asked again until it has one (`kvlib calibrate`
+        may run beside the server), and a guard request meanwhile is a CalibrationMissingError."""
+        from kvlib.engine.guard import load_calibration
+
+        if spec.guard is None:
+            return None
+        library = self.link.usable()
+        if library is None:  # degraded: the request is answered by full recompute, no calibration needed
+            return None
+        if spec.encoding not in self.calibrations:
+            self.calibrations[spec.encoding] = load_calibration(library, self.engine.lm, spec)
+        return self.calibrations[spec.encoding]
 
     def encode_misses(self, layout) -> list:
         """The isolated miss policy: reusable misses are encoded on their own behind E (packed), as
@@ -218,6 +237,10 @@ class Pipeline:
         for fate, n in zip(chunk_fates, gen.chunk_recomputed):
             if n:
                 fate.update(fate="recomputed" if fate["fate"] == "hit" else fate["fate"], recomputed_tokens=n)
+        if gen.guard is not None and gen.guard["fell_back"]:  # the guard recomputed every hit in full (E too)
+            for fate in fates:
+                if fate["fate"] == "hit":
+                    fate.update(fate="recomputed", recomputed_tokens=fate["tokens"])
         t = gen.timings
         return Completion(
             token_ids=list(gen.token_ids), text=decoder.text, finish_reason=finish, prompt_tokens=n_prompt,
@@ -225,7 +248,7 @@ class Pipeline:
             recomputed_tokens=gen.tokens["recomputed"], ttft_s=gen.ttft_s, timings=dict(t, decode=gen.decode_s),
             kvlib={"spec": spec.as_dict(), "mode": spec.name, "tokens": gen.tokens,
                    "ttft_split_s": {k: t[k] for k in ("segment", "lookup", "encode", "compose", "repair", "prefill")},
-                   "segments": fates})
+                   "segments": fates, **({"guard": gen.guard} if gen.guard is not None else {})})
 
     @staticmethod
     def seed_for(seed: int | None, temperature: float) -> int:

@@ -39,6 +39,7 @@ class RetrieveExtension(BaseModel):
 class KvlibExtension(BaseModel):
     model_config = ConfigDict(extra="forbid")
     retrieve: RetrieveExtension | None = None
+    mode: str | None = Field(None, min_length=1, max_length=200)  # this request's mode, e.g. rerope+guard:0.2
 
 
 class ChatCompletionRequest(BaseModel):

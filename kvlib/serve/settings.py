@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvlib.errors import InputError
+
+SERVE_BASES = ("rerope", "naive", "full")  # prefix caching is the serving engines' job, not kvlib's
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -26,5 +30,15 @@ class Settings:
 
     @property
     def spec(self) -> str:
-        """The engine spec string the pipeline resolves, e.g. 'rerope+boundary:8' or 'full'."""
+        """The engine spec string the pipeline resolves, e.g. 'rerope+boundary:8', 'rerope+guard:0.2' or 'full'."""
         return self.mode if not self.repair or self.mode == "full" else f"{self.mode}+{self.repair}"
+
+
+def serve_spec(text: str):
+    """A mode the server can answer in (the default, or a request's kvlib.mode), resolved; else an InputError."""
+    from kvlib.engine.spec import parse_mode
+
+    spec = parse_mode(text)
+    if spec.base not in SERVE_BASES:
+        raise InputError(f"mode '{text}' cannot be served: its base must be one of {', '.join(SERVE_BASES)}")
+    return spec

@@ -20,7 +20,8 @@ import json
 
 from kvlib.errors import KvlibError
 from kvlib.serve import schemas
-from kvlib.serve.errors import ApiError, error_body, kvlib_status
+from kvlib.errors import KvlibError
+from kvlib.serve.errors import ApiError, error_body, kvlib_error_body
 
 HEARTBEAT_S = 1.0
 
@@ -83,6 +84,5 @@ def error_event(exc: Exception) -> dict:
     if isinstance(exc, ApiError):
         return error_body(exc.status, exc.message, exc.code, exc.param)
     if isinstance(exc, KvlibError):
-        status, code = kvlib_status(exc)
-        return error_body(status, str(exc), code)
+        return kvlib_error_body(exc)
     return error_body(500, f"{type(exc).__name__}: {exc}", "engine_error")

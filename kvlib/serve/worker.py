@@ -102,4 +102,18 @@ def build_state(settings: Settings) -> ServerState:
     pipeline = Pipeline(engine, link, spec=settings.spec, misses=settings.misses)
     state = ServerState(settings=settings, engine=engine, link=link, pipeline=pipeline)
     pipeline.open_retrieval = state._retrieval
+    warn_without_calibration(pipeline)
     return state
+
+
+def warn_without_calibration(pipeline: Pipeline) -> None:
+    """A guard default without a calibration: every request in it is refused until one is stored; say so now."""
+    import logging
+
+    from kvlib.errors import CalibrationMissingError
+
+    try:
+        pipeline.calibration_for(pipeline.resolved)
+    except CalibrationMissingError as exc:
+        logging.getLogger("kvlib.serve").warning("%s; until then every request in mode %s is refused "
+                                                 "(calibration_missing)", exc, pipeline.resolved.name)

@@ -39,6 +39,7 @@ import sqlalchemy as sa
 
 from kvlib.config import DEFAULT_TENANT, resolve_local_bytes, resolve_manifest, resolve_store
 from kvlib.errors import InputError, NotFoundError
+from kvlib.store import calibrations as calib
 from kvlib.store import documents as docs
 from kvlib.store import reports
 from kvlib.store.blobs import FORMAT_VERSION, BlobStore, checksum_bytes, dtype_name, serialize_blob
@@ -153,6 +154,23 @@ class Library:
         with self.db.read() as conn:
             row = conn.execute(sa.select(models).where(models.c.fingerprint == fingerprint)).mappings().first()
         return None if row is None else {**row, "config": json.loads(row["config"] or "{}")}
+
+    def put_calibration(self, model_fp: str, encoding: str, payload: dict, *, method: str, confidence: float) -> None:
+        """Store (replacing) the guard's calibration of a registered model for one encoding."""
+        check_text("model_fp", model_fp)
+        check_text("encoding", encoding)
+        with self.db.write() as conn:
+            calib.put_calibration(self.db, conn, model_fp, encoding, payload, method=method, confidence=confidence,
+                                  created=now_iso())
+
+    def calibration(self, model_fp: str, encoding: str) -> dict | None:
+        """The guard's calibration payload for this model and encoding, or None."""
+        with self.db.read() as conn:
+            return calib.get_calibration(conn, model_fp, encoding)
+
+    def calibrations(self) -> list[dict]:
+        with self.db.read() as conn:
+            return calib.list_calibrations(conn)
 
     def key_for(self, *, tenant: str, public: bool, model_fp: str, context_id: str, token_ids: Any) -> ChunkKey:
         """The key `put` would give these ids: lets ingest skip encoding known chunks."""

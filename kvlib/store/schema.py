@@ -11,6 +11,7 @@ Design facts:
 - `vectors` carries retrieval's embeddings in the manifest, so a node's FAISS index can
   follow rows that another node added (retrieve/index.py). Its ids only grow, so
   `(COUNT(*), MAX(id))` changes whenever a row is added or removed: the cheap staleness check.
+- `calibrations` holds the guard's fitted predictor per (model fingerprint, encoding).
 """
 
 from __future__ import annotations
@@ -106,6 +107,20 @@ vectors = Table(
     sqlite_autoincrement=True,
 )
 
+# One calibration of the `guard:B` predictor per model and encoding (kvlib calibrate); a new
+# run replaces the old. `payload` is the Calibration as JSON (engine/calibration.py).
+calibrations = Table(
+    "calibrations", metadata,
+    Column("model_fp", Text, nullable=False),
+    Column("encoding", Text, nullable=False),
+    Column("method", Text, nullable=False),
+    Column("confidence", Float, nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("created", Text, nullable=False),
+    PrimaryKeyConstraint("model_fp", "encoding"),
+    ForeignKeyConstraint(["model_fp"], ["models.fingerprint"]),
+)
+
 _INITIAL = (tenants, models, chunks, documents, doc_chunks)
 
 
@@ -117,8 +132,13 @@ def _migrate_0002_vectors(conn) -> None:
     metadata.create_all(conn, tables=[vectors], checkfirst=True)
 
 
+def _migrate_0003_calibrations(conn) -> None:
+    metadata.create_all(conn, tables=[calibrations], checkfirst=True)
+
+
 # Append only (see the module docstring).
 MIGRATIONS: tuple[tuple[str, Callable], ...] = (
     ("0001_initial", _migrate_0001_initial),
     ("0002_vectors", _migrate_0002_vectors),
+    ("0003_calibrations", _migrate_0003_calibrations),
 )

@@ -1,0 +1,133 @@
+"""`kvlib calibrate`: fit the guard's predictor for one model on development questions.
+
+Design facts:
+- The data, tokenization, ingest and quality pass are the bench's (BenchRunner, ModeRunner):
+  each record becomes one request (its passages in the given order), answered by full and
+  by every rung of guard.LADDER through Engine.answer, its KL to full measured by the same
+  teacher-forced pass the bench uses (no attention recorded, one decoded token: only the
+  gold answer's logits matter here). The guard's features come from Engine.guard_features,
+  the very measurement a guarded answer makes.
+- Records are split at random (seeded) into three disjoint parts: `holdout` of them held
+  back, and the rest halved into a fitting part (the ridge) and a calibration part (the
+  conformal quantile; calibration.py says why). The stored calibration never saw the
+  held-back part, so the coverage reported on it is an honest check of the stated bound.
+- The calibration is stored in the library with the model's fingerprint and the encoding
+  (store/calibrations.py); a new run replaces the old one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from kvlib.engine.spec import ENCODINGS
+from kvlib.errors import InputError
+
+REPORT_BUDGETS = (0.05, 0.1, 0.2, 0.3)
+
+
+def check_options(holdout: float, confidence: float, encoding: str) -> None:
+    if not 0.0 <= holdout < 0.9:
+        raise InputError(f"--holdout must lie in [0, 0.9), got {holdout}")
+    if not 0.5 <= confidence < 1.0:
+        raise InputError(f"--confidence must lie in [0.5, 1), got {confidence}")
+    if encoding not in ENCODINGS:
+        raise InputError(f"unknown encoding '{encoding}'; choose {', '.join(ENCODINGS)}")
+
+
+def split_parts(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fit, cal, test) row indices: `holdout` of n held back, the rest halved; seeded, disjoint."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = int(round(holdout * n))
+    dev = order[n_test:]
+    return np.sort(dev[: len(dev) // 2]), np.sort(dev[len(dev) // 2:]), np.sort(order[:n_test])
+
+
+def measure_request(runner, item, rungs) -> dict:
+    """One request: the guard's features, and KL to full and TTFT for every rung (and full)."""
+    from kvlib.bench.metrics import kl_divergence
+    from kvlib.bench.runner import FULL
+
+    runner.first_read(item)
+    ref = runner.modes.run(item, FULL)
+    chunks, _ = runner.modes.load_chunks(item, rungs[0])
+    features = runner.engine.guard_features(chunks, item.suffix_ids)
+    kls, ttfts = [], []
+    for spec in rungs:
+        sample = runner.modes.run(item, spec)
+        kls.append(kl_divergence(ref.gold_logits, sample.gold_logits))
+        ttfts.append(sample.ttft)
+    features = {k: None if math.isnan(v) else v for k, v in features.items()}  # JSON: a missing one is null
+    return {"record": item.record_id, "features": features, "kl": kls, "ttft_s": ttfts + [ref.ttft]}
+
+
+def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, ctxs=None, holdout: float = 0.3,
+                  confidence: float = 0.9, encoding: str = "sink", seed: int = 0, chunk_tokens: int = 512,
+                  progress=None, engine=None) -> dict:
+    """Measure, fit, check on the held-back part, store; returns the report (with the rows measured)."""
+    from kvlib.bench.data import load_records
+    from kvlib.bench.runner import BenchConfig, BenchRunner
+    from kvlib.engine.guard import LADDER, rung_spec
+    from kvlib.rag.stack import open_stack
+
+    check_options(holdout, confidence, encoding)
+    t0 = time.perf_counter()
+    stack = open_stack(home, model=model, dtype=dtype, engine=engine)
+    try:
+        records = load_records(data, limit=limit, ctxs=ctxs, seed=seed).records
+        rungs = [rung_spec(encoding, r) for r in LADDER]
+        config = BenchConfig(modes=rungs, orders=["given"], seed=seed, max_new_tokens=1, chunk_tokens=chunk_tokens,
+                             data=str(data))
+        runner = BenchRunner(stack.engine, stack.library, config)
+        runner.modes.attention = False
+        items = runner.items(records, runner.prepare(records, progress), "given")
+        runner.warm_up(items)
+        rows = []
+        for item in items:
+            rows.append(measure_request(runner, item, rungs))
+            if progress:
+                progress("measure", 1, len(items))
+        report = fit_and_store(stack.library, stack.engine.lm, rows, holdout=holdout, confidence=confidence,
+                               encoding=encoding, seed=seed, data=str(data), ctxs=ctxs)
+    finally:
+        stack.close()
+    report["seconds"] = time.perf_counter() - t0
+    return report
+
+
+def fit_and_store(library, lm, rows: list[dict], *, holdout: float, confidence: float, encoding: str, seed: int,
+                  data: str, ctxs: int | None = None) -> dict:
+    """Fit on the fitting part, calibrate on the calibration part, check on the held-back part, store."""
+    from kvlib.engine.calibration import METHOD, evaluate, fit_calibration
+    from kvlib.engine.guard import FEATURES, LADDER
+
+    x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in FEATURES] for r in rows],
+                 dtype=float)
+    kl = np.array([r["kl"] for r in rows], dtype=float)
+    ttft = np.array([r["ttft_s"] for r in rows], dtype=float)
+    fit, cal, test = split_parts(len(rows), holdout, seed)
+    calibration = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=LADDER, confidence=confidence,
+                                  model_fp=lm.fingerprint, model_name=lm.name, encoding=encoding)
+    check = evaluate(calibration, x[test], kl[test], REPORT_BUDGETS, ttft[test]) if len(test) else None
+    report = {"model": lm.name, "fingerprint": lm.fingerprint, "encoding": encoding, "data": data, "ctxs": ctxs,
+              "method": METHOD, "confidence": confidence, "quantile": calibration.quantile,
+              "requests": len(rows), "n_fit": len(fit), "n_cal": len(cal), "n_test": len(test), "seed": seed,
+              "rungs": [{"rung": r.name or "rerope", "ridge": r.ridge, "sigma": r.sigma,
+                         "mean_kl": float(kl[:, i].mean())} for i, r in enumerate(calibration.rungs)],
+              "held_back": check}
+    calibration = dataclasses.replace(calibration, report=report)
+    library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+    library.put_calibration(lm.fingerprint, encoding, calibration.to_dict(), method=METHOD, confidence=confidence)
+    return {**report, "rows": rows}
+
+
+def write_calibrate_report(out: Path, report: dict) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "calibrate.json"
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
+    return path
