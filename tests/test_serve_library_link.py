@@ -53,3 +53,27 @@ def test_a_failed_call_degrades_until_the_watch_reaches_the_manifest(tmp_path):
 def test_retry_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="retry_s must be positive"):
         LibraryLink(lambda: Library(tmp_path), retry_s=0)
+
+
+def test_the_model_row_is_written_once_per_opened_library(tmp_path, smol_engine, monkeypatch):
+    """Stores after the first write no model row (no extra manifest transaction per request after
+    its first token), and a library opened again (after an outage) gets the row again."""
+    from kvlib.serve.pipeline import Pipeline
+
+    link = LibraryLink(lambda: Library(tmp_path), retry_s=0.2).start()
+    try:
+        pipeline = Pipeline(smol_engine, link, spec="rerope")
+        writes = []
+        real = Library.register_model
+        monkeypatch.setattr(Library, "register_model", lambda self, *a: (writes.append(self), real(self, *a)))
+        tok = smol_engine.lm.tokenizer
+        docs = ["The weir was rebuilt in 1903.", "The quay crane lifted six tons.", "The ridge is granite."]
+        assert pipeline.store_segments("alice", [tok.encode(docs[0], add_special_tokens=False)]) == 1
+        assert pipeline.store_segments("alice", [tok.encode(docs[1], add_special_tokens=False)]) == 1
+        assert writes == [link.library], "one model row write for the opened library"
+        assert link.library.model(smol_engine.lm.fingerprint)["name"] == smol_engine.lm.name
+        link.library = Library(tmp_path)  # what the link holds once it reopened the library
+        assert pipeline.store_segments("alice", [tok.encode(docs[2], add_special_tokens=False)]) == 1
+        assert writes[1:] == [link.library]
+    finally:
+        link.close()

@@ -77,6 +77,7 @@ class Pipeline:
         self.storing = 0  # misses taken off `pending` whose store has not finished (0 or 1)
         self.open_retrieval = None  # set by the server: opens the home's index and embedder on first use
         self._tok_lock = threading.Lock()
+        self._registered_in = None  # the Library object the model row was written to (once per open)
 
     @property
     def pending_stores(self) -> int:
@@ -294,7 +295,7 @@ class Pipeline:
         how many were new. ManifestUnavailableError while the manifest is unreachable."""
         from kvlib.engine.drift import drift_scores
 
-        engine, lm, library = self.engine, self.engine.lm, self.link.require()
+        engine, lm, library = self.engine, self.engine.lm, self.writable_library()
         keyed = {}
         for n, ids in enumerate(id_lists):
             key = library.key_for(tenant=tenant, public=public, model_fp=lm.fingerprint,
@@ -303,7 +304,6 @@ class Pipeline:
                 keyed[key] = n
         if not keyed:
             return 0
-        library.register_model(lm.fingerprint, lm.name, lm.config_summary)
         todo = [tuple(id_lists[n]) for n in keyed.values()]
         # packed, each chunk attending only to E and itself
         kvs = engine.encode_many(todo) if kvs is None else [kvs[n] for n in keyed.values()]
@@ -312,6 +312,16 @@ class Pipeline:
             library.put(tenant=tenant, public=public, model_fp=lm.fingerprint, context_id=engine.context_id,
                         token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids), drift_score=drift)
         return len(todo)
+
+    def writable_library(self):
+        """The open Library, with this model's row written once per opened Library (at the first
+        store after the server started or after the link reopened it), not once per store.
+        ManifestUnavailableError while the manifest is unreachable."""
+        library, lm = self.link.require(), self.engine.lm
+        if self._registered_in is not library:
+            library.register_model(lm.fingerprint, lm.name, lm.config_summary)
+            self._registered_in = library
+        return library
 
     def store_document(self, tenant: str, public: bool, text: str) -> int:
         """Store a document's prompt forms now (kvlib.segment.text_segments: the segments a chat that

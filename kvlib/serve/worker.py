@@ -51,13 +51,11 @@ class ServerState:
         from kvlib.retrieve.sources import make_doc
 
         with self.link.watching():  # an unreachable manifest: a 503, and the server degraded
-            library = self.link.require()
+            library = self.pipeline.writable_library()
             index, embedder = self._retrieval()
             name = name or hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
             doc = make_doc(DOCUMENT_PREFIX + name, text)
             ingestor = Ingestor(self.engine, library, index, embedder, tenant, public, chunk_tokens)
-            lm = self.engine.lm
-            library.register_model(lm.fingerprint, lm.name, lm.config_summary)
             report = IngestReport(files=1)
             ingestor.ingest_document(doc, report, NullProgress())
             index.save()
