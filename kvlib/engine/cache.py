@@ -72,7 +72,7 @@ class BufferPool:
         for old in sorted((b for b in self.buffers if self._free(b)), key=lambda b: -b.numel()):
             if total + size <= self.max_bytes:
                 break
-            self.buffers.remove(old)
+            self.buffers = [b for b in self.buffers if b is not old]  # by identity: == on tensors compares values
             total -= old.numel() * old.element_size()
         if total + size <= self.max_bytes:
             self.buffers.append(buf)
