@@ -146,6 +146,19 @@ def test_corrupt_blob_is_detected_on_get_inspect_and_verify(library):
     assert put_chunk(library, 9).new and library.verify() == []
 
 
+def test_find_many_finds_what_the_tenant_sees_and_counts_no_use_until_touched(library):
+    public, secret, corrupt = (put_chunk(library, 30).key, put_chunk(library, 31, tenant="alice", public=False).key,
+                               put_chunk(library, 32).key)
+    _flip_bytes(next(p for p in blob_files(library.home) if p.stem == corrupt.hex))
+    asked = [public, secret, corrupt, UNKNOWN_KEY]
+    assert set(library.find_many(asked, "alice")) == {public.hex, secret.hex}, "a corrupt blob is left out"
+    bob = library.find_many(asked, "bob")
+    assert set(bob) == {public.hex} and torch.equal(bob[public.hex].v, make_chunk(30)[2])
+    assert library.inspect(public, "bob")["hits"] == 0, "finding is not using"
+    library.touch([public, public.hex])
+    assert library.inspect(public, "bob")["hits"] == 1, "one use per chunk per touch"
+
+
 def test_truncated_and_missing_blobs_are_problems(library):
     truncated, missing = put_chunk(library, 10).key, put_chunk(library, 11).key
     library.blobs.path_for(truncated).write_bytes(b"\x00" * 5)

@@ -151,7 +151,17 @@ class Pipeline:
             calibration=calibration if degraded is None else None)
         if encoded and pending.may_store:  # after the first token, before the next request's lookup
             self.store_encoded(tenant, encoded)
+        self.touch_served(layout)
         return pending
+
+    def touch_served(self, layout) -> None:
+        """Count the uses of the hits a request was served (eviction's recency), after its first token."""
+        if layout.lookup is None:
+            return
+        try:
+            layout.lookup.touch_served()
+        except ManifestUnavailableError as exc:  # a lost use count; the answer is already under way
+            self.link.failed(exc)
 
     def lay_out(self, tenant: str, ids: list, segments: list, spec):
         """(layout, spec, degraded reason or None): the server's spec over the library, or full

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlib.engine.compose import ChunkKV
-from kvlib.errors import CorruptBlobError, NotFoundError
 from kvlib.segment import spacing_variant
 
 
@@ -37,6 +36,7 @@ class Layout:
     fates: list = field(default_factory=list)  # per piece: {"kind", "tokens", "fate"}
     to_store: list = field(default_factory=list)  # token-id tuples of reusable misses
     store_at: list = field(default_factory=list)  # their indices in chunks
+    lookup: object = None  # the Lookup that served the hits (touch_served after the first token)
 
     def add(self, kind: str, token_ids: tuple, stored, skip: int = 0) -> None:
         """One piece: a hit on `stored` (its KV from token `skip` on) or, with stored None, a miss."""
@@ -63,19 +63,43 @@ def split_at(segments: list, cut: int) -> list:
     return out
 
 
-def lookup(library, engine, tenant: str, ids: tuple):
-    """A visible stored chunk with these ids (private to the tenant, else public), or None."""
-    lm = engine.lm
-    for public in (False, True):
-        key = library.key_for(tenant=tenant, public=public, model_fp=lm.fingerprint,
-                              context_id=engine.context_id, token_ids=ids)
-        try:
-            stored = library.get(key, tenant)
-        except (NotFoundError, CorruptBlobError):
-            continue
-        if stored.model_fp == lm.fingerprint:
-            return stored
-    return None
+class Lookup:
+    """The library's stored chunks for a prompt's segments, found in one manifest query per round
+    (the tenant's private key, salted per tenant, before the public one); what it served is
+    touched once, after the first token (touch_served), off the request's critical path."""
+
+    def __init__(self, library, engine, tenant: str):
+        self.library, self.engine, self.tenant = library, engine, tenant
+        self.found: dict = {}  # token ids -> StoredChunk or None
+        self.served: list = []  # keys of the chunks a layout used
+
+    def _keys(self, ids: tuple) -> list:
+        lm = self.engine.lm
+        return [self.library.key_for(tenant=self.tenant, public=public, model_fp=lm.fingerprint,
+                                     context_id=self.engine.context_id, token_ids=ids) for public in (False, True)]
+
+    def fetch(self, id_lists) -> None:
+        """Look up every id tuple not looked up yet, all in one query."""
+        todo = {ids: self._keys(ids) for ids in id_lists if ids not in self.found}
+        if not todo:
+            return
+        stored = self.library.find_many([k for keys in todo.values() for k in keys], self.tenant)
+        fp = self.engine.lm.fingerprint
+        for ids, keys in todo.items():
+            hits = [stored[k.hex] for k in keys if k.hex in stored and stored[k.hex].model_fp == fp]
+            self.found[ids] = hits[0] if hits else None
+
+    def get(self, ids: tuple):
+        """A visible stored chunk with these ids (fetched before), or None; counted as served."""
+        stored = self.found.get(ids)
+        if stored is not None:
+            self.served.append(stored.key)
+        return stored
+
+    def touch_served(self) -> None:
+        if self.served:
+            self.library.touch(self.served)
+            self.served = []
 
 
 def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: bool) -> Layout:
@@ -89,16 +113,23 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
     out = Layout(context=context, chunks=[], suffix=ids[max(body_end, len(e_ids) if opens_with_e else 0):])
     if opens_with_e:  # without reuse (full recompute) E is prefilled with the rest
         out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit" if reuse else "computed"})
+    found = Lookup(library, engine, tenant) if reuse else None
+    out.lookup = found
+    wanted = [s.token_ids for s in body if reuse and s.reusable]
+    if found is not None:
+        found.fetch(wanted)
+        variants = {ids: spacing_variant(engine.lm.tokenizer, ids) for ids in wanted if found.found[ids] is None}
+        found.fetch(v[0] for v in variants.values() if v is not None)  # a second round only for misses
     for s in body:
         if not (reuse and s.reusable):
             out.add(s.kind, s.token_ids, None)
             continue
-        stored = lookup(library, engine, tenant, s.token_ids)
+        stored = found.get(s.token_ids)
         if stored is not None:
             out.add(s.kind, s.token_ids, stored)
             continue
-        variant = spacing_variant(engine.lm.tokenizer, s.token_ids)
-        stored = lookup(library, engine, tenant, variant[0]) if variant is not None else None
+        variant = variants[s.token_ids]
+        stored = found.get(variant[0]) if variant is not None else None
         if stored is None:
             out.add(s.kind, s.token_ids, None)
             out.to_store.append(s.token_ids)  # a server without reuse stores nothing either

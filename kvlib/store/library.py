@@ -38,7 +38,7 @@ from typing import Any, Iterable
 import sqlalchemy as sa
 
 from kvlib.config import DEFAULT_TENANT, resolve_local_bytes, resolve_manifest, resolve_store
-from kvlib.errors import InputError, NotFoundError
+from kvlib.errors import CorruptBlobError, InputError, NotFoundError
 from kvlib.store import calibrations as calib
 from kvlib.store import documents as docs
 from kvlib.store import reports
@@ -296,10 +296,29 @@ class Library:
         for key in wanted:
             if key.hex not in loaded:
                 loaded[key.hex] = self._load(key, rows[key.hex])
-        with self.db.write() as conn:
-            self.db.lock_keys(conn, list(loaded))
-            docs.touch(conn, list(loaded), hit=True)
+        self.touch(list(loaded))
         return [loaded[key.hex] for key in wanted]
+
+    def find_many(self, keys: Iterable[ChunkKey | str], tenant: str = DEFAULT_TENANT) -> dict[str, StoredChunk]:
+        """The stored chunks among `keys` that the tenant sees, by key hex, in one manifest query;
+        a key not stored, not visible, or whose blob is missing or corrupt is left out (`kvlib
+        verify` reports the latter). Counts no use: the caller touches what it served (touch)."""
+        wanted = {key.hex: key for key in map(as_key, keys)}
+        found: dict[str, StoredChunk] = {}
+        for hexkey, row in self._visible_rows(list(wanted), tenant).items():
+            try:
+                found[hexkey] = self._load(wanted[hexkey], row)
+            except CorruptBlobError:
+                continue
+        return found
+
+    def touch(self, keys: Iterable[ChunkKey | str]) -> None:
+        """Count one use of each chunk now (recency and hits for eviction), in one transaction."""
+        hexkeys = sorted({as_key(key).hex for key in keys})
+        if hexkeys:
+            with self.db.write() as conn:
+                self.db.lock_keys(conn, hexkeys)
+                docs.touch(conn, hexkeys, hit=True)
 
     def set_drift_score(self, key: ChunkKey | str, score: float | None) -> None:
         """Record how far this chunk's cached KV drifts from a full recompute (repair's measure)."""
