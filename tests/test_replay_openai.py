@@ -60,6 +60,31 @@ def test_reordered_documents_hand_worked(tok):
     assert out.new == len(ids2) - prefix - library and out.fixed == 0
 
 
+def test_a_document_in_its_other_spacing_is_served_all_but_its_first_word(tok):
+    """Pasted as a block of its own, then behind a `Document [n](Title: T)` header on the same line
+    (first token spaced): as the server does, the library serves the tail the two forms share, and
+    stores nothing for the header form, so a third request in that form is served the same way."""
+    from kvlib.segment import spacing_variant
+
+    blocks = [{"role": "user", "content": "\n\n".join(p for _, p in PASSAGES) + "\n\nQuestion: Where is Kell?"}]
+    headed = rag_messages([2, 0, 1], "Where is Ostrand?")
+    _, segs1 = segment_prompt(tok, blocks)
+    _, segs2 = segment_prompt(tok, headed)
+    seen = {s.token_ids for s in segs1 if s.reusable}
+    docs = [s for s in segs2 if s.kind == "document" and s.reusable]
+    assert docs and not seen & {s.token_ids for s in docs}, "the header form's ids differ"
+    tails = [spacing_variant(tok, s.token_ids) for s in docs]
+    expected = sum(shared for alt, shared in filter(None, tails) if alt in seen)
+    assert expected >= sum(len(s.token_ids) for s in docs) - 4 * len(docs), "every document but its first word"
+    acc = Accountant()
+    acc.observe(prepare_openai(request(blocks), tok))
+    second = acc.observe(prepare_openai(request(headed), tok))
+    third = acc.observe(prepare_openai(request(headed), tok))
+    assert (second.prefix, second.library, second.library_any) == (0, expected, expected)
+    assert third.library_any == expected + sum(len(s.token_ids) for s in segs2 if s.reusable and s.kind != "document"
+                                               and s.token_ids not in seen), "the header forms were not stored"
+
+
 def test_openai_log_forms_types_timestamps_and_malformed_lines(tmp_path):
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
     lines = [json.dumps(body),

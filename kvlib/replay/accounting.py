@@ -7,6 +7,9 @@ Design facts:
 - The library is looked up and updated for every reusable segment whatever the prefix cache
   did, so its state (and `library_any`, what a library alone would serve) does not depend on
   the prefix cache; kvlib would use the prefix cache for what it covers and the library after.
+- A reusable segment whose exact ids miss is served from its other leading spacing when
+  that is stored (all but the first word's tokens), and is then not stored itself: what
+  the server does (serve/prompt_layout.py, segment.spacing_variant).
 - Lookups happen before this request's inserts: a segment repeated inside one prompt is not
   a hit (the server stores misses after the response).
 - The CacheBlend-style baseline (fixed 256-token chunks) keeps its own LRU store of the same
@@ -78,9 +81,9 @@ class Accountant:
         per_kind = []
         for p in req.pieces:
             in_prefix = max(0, min(p.start + p.tokens, covered) - p.start)
-            found = p.reusable and p.key in self.library
-            library_any += p.tokens if found else 0
-            served = p.tokens - in_prefix if found else 0
+            found = self._found(p)  # tokens of p the library holds: all, the shared tail of its other spacing, none
+            library_any += found
+            served = max(0, p.start + p.tokens - max(p.start + p.tokens - found, covered)) if found else 0
             library += served
             new += p.tokens - in_prefix - served
             per_kind.append((p.kind, p.tokens, in_prefix, served))
@@ -89,6 +92,15 @@ class Accountant:
         out = Outcome(req.tokens, covered, library, new, library_any, fixed)
         self._record(req, out, per_kind)
         return out
+
+    def _found(self, p) -> int:
+        """How many of a piece's tokens (its last ones) the library serves: as the server looks it up,
+        the exact ids, else the other leading spacing's shared tail (the first word is computed)."""
+        if not p.reusable:
+            return 0
+        if p.key in self.library:
+            return p.tokens
+        return p.alt_tokens if p.alt_key is not None and p.alt_key in self.library else 0
 
     def _fixed_beyond(self, req: Prepared, covered: int) -> int:
         served = 0
@@ -108,6 +120,8 @@ class Accountant:
                 continue
             if p.key in self.library:
                 self.library.hit(p.key, p.start)
+            elif p.alt_key is not None and p.alt_key in self.library:
+                self.library.hit(p.alt_key, p.start)  # served from the other spacing: this one is not stored
             else:
                 self.library.add(p.key, p.tokens, p.start)
                 self.unique_tokens += p.tokens if self.capacity is None else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from kvlib.replay.traces import TraceRequest
-from kvlib.segment import DEFAULT_POLICY, SegmentPolicy, segment_key, segment_prompt
+from kvlib.segment import DEFAULT_POLICY, SegmentPolicy, segment_key, segment_prompt, spacing_variant
 
 PREFIX_BLOCK = 16  # tokens per prefix-cache block, vLLM's and SGLang's default
 FIXED_CHUNK = 256  # tokens per chunk of the CacheBlend-style matcher
@@ -31,6 +31,8 @@ class Piece:
     start: int
     tokens: int
     reusable: bool
+    alt_key: bytes | None = None  # the same text in its other leading spacing (segment.spacing_variant)
+    alt_tokens: int = 0  # the trailing tokens the two forms share: what a hit on alt_key serves
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,17 @@ def fixed_chunks(ids: Sequence[int], size: int = FIXED_CHUNK) -> list[bytes]:
 
 def prepare_openai(req: TraceRequest, tokenizer, policy: SegmentPolicy = DEFAULT_POLICY) -> Prepared:
     ids, segments = segment_prompt(tokenizer, list(req.messages), policy)
-    pieces = tuple(Piece(s.kind, segment_key(s.token_ids), s.start, len(s.token_ids), s.reusable) for s in segments)
+    pieces = tuple(_piece(tokenizer, s) for s in segments)
     return Prepared(t=req.t, session=req.session, tokens=len(ids), nodes=tuple(block_nodes(ids)),
                     pieces=pieces, fixed=tuple(fixed_chunks(ids)))
+
+
+def _piece(tokenizer, s) -> Piece:
+    """A segment as the library sees it; a reusable one also under its other spacing, which the
+    server looks up when the exact ids miss (serve/prompt_layout.py)."""
+    variant = spacing_variant(tokenizer, s.token_ids) if s.reusable else None
+    alt_key, alt_tokens = (segment_key(variant[0]), variant[1]) if variant is not None else (None, 0)
+    return Piece(s.kind, segment_key(s.token_ids), s.start, len(s.token_ids), s.reusable, alt_key, alt_tokens)
 
 
 def _segment_fixed(req: TraceRequest, size: int) -> list[bytes]:
