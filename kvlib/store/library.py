@@ -120,6 +120,7 @@ class Library:
         self._unclaimed: set[str] = set()
         self._writer = BlobWriter()  # stages blobs beside the caller for put_begin(background=True)
         self._pending: set[PendingPut] = set()  # begun, neither published nor discarded
+        self._salts: dict[str, str] = {}  # tenant -> key salt; a tenant's salt never changes once made
 
     def close(self) -> None:
         self.discard_puts(list(self._pending))
@@ -428,8 +429,10 @@ class Library:
         check_tenant(tenant)
         if public or tenant == DEFAULT_TENANT:
             return PUBLIC_OWNER, ""
-        with self.db.write() as conn:
-            return tenant, tenant_salt(self.db, conn, tenant)
+        if tenant not in self._salts:  # one write transaction per tenant and handle, not one per key
+            with self.db.write() as conn:
+                self._salts[tenant] = tenant_salt(self.db, conn, tenant)
+        return tenant, self._salts[tenant]
 
     def _row(self, key: ChunkKey, conn: sa.Connection | None = None) -> dict | None:
         query = sa.select(chunks).where(chunks.c.key == key.hex)
