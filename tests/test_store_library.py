@@ -338,3 +338,47 @@ def test_direct_write_is_exact_to_the_byte(tmp_path):
     if not _write_direct(target, data):
         pytest.skip("this filesystem refuses O_DIRECT; the buffered path is tested above")
     assert target.read_bytes() == data
+
+
+
+def _resident_share(path) -> float:
+    """Share of a file's pages in the page cache: mincore(2) over a private mapping of it."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    status = ctypes.create_string_buffer(pages)
+    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+        anchor = ctypes.c_char.from_buffer(mapped)  # its address is the mapping's; maps no page in
+        failed = libc.mincore(ctypes.addressof(anchor), size, status)
+        del anchor  # the mapping cannot close while exported
+    if failed:
+        pytest.skip(f"mincore failed here (errno {ctypes.get_errno()})")
+    return sum(b & 1 for b in status.raw) / pages
+
+
+def test_a_blob_read_soon_is_in_the_page_cache_and_a_direct_one_is_not(library):
+    """The server's stores (read_soon) are read back into the page cache by the kernel, so the next
+    turn does not wait on the disk; ingest's direct writes leave the cache to the blobs in use."""
+    import time
+
+    from kvlib.store.blobs import _write_direct
+
+    probe = library.home / "direct-probe"
+    probe.touch()
+    if not _write_direct(probe, os.urandom(4096)):
+        pytest.skip("this filesystem refuses O_DIRECT, so every blob write is buffered (cached)")
+    shares = {}
+    for seed, read_soon in ((21, False), (22, True)):
+        token_ids, k_sem, v = make_chunk(seed, tokens=512)  # a blob of many pages
+        r = library.put(tenant="public", public=True, model_fp=MODEL_FP, context_id=CONTEXT_ID,
+                        token_ids=token_ids, k_sem=k_sem, v=v, read_soon=read_soon)
+        path = library.blobs.path_for(r.key)
+        deadline = time.monotonic() + 5
+        while (share := _resident_share(path)) < 0.9 and read_soon and time.monotonic() < deadline:
+            time.sleep(0.05)  # readahead is asynchronous
+        shares[read_soon] = share
+    assert shares[True] >= 0.9 and shares[False] < 0.1, shares  # readahead may skip the last partial page

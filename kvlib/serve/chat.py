@@ -2,7 +2,8 @@
 
 Everything a request can be refused for is decided here, before it takes a queue slot:
 the model name, unsupported fields, non-text content, and the context length, which needs
-the rendered prompt's length (the chat template runs in the threadpool, not on the loop).
+the rendered prompt's length. The prompt is rendered and cut into segments here, in the
+threadpool (not on the loop), and the engine thread uses those segments as they are.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ class ChatRequestPlan:
     retrieve_k: int | None
     include_usage: bool
     spec: object = None  # the request's own mode (kvlib.mode), resolved; None: the server's default
+    segmented: object = None  # pipeline.Segmented: the prompt cut before it was queued
 
     def run(self, state, job):
         """On the engine thread, alone: begin, decode to the end, the Completion."""
@@ -46,7 +48,7 @@ class ChatRequestPlan:
         return state.pipeline.begin(
             self.messages, self.tenant, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             seed=self.seed, stop=self.stop, on_text=job.emit, cancelled=job.cancelled, retrieve_k=self.retrieve_k,
-            may_store=self.may_store, spec=self.spec)
+            may_store=self.may_store, spec=self.spec, segmented=self.segmented)
 
     def finish(self, completion, job, metrics, t_arrival: float) -> None:
         """Back on the loop: the server-side TTFT (queue wait included) into kvlib and metrics."""
@@ -78,7 +80,8 @@ async def plan_chat(body: schemas.ChatCompletionRequest, who, pipeline, settings
         messages, stops = schemas.message_dicts(body), schemas.stop_list(body)
     except ValueError as exc:
         raise ApiError(400, str(exc), "invalid_value") from None
-    n_prompt = len(await run_in_threadpool(pipeline.prompt_ids, messages))
+    segmented = await run_in_threadpool(pipeline.segment, messages)
+    n_prompt = len(segmented.ids)
     asked = body.max_completion_tokens or body.max_tokens
     max_tokens = completion_budget(n_prompt, asked, pipeline.context_length, settings.default_max_tokens)
     retrieve = body.kvlib.retrieve if body.kvlib else None
@@ -88,7 +91,8 @@ async def plan_chat(body: schemas.ChatCompletionRequest, who, pipeline, settings
         max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p, seed=body.seed, stop=stops,
         retrieve_k=retrieve.k if retrieve else None,
-        include_usage=bool(body.stream_options and body.stream_options.include_usage), spec=spec)
+        include_usage=bool(body.stream_options and body.stream_options.include_usage), spec=spec,
+        segmented=segmented)
 
 
 def request_spec(mode: str | None):

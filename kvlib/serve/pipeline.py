@@ -1,8 +1,8 @@
 """The one place where the server turns messages into a completion: segments, the library, the door.
 
 Design facts:
-- Everything else in kvlib/serve calls `Pipeline.prompt_ids` and `Pipeline.complete` and
-  reads a `Completion`; nothing else knows how the prompt's KV came to be.
+- Everything else in kvlib/serve calls `Pipeline.segment` and `Pipeline.complete` (or
+  begin/step/finish) and reads a `Completion`; nothing else knows how the prompt's KV came to be.
 - The messages are rendered with the model's chat template and cut by the segmenter that
   replay uses (kvlib/segment.py); prompt_layout.py looks the reusable segments up in the
   library and lays the prompt out for Engine.answer, the engine's one door (hits rotated
@@ -24,9 +24,10 @@ Design facts:
   under the `full` spec, with `"degraded": true` and the reason in its `kvlib` object; nothing
   is stored, and misses that waited from before the outage (or whose store it cut off) are
   stored once it is over.
-- The tokenizer is shared with the HTTP threads (prompt_ids runs there for the context
-  check before a request is queued); HF fast tokenizers are not safe to call from two
-  threads at once, so every use takes `_tok_lock`.
+- The tokenizer is shared with the HTTP threads: `segment` runs there before a request is
+  queued (its length decides the context check, and its segments are handed to `begin`, so
+  the engine thread neither renders nor cuts the prompt again). HF fast tokenizers are not
+  safe to call from two threads at once, so every use takes `_tok_lock`.
 """
 
 from __future__ import annotations
@@ -97,12 +98,15 @@ class Pipeline:
         """Longest prompt + completion the model's positions allow."""
         return int(getattr(self.engine.lm.hf.config, "max_position_embeddings", 2048))
 
-    def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """The ids full recompute would see: the chat template with the assistant header."""
-        from kvlib.segment import render_prompt
+    def segment(self, messages: list[dict]) -> "Segmented":
+        """The ids full recompute would see (the chat template with the assistant header) and the
+        segments that tile them (kvlib/segment.py), with the seconds it took."""
+        from kvlib.segment import segment_prompt
 
+        t0 = time.perf_counter()
         with self._tok_lock:
-            return render_prompt(self.engine.lm.tokenizer, messages)
+            ids, segments = segment_prompt(self.engine.lm.tokenizer, messages)
+        return Segmented(ids, segments, time.perf_counter() - t0)
 
     def decode(self, ids: list[int]) -> str:
         with self._tok_lock:
@@ -118,23 +122,26 @@ class Pipeline:
     def begin(self, messages: list[dict], tenant: str, *, max_tokens: int, temperature: float = 0.0,
               top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
               on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
-              retrieve_k: int | None = None, may_store: bool = True, spec=None) -> "Pending":
+              retrieve_k: int | None = None, may_store: bool = True, spec=None,
+              segmented: "Segmented | None" = None) -> "Pending":
         """Segment, look up, compose, prefill, first token: an answer under way, which `step`
         decodes (together with others) and `finish` turns into a Completion.
 
         may_store is False for read-only callers (anonymous): nothing they send is stored.
         spec: the request's own ModeSpec (kvlib.mode); default the server's.
+        segmented: `segment(messages)`, done before the request was queued; the retrieve
+        extension changes the messages, so then they are cut again here.
         """
-        from kvlib.segment import segment_prompt
-
         spec = spec or self.resolved
         calibration = self.calibration_for(spec)  # a guard without one fails before any work
         if retrieve_k is not None:
             with self.link.watching():  # retrieval needs the manifest's vectors: a 503 while it is unreachable
                 messages = self.with_retrieved(messages, tenant, retrieve_k)
         t0 = time.perf_counter()
-        with self._tok_lock:
-            ids, segments = segment_prompt(self.engine.lm.tokenizer, messages)
+        ahead = segmented is not None and retrieve_k is None  # cut before the request was queued
+        if not ahead:
+            segmented = self.segment(messages)
+        ids, segments = segmented.ids, segmented.segments
         t_seg = time.perf_counter()
         layout, spec, degraded = self.lay_out(tenant, ids, segments, spec)
         t_lookup = time.perf_counter()
@@ -142,7 +149,7 @@ class Pipeline:
         t_encode = time.perf_counter()
         pending = Pending(decoder=TextStream(self, stop, on_text), layout=layout, n_prompt=len(ids),
                           max_tokens=max_tokens, tenant=tenant, may_store=may_store and degraded is None,
-                          spec=spec, degraded=degraded)
+                          spec=spec, degraded=degraded, segmented_before_s=segmented.seconds if ahead else 0.0)
         pending.answering = self.engine.begin(
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
@@ -233,13 +240,16 @@ class Pipeline:
         if pending.may_store:
             self.pending.extend((pending.tenant, ids) for ids in pending.layout.to_store)
         done = self.completion(pending.answering.finish(), pending.decoder, pending.tokens, pending.layout,
-                               pending.n_prompt, pending.max_tokens, pending.spec)
+                               pending.n_prompt, pending.max_tokens, pending.spec, pending.segmented_before_s)
         done.kvlib["degraded"] = pending.degraded is not None
         if pending.degraded is not None:
             done.kvlib["degraded_reason"] = pending.degraded
         return done
 
-    def completion(self, gen, decoder, tokens, layout, n_prompt: int, max_tokens: int, spec) -> Completion:
+    def completion(self, gen, decoder, tokens, layout, n_prompt: int, max_tokens: int, spec,
+                   segmented_before_s: float = 0.0) -> Completion:
+        """ttft_s runs from begin; segmentation done before the request was queued (the server's
+        TTFT holds it, from the request's arrival) is added to the "segment" stage."""
         if not (decoder.stopped or gen.cancelled):
             decoder.flush()
         finish = "stop" if gen.stopped or decoder.stopped else "cancelled" if gen.cancelled else "length"
@@ -252,7 +262,7 @@ class Pipeline:
             for fate in fates:
                 if fate["fate"] == "hit":
                     fate.update(fate="recomputed", recomputed_tokens=fate["tokens"])
-        t = gen.timings
+        t = dict(gen.timings, segment=gen.timings["segment"] + segmented_before_s)
         return Completion(
             token_ids=list(gen.token_ids), text=decoder.text, finish_reason=finish, prompt_tokens=n_prompt,
             cached_tokens=gen.tokens["cached"], computed_tokens=gen.tokens["computed"],
@@ -320,7 +330,8 @@ class Pipeline:
         drifts = drift_scores(lm, engine.context, [(engine.lead, kv) for kv in kvs])  # behind the neutral lead-in
         for ids, kv, drift in zip(todo, kvs, drifts):
             library.put(tenant=tenant, public=public, model_fp=lm.fingerprint, context_id=engine.context_id,
-                        token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids), drift_score=drift)
+                        token_ids=ids, k_sem=kv.k_sem, v=kv.v, text_preview=engine.decode(ids), drift_score=drift,
+                        read_soon=True)  # the conversation's next turn asks for it
         return len(todo)
 
     def writable_library(self):
@@ -356,6 +367,15 @@ class Pipeline:
         return out
 
 
+@dataclass
+class Segmented:
+    """A prompt rendered and cut: its ids, the segments tiling them, and the seconds that took."""
+
+    ids: list
+    segments: list
+    seconds: float
+
+
 @dataclass(eq=False)
 class Pending:
     """One request's answer under way (Pipeline.begin): the engine's Answering and the text it streams."""
@@ -368,6 +388,7 @@ class Pending:
     may_store: bool
     spec: object = None  # the ModeSpec it is answered under: the server's, or full recompute while degraded
     degraded: str | None = None  # why the manifest was unreachable, when it was
+    segmented_before_s: float = 0.0  # seconds the prompt's segmentation took before it was queued
     answering: object = None  # session.Answering
     tokens: list = field(default_factory=list)
 

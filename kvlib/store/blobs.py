@@ -12,7 +12,11 @@ padded to 4 KiB, then truncated to size): a blob is megabytes that no one reads
 right away, so it bypasses the page cache instead of evicting hot blobs, and the
 copy costs the CPU little (on this project's VM a buffered write of a fresh 4 MB
 blob took 5-10 ms of CPU, a direct one 0.5 ms). Where O_DIRECT is refused the
-write is buffered as before. A reader therefore sees
+write is buffered as before. A blob that will be read soon (`read_soon`: the server
+stores a conversation's new documents, which its next turn asks for seconds later) is
+still written direct, then handed to the kernel's readahead (POSIX_FADV_WILLNEED), so
+the page cache fills in the background instead of the next read waiting on the disk
+(on this VM: 10-13 ms for a 4 MB blob, against 0.5 ms from the cache). A reader therefore sees
 either no blob or a whole one, never a partial one. The staging writer holds an
 flock on its temp file until it publishes, so `gc` can tell a live writer's temp
 file from a crashed one's: a crashed process's locks die with it.
@@ -156,8 +160,9 @@ class BlobStore:
     def file_checksum(self, key: ChunkKey) -> str | None:
         return checksum_file(self.path_for(key))
 
-    def stage(self, key: ChunkKey, data: bytes) -> StagedBlob:
-        """Write `data` to a locked temp file next to the blob's final name."""
+    def stage(self, key: ChunkKey, data: bytes, read_soon: bool = False) -> StagedBlob:
+        """Write `data` to a locked temp file next to the blob's final name; with read_soon, also
+        start reading it back into the page cache (the write itself bypassed it)."""
         final = self.path_for(key)
         self._ensure_dir(final.parent)
         for _ in range(_STAGE_ATTEMPTS):
@@ -170,6 +175,8 @@ class BlobStore:
                     handle.truncate(len(data))  # a failed direct write may have left padding
                     handle.flush()
                     os.fsync(handle.fileno())
+                elif read_soon and hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_WILLNEED)  # 0: to the end
                 return StagedBlob(final, Path(name), handle)
             handle.close()
         raise KvlibError(f"could not stage blob {key.short}: its temp files kept disappearing")

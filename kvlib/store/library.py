@@ -199,18 +199,24 @@ class Library:
     def put(
         self, *, tenant: str, public: bool, model_fp: str, context_id: str, token_ids: Any,
         k_sem: Any, v: Any, text_preview: str = "", meta: dict | None = None, drift_score: float | None = None,
+        read_soon: bool = False,
     ) -> PutResult:
-        """Store one chunk's semantic K and V; skips the write if an intact copy exists."""
+        """Store one chunk's semantic K and V; skips the write if an intact copy exists.
+        read_soon: it will be read again shortly (put_begin)."""
         return self.finish_puts([self.put_begin(
             tenant=tenant, public=public, model_fp=model_fp, context_id=context_id, token_ids=token_ids,
-            k_sem=k_sem, v=v, text_preview=text_preview, meta=meta, drift_score=drift_score)])[0]
+            k_sem=k_sem, v=v, text_preview=text_preview, meta=meta, drift_score=drift_score, read_soon=read_soon)])[0]
 
     def put_begin(
         self, *, tenant: str, public: bool, model_fp: str, context_id: str, token_ids: Any,
         k_sem: Any, v: Any, text_preview: str = "", meta: dict | None = None, drift_score: float | None = None,
-        background: bool = False,
+        background: bool = False, read_soon: bool = False,
     ) -> PendingPut:
         """Validate a put and stage its blob (on the writer thread when `background`).
+
+        read_soon: the blob will be read again shortly (the server's new documents, which a
+        conversation's next turn asks for), so it is read back into the page cache in the
+        background rather than left to the next read (store/blobs.py).
 
         Nothing is visible until `finish_puts` publishes it; `discard_puts` drops it.
         The tensors must not change until then.
@@ -236,7 +242,7 @@ class Library:
 
         def stage() -> Staged:
             data = serialize_blob(k_sem=k_sem, v=v, token_ids=token_tensor, metadata=header)
-            return Staged(self.blobs.stage(key, data), len(data), checksum_bytes(data))
+            return Staged(self.blobs.stage(key, data, read_soon), len(data), checksum_bytes(data))
 
         pending = PendingPut(key, record, self._writer.submit(stage, background), drift_score=drift_score)
         self._pending.add(pending)

@@ -94,8 +94,8 @@ class TieredBlobs:
     def file_checksum(self, key: ChunkKey) -> str | None:
         return self.local.file_checksum(key)
 
-    def stage(self, key: ChunkKey, data: bytes) -> StagedBlob:
-        return self.local.stage(key, data)
+    def stage(self, key: ChunkKey, data: bytes, read_soon: bool = False) -> StagedBlob:
+        return self.local.stage(key, data, read_soon)
 
     def publish(self, staged: StagedBlob, key: ChunkKey, checksum: str) -> None:
         """Into the local tier, into the queue (durably), then to the store if it answers."""
