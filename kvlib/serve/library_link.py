@@ -128,7 +128,7 @@ def library_opener(settings) -> Callable[[], object]:
     from kvlib.store.library import Library
 
     return lambda: Library(settings.home, store=settings.store, manifest=settings.manifest,
-                           local_bytes=settings.local_bytes)
+                           local_bytes=settings.local_bytes, recent_bytes=settings.recent_bytes)
 
 
 def sync_loop_for(settings):

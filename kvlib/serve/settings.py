@@ -27,6 +27,7 @@ class Settings:
     local_bytes: int | None = None  # the local tier's budget with a remote store (None = KVLIB_LOCAL_BYTES / 2 GiB)
     manifest_retry_s: float = 5.0  # while degraded, how often the manifest is tried again
     sync_interval_s: float = 30.0  # how often the upload queue is retried in the background (0: never)
+    recent_bytes: int = 64 << 20  # just-stored KV kept in memory for the next turn's read (store/recent.py)
 
     @property
     def spec(self) -> str:

@@ -9,6 +9,7 @@ Design facts:
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import sqlalchemy as sa
@@ -16,10 +17,13 @@ import sqlalchemy as sa
 from kvlib.config import DEFAULT_TENANT
 from kvlib.errors import InputError, NotFoundError
 from kvlib.store import reports
+from kvlib.store.blobs import dtype_name
 from kvlib.store.manifest import now_iso
 from kvlib.store.schema import chunks, doc_chunks, documents
+from kvlib.store.validate import to_json
 
 SQL_BATCH = 500
+PREVIEW_CHARS = 240  # of a chunk's text, in its manifest row
 
 
 def visible_rows(conn: sa.Connection, keys: list[str], owners: tuple[str, str]) -> dict[str, dict]:
@@ -92,3 +96,27 @@ def remove_document(conn: sa.Connection, tenant: str, path: str, public: bool | 
         raise InputError(f"document {path} exists both private and public: say which to remove")
     delete_documents(conn, [found[0][0]])
     return found[0][0]
+
+
+def chunk_record(key: Any, owner: str, model_fp: str, context_id: str, k_sem: Any, v: Any,
+                  text_preview: str, meta: dict | None, drift_score: float | None) -> dict:
+    """The manifest row of a new chunk, less bytes and checksum (known once staged)."""
+    now = now_iso()
+    return {
+        "key": key.hex, "model_fp": model_fp, "context_id": context_id, "owner": owner,
+        "tokens": int(k_sem.shape[2]), "dtype": dtype_name(k_sem),
+        "shapes": json.dumps({"k_sem": list(k_sem.shape), "v": list(v.shape)}), "hits": 0,
+        "last_used": now, "created": now, "text_preview": (text_preview or "")[:PREVIEW_CHARS],
+        "meta": to_json(meta or {}, "meta"), "drift_score": None if drift_score is None else float(drift_score),
+    }
+
+
+def upsert_chunk(db, record: dict):
+    """INSERT ... ON CONFLICT(key) DO UPDATE: a re-stored blob (the old one was corrupt or
+    missing) replaces the row's description of it; a known drift score is kept."""
+    statement = db.insert(chunks).values(**record)
+    new = statement.excluded
+    return statement.on_conflict_do_update(index_elements=["key"], set_={
+        "bytes": new.bytes, "dtype": new.dtype, "shapes": new.shapes, "checksum": new.checksum,
+        "last_used": new.last_used, "drift_score": sa.func.coalesce(new.drift_score, chunks.c.drift_score),
+    })

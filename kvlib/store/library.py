@@ -42,10 +42,11 @@ from kvlib.errors import CorruptBlobError, InputError, NotFoundError
 from kvlib.store import calibrations as calib
 from kvlib.store import documents as docs
 from kvlib.store import reports
-from kvlib.store.blobs import FORMAT_VERSION, BlobStore, checksum_bytes, dtype_name, serialize_blob
+from kvlib.store.blobs import FORMAT_VERSION, BlobStore, checksum_bytes, serialize_blob
 from kvlib.store.capacity import BudgetReport, BudgetWarning, GcReport, collect_garbage, evict_to_budget
 from kvlib.store.keys import ChunkKey, as_key, compute_key, normalize_prefix, pick_unique, prefix_range
 from kvlib.store.manifest import PUBLIC_OWNER, check_tenant, now_iso, open_manifest, tenant_salt, visible_owners
+from kvlib.store.recent import RecentChunks, owned
 from kvlib.store.schema import chunks, models
 from kvlib.store.validate import check_drift, check_kv, check_text, to_json
 from kvlib.store.writer import BlobWriter, PendingPut, Staged, discard
@@ -53,7 +54,6 @@ from kvlib.store.writer import BlobWriter, PendingPut, Staged, discard
 MANIFEST_NAME = "manifest.sqlite"
 BLOBS_DIR = "blobs"
 # Enough text to recognise a chunk in a table; the blob holds the real tokens.
-PREVIEW_CHARS = 240
 SQL_BATCH = 500
 
 
@@ -102,8 +102,9 @@ class Library:
     """A library home: a manifest plus blobs (`manifest.sqlite` and `blobs/ab/<key>.safetensors` by default)."""
 
     def __init__(self, home: str | Path, max_bytes: int | None = None, *, store: str | None = None,
-                 manifest: str | None = None, local_bytes: int | None = None) -> None:
-        for name, value in (("max_bytes", max_bytes), ("local_bytes", local_bytes)):
+                 manifest: str | None = None, local_bytes: int | None = None, recent_bytes: int = 0) -> None:
+        """recent_bytes: how much just-stored KV to keep in memory for the next read (store/recent.py)."""
+        for name, value in (("max_bytes", max_bytes), ("local_bytes", local_bytes), ("recent_bytes", recent_bytes)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
                 raise InputError(f"{name} must be a non-negative int, got {value!r}")
         self.home = Path(home).expanduser()
@@ -121,6 +122,7 @@ class Library:
         self._writer = BlobWriter()  # stages blobs beside the caller for put_begin(background=True)
         self._pending: set[PendingPut] = set()  # begun, neither published nor discarded
         self._salts: dict[str, str] = {}  # tenant -> key salt; a tenant's salt never changes once made
+        self._recent = RecentChunks(recent_bytes)
 
     def close(self) -> None:
         self.discard_puts(list(self._pending))
@@ -231,7 +233,7 @@ class Library:
         existing = self._row(key)
         if existing is not None and self.blobs.intact(key, existing["checksum"]):
             return PendingPut(key, None, None, existing["bytes"], drift_score)
-        record = _chunk_record(key, owner, model_fp, context_id, k_sem, v, text_preview, meta, drift_score)
+        record = docs.chunk_record(key, owner, model_fp, context_id, k_sem, v, text_preview, meta, drift_score)
         header = {
             "kvlib_format": FORMAT_VERSION, "key": key.hex, "model_fp": model_fp, "context_id": context_id,
             "dtype": record["dtype"], "k_sem_shape": json.dumps(list(k_sem.shape)), "v_shape": json.dumps(list(v.shape)),
@@ -244,7 +246,11 @@ class Library:
             data = serialize_blob(k_sem=k_sem, v=v, token_ids=token_tensor, metadata=header)
             return Staged(self.blobs.stage(key, data, read_soon), len(data), checksum_bytes(data))
 
-        pending = PendingPut(key, record, self._writer.submit(stage, background), drift_score=drift_score)
+        kept = None
+        if self._recent.max_bytes:
+            kept = StoredChunk(key=key, k_sem=owned(k_sem), v=owned(v), token_ids=token_tensor.long(), model_fp=model_fp,
+                               context_id=context_id, dtype=record["dtype"], drift_score=drift_score)
+        pending = PendingPut(key, record, self._writer.submit(stage, background), drift_score=drift_score, kept=kept)
         self._pending.add(pending)
         return pending
 
@@ -285,7 +291,9 @@ class Library:
             return PutResult(p.key, False, existing["bytes"])  # discard_puts drops ours
         self.blobs.publish(staged.blob, p.key, staged.checksum)
         p.settled = True
-        conn.execute(_upsert_chunk(self.db, {**p.record, "bytes": staged.nbytes, "checksum": staged.checksum}))
+        conn.execute(docs.upsert_chunk(self.db, {**p.record, "bytes": staged.nbytes, "checksum": staged.checksum}))
+        if p.kept is not None:
+            self._recent.remember(p.key.hex, staged.checksum, p.kept)
         return PutResult(p.key, True, staged.nbytes)
 
     def get(self, key: ChunkKey | str, tenant: str = DEFAULT_TENANT) -> StoredChunk:
@@ -313,6 +321,10 @@ class Library:
         wanted = {key.hex: key for key in map(as_key, keys)}
         found: dict[str, StoredChunk] = {}
         for hexkey, row in self._visible_rows(list(wanted), tenant).items():
+            recent = self._recent.get(hexkey, row["checksum"])
+            if recent is not None:  # stored moments ago by this handle: the same bytes, unread
+                found[hexkey] = recent
+                continue
             try:
                 found[hexkey] = self._load(wanted[hexkey], row)
             except CorruptBlobError:
@@ -473,26 +485,3 @@ class Library:
             warnings.warn(BudgetWarning(report), stacklevel=3)
         return report
 
-
-def _chunk_record(key: ChunkKey, owner: str, model_fp: str, context_id: str, k_sem: Any, v: Any,
-                  text_preview: str, meta: dict | None, drift_score: float | None) -> dict:
-    """The manifest row of a new chunk, less bytes and checksum (known once staged)."""
-    now = now_iso()
-    return {
-        "key": key.hex, "model_fp": model_fp, "context_id": context_id, "owner": owner,
-        "tokens": int(k_sem.shape[2]), "dtype": dtype_name(k_sem),
-        "shapes": json.dumps({"k_sem": list(k_sem.shape), "v": list(v.shape)}), "hits": 0,
-        "last_used": now, "created": now, "text_preview": (text_preview or "")[:PREVIEW_CHARS],
-        "meta": to_json(meta or {}, "meta"), "drift_score": None if drift_score is None else float(drift_score),
-    }
-
-
-def _upsert_chunk(db, record: dict):
-    """INSERT ... ON CONFLICT(key) DO UPDATE: a re-stored blob (the old one was corrupt or
-    missing) replaces the row's description of it; a known drift score is kept."""
-    statement = db.insert(chunks).values(**record)
-    new = statement.excluded
-    return statement.on_conflict_do_update(index_elements=["key"], set_={
-        "bytes": new.bytes, "dtype": new.dtype, "shapes": new.shapes, "checksum": new.checksum,
-        "last_used": new.last_used, "drift_score": sa.func.coalesce(new.drift_score, chunks.c.drift_score),
-    })

@@ -39,6 +39,7 @@ class PendingPut:
     existing_bytes: int = 0
     drift_score: float | None = None
     settled: bool = field(default=False)
+    kept: Any = None  # the StoredChunk to keep in memory once published (Library recent_bytes), or None
 
 
 class BlobWriter:
