@@ -39,6 +39,7 @@ class ChatRequestPlan:
     def run(self, state, job):
         """On the engine thread, alone: begin, decode to the end, the Completion."""
         pending = self.begin(state, job)
+        state.pipeline.after_first_token(pending)
         while state.pipeline.step([pending]):
             pass
         return state.pipeline.finish(pending)

@@ -12,7 +12,8 @@ Design facts:
 - Reusable misses (`--misses`, Settings.misses):
   - `isolated` (the default): encoded on their own behind E before the first token (packed,
     attention per segment), served at their positions like hits, and stored right after the
-    first token, so the next request already finds them. One encode per new segment.
+    first tokens of the batch (`after_first_token`), so the next request already finds them.
+    One encode per new segment.
   - `context`: computed in context (as full recompute would) and stored after the response,
     off its critical path (`store_pending`, which the engine thread runs when no request
     waits), by a second, isolated encode.
@@ -115,6 +116,7 @@ class Pipeline:
     def complete(self, messages: list[dict], tenant: str, **kwargs) -> Completion:
         """Answer `messages` for `tenant` (begin's arguments), calling on_text with each new piece of text."""
         pending = self.begin(messages, tenant, **kwargs)
+        self.after_first_token(pending)
         while self.step([pending]):
             pass
         return self.finish(pending)
@@ -156,10 +158,18 @@ class Pipeline:
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
             spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup},
             calibration=calibration if degraded is None else None)
-        if encoded and pending.may_store:  # after the first token, before the next request's lookup
-            self.store_encoded(tenant, encoded)
-        self.touch_served(layout)
+        pending.encoded = encoded
         return pending
+
+    def after_first_token(self, pending: "Pending") -> None:
+        """Store a begun answer's new documents and count its hits' uses: after the first tokens of
+        every answer begun with it (the worker begins a batch, then calls this for each), so neither
+        its own first token nor a batchmate's prefill waits on the library's writes; before the
+        batch's decode, so a conversation's next turn finds them."""
+        if pending.encoded and pending.may_store:
+            self.store_encoded(pending.tenant, pending.encoded)
+        pending.encoded = []
+        self.touch_served(pending.layout)
 
     def touch_served(self, layout) -> None:
         """Count the uses of the hits a request was served (eviction's recency), after its first token."""
@@ -389,6 +399,7 @@ class Pending:
     spec: object = None  # the ModeSpec it is answered under: the server's, or full recompute while degraded
     degraded: str | None = None  # why the manifest was unreachable, when it was
     segmented_before_s: float = 0.0  # seconds the prompt's segmentation took before it was queued
+    encoded: list = field(default_factory=list)  # (ids, KV) of new documents to store (after_first_token)
     answering: object = None  # session.Answering
     tokens: list = field(default_factory=list)
 

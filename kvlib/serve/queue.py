@@ -11,7 +11,8 @@ Design facts:
   it frees its slot without ever reaching the engine; a running one is told through
   `Job.cancelled`, which the pipeline polls between decode steps.
 - `_take_batch` hands the worker up to MAX_BATCH chat jobs that wait together. Each is
-  begun (prompt laid out, prefilled, first token) in turn, then all are decoded together,
+  begun (prompt laid out, prefilled, first token) in turn; then what they write to the library
+  (new documents, use counts) is written; then all are decoded together,
   one batched forward per step (the engine's generate.advance), and each is answered as
   soon as its own stream ends; a lone job runs the same way with a batch of one.
 """
@@ -229,6 +230,11 @@ class EngineWorker:
                 job._resolve(error=exc)
         live = list(begun)
         try:
+            for job in live:  # stores and use counts: after every first token of the batch
+                try:
+                    pipeline.after_first_token(begun[job])
+                except Exception:  # a failed store loses a cache entry, never an answer under way
+                    log.exception("storing a request's new documents failed")
             while live:
                 going = {id(p) for p in pipeline.step([begun[j] for j in live])}
                 for job in [j for j in live if id(begun[j]) not in going]:
