@@ -384,12 +384,6 @@ def test_a_blob_read_soon_is_in_the_page_cache_and_a_direct_one_is_not(library):
     assert shares[True] >= 0.9 and shares[False] < 0.1, shares  # readahead may skip the last partial page
 
 
-def _put(library, seed, tenant="public", public=True, tokens=6, k_sem=None):
-    token_ids, k, v = make_chunk(seed, tokens=tokens)
-    return library.put(tenant=tenant, public=public, model_fp=MODEL_FP, context_id=CONTEXT_ID, token_ids=token_ids,
-                       k_sem=k if k_sem is None else k_sem, v=v)
-
-
 def test_just_stored_chunks_are_served_from_memory_within_the_budget(tmp_path):
     """With recent_bytes a put's KV answers the next find_many without reading its blob (here the
     blob is gone, so only memory can answer), bit-exact; the oldest leave once the budget is full."""
@@ -397,7 +391,7 @@ def test_just_stored_chunks_are_served_from_memory_within_the_budget(tmp_path):
     per_chunk = k.nbytes + v.nbytes
     lib = Library(tmp_path / "home", recent_bytes=2 * per_chunk)
     plain = Library(tmp_path / "home")  # another handle: nothing in memory
-    keys = [_put(lib, seed).key for seed in (1, 2, 3)]
+    keys = [put_chunk(lib, seed).key for seed in (1, 2, 3)]
     for key in keys:
         lib.blobs.path_for(key).unlink()
     found = lib.find_many(keys)
@@ -410,7 +404,7 @@ def test_just_stored_chunks_are_served_from_memory_within_the_budget(tmp_path):
 
 def test_memory_never_serves_another_tenant_or_a_restored_blob(tmp_path):
     lib = Library(tmp_path / "home", recent_bytes=1 << 20)
-    private = _put(lib, 4, tenant="alice", public=False).key
+    private = put_chunk(lib, 4, tenant="alice", public=False).key
     assert lib.find_many([private], "bob") == {}
     assert set(lib.find_many([private], "alice")) == {private.hex}
     # the same key stored again by another handle, with other bytes: the row's checksum changes
@@ -428,7 +422,8 @@ def test_memory_keeps_a_compact_copy_of_a_view(tmp_path):
     lib = Library(tmp_path / "home", recent_bytes=1 << 20)
     token_ids, k, v = make_chunk(5, tokens=6)
     packed = torch.cat([k, k], dim=2)  # k as a view into a buffer twice its size
-    key = _put(lib, 5, k_sem=packed[:, :, :6]).key
+    key = lib.put(tenant="public", public=True, model_fp=MODEL_FP, context_id=CONTEXT_ID, token_ids=token_ids,
+                  k_sem=packed[:, :, :6], v=v).key
     got = lib.find_many([key])[key.hex].k_sem
     assert torch.equal(got, k) and got.untyped_storage().nbytes() == got.nbytes
     lib.close()

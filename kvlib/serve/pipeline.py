@@ -151,14 +151,14 @@ class Pipeline:
         t_encode = time.perf_counter()
         pending = Pending(decoder=TextStream(self, stop, on_text), layout=layout, n_prompt=len(ids),
                           max_tokens=max_tokens, tenant=tenant, may_store=may_store and degraded is None,
-                          spec=spec, degraded=degraded, segmented_before_s=segmented.seconds if ahead else 0.0)
+                          spec=spec, degraded=degraded, segmented_before_s=segmented.seconds if ahead else 0.0,
+                          encoded=encoded)
         pending.answering = self.engine.begin(
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
             spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup},
             calibration=calibration if degraded is None else None)
-        pending.encoded = encoded
         return pending
 
     def after_first_token(self, pending: "Pending") -> None:

@@ -23,7 +23,8 @@ from kvlib.store.schema import chunks, doc_chunks, documents
 from kvlib.store.validate import to_json
 
 SQL_BATCH = 500
-PREVIEW_CHARS = 240  # of a chunk's text, in its manifest row
+# Enough of a chunk's text, in its manifest row, to recognise it in a table; the blob holds the real tokens.
+PREVIEW_CHARS = 240
 
 
 def visible_rows(conn: sa.Connection, keys: list[str], owners: tuple[str, str]) -> dict[str, dict]:

@@ -53,8 +53,6 @@ from kvlib.store.writer import BlobWriter, PendingPut, Staged, discard
 
 MANIFEST_NAME = "manifest.sqlite"
 BLOBS_DIR = "blobs"
-# Enough text to recognise a chunk in a table; the blob holds the real tokens.
-SQL_BATCH = 500
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ Design facts:
   reading one read before (on this project's VM ~1.7 ms per MB, against ~0.15 ms: fresh
   page-cache memory), and it is exactly the bytes this process just had.
 - Off by default (max_bytes 0): a Library opened for ingest or a query keeps nothing. The
-  server opens its Library with a budget (`kvlib serve --recent-bytes`).
+  server opens its Library with a budget (`kvlib serve --recent-mb`, 64 by default).
 - It only ever saves the read: find_many asks the manifest first, as for any chunk, so
   visibility (tenants), eviction and deletion are decided there; an entry serves only a row
   whose checksum is the one it was stored with, so a re-stored key is read from its blob.
@@ -34,9 +34,6 @@ class RecentChunks:
     def __init__(self, max_bytes: int = 0) -> None:
         self.max_bytes, self.used = max_bytes, 0
         self._items: collections.OrderedDict[str, tuple[str, Any, int]] = collections.OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._items)
 
     def remember(self, hexkey: str, checksum: str, chunk: Any) -> None:
         """Keep a just-stored chunk (a StoredChunk whose tensors are owned)."""
