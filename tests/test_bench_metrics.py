@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kvlib.bench.metrics import (
+    answer_span,
     attention_similarity,
     exact_match,
     f1,
@@ -23,6 +24,29 @@ def test_normalize_answer():
     assert normalize_answer("  The Eiffel   Tower! ") == "eiffel tower"
     # articles only as whole words: "theatre" and "another" keep their letters
     assert normalize_answer("A theatre, another") == "theatre another"
+
+
+@pytest.mark.parametrize(
+    "text, span",
+    [
+        ("Paris.\nThe city is the capital of France.", "Paris."),
+        ("\n\nAnswer: Paris. It is in France.", "Paris."),
+        ("final answer - 1984", "1984"),
+        ("Keeper Ansel Brook", "Keeper Ansel Brook"),
+        ("Dr. No was released in 1962", "Dr."),  # an abbreviation cuts the span short (stated rule)
+        ("3.5 million people live there", "3.5 million people live there"),
+        ("", ""),
+    ],
+)
+def test_answer_span(text, span):
+    assert answer_span(text) == span
+
+
+def test_answer_span_is_what_f1_is_scored_on():
+    # the whole continuation dilutes F1; its first sentence does not
+    text = "Paris. Paris is the capital and largest city of France."
+    assert f1(text, "Paris") < 0.5
+    assert f1(answer_span(text), "Paris") == 1.0
 
 
 @pytest.mark.parametrize(

@@ -9,10 +9,13 @@ Design facts:
   the very measurement a guarded answer makes.
 - Records are split at random (seeded) into three disjoint parts: `holdout` of them held
   back, and the rest halved into a fitting part (the ridge) and a calibration part (the
-  conformal quantile; calibration.py says why). The stored calibration never saw the
+  risk control of each budget's slack; calibration.py says why). The stored calibration never saw the
   held-back part, so the coverage reported on it is an honest check of the stated bound.
 - The calibration is stored in the library with the model's fingerprint and the encoding
   (store/calibrations.py); a new run replaces the old one.
+- `refit` fits again from the rows an earlier run measured (its calibrate.json), without
+  measuring: a change of predictor or split needs no new hour of model time. The rows must
+  have been measured on the model being calibrated (same fingerprint).
 """
 
 from __future__ import annotations
@@ -115,7 +118,7 @@ def fit_and_store(library, lm, rows: list[dict], *, holdout: float, confidence: 
                                   model_fp=lm.fingerprint, model_name=lm.name, encoding=encoding)
     check = evaluate(calibration, x[test], kl[test], REPORT_BUDGETS, ttft[test]) if len(test) else None
     report = {"model": lm.name, "fingerprint": lm.fingerprint, "encoding": encoding, "data": data, "ctxs": ctxs,
-              "method": METHOD, "confidence": confidence, "quantile": calibration.quantile,
+              "method": METHOD, "confidence": confidence,
               "requests": len(rows), "n_fit": len(fit), "n_cal": len(cal), "n_test": len(test), "seed": seed,
               "rungs": [{"rung": r.name or "rerope", "ridge": r.ridge, "sigma": r.sigma,
                          "mean_kl": float(kl[:, i].mean())} for i, r in enumerate(calibration.rungs)],
@@ -124,6 +127,49 @@ def fit_and_store(library, lm, rows: list[dict], *, holdout: float, confidence: 
     library.register_model(lm.fingerprint, lm.name, lm.config_summary)
     library.put_calibration(lm.fingerprint, encoding, calibration.to_dict(), method=METHOD, confidence=confidence)
     return {**report, "rows": rows}
+
+
+def run_refit(*, rows_file: Path, home: Path, model=None, dtype=None, holdout: float = 0.3, confidence: float = 0.9,
+              seed: int = 0, engine=None) -> dict:
+    """Fit, check and store again from the rows of an earlier run's calibrate.json (no measuring)."""
+    from kvlib.rag.stack import open_stack
+
+    check_options(holdout, confidence, "sink")
+    earlier = read_rows(rows_file)
+    t0 = time.perf_counter()
+    stack = open_stack(home, model=model, dtype=dtype, engine=engine)
+    try:
+        lm = stack.engine.lm
+        if earlier.get("fingerprint") != lm.fingerprint:
+            raise InputError(f"{rows_file} was measured on {earlier.get('model')} ({str(earlier.get('fingerprint'))[:12]}), "
+                             f"not on {lm.name} ({lm.fingerprint[:12]}): pass the --model (and --dtype) it was measured with")
+        report = fit_and_store(stack.library, lm, earlier["rows"], holdout=holdout, confidence=confidence,
+                               encoding=earlier["encoding"], seed=seed, data=earlier.get("data", ""),
+                               ctxs=earlier.get("ctxs"))
+    finally:
+        stack.close()
+    report["seconds"] = time.perf_counter() - t0
+    report["refit_from"] = str(rows_file)
+    return report
+
+
+def read_rows(path: Path) -> dict:
+    """An earlier calibrate.json, checked for what a refit needs."""
+    from kvlib.engine.guard import FEATURES, LADDER
+
+    try:
+        obj = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(f"no such file: {path}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path} is not a calibrate.json: {exc}") from None
+    rows = obj.get("rows") if isinstance(obj, dict) else None
+    if not rows or obj.get("encoding") not in ENCODINGS or any(
+            not isinstance(r, dict) or len(r.get("kl", ())) != len(LADDER) or len(r.get("ttft_s", ())) != len(LADDER) + 1
+            or set(FEATURES) - set(r.get("features") or {}) for r in rows):
+        raise InputError(f"{path} has no measured rows of this ladder and these features: "
+                         "write it with `kvlib calibrate --out DIR` first")
+    return obj
 
 
 def write_calibrate_report(out: Path, report: dict) -> Path:

@@ -6,6 +6,8 @@ Design facts:
   token-bag F1, taking the max over gold answers. When either side normalises to
   nothing, F1 is 1 only if both do (the SQuAD v2 rule), so "the" vs "a" is a match
   rather than a division by zero.
+- They score `answer_span(continuation)`, not the whole continuation: an instruct model
+  answers in its first line or sentence and may go on explaining after it.
 - Fidelity metrics compare a mode against `full` recompute on the same token ids
   (DESIGN.md §2), so `full` is always the reference P. They run in float32 through
   `log_softmax`: bf16 logits differ from their softmax by more than the KL we want to
@@ -30,6 +32,8 @@ if TYPE_CHECKING:
 
 _PUNCTUATION = frozenset(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
+_LABEL = re.compile(r"^\s*(?:final\s+)?answer\s*[:\-]\s*", re.IGNORECASE)
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 
 
 @dataclass(frozen=True)
@@ -40,6 +44,18 @@ class AttentionSimilarity:
     js_sim_per_layer: tuple[float, ...]  # 1 - Jensen-Shannon divergence, base 2, in [0, 1]
     cosine: float
     js_sim: float
+
+
+def answer_span(text: str) -> str:
+    """The answer an instruct model gave, out of its whole continuation (the rule F1 and EM use).
+
+    The first non-empty line, less a leading "Answer:" label, cut after its first sentence (a
+    '.', '!' or '?' followed by white space). So "Paris.\nThe city is..." and "Answer: Paris. It
+    is..." both give "Paris."; an abbreviation inside the answer ("St. Louis") cuts it short.
+    """
+    line = next((ln for ln in text.splitlines() if ln.strip()), "")
+    line = _LABEL.sub("", line).strip()
+    return _SENTENCE_END.split(line, maxsplit=1)[0].strip()
 
 
 def normalize_answer(text: str) -> str:

@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from kvlib.bench.data import ORDERS, permute
-from kvlib.bench.metrics import attention_similarity, exact_match, f1, gold_nll, kl_divergence, summarize
+from kvlib.bench.metrics import answer_span, attention_similarity, exact_match, f1, gold_nll, kl_divergence, summarize
 from kvlib.bench.modes import ModeRunner, PromptItem, Sample
 from kvlib.config import PUBLIC
 from kvlib.engine.spec import ModeSpec, parse_mode, parse_modes
@@ -220,6 +220,7 @@ def aggregate(spec: ModeSpec, order: str, rows: list, engine) -> dict:
     """Per (mode, order): medians for speed, means for quality, sums for reuse."""
     samples: list[Sample] = [s for _, s in rows]
     answers = [engine.decode(s.answer_ids).strip() for s in samples]
+    spans = [answer_span(a) for a in answers]
     nlls = [s.nll for s in samples]
     sims = [s.sim for s in samples]
     n_layers = len(sims[0].js_sim_per_layer)
@@ -233,8 +234,8 @@ def aggregate(spec: ModeSpec, order: str, rows: list, engine) -> dict:
         "ttft_parts_s": {k: statistics.median(s.parts[k] for s in samples) for k in ("load", "compose", "repair", "prefill")},
         "decode_tok_s": statistics.median(s.decode_tok_s for s in samples),
         "qps": len(samples) / sum(s.latency for s in samples),
-        "f1": statistics.fmean(f1(a, item.golds) for a, (item, _) in zip(answers, rows)),
-        "em": statistics.fmean(exact_match(a, item.golds) for a, (item, _) in zip(answers, rows)),
+        "f1": statistics.fmean(f1(a, item.golds) for a, (item, _) in zip(spans, rows)),
+        "em": statistics.fmean(exact_match(a, item.golds) for a, (item, _) in zip(spans, rows)),
         "nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)),
         "kl_to_full": statistics.fmean(s.kl for s in samples),
         "attn_sim": statistics.fmean(x.js_sim for x in sims), "attn_sim_per_layer": per_layer,

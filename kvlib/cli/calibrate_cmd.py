@@ -14,7 +14,8 @@ from kvlib.errors import KvlibError
 
 
 def calibrate(
-    data: Annotated[str, typer.Option(help="Development QA file (ctxs or HotpotQA form; JSON, JSONL, .gz): never the questions you test on.")],
+    data: Annotated[Optional[str], typer.Option(help="Development QA file (ctxs or HotpotQA form; JSON, JSONL, .gz): never the questions you test on.")] = None,
+    rows: Annotated[Optional[Path], typer.Option(help="Instead of --data: fit again from the rows an earlier run measured (its calibrate.json), measuring nothing.")] = None,
     model: ModelOpt = None,
     limit: Annotated[Optional[int], typer.Option(min=1, help="Use the first N usable records.")] = None,
     ctxs: Annotated[Optional[int], typer.Option(min=1, help="Use the first K passages of each record (as `kvlib bench --ctxs`).")] = None,
@@ -28,13 +29,20 @@ def calibrate(
     json_out: JsonOpt = False,
 ) -> None:
     """Fit the `guard:B` predictor for one model on development data and store it in the library."""
-    from kvlib.bench.calibrate import check_options, run_calibrate, write_calibrate_report
+    from kvlib.bench.calibrate import check_options, read_rows, run_calibrate, run_refit, write_calibrate_report
 
     try:
+        if (data is None) == (rows is None):
+            raise fail("give one of --data FILE (measure) or --rows calibrate.json (fit again from earlier rows)")
         check_options(holdout, confidence, encoding)  # bad input fails before the model loads
-        log = LogProgress() if not json_out else None
-        report = run_calibrate(data=data, home=resolve_home(home), model=model, dtype=dtype, limit=limit,
-                               ctxs=ctxs, holdout=holdout, confidence=confidence, encoding=encoding, seed=seed, progress=log)
+        if rows is not None:
+            read_rows(rows)
+            report = run_refit(rows_file=rows, home=resolve_home(home), model=model, dtype=dtype, holdout=holdout,
+                               confidence=confidence, seed=seed)
+        else:
+            log = LogProgress() if not json_out else None
+            report = run_calibrate(data=data, home=resolve_home(home), model=model, dtype=dtype, limit=limit, ctxs=ctxs,
+                                   holdout=holdout, confidence=confidence, encoding=encoding, seed=seed, progress=log)
         written = write_calibrate_report(out, report) if out is not None else None
     except KvlibError as exc:
         raise fail(str(exc))
@@ -47,29 +55,28 @@ def calibrate(
 
 
 def render(report: dict) -> None:
-    q = "infinite: too few calibration requests for this confidence" if report["quantile"] is None \
-        else f"{report['quantile']:.3f}"
     console.print(f"calibrated {report['model']} ({report['fingerprint'][:12]}, encoding {report['encoding']}) on "
                   f"{report['requests']} requests: {report['n_fit']} fit, {report['n_cal']} calibrate, "
-                  f"{report['n_test']} held back; conformal quantile {q} in {report['seconds']:.0f} s", highlight=False)
-    held = report["held_back"]
-    if not held:
-        err_console.print("[yellow]no held-back requests (--holdout 0): coverage not checked[/]", highlight=False)
-        return
-    rungs = Table(title=f"held back ({held['n']} requests): measured KL <= bound at {report['confidence']:.0%}")
-    for col in ("rung", "mean KL (all)", "within bound"):
+                  f"{report['n_test']} held back, in {report['seconds']:.0f} s", highlight=False)
+    rungs = Table(title="the ladder below full (all requests)")
+    for col in ("rung", "mean KL", "ridge", "sigma (log KL)"):
         rungs.add_column(col, justify="right")
     for r in report["rungs"]:
-        rungs.add_row(r["rung"], f"{r['mean_kl']:.3f}", f"{held['per_rung_within_bound'][r['rung']]:.0%}")
-    rungs.add_row("every rung at once", "", f"{held['all_rungs_within_bound']:.0%}")
+        rungs.add_row(r["rung"], f"{r['mean_kl']:.3f}", f"{r['ridge']:g}", f"{r['sigma']:.2f}")
     console.print(rungs)
-    guard = Table(title="the guard on the held-back requests")
-    for col in ("B", "KL <= B", "served without full", "mean TTFT vs full"):
+    held = report["held_back"]
+    if not held:
+        err_console.print("[yellow]no held-back requests (--holdout 0): the bound not checked[/]", highlight=False)
+        return
+    guard = Table(title=f"the guard on the {held['n']} held-back requests (promised: KL <= B for "
+                        f"{report['confidence']:.0%})")
+    for col in ("B", "slack", "KL <= B", "served without full", "mean TTFT vs full", "rungs"):
         guard.add_column(col, justify="right")
     for budget, g in held["budgets"].items():
         ratio = g.get("mean_ttft_vs_full")
-        guard.add_row(budget, f"{g['within_budget']:.0%}", f"{g['without_full']:.0%}",
-                      "–" if ratio is None else f"{ratio:.2f}x")
+        slack = "inf (too few requests)" if g["slack"] is None else f"{g['slack']:.2f}"
+        guard.add_row(budget, slack, f"{g['within_budget']:.0%}", f"{g['without_full']:.0%}",
+                      "–" if ratio is None else f"{ratio:.2f}x", ", ".join(f"{k} {v}" for k, v in g["rungs"].items()))
     console.print(guard)
 
 

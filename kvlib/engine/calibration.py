@@ -1,21 +1,27 @@
-"""`Calibration`: the guard's predictor of KL to full per rung, with a conformal upper bound.
+"""`Calibration`: the guard's predictor of KL to full per rung, with a risk-controlled bound.
 
 Design facts:
 - Per rung of the ladder (every rung but full, whose KL is 0 by definition), a ridge
   regression predicts y = log(KL + EPS) from standardised request features. The ridge
   strength is chosen per rung by exact leave-one-out error on the fitting part.
-- Split conformal calibration, made simultaneous over the rungs: on a calibration part
-  the fit never saw, each request's score is the largest standardised residual over the
-  rungs, max_r (y_r - yhat_r) / sigma_r; q is the ceil((n+1) c)-th smallest score. For a
-  new request exchangeable with those, P(every rung's KL <= its bound) >= c, so whichever
-  rung the guard picks (the first whose bound is <= B), P(KL <= B) >= c. A per-rung
-  quantile would only cover each rung on its own, and the pick would select on its errors.
-- Every bound is > 0 (KL + EPS <= exp(yhat + q sigma)), so B = 0 always falls back to full.
-- Too few calibration requests for the asked confidence (ceil((n+1) c) > n) leave q
-  infinite: every bound is infinite and the guard always falls back to full. It never
-  pretends to a bound it cannot state.
+- The bound is conformal risk control (Angelopoulos et al., 2022) of the guard's own
+  decision, per budget B. A rung is admissible at slack lam when exp(yhat + lam sigma) < B;
+  the guard takes the first admissible rung, else full. On a calibration part the fit never
+  saw, request i's loss at lam is 1 if any admissible rung has KL > B (an upper bound on
+  the loss of the rung the guard takes, and non-increasing in lam, as risk control needs);
+  lam(B) is the least lam with (sum of losses + 1) / (n + 1) <= 1 - confidence. For a new
+  request exchangeable with those, P(KL of the answer served > B) <= 1 - confidence.
+- This controls only what matters at B: a rung whose KL is far below B, or whose bound is
+  far above it, never makes the guard climb. The earlier simultaneous bound (every rung
+  covered at once, format 1) was valid too but fell back to full for almost every request.
+- lam is never below 0 (a bound is never under the point prediction; raising lam only
+  lowers the loss, so the guarantee keeps). B <= 0 admits no rung: B = 0 is full.
+- Too few calibration requests for the asked confidence (n + 1 < 1 / (1 - confidence),
+  e.g. fewer than 9 at 0.9) leave lam infinite: the guard always falls back to full. It
+  never pretends to a bound it cannot state.
 - A feature the request lacks (NaN: no drift score) is imputed with the fitting part's mean.
-- Pure numpy; serialised as JSON into the library (store/calibrations.py).
+- Pure numpy; serialised as JSON into the library (store/calibrations.py), with the
+  calibration part's predictions and measured KL, so lam is computed for any B on demand.
 """
 
 from __future__ import annotations
@@ -27,10 +33,10 @@ import numpy as np
 
 from kvlib.errors import KvlibError
 
-FORMAT = 1
+FORMAT = 2
 EPS = 1e-4  # KL floor in log space: below it a rung is as good as full for the predictor
 RIDGE_GRID = (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0)
-METHOD = "ridge on log KL per rung + split conformal (max standardised residual over rungs)"
+METHOD = "ridge on log KL per rung + conformal risk control of the guard's choice, per budget"
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class RungModel:
     name: str  # the rung's repair ("" for plain rerope)
     weights: tuple  # per standardised feature
     intercept: float
-    sigma: float  # leave-one-out residual scale: the conformal score's unit for this rung
+    sigma: float  # leave-one-out residual scale: the unit of the bound's slack for this rung
     ridge: float
 
 
@@ -52,7 +58,8 @@ class Calibration:
     scale: tuple
     rungs: tuple  # RungModel per rung below full, cheapest first
     confidence: float
-    quantile: float | None  # conformal q; None = infinite (too few calibration requests)
+    cal_yhat: tuple  # per calibration request, yhat per rung (log KL + EPS predicted)
+    cal_kl: tuple  # per calibration request, measured KL to full per rung
     n_fit: int
     n_cal: int
     report: dict = field(default_factory=dict)  # coverage on the held-back part, data, date
@@ -67,22 +74,34 @@ class Calibration:
         z = (x - np.array(self.center)) / np.array(self.scale)
         return np.where(np.isnan(z), 0.0, z)
 
-    def predict(self, features: dict) -> tuple[list[float], list[float]]:
-        """(point KL, upper bound at `confidence`) per rung below full."""
+    def slack(self, budget: float) -> float:
+        """lam(B): the least slack whose risk on the calibration part, made conservative by
+        conformal risk control, is <= 1 - confidence (module docstring); inf when none is."""
+        alpha, n = 1.0 - self.confidence, len(self.cal_kl)
+        k = math.floor((n + 1) * alpha - 1 + 1e-9)  # most calibration losses allowed at lam
+        if budget <= 0 or k < 0:
+            return math.inf
+        t = (math.log(budget) - np.array(self.cal_yhat, dtype=float)) / np.array([r.sigma for r in self.rungs])
+        # request i loses while some rung with KL > B is still admissible: for lam < T_i
+        losing = np.where(np.array(self.cal_kl, dtype=float) > budget, t, -np.inf).max(axis=1)
+        ranked = np.sort(losing)[::-1]
+        return max(float(ranked[k]) if k < n else -math.inf, 0.0)
+
+    def predict(self, features: dict, budget: float) -> tuple[list[float], list[float]]:
+        """(point KL, upper bound at slack lam(budget)) per rung below full."""
         yhat = self.log_predictions(features)
         point = [max(0.0, math.exp(y) - EPS) for y in yhat]
-        if self.quantile is None:
+        lam = self.slack(budget)
+        if math.isinf(lam):
             return point, [math.inf] * len(yhat)
-        # KL + EPS <= exp(yhat + q sigma), so exp(yhat + q sigma) bounds KL too, and is > 0: only full meets B = 0
-        bound = [math.exp(y + self.quantile * r.sigma) for y, r in zip(yhat, self.rungs)]
-        return point, bound
+        return point, [math.exp(y + lam * r.sigma) for y, r in zip(yhat, self.rungs)]
 
     def choose(self, features: dict, budget: float) -> tuple[int, float, float]:
-        """(rung index, its point KL, its bound) of the first rung whose bound is <= budget;
+        """(rung index, its point KL, its bound) of the first rung whose bound is < budget;
         index len(rungs) (full: KL 0) when none is."""
-        point, bound = self.predict(features)
+        point, bound = self.predict(features, budget)
         for i, b in enumerate(bound):
-            if b <= budget:
+            if b < budget:
                 return i, point[i], b
         return len(self.rungs), 0.0, 0.0
 
@@ -97,8 +116,9 @@ class Calibration:
             raise KvlibError(f"calibration format {obj.get('format')!r} is not {FORMAT}: run `kvlib calibrate` again")
         obj = {k: v for k, v in obj.items() if k != "format"}
         rungs = tuple(RungModel(**{**r, "weights": tuple(r["weights"])}) for r in obj.pop("rungs"))
-        return cls(**{**obj, "rungs": rungs, "features": tuple(obj["features"]), "center": tuple(obj["center"]),
-                      "scale": tuple(obj["scale"])})
+        rows = {k: tuple(map(tuple, obj[k])) for k in ("cal_yhat", "cal_kl")}
+        return cls(**{**obj, **rows, "rungs": rungs, "features": tuple(obj["features"]),
+                      "center": tuple(obj["center"]), "scale": tuple(obj["scale"])})
 
 
 def log_kl(kl) -> np.ndarray:
@@ -123,13 +143,6 @@ def fit_ridge(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, float, f
         if best is None or rms < best[2]:
             best = (w, float(y.mean() - z.mean(0) @ w), rms, lam)
     return best
-
-
-def conformal_quantile(scores: np.ndarray, confidence: float) -> float | None:
-    """The ceil((n+1) c)-th smallest score, or None (infinite) when n is too small for c."""
-    n = len(scores)
-    k = math.ceil((n + 1) * confidence)
-    return None if k > n else float(np.sort(scores)[k - 1])
 
 
 def column_moments(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -159,31 +172,31 @@ def fit_calibration(x: np.ndarray, kl: np.ndarray, fit: np.ndarray, cal: np.ndar
         models.append(RungModel(name=name, weights=tuple(map(float, w)), intercept=b, sigma=max(rms, 1e-3),
                                 ridge=lam))
     yhat = np.stack([z[cal] @ np.array(m.weights) + m.intercept for m in models], axis=1)
-    sigma = np.array([m.sigma for m in models])
-    scores = ((y[cal] - yhat) / sigma).max(axis=1)
     return Calibration(model_fp=model_fp, model_name=model_name, encoding=encoding, features=tuple(features),
                        center=tuple(map(float, center)), scale=tuple(map(float, scale)), rungs=tuple(models),
-                       confidence=float(confidence), quantile=conformal_quantile(scores, confidence),
-                       n_fit=int(len(fit)), n_cal=int(len(cal)))
+                       confidence=float(confidence), cal_yhat=tuple(tuple(map(float, r)) for r in yhat),
+                       cal_kl=tuple(tuple(map(float, r)) for r in kl[cal]), n_fit=int(len(fit)), n_cal=int(len(cal)))
 
 
 def evaluate(calib: Calibration, x: np.ndarray, kl: np.ndarray, budgets=(), ttft: np.ndarray | None = None) -> dict:
-    """Coverage of the stored bounds on requests it never saw, and the guard simulated at each budget.
+    """The guard simulated at each budget on requests the calibration never saw.
 
     x: [N, F]; kl: [N, R] per rung below full; ttft: [N, R + 1] seconds per rung and full, if known.
+    Per budget: the slack lam(B), the share whose served KL is <= B (what the bound promises at
+    `confidence`), the share served without full, the rungs taken, and mean TTFT against full's.
     """
     n = len(x)
     rows = [dict(zip(calib.features, map(float, row))) for row in x]
-    bounds = np.array([calib.predict(r)[1] for r in rows]) if n else np.zeros((0, len(calib.rungs)))
-    within = kl <= bounds
-    out = {"n": n, "all_rungs_within_bound": float(within.all(axis=1).mean()) if n else None,
-           "per_rung_within_bound": {r.name or "rerope": float(within[:, i].mean()) if n else None
-                                     for i, r in enumerate(calib.rungs)}, "budgets": {}}
+    out = {"n": n, "confidence": calib.confidence, "budgets": {}}
     for budget in budgets:
         picks = [calib.choose(r, budget)[0] for r in rows]
         chosen_kl = [kl[i, p] if p < len(calib.rungs) else 0.0 for i, p in enumerate(picks)]
-        row = {"within_budget": float(np.mean([k <= budget for k in chosen_kl])) if n else None,
-               "without_full": float(np.mean([p < len(calib.rungs) for p in picks])) if n else None}
+        lam = calib.slack(budget)
+        names = [r.name or "rerope" for r in calib.rungs] + ["full"]
+        row = {"slack": None if math.isinf(lam) else lam,
+               "within_budget": float(np.mean([k <= budget for k in chosen_kl])) if n else None,
+               "without_full": float(np.mean([p < len(calib.rungs) for p in picks])) if n else None,
+               "rungs": {name: picks.count(i) for i, name in enumerate(names) if picks.count(i)}}
         if ttft is not None and n:
             row["mean_ttft_vs_full"] = float(np.mean([ttft[i, p] for i, p in enumerate(picks)]) / ttft[:, -1].mean())
         out["budgets"][format(budget, "g")] = row

@@ -10,9 +10,10 @@ Design facts:
   measures at layer 1 (repair.head_deviation, read-only), also weighted by the question's
   layer-1 attention (repair.question_attention, run in free slots). None of it changes the
   composed cache, so the rerope rung answers exactly as `rerope` would.
-- The calibration (calibration.py) turns features into a bound per rung at its stated
-  confidence; the first rung whose bound is <= B answers. If none is, the rerope
-  composition is dropped and the request is composed as `full`: B = 0 is exactly full.
+- The calibration (calibration.py) turns features into a bound per rung, risk-controlled
+  for this B at its stated confidence; the first rung whose bound is < B answers. If none
+  is, the rerope composition is dropped and the request is composed as `full`: B = 0 is
+  exactly full.
 - A guard mode without a calibration for this model and encoding is a
   CalibrationMissingError, never a silent default.
 """
@@ -53,7 +54,7 @@ class GuardChoice:
     repair: str | None  # what the engine runs on the rerope composition (None: none, or full)
     fell_back: bool  # no rung's bound met B: the request is recomputed in full
     predicted_kl: float  # the chosen rung's point prediction (0 for full)
-    kl_bound: float  # its upper bound at `confidence` (0 for full)
+    kl_bound: float  # its upper bound at this budget's slack (0 for full)
     confidence: float
     features: dict
     predict_s: float = 0.0  # seconds spent measuring and predicting (part of the repair stage)
