@@ -406,6 +406,24 @@ def test_calibrate_refuses_bad_options_before_loading_a_model(args, expected, tm
     assert not any(tmp_path.iterdir()), "nothing may be written before the options are checked"
 
 
+def test_calibrate_takes_one_of_data_or_rows_and_checks_rows_before_loading_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvlib.cli.app import app
+
+    home = tmp_path / "home"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": [{"kl": [1]}], "encoding": "sink"}')
+    cases = [([], "give one of --data FILE"), (["--data", "x.json", "--rows", "y.json"], "give one of --data FILE"),
+             (["--rows", str(tmp_path / "missing.json")], "no such file"),
+             (["--rows", str(bad)], "has no measured rows of this ladder")]
+    for args, expected in cases:
+        result = CliRunner().invoke(app, ["calibrate", "--home", str(home), *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 1 and len(lines) == 1 and expected in lines[0], (args, result.output)
+    assert not home.exists(), "nothing may be written before the input is checked"
+
+
 # -- the real model (slow): one small calibration, used by calibrate, bench, query and serve --
 
 HOTPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpotqa" / "qa_train.json"
@@ -455,6 +473,31 @@ def test_a_small_calibrate_run_stores_what_it_checked(calibrated, smol_engine, m
     calibrate_cmd.render({**report, "seconds": 1.0})
     text = out.getvalue()
     assert "slack" in text and "served without full" in text and "4 fit, 5 calibrate, 3 held" in text
+
+
+@pytest.mark.slow
+def test_rows_refit_reproduces_the_calibration_and_refuse_another_model(calibrated, smol_engine, kvlib_cli, tmp_path):
+    from kvlib.bench.calibrate import write_calibrate_report
+    from kvlib.store.library import Library
+
+    home, _, report = calibrated
+    rows = write_calibrate_report(tmp_path, report)
+    with Library(home) as library:
+        before = library.calibration(smol_engine.lm.fingerprint, "sink")
+    result = kvlib_cli("calibrate", "--rows", rows, "--home", home, "--dtype", "float32", "--holdout", 0.25,
+                       "--confidence", 0.8, "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert (out["requests"], out["n_fit"], out["n_cal"], out["n_test"]) == (12, 4, 5, 3)
+    assert out["held_back"] == report["held_back"], "the same rows and seed must give the same check"
+    with Library(home) as library:
+        after = library.calibration(smol_engine.lm.fingerprint, "sink")
+    assert Calibration.from_dict(after) == Calibration.from_dict(before), "a refit of the same rows is the same fit"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**json.loads(rows.read_text()), "fingerprint": "0" * 64, "model": "elsewhere"}))
+    wrong = kvlib_cli("calibrate", "--rows", other, "--home", home, "--dtype", "float32")
+    lines = wrong.stderr.strip().splitlines()
+    assert wrong.exit_code == 1 and len(lines) == 1 and "was measured on elsewhere" in lines[0], wrong.output
 
 
 @pytest.mark.slow

@@ -5,6 +5,8 @@ where reuse must happen, so none can pass on full recompute."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from serve_helpers import Server, add_key, new_home
@@ -215,3 +217,30 @@ def test_posted_document_serves_a_chat_that_pastes_it(server):
         cached = ask(server, "alice", messages).usage.prompt_tokens_details.cached_tokens
         assert cached >= len(text.split()) // 2, f"the posted document serves the chat: {cached} cached"
     assert ask(server, "bob", header).usage.prompt_tokens_details.cached_tokens == 0, "alice's document is hers"
+
+
+def test_cli_ingest_with_prompt_forms_serves_a_chat_that_pastes_the_file(server, kvlib_cli, tmp_path):
+    """`kvlib ingest --prompt-forms` stores what POST /v1/documents stores: a chat pasting the file is
+    served from the library on its first turn. Without the flag the ingested chunks (cut for retrieval)
+    are not the chat's segments, and the same chat gets nothing: the flag is what serves it."""
+    texts = {"plain": "The Tamsel causeway links the island of Orla to the mainland at low tide; it was paved "
+                      "in 1903 after two carts were lost to the sands, and its refuge tower, halfway across, "
+                      "holds six people and a bell.",
+             "forms": "The Wrexley tramway ran nine kilometres from the docks to the slate quarry above the "
+                      "town; its last car, number 14, ran on a wet evening in 1957 and is now kept, restored, "
+                      "at the old depot on Mill Street."}
+    for name, text in texts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / f"{name}.txt").write_text(text + "\n")
+        flags = ["--prompt-forms"] if name == "forms" else []
+        result = kvlib_cli("ingest", tmp_path / name, "--home", server.home, "--tenant", "alice", *flags, "--json")
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        assert report["chunks_new"] >= 1 and report["forms_new"] == (1 if flags else 0), report
+    cached = {name: ask(server, "alice", [{"role": "user", "content": f"Read this:\n\n{text}\n\nWhat year?"}]
+                        ).usage.prompt_tokens_details.cached_tokens for name, text in texts.items()}
+    assert cached["forms"] >= len(texts["forms"].split()) // 2, cached
+    assert cached["plain"] == 0, f"without --prompt-forms the pasted file is not served: {cached}"
+    again = kvlib_cli("ingest", tmp_path / "forms", "--home", server.home, "--tenant", "alice", "--prompt-forms",
+                      "--json")
+    assert json.loads(again.stdout)["forms_dedup"] == 1, "a second run finds the forms stored"

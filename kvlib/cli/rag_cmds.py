@@ -50,6 +50,7 @@ def ingest(
     tenant: TenantOpt = DEFAULT_TENANT,
     public: Annotated[bool, typer.Option("--public", help="Share with every tenant (deduplicated across all).")] = False,
     chunk_tokens: Annotated[int, typer.Option("--chunk-tokens", min=16, help="Max tokens per chunk.")] = 256,
+    prompt_forms: Annotated[bool, typer.Option("--prompt-forms", help="Also store the forms a chat pasting these documents sends, so `kvlib serve` serves that chat from the library on its first turn (more encode time).")] = False,
     model: ModelOpt = None,
     dtype: DtypeOpt = None,
     json_out: JsonOpt = False,
@@ -63,7 +64,8 @@ def ingest(
         check_tenant(tenant)  # bad input fails before the model loads and the progress bar starts
         require_paths(paths)
         stack = open_stack(resolve_home(home), model=model, dtype=dtype)
-        ingestor = Ingestor(stack.engine, stack.library, stack.index, stack.embedder, tenant, public, chunk_tokens)
+        ingestor = Ingestor(stack.engine, stack.library, stack.index, stack.embedder, tenant, public, chunk_tokens,
+                            prompt_forms=prompt_forms)
         columns = (TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TextColumn("{task.fields[stats]}"))
         with Progress(*columns, console=err_console, transient=json_out, disable=json_out) as bar:
@@ -89,6 +91,8 @@ def render_ingest(r) -> None:
         f"[bold]{r.chunks_new}[/] new chunks, {r.chunks_dedup} deduplicated, {r.tokens_encoded:,} tokens encoded "
         f"({rate:,.0f} tok/s), {r.bytes_written / 1e6:,.1f} MB written in {r.seconds:.1f} s"
     )
+    if r.forms_new or r.forms_dedup:
+        console.print(f"prompt forms for kvlib serve: {r.forms_new} new, {r.forms_dedup} already stored", highlight=False)
     if r.tokens_encoded:
         st = r.stage_s
         console.print(f"time: encode {st['encode']:.1f} s ({r.tokens_encoded / max(st['encode'], 1e-9):,.0f} tok/s), "

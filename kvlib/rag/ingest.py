@@ -12,6 +12,11 @@ Design facts:
   that the next run completes: finished documents are skipped, stored chunks are
   deduplicated, and the document row is only written when all its chunks exist.
 - One unreadable file never stops the run; it is reported with a reason.
+- `prompt_forms` also stores each document's prompt forms (kvlib.segment.text_segments: the
+  segments a chat that pastes the document as a block carries), as POST /v1/documents does,
+  so `kvlib serve` serves such a chat from the library on its first turn. They are encoded
+  behind E like every chunk, counted apart (forms_new, forms_dedup), and, referenced by no
+  document row, evictable like the segments the server stores itself.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ class IngestReport:
     bytes_written: int = 0
     seconds: float = 0.0
     skipped: list = field(default_factory=list)  # [(path, reason)]
+    forms_new: int = 0  # prompt forms stored (prompt_forms only); their tokens are in tokens_encoded
+    forms_dedup: int = 0
     load_s: float = 0.0  # loading the embedding model, before the first changed document; not in `seconds`
     # where the time went: the model's packed encode, the drift score, blob writes, embedding + index
     stage_s: dict = field(default_factory=lambda: dict.fromkeys(("encode", "drift", "write", "embed"), 0.0))
@@ -119,6 +126,7 @@ class Ingestor:
     public: bool = False
     chunk_tokens: int = 256
     encoding: str = "sink"
+    prompt_forms: bool = False  # also store the forms a chat pasting the document carries (sink only)
 
     def run(self, paths: list[Path], progress=None) -> IngestReport:
         progress = progress or NullProgress()
@@ -158,6 +166,7 @@ class Ingestor:
         keys = self.chunk_keys(chunks)
         if self.is_unchanged(doc, keys):
             report.unchanged += 1
+            self.store_forms(doc, report)  # an earlier run without prompt_forms left them out
             progress.doc_done(doc.path, unchanged=True)
             return
         progress.doc_started(doc.path, len(chunks))
@@ -180,7 +189,27 @@ class Ingestor:
         report.stage_s["embed"] += time.perf_counter() - t_index
         self.library.set_document(tenant=self.tenant, public=self.public, path=doc.path,
                                   content_hash=doc.content_hash, chunk_keys=keys)
+        self.store_forms(doc, report)
         progress.doc_done(doc.path, unchanged=False)
+
+    def store_forms(self, doc: SourceDoc, report: IngestReport) -> None:
+        """The document's prompt forms the library lacks (module docstring); nothing unless prompt_forms."""
+        from kvlib.segment import text_segments
+
+        if not self.prompt_forms:
+            return
+        pieces: list[Piece] = []
+        for seg in text_segments(self.engine.lm.tokenizer, doc.text):
+            if seg.reusable:
+                pieces.append(Piece(seg.token_ids, self.engine.decode(seg.token_ids), pieces[-1] if pieces else None))
+        forms = IngestReport()
+        self.store_pieces(pieces, forms)
+        report.forms_new += forms.chunks_new
+        report.forms_dedup += forms.chunks_dedup
+        report.tokens_encoded += forms.tokens_encoded
+        report.bytes_written += forms.bytes_written
+        for stage, seconds in forms.stage_s.items():
+            report.stage_s[stage] += seconds
 
     def store_pieces(self, pieces: list[Piece], report: IngestReport, progress=None,
                      overlap: Callable | None = None):
