@@ -20,7 +20,6 @@ import json
 
 from kvlib.errors import KvlibError
 from kvlib.serve import schemas
-from kvlib.errors import KvlibError
 from kvlib.serve.errors import ApiError, error_body, kvlib_error_body
 
 HEARTBEAT_S = 1.0
