@@ -105,3 +105,22 @@ def test_sweep_writes_the_map(tiny_engine, tmp_path, monkeypatch):
     assert one["kl_to_full"] < 1e-3, "a single chunk behind E is exact composition"
     assert report["findings"][0].startswith("Verdicts:")
     assert (tmp_path / "map" / "map.md").exists() and (tmp_path / "map" / "map_axes.png").stat().st_size > 1000
+    kept = [json.loads(line) for line in (tmp_path / "map" / "cells.jsonl").read_text().splitlines()]
+    assert kept == json.loads(json.dumps(report["cells"])), "every finished cell is kept as it finishes"
+
+
+def test_sweep_runs_only_the_chosen_axes_and_names_a_bad_one(tiny_engine, tmp_path, monkeypatch):
+    import kvlib.bench.sweep as sweep
+    from kvlib.bench.session import run_map
+    from kvlib.errors import InputError
+
+    assert sweep.parse_axes("all") == sweep.AXES and sweep.parse_axes("order, chunks") == ("chunks", "order")
+    for bad in ("chunk", "", "chunks,sideways"):
+        with pytest.raises(InputError, match="unknown map axis"):
+            sweep.parse_axes(bad)
+    monkeypatch.setattr(sweep, "CHUNK_COUNTS", (1, 2))
+    data = tmp_path / "qa.jsonl"
+    write_data(data)
+    report = run_map(data=str(data), limit=2, seed=0, max_new_tokens=2, out=tmp_path / "map",
+                     home=tmp_path / "home", engine=tiny_engine, axes=("chunks",))
+    assert {c["axis"] for c in report["cells"]} == {"chunks"} and (tmp_path / "map" / "map.md").exists()

@@ -21,22 +21,32 @@ def load_data(data: str, stack, *, limit, ctxs, seed, progress):
 
 
 def run_map(*, data: str, limit, seed: int, max_new_tokens: int, out: Path, home: Path, model=None, dtype=None,
-            progress=None, engine=None) -> dict:
-    """The reusability sweep: every axis of kvlib.bench.sweep on the same records."""
-    from kvlib.bench.sweep import plot_sweep, run_sweep, sweep_findings, write_sweep_report
+            progress=None, engine=None, axes=None) -> dict:
+    """The reusability sweep: the chosen axes of kvlib.bench.sweep (all by default) on the same records.
+    Each finished cell is appended to OUT/cells.jsonl at once, so a run cut short keeps its cells."""
+    import json
+
+    from kvlib.bench.sweep import AXES, plot_sweep, run_sweep, sweep_findings, write_sweep_report
     from kvlib.rag.stack import open_stack
 
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "cells.jsonl"
+    partial.write_text("")
+
+    def keep(cell: list[dict]) -> None:
+        with partial.open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in cell)
+
     try:
         loaded = load_records(data, limit=None, seed=seed)
         records = loaded.records[: limit or 8]
         rows = run_sweep(stack.engine, stack.library, records, seed=seed, max_new_tokens=max_new_tokens,
-                         progress=progress)
+                         progress=progress, axes=axes or AXES, on_cell=keep)
         config = BenchConfig(modes=[], orders=[], seed=seed, max_new_tokens=max_new_tokens, data=str(data))
         settings = BenchRunner(stack.engine, stack.library, config).settings(records, Prepared())
     finally:
         stack.close()
-    out.mkdir(parents=True, exist_ok=True)
     plots = plot_sweep(out, rows)
     write_sweep_report(out, settings, rows, plots)
     return {"settings": settings, "cells": rows, "findings": sweep_findings(rows), "plots": plots}

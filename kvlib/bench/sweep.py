@@ -12,6 +12,8 @@ Design facts:
   - order: the record's passages given or shuffled.
 - KL to full is the headline: it is exact (zero) for a single chunk behind E and grows
   with what the cached KV never saw. Verdict thresholds are stated in `VERDICTS`.
+- `axes` picks the axes to run (a big model may not afford them all), and `on_cell` gets each
+  cell's rows as it finishes, so a long map killed half-way keeps what it measured.
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ from dataclasses import replace
 from kvlib.bench.data import QARecord
 from kvlib.bench.runner import BenchConfig, BenchRunner
 from kvlib.engine.spec import parse_modes
+from kvlib.errors import InputError
 
 AXIS_MODES = "full,naive+sink,rerope+sink"
 BUDGET_MODES = ("full,rerope+sink,rerope+sink+boundary:8,rerope+sink+boundary:16,rerope+sink+boundary:32,"
                 "rerope+sink+blend:0.15,rerope+sink+blend:0.3,rerope+sink+query:0.15,rerope+sink+auto,"
                 "rerope+sink+auto:0.8")
+AXES = ("chunks", "offset", "chunk_tokens", "budget", "order")
 CHUNK_COUNTS = (1, 2, 4, 8, 16)
 OFFSETS = (0, 512, 1024, 2048, 4096)
 CHUNK_TOKENS = (32, 64, 128, 256)
@@ -40,8 +44,19 @@ def distractors(records, i: int):
     return [p for r in others for p in r.passages]
 
 
-def cells(records, approx_tokens_per_passage: int = 130) -> list[tuple[str, object, list, dict]]:
-    """(axis, value, records, overrides) for every cell of the map."""
+def parse_axes(text: str) -> tuple[str, ...]:
+    """'all' or a comma list of AXES, in AXES order; InputError naming an unknown one."""
+    if text.strip() == "all":
+        return AXES
+    asked = [a.strip() for a in text.split(",") if a.strip()]
+    unknown = [a for a in asked if a not in AXES]
+    if unknown or not asked:
+        raise InputError(f"unknown map axis '{(unknown or [text])[0]}'; choose all or some of {', '.join(AXES)}")
+    return tuple(a for a in AXES if a in asked)
+
+
+def cells(records, approx_tokens_per_passage: int = 130, axes=AXES) -> list[tuple[str, object, list, dict]]:
+    """(axis, value, records, overrides) for every cell of the map on the chosen axes."""
     out = []
     for n in CHUNK_COUNTS:
         recs = [replace(r, passages=tuple((list(r.passages) + distractors(records, i))[:n]))
@@ -56,20 +71,25 @@ def cells(records, approx_tokens_per_passage: int = 130) -> list[tuple[str, obje
         out.append(("chunk_tokens", n, list(records), {"chunk_tokens": n}))
     out.append(("budget", "given", list(records), {"modes": BUDGET_MODES}))
     out.append(("order", "shuffled", list(records), {"orders": ["shuffled"]}))
-    return out
+    return [c for c in out if c[0] in axes]
 
 
-def run_sweep(engine, library, records: list[QARecord], *, seed: int, max_new_tokens: int, progress=None) -> list[dict]:
+def run_sweep(engine, library, records: list[QARecord], *, seed: int, max_new_tokens: int, progress=None,
+              axes=AXES, on_cell=None) -> list[dict]:
     rows = []
-    for axis, value, recs, over in cells(records):
+    todo = cells(records, axes=axes)
+    for axis, value, recs, over in todo:
         config = BenchConfig(modes=parse_modes(over.get("modes", AXIS_MODES)), orders=over.get("orders", ["given"]),
                              seed=seed, max_new_tokens=max_new_tokens, chunk_tokens=over.get("chunk_tokens", 512))
         _, results, _ = BenchRunner(engine, library, config).run(recs)
-        for r in results:
-            rows.append({"axis": axis, "value": value, **{k: r[k] for k in (
-                "mode", "order", "n", "ttft_s", "kl_to_full", "nll", "f1", "em", "attn_sim", "recompute_frac")}})
+        cell = [{"axis": axis, "value": value, **{k: r[k] for k in (
+            "mode", "order", "n", "ttft_s", "kl_to_full", "nll", "f1", "em", "attn_sim", "recompute_frac")}}
+            for r in results]
+        rows.extend(cell)
+        if on_cell:
+            on_cell(cell)
         if progress:
-            progress("cells", 1, len(CHUNK_COUNTS) + len(OFFSETS) + len(CHUNK_TOKENS) + 2)
+            progress("cells", 1, len(todo))
     return rows
 
 

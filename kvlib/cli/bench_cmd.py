@@ -28,6 +28,7 @@ def bench(
     model: ModelOpt = None,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     sweep: Annotated[bool, typer.Option("--sweep", help="Run the reusability map instead (chunks, offset, chunk length, budget, order).")] = False,
+    axes: Annotated[str, typer.Option(help="With --sweep: 'all' or a comma list of chunks, offset, chunk_tokens, budget, order.")] = "all",
     retrieval: Annotated[Optional[Path], typer.Option(
         "--retrieval", help="Passage pool file: measure recall@k of the records' gold passages instead.")] = None,
     ingest: Annotated[Optional[list[Path]], typer.Option(
@@ -40,6 +41,7 @@ def bench(
 ) -> None:
     """Compare full recompute, prefix caching, naive reuse and re-RoPE (and repairs) on real QA data."""
     from kvlib.bench.session import run_bench, run_map
+    from kvlib.bench.sweep import parse_axes
 
     if retrieval is not None:
         return recall(data, retrieval, limit, out, json_out)
@@ -64,7 +66,7 @@ def bench(
             common = dict(data=data, limit=limit, seed=seed, max_new_tokens=max_new_tokens, out=out,
                           home=resolve_home(home), model=model, dtype=dtype, progress=progress)
             if sweep:
-                report = run_map(**common)
+                report = run_map(axes=parse_axes(axes), **common)
             else:
                 report = run_bench(modes=modes, order=order, ctxs=ctxs, **common)
     except KvlibError as exc:
