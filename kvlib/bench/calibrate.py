@@ -134,8 +134,8 @@ def run_refit(*, rows_file: Path, home: Path, model=None, dtype=None, holdout: f
     """Fit, check and store again from the rows of an earlier run's calibrate.json (no measuring)."""
     from kvlib.rag.stack import open_stack
 
-    check_options(holdout, confidence, "sink")
-    earlier = read_rows(rows_file)
+    earlier = read_rows(rows_file)  # bad input fails before the model loads
+    check_options(holdout, confidence, earlier["encoding"])
     t0 = time.perf_counter()
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
     try:

@@ -29,14 +29,13 @@ def calibrate(
     json_out: JsonOpt = False,
 ) -> None:
     """Fit the `guard:B` predictor for one model on development data and store it in the library."""
-    from kvlib.bench.calibrate import check_options, read_rows, run_calibrate, run_refit, write_calibrate_report
+    from kvlib.bench.calibrate import check_options, run_calibrate, run_refit, write_calibrate_report
 
     try:
         if (data is None) == (rows is None):
             raise fail("give one of --data FILE (measure) or --rows calibrate.json (fit again from earlier rows)")
         check_options(holdout, confidence, encoding)  # bad input fails before the model loads
         if rows is not None:
-            read_rows(rows)
             report = run_refit(rows_file=rows, home=resolve_home(home), model=model, dtype=dtype, holdout=holdout,
                                confidence=confidence, seed=seed)
         else:

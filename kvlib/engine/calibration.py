@@ -27,6 +27,7 @@ Design facts:
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -196,7 +197,7 @@ def evaluate(calib: Calibration, x: np.ndarray, kl: np.ndarray, budgets=(), ttft
         row = {"slack": None if math.isinf(lam) else lam,
                "within_budget": float(np.mean([k <= budget for k in chosen_kl])) if n else None,
                "without_full": float(np.mean([p < len(calib.rungs) for p in picks])) if n else None,
-               "rungs": {name: picks.count(i) for i, name in enumerate(names) if picks.count(i)}}
+               "rungs": {names[i]: count for i, count in sorted(Counter(picks).items())}}
         if ttft is not None and n:
             row["mean_ttft_vs_full"] = float(np.mean([ttft[i, p] for i, p in enumerate(picks)]) / ttft[:, -1].mean())
         out["budgets"][format(budget, "g")] = row
