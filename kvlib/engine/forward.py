@@ -1,8 +1,9 @@
 """kvlib's own forward pass for the Llama family, over the weights of the HF modules.
 
 Design facts:
-- This module and model.py are the only ones that touch transformers' modules; every
-  other engine module runs layers through `forward`, `run_layers` or `project_kv`.
+- This module, model.py and fused.py (which stacks projection weights) are the only ones
+  that touch transformers' modules; every other engine module runs layers through
+  `forward`, `run_layers` or `project_kv`.
 - One sequence (batch 1). Shapes in comments: T new tokens, P past slots, H query heads,
   Hkv key/value heads, D head_dim, L layers.
 - The KV cache (cache.py) holds *rotated* keys per slot; new tokens are written at the
@@ -19,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kvlib.engine.attention import Mask, attend
 from kvlib.engine.cache import KVCache
@@ -43,36 +45,56 @@ class LayersOut:
     probs: dict = field(default_factory=dict)  # layer -> [H, T, S], when asked
 
 
-def project_qkv(layer, x: torch.Tensor, head_dim: int):
-    """x: [1, T, hidden] -> q [1, H, T, D], k_sem [1, Hkv, T, D], v [1, Hkv, T, D]."""
-    attn = layer.self_attn
-    shape = (*x.shape[:-1], -1, head_dim)
-    q = attn.q_proj(x).view(shape)
-    k = attn.k_proj(x).view(shape)
+# transformers' RMSNorm classes of the supported families: weight * (x / rms(x) in float32, cast back)
+RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def norm(module, x: torch.Tensor) -> torch.Tensor:
+    """The module's RMSNorm of x through torch's fused kernel (one pass instead of transformers'
+    five elementwise ops), the same formula; any other norm runs as its module."""
+    if type(module).__name__ not in RMS_NORMS:
+        return module(x)
+    return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
+
+
+def project_qkv(lm, index: int, x: torch.Tensor):
+    """x: [1, T, hidden] -> q [1, H, T, D], k_sem [1, Hkv, T, D], v [1, Hkv, T, D]
+    (one product against the layer's stacked q/k/v rows where fused.py stacked them)."""
+    attn, fused = lm.layers[index].self_attn, lm.fused[index] if lm.fused else None
+    shape = (*x.shape[:-1], -1, lm.head_dim)
+    if fused is not None:
+        q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
+        q, k, v = q.view(shape), k.view(shape), v.view(shape)
+    else:
+        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
     if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE; k_sem is after it
         q, k = attn.q_norm(q), attn.k_norm(k)
-    v = attn.v_proj(x).view(shape)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def project_kv(lm, index: int, h: torch.Tensor, position_ids: torch.Tensor):
     """Layer `index`'s rotated keys and values for hidden states h entering it, without
     attending: k_rot, v [Hkv, T, D]. (Blend and auto measure a layer's KV deviation this way.)"""
-    layer = lm.layers[index]
-    _, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
+    _, k_sem, v = project_qkv(lm, index, norm(lm.layers[index].input_layernorm, h))
     return apply_rope(k_sem, position_ids, lm.rope)[0], v[0]
 
 
-def _layer_qkv(lm, layer, h, position_ids):
+def _layer_qkv(lm, index, h, position_ids):
     """q rotated [1, H, T, D], k_sem and k_rot [1, Hkv, T, D], v [1, Hkv, T, D] for hidden states h."""
-    q, k_sem, v = project_qkv(layer, layer.input_layernorm(h), lm.head_dim)
-    return apply_rope(q, position_ids, lm.rope), k_sem, apply_rope(k_sem, position_ids, lm.rope), v
+    q, k_sem, v = project_qkv(lm, index, norm(lm.layers[index].input_layernorm, h))
+    qk = apply_rope(torch.cat([q, k_sem], dim=1), position_ids, lm.rope)  # one rotation for both: elementwise
+    return qk[:, : q.shape[1]], k_sem, qk[:, q.shape[1] :], v
 
 
-def _layer_out(layer, h, out):
+def _layer_out(lm, index, h, out):
     """The residual stream after attention output out [1, H, T, D] and the MLP."""
+    layer, fused = lm.layers[index], lm.fused[index] if lm.fused else None
     h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(1, out.shape[2], -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    x = norm(layer.post_attention_layernorm, h)
+    if fused is None or fused.gate_up_weight is None:
+        return h + layer.mlp(x)
+    gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).split(fused.intermediate, dim=-1)
+    return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
 
 
 def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots, want_probs: bool):
@@ -83,7 +105,7 @@ def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots
     """
     layer = lm.layers[index]
     with stage("layers"):
-        q, k_sem, k_rot, v = _layer_qkv(lm, layer, h, position_ids)
+        q, k_sem, k_rot, v = _layer_qkv(lm, index, h, position_ids)
         if isinstance(slots, int):
             keys, values = cache.write(index, slots, k_rot[0], v[0])
         else:
@@ -91,7 +113,7 @@ def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots
             keys, values = cache.layer(index)
         with stage("attention"):
             out, probs = attend(q, keys, values, mask, layer.self_attn.scaling, want_probs)
-        h = _layer_out(layer, h, out)
+        h = _layer_out(lm, index, h, out)
     return h, k_sem[0], v[0], probs
 
 
@@ -106,13 +128,13 @@ def decode_batch(lm, token_ids: list[int], positions: list[int], caches: list[KV
     h = embed(lm, torch.tensor(token_ids))  # [1, B, hidden]: the batch rides on the token axis
     for index in range(lm.n_layers):
         layer = lm.layers[index]
-        q, _, k_rot, v = _layer_qkv(lm, layer, h, position_ids)
+        q, _, k_rot, v = _layer_qkv(lm, index, h, position_ids)
         outs = []
         for b, cache in enumerate(caches):
             keys, values = cache.write(index, cache.length, k_rot[0, :, b : b + 1], v[0, :, b : b + 1])
             outs.append(attend(q[:, :, b : b + 1], keys, values, Mask.causal(1, cache.length),
                                layer.self_attn.scaling)[0])
-        h = _layer_out(layer, h, torch.cat(outs, dim=2))
+        h = _layer_out(lm, index, h, torch.cat(outs, dim=2))
     for cache in caches:
         check_window(lm, cache.length + 1)
         cache.commit(cache.length + 1)
@@ -145,7 +167,7 @@ def embed(lm, input_ids: torch.Tensor) -> torch.Tensor:
 
 def head_logits(lm, h: torch.Tensor) -> torch.Tensor:
     """h: [1, T, hidden] -> logits [T, V] in float32."""
-    return lm.hf.lm_head(lm.hf.model.norm(h))[0].float()
+    return lm.hf.lm_head(norm(lm.hf.model.norm, h))[0].float()
 
 
 @torch.inference_mode()

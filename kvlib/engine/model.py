@@ -43,6 +43,7 @@ class LoadedModel:
     device: object  # torch.device
     rope: object  # RopeSpec
     config_summary: dict = field(default_factory=dict)
+    fused: list = field(default_factory=list)  # per layer: fused.FusedLayer or None (see fused.py)
 
     @property
     def layers(self):
@@ -281,6 +282,7 @@ def fingerprint(weights: str, summary: dict, tokenizer, kv_dtype) -> str:
 
 def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: str | None = None) -> LoadedModel:
     """Wrap an in-memory HF model (used by load_model and by tests with tiny random models)."""
+    from kvlib.engine.fused import fuse_model
     from kvlib.engine.rope import rope_spec_from_rotary
 
     check_supported(hf.config)
@@ -293,7 +295,8 @@ def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: st
     kv_dtype = kv_dtype_for(dtype)
     fp = fingerprint(weights, summary, tokenizer, kv_dtype)
     return LoadedModel(hf=hf, tokenizer=tokenizer, name=name, fingerprint=fp, dtype=dtype,
-                       kv_dtype=kv_dtype, device=device, rope=rope, config_summary=summary)
+                       kv_dtype=kv_dtype, device=device, rope=rope, config_summary=summary,
+                       fused=fuse_model(hf))
 
 
 def load_model(model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
