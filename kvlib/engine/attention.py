@@ -106,7 +106,8 @@ def attention_probs(q, keys, mask: torch.Tensor | None, scale: float) -> torch.T
 
 
 def single_query_attention(q, keys, values, scale: float) -> torch.Tensor:
-    """One new token over every slot, float32 inside. q: [1, H, 1, D] -> [1, H, 1, D].
+    """One new token over every slot, float32 scores, the probabilities meeting the values in the
+    cache dtype (as few_queries and SDPA's CPU kernel do). q: [1, H, 1, D] -> [1, H, 1, D].
 
     On CPU, SDPA's kernel costs ~8x more than these two matmuls for a single bf16 query
     (2.1 vs 0.25 ms per layer at 2.6k slots, one thread), so decoding uses this path there.
@@ -114,7 +115,7 @@ def single_query_attention(q, keys, values, scale: float) -> torch.Tensor:
     hkv, group = keys.shape[0], q.shape[1] // keys.shape[0]
     qg = q[0].reshape(hkv, group, q.shape[3]).float()
     scores = torch.matmul(qg, keys.float().transpose(-1, -2)) * scale  # [Hkv, G, S]
-    out = torch.matmul(scores.softmax(dim=-1), values.float())  # [Hkv, G, D]
+    out = torch.matmul(scores.softmax(dim=-1).to(values.dtype), values)  # [Hkv, G, D]: no float copy of V
     return out.to(q.dtype).reshape(1, q.shape[1], 1, q.shape[3])
 
 
