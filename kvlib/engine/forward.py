@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kvlib.engine.attention import Mask, attend
 from kvlib.engine.cache import KVCache
+from kvlib.engine.fused import linear
 from kvlib.engine.rope import apply_rope
 from kvlib.engine.stages import stage
 from kvlib.errors import KvlibError
@@ -57,13 +58,18 @@ def norm(module, x: torch.Tensor) -> torch.Tensor:
     return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
 
+def packed(fused, name: str):
+    """The prepacked weight of one of a fused layer's products, or None (fused.py)."""
+    return None if fused is None or fused.packed is None else fused.packed.get(name)
+
+
 def project_qkv(lm, index: int, x: torch.Tensor):
     """x: [1, T, hidden] -> q [1, H, T, D], k_sem [1, Hkv, T, D], v [1, Hkv, T, D]
     (one product against the layer's stacked q/k/v rows where fused.py stacked them)."""
     attn, fused = lm.layers[index].self_attn, lm.fused[index] if lm.fused else None
     shape = (*x.shape[:-1], -1, lm.head_dim)
     if fused is not None:
-        q, k, v = F.linear(x, fused.qkv_weight, fused.qkv_bias).split(fused.qkv_sizes, dim=-1)
+        q, k, v = linear(x, fused.qkv_weight, fused.qkv_bias, packed(fused, "qkv")).split(fused.qkv_sizes, dim=-1)
         q, k, v = q.view(shape), k.view(shape), v.view(shape)
     else:
         q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
@@ -89,12 +95,14 @@ def _layer_qkv(lm, index, h, position_ids):
 def _layer_out(lm, index, h, out):
     """The residual stream after attention output out [1, H, T, D] and the MLP."""
     layer, fused = lm.layers[index], lm.fused[index] if lm.fused else None
-    h = h + layer.self_attn.o_proj(out.transpose(1, 2).reshape(1, out.shape[2], -1))
+    o, down = layer.self_attn.o_proj, layer.mlp.down_proj
+    h = h + linear(out.transpose(1, 2).reshape(1, out.shape[2], -1), o.weight, o.bias, packed(fused, "o"))
     x = norm(layer.post_attention_layernorm, h)
     if fused is None or fused.gate_up_weight is None:
         return h + layer.mlp(x)
-    gate, up = F.linear(x, fused.gate_up_weight, fused.gate_up_bias).split(fused.intermediate, dim=-1)
-    return h + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+    gate, up = linear(x, fused.gate_up_weight, fused.gate_up_bias, packed(fused, "gate_up")).split(
+        fused.intermediate, dim=-1)
+    return h + linear(layer.mlp.act_fn(gate) * up, down.weight, down.bias, packed(fused, "down"))
 
 
 def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots, want_probs: bool):

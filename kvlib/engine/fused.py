@@ -13,13 +13,22 @@ Design facts:
   apart); `fuse_model` is called by model.wrap_model, the one place a model is made ready.
 - A layer whose projections disagree on bias (some with, some without) is left unfused and
   runs through its modules.
+- Prepacked weights (oneDNN's blocked layout, `torch.ops.mkldnn._reorder_linear_weight`, what
+  inductor's freezing pass does): in bf16 on CPU the same products ran 30-35% faster at 1 and
+  30 rows and 10% at 512-2048, with bit-identical outputs (measured here, interleaved). They
+  are a second copy of the layer weights, so they are made only when that copy costs at most
+  PACK_MAX_BYTES (SmolLM2: ~210 MB; Qwen2.5-1.5B's 2.6 GB is not doubled). `linear` runs a
+  product on the packed copy where there is one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
+
+PACK_MAX_BYTES = 512 << 20
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,6 +39,14 @@ class FusedLayer:
     gate_up_weight: torch.Tensor | None  # [2 I, hidden]; None when the MLP is left unfused
     gate_up_bias: torch.Tensor | None
     intermediate: int
+    packed: dict | None = None  # "qkv", "o", "gate_up", "down" -> prepacked weight, when made
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed=None) -> torch.Tensor:
+    """F.linear(x, weight, bias), on the prepacked copy of weight when there is one (same bits)."""
+    if packed is None:
+        return F.linear(x, weight, bias)
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
 def _stack(modules) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -62,6 +79,24 @@ def fuse_layer(layer) -> FusedLayer | None:
                       intermediate=mlp.gate_proj.weight.shape[0])
 
 
+def packable(hf) -> bool:
+    """bf16 on a CPU with oneDNN, and a packed copy of the layer weights within PACK_MAX_BYTES."""
+    weight = hf.model.layers[0].self_attn.q_proj.weight
+    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    size = sum(p.numel() * p.element_size() for layer in hf.model.layers for p in layer.parameters() if p.dim() == 2)
+    return size <= PACK_MAX_BYTES
+
+
+def pack_layer(layer, fused: FusedLayer) -> FusedLayer:
+    pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w.detach(), None)  # noqa: E731
+    weights = {"qkv": fused.qkv_weight, "o": layer.self_attn.o_proj.weight, "gate_up": fused.gate_up_weight,
+               "down": layer.mlp.down_proj.weight}
+    return replace(fused, packed={name: pack(w) for name, w in weights.items() if w is not None})
+
+
 @torch.no_grad()
 def fuse_model(hf) -> list[FusedLayer | None]:
-    return [fuse_layer(layer) for layer in hf.model.layers]
+    pack = packable(hf)
+    fused = [fuse_layer(layer) for layer in hf.model.layers]
+    return [pack_layer(layer, f) if pack and f is not None else f for layer, f in zip(hf.model.layers, fused)]

@@ -1,0 +1,59 @@
+"""Stacked projections and prepacked weights (engine/fused.py): the same forward, bit for bit,
+and no weight held twice unless the packed copy fits its budget."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kvlib.engine import fused as fused_mod
+from kvlib.engine.forward import KVCache, forward
+from kvlib.engine.model import wrap_model
+from tiny_models import FAMILIES, random_ids, tiny_hf
+
+
+def logits_of(lm, ids):
+    cache = KVCache.for_model(lm, len(ids))
+    return forward(lm, ids, torch.arange(len(ids)), cache, logits="all", keep_kv=True)
+
+
+def bf16_lm(family):
+    hf = tiny_hf(family)
+    return wrap_model(hf, None, name=f"tiny-{family}", dtype=torch.bfloat16, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_weights_are_views_of_the_stacked_matrices(family):
+    lm = bf16_lm(family)
+    layer, f = lm.layers[0], lm.fused[0]
+    attn = layer.self_attn
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == f.qkv_weight.untyped_storage().data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == f.qkv_weight.untyped_storage().data_ptr()
+    assert torch.equal(f.qkv_weight[: attn.q_proj.weight.shape[0]], attn.q_proj.weight)
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == f.gate_up_weight.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_and_packed_forward_equal_the_modules_bit_for_bit(family):
+    lm = bf16_lm(family)
+    ids = random_ids(24, seed=3)
+    assert lm.fused[0].packed is not None  # bf16 on CPU, far under the budget
+    packed = logits_of(lm, ids)
+    lm.fused = [replace(f, packed=None) for f in lm.fused]
+    stacked = logits_of(lm, ids)
+    lm.fused = []
+    modules = logits_of(lm, ids)
+    for out in (packed, stacked):  # a stacked product's columns are the separate products' columns
+        assert torch.equal(out.logits, modules.logits)
+        assert torch.equal(out.k_sem, modules.k_sem) and torch.equal(out.v, modules.v)
+    assert torch.equal(packed.logits, stacked.logits)
+    assert torch.equal(packed.k_sem, stacked.k_sem)
+
+
+def test_no_packed_copy_beyond_the_budget_or_in_float32(monkeypatch):
+    assert wrap_model(tiny_hf("llama"), None, name="t", dtype=torch.float32,
+                      device=torch.device("cpu")).fused[0].packed is None
+    monkeypatch.setattr(fused_mod, "PACK_MAX_BYTES", 0)
+    assert bf16_lm("llama").fused[0].packed is None
