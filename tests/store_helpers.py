@@ -75,3 +75,10 @@ def writer_env() -> dict[str, str]:
     """Environment in which the writer can import kvlib and these helpers."""
     paths = [str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}
+
+
+def flip_bytes(path, offset_from_end: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + 4):
+        data[i] ^= 0xFF  # inside the tensor payload, so the header still parses
+    path.write_bytes(bytes(data))

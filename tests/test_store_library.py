@@ -13,7 +13,7 @@ from kvlib.errors import AmbiguousKeyError, CorruptBlobError, InputError, NotFou
 from kvlib.store import ChunkKey, Library
 from kvlib.store.keys import compute_key
 from kvlib.store.manifest import MIGRATIONS, applied_migrations, apply_migrations
-from store_helpers import CONTEXT_ID, MODEL_FP, blob_files, make_chunk, put_chunk
+from store_helpers import CONTEXT_ID, MODEL_FP, blob_files, flip_bytes, make_chunk, put_chunk
 
 UNKNOWN_KEY = "f" * 64
 
@@ -126,16 +126,9 @@ def test_public_document_cannot_hold_private_chunks(library):
         library.set_document(tenant="alice", public=True, path="p.txt", content_hash="h", chunk_keys=[private])
 
 
-def _flip_bytes(path, offset_from_end: int = 40) -> None:
-    data = bytearray(path.read_bytes())
-    for i in range(len(data) - offset_from_end, len(data) - offset_from_end + 4):
-        data[i] ^= 0xFF  # inside the tensor payload, so the header still parses
-    path.write_bytes(bytes(data))
-
-
 def test_corrupt_blob_is_detected_on_get_inspect_and_verify(library):
     key = put_chunk(library, 9).key
-    _flip_bytes(blob_files(library.home)[0])
+    flip_bytes(blob_files(library.home)[0])
     with pytest.raises(CorruptBlobError) as info:
         library.get(key)
     assert "\n" not in str(info.value) and key.short in str(info.value)
@@ -149,7 +142,7 @@ def test_corrupt_blob_is_detected_on_get_inspect_and_verify(library):
 def test_find_many_finds_what_the_tenant_sees_and_counts_no_use_until_touched(library):
     public, secret, corrupt = (put_chunk(library, 30).key, put_chunk(library, 31, tenant="alice", public=False).key,
                                put_chunk(library, 32).key)
-    _flip_bytes(next(p for p in blob_files(library.home) if p.stem == corrupt.hex))
+    flip_bytes(next(p for p in blob_files(library.home) if p.stem == corrupt.hex))
     asked = [public, secret, corrupt, UNKNOWN_KEY]
     assert set(library.find_many(asked, "alice")) == {public.hex, secret.hex}, "a corrupt blob is left out"
     bob = library.find_many(asked, "bob")

@@ -22,7 +22,8 @@ flock on its temp file until it publishes, so `gc` can tell a live writer's temp
 file from a crashed one's: a crashed process's locks die with it.
 
 Reads hash the memory-mapped file with xxh3-128 and compare against the checksum
-the manifest recorded at write time; a mismatch is a CorruptBlobError.
+the manifest recorded at write time; a mismatch is a CorruptBlobError. The mappings are
+held between reads (store/mapped.py), and the tensors are views of them.
 This module knows nothing about SQLite, tenants or documents.
 """
 
@@ -42,6 +43,7 @@ import xxhash
 
 from kvlib.errors import CorruptBlobError, KvlibError
 from kvlib.store.keys import KEY_HEX_LEN, ChunkKey
+from kvlib.store.mapped import MappedBlobs
 
 FORMAT_VERSION = "1"
 BLOB_SUFFIX = ".safetensors"
@@ -150,6 +152,7 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.mapped = MappedBlobs()
 
     def path_for(self, key: ChunkKey) -> Path:
         return self.root / key.fanout / f"{key.hex}{BLOB_SUFFIX}"
@@ -183,13 +186,23 @@ class BlobStore:
 
     def read(self, key: ChunkKey, expected_checksum: str) -> BlobContents:
         """Load a blob after checking its bytes against the manifest's checksum."""
-        path = self.path_for(key)
-        actual = checksum_file(path)
+        contents, actual = self.try_read(key, expected_checksum)
         if actual is None:
-            raise CorruptBlobError(f"blob {key.short} is missing from {path.parent} (run `kvlib gc`)")
-        if actual != expected_checksum:
+            raise CorruptBlobError(f"blob {key.short} is missing from {self.path_for(key).parent} (run `kvlib gc`)")
+        if contents is None and actual == expected_checksum:
+            raise CorruptBlobError(f"blob {key.short} is unreadable: the file is empty")
+        if contents is None:
             raise CorruptBlobError(f"blob {key.short} is corrupt: checksum {actual[:12]} != manifest {expected_checksum[:12]}")
-        return load_blob(path, key)
+        return contents
+
+    def try_read(self, key: ChunkKey, expected_checksum: str) -> tuple[BlobContents | None, str | None]:
+        """(contents or None, the file's checksum or None if it is missing): contents only when
+        the bytes are the expected ones."""
+        actual, parsed = self.mapped.read(self.path_for(key), expected_checksum, TENSOR_NAMES, key.short)
+        if parsed is None:
+            return None, actual
+        tensors, metadata = parsed
+        return BlobContents(tensors["k_sem"], tensors["v"], tensors["token_ids"], metadata), actual
 
     def publish(self, staged: StagedBlob, key: ChunkKey, checksum: str) -> None:
         """Make a staged blob the stored one (a remote tier also uploads it: store/tiered.py)."""
@@ -214,6 +227,7 @@ class BlobStore:
 
     def delete(self, key: ChunkKey) -> bool:
         """Remove a blob file; True if there was one."""
+        self.mapped.forget(self.path_for(key))
         try:
             self.path_for(key).unlink()
             return True
@@ -239,24 +253,6 @@ class BlobStore:
         if not folder.is_dir():
             folder.mkdir(parents=True, exist_ok=True)
             fsync_dir(folder.parent)  # the new fan-out folder itself must survive a crash
-
-
-def load_blob(path: Path, key: ChunkKey) -> BlobContents:
-    """Memory-map a blob with safetensors; unreadable content is a CorruptBlobError."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            names = set(handle.keys())
-            if not set(TENSOR_NAMES) <= names:
-                raise CorruptBlobError(f"blob {key.short} lacks tensors {sorted(set(TENSOR_NAMES) - names)}")
-            tensors = {name: handle.get_tensor(name) for name in TENSOR_NAMES}
-            metadata = dict(handle.metadata() or {})
-    except CorruptBlobError:
-        raise
-    except Exception as exc:  # safetensors raises its own types for truncated or garbled headers
-        raise CorruptBlobError(f"blob {key.short} is unreadable: {type(exc).__name__}: {exc}") from exc
-    return BlobContents(tensors["k_sem"], tensors["v"], tensors["token_ids"], metadata)
 
 
 _ALIGN = 4096  # O_DIRECT wants buffer, length and offset aligned to the logical block size

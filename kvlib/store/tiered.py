@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from kvlib.errors import CorruptBlobError, StoreUnavailableError
-from kvlib.store.blobs import BLOB_SUFFIX, BlobStore, StagedBlob, checksum_bytes, checksum_file, fsync_dir, load_blob
+from kvlib.store.blobs import BLOB_SUFFIX, BlobStore, StagedBlob, checksum_bytes, checksum_file, fsync_dir
 from kvlib.store.keys import ChunkKey
 from kvlib.store.s3 import RemoteUnavailable, S3Blobs
 
@@ -127,15 +127,14 @@ class TieredBlobs:
 
     def read(self, key: ChunkKey, checksum: str, fresh: bool = False):
         """The blob, checked against `checksum`; from the local tier unless `fresh`."""
-        path = self.local.path_for(key)
         if not fresh:
-            actual = checksum_file(path)
-            if actual == checksum:
-                _touch(path)
-                return load_blob(path, key)
+            contents, _ = self.local.try_read(key, checksum)
+            if contents is not None:
+                _touch(self.local.path_for(key))
+                return contents
         data = self._fetch(key, checksum)
         self._keep_locally(key, data, checksum)
-        return load_blob(path, key)
+        return self.local.read(key, checksum)
 
     def status(self, key: ChunkKey, checksum: str) -> str:
         try:
