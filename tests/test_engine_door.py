@@ -126,6 +126,25 @@ def test_answer_accounting_adds_up_and_a_miss_is_computed_in_context():
     assert sum(mixed.tokens.values()) == 5 + 23 + 4
 
 
+def test_hits_around_a_miss_are_rotated_to_their_own_positions():
+    """Runs of hits are copied in and rotated as one span each: every hit's slots hold exactly
+    apply_rope of its stored keys at its own positions, whatever misses break the runs."""
+    from kvlib.engine.compose import ChunkKV, compose
+    from kvlib.engine.rope import apply_rope
+
+    engine = tiny_engine("llama", 4)
+    chunks = [engine.encode(random_ids(n, 30 + n)) for n in (6, 3, 9, 5)]
+    layout = [chunks[0], chunks[1], ChunkKV(chunks[2].token_ids, None, None), chunks[3]]
+    composed = compose(engine.lm, engine.context, layout, "rerope")
+    for (slot, n), c in zip(composed.spans, layout):
+        if c.k_sem is None:
+            continue
+        keys, values = composed.cache.read(slot, slot + n)
+        want = apply_rope(c.k_sem.to(engine.lm.dtype), torch.arange(slot, slot + n), engine.lm.rope)
+        assert torch.equal(keys, want) and torch.equal(values, c.v.to(engine.lm.dtype)), f"chunk at slot {slot}"
+    assert composed.misses == [(4 + 6 + 3, 2)] and composed.cached_tokens == 4 + 6 + 3 + 5
+
+
 @pytest.mark.parametrize("name, spec", [
     ("rerope", ModeSpec("rerope", "sink")), ("rerope+bare", ModeSpec("rerope", "bare")),
     ("naive+lead", ModeSpec("naive", "lead")), ("rerope+auto:0.7", ModeSpec("rerope", "sink", "auto:0.7")),

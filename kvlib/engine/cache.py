@@ -4,7 +4,7 @@ Design facts:
 - Slots are in prompt order. A slot's rotary position is whatever its keys were rotated
   to, which is how `naive` composition (keys at their encoding positions) sits at any slot.
 - Every write goes through a method: `append` (whole-model KV after the filled slots),
-  `append_rotated` (stored pre-RoPE keys, rotated as they are copied in),
+  `append_rotated` (a run of stored pre-RoPE keys, rotated in place once copied in),
   `write` (one layer's new tokens at a contiguous start, during a forward), `write_slots`
   (one layer's tokens at scattered slots, during a repair), `truncate` (rewind) and `fork`
   (an independent copy). Callers never index `k`/`v` to write.
@@ -119,16 +119,23 @@ class KVCache:
         self.k[layer, :, slots] = k_rot.to(self.k.dtype)
         self.v[layer, :, slots] = v.to(self.v.dtype)
 
-    def append_rotated(self, k_sem: torch.Tensor, v: torch.Tensor, tables) -> None:
-        """Append whole-model pre-RoPE keys rotated on the way in (rope.rope_into_: one pass,
-        no copy of the keys before their rotation), and values. k_sem, v: [>= L, Hkv, T, D]."""
-        t, n = k_sem.shape[2], self.k.shape[0]
-        self._check_room(t)
-        with stage("rotate"):
-            rope_into_(self.k[:, :, self.length : self.length + t], k_sem[:n], tables)
+    def append_rotated(self, chunks: list, tables) -> None:
+        """Append a run of chunks' whole-model pre-RoPE keys and values, [>= L, Hkv, T_i, D] each,
+        and rotate the run's keys in place, layer by layer (rope.rope_into_), with `tables`
+        covering the run's slots. Copying first and rotating the whole run in one pass per layer
+        costs half of rotating each chunk on its way in (18 against 35 ms for 4k keys: 30 calls
+        on the run instead of 30 per chunk)."""
+        start, n = self.length, self.k.shape[0]
+        self._check_room(sum(k.shape[2] for k, _ in chunks))
         with stage("assemble"):
-            self.v[:, :, self.length : self.length + t] = v[:n]
-        self.length += t
+            for k_sem, v in chunks:
+                t = k_sem.shape[2]
+                self.k[:, :, self.length : self.length + t] = k_sem[:n]
+                self.v[:, :, self.length : self.length + t] = v[:n]
+                self.length += t
+        with stage("rotate"):
+            run = self.k[:, :, start : self.length]
+            rope_into_(run, run, tables)
 
     def layer(self, layer: int, end: int | None = None):
         """Views of one layer's keys and values over slots [0, end) (default: the filled ones)."""

@@ -178,16 +178,26 @@ def compose(lm, context: ContextKV, chunks: list, base: str, *, extra: int = 512
     with stage("rotate"):  # cos/sin once for every cached slot of the prompt
         hits = [p for c, p in zip(chunks, positions) if c.k_sem is not None]
         tables = half_tables(lm.rope, torch.cat(hits), lm.device) if hits else None
-    spans, misses, cached = [], [], context.n_tokens
+    spans, misses, cached, run, slot = [], [], context.n_tokens, [], cache.length
     for i, c in enumerate(chunks):
-        spans.append((cache.length, c.n_tokens))
+        spans.append((slot, c.n_tokens))
         if c.k_sem is None:  # a miss: its slots are filled when it is computed in context
-            misses.append((cache.length, i))
-            cache.commit(cache.length + c.n_tokens)
-            continue
-        # keys rotated as they are copied into their slots (one pass), values copied
-        cache.append_rotated(c.k_sem.to(device=lm.device, dtype=lm.dtype), c.v.to(device=lm.device, dtype=lm.dtype),
-                             tables.slice(cached - context.n_tokens, c.n_tokens))
-        cached += c.n_tokens
+            run = _append_run(cache, run, tables, cached - context.n_tokens)
+            misses.append((slot, i))
+            cache.commit(slot + c.n_tokens)
+        else:  # a hit joins the run of hits that are copied in and rotated together
+            run.append((c.k_sem.to(device=lm.device, dtype=lm.dtype), c.v.to(device=lm.device, dtype=lm.dtype)))
+            cached += c.n_tokens
+        slot += c.n_tokens
+    _append_run(cache, run, tables, cached - context.n_tokens)
     return Composed(cache=cache, pending_ids=torch.zeros(0, dtype=torch.long), next_pos=total,
                     cached_tokens=cached, spans=spans, context_ids=context.token_ids, misses=misses)
+
+
+def _append_run(cache: KVCache, run: list, tables, end_row: int) -> list:
+    """Consecutive hits, copied in and then rotated as one span; their tables are the rows
+    before `end_row` (the hits' positions so far, in order). Returns a new, empty run."""
+    if run:
+        n = sum(k.shape[2] for k, _ in run)
+        cache.append_rotated(run, tables.slice(end_row - n, n))
+    return []
