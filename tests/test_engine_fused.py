@@ -39,9 +39,9 @@ def test_hf_weights_are_views_of_the_stacked_matrices(family):
 def test_fused_and_packed_forward_equal_the_modules_bit_for_bit(family):
     lm = bf16_lm(family)
     ids = random_ids(24, seed=3)
-    assert lm.fused[0].packed is not None  # bf16 on CPU, far under the budget
+    assert lm.fused[0].packed is not None and lm.head_packed is not None  # bf16 on CPU, far under the budget
     packed = logits_of(lm, ids)
-    lm.fused = [replace(f, packed=None) for f in lm.fused]
+    lm.fused, lm.head_packed = [replace(f, packed=None) for f in lm.fused], None
     stacked = logits_of(lm, ids)
     lm.fused = []
     modules = logits_of(lm, ids)
@@ -53,7 +53,8 @@ def test_fused_and_packed_forward_equal_the_modules_bit_for_bit(family):
 
 
 def test_no_packed_copy_beyond_the_budget_or_in_float32(monkeypatch):
-    assert wrap_model(tiny_hf("llama"), None, name="t", dtype=torch.float32,
-                      device=torch.device("cpu")).fused[0].packed is None
+    f32 = wrap_model(tiny_hf("llama"), None, name="t", dtype=torch.float32, device=torch.device("cpu"))
+    assert f32.fused[0].packed is None and f32.head_packed is None
     monkeypatch.setattr(fused_mod, "PACK_MAX_BYTES", 0)
-    assert bf16_lm("llama").fused[0].packed is None
+    over = bf16_lm("llama")
+    assert over.fused[0].packed is None and over.head_packed is None

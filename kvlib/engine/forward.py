@@ -174,8 +174,9 @@ def embed(lm, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def head_logits(lm, h: torch.Tensor) -> torch.Tensor:
-    """h: [1, T, hidden] -> logits [T, V] in float32."""
-    return lm.hf.lm_head(norm(lm.hf.model.norm, h))[0].float()
+    """h: [1, T, hidden] -> logits [T, V] in float32 (on the prepacked head where there is one)."""
+    head = lm.hf.lm_head
+    return linear(norm(lm.hf.model.norm, h), head.weight, head.bias, lm.head_packed)[0].float()
 
 
 @torch.inference_mode()

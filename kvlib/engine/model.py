@@ -44,6 +44,7 @@ class LoadedModel:
     rope: object  # RopeSpec
     config_summary: dict = field(default_factory=dict)
     fused: list = field(default_factory=list)  # per layer: fused.FusedLayer or None (see fused.py)
+    head_packed: object | None = None  # the output head's prepacked weight (fused.pack_head), or None
 
     @property
     def layers(self):
@@ -282,7 +283,7 @@ def fingerprint(weights: str, summary: dict, tokenizer, kv_dtype) -> str:
 
 def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: str | None = None) -> LoadedModel:
     """Wrap an in-memory HF model (used by load_model and by tests with tiny random models)."""
-    from kvlib.engine.fused import fuse_model
+    from kvlib.engine.fused import fuse_model, pack_head
     from kvlib.engine.rope import rope_spec_from_rotary
 
     check_supported(hf.config)
@@ -296,7 +297,7 @@ def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: st
     fp = fingerprint(weights, summary, tokenizer, kv_dtype)
     return LoadedModel(hf=hf, tokenizer=tokenizer, name=name, fingerprint=fp, dtype=dtype,
                        kv_dtype=kv_dtype, device=device, rope=rope, config_summary=summary,
-                       fused=fuse_model(hf))
+                       fused=fuse_model(hf), head_packed=pack_head(hf))
 
 
 def load_model(model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
