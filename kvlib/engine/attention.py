@@ -128,14 +128,18 @@ def few_queries(q, keys, values, t_past: int, scale: float):
     """T new queries over a past longer than themselves, as two batched matmuls per KV head.
 
     Scores are float32 (q and keys cast up: a bf16 product would round every score), the
-    causal corner is masked in place, and the probabilities meet the values in the cache
+    scale is applied to q (exact for a power-of-two scale, as head_dim 64 has), the causal
+    corner is masked in place, and the probabilities meet the values in the cache
     dtype, as SDPA's CPU kernel does too. The query heads that share a KV head ride
     together as one [G*T, D] operand. q: [1, H, T, D]; keys/values: [Hkv, P+T, D].
     """
     hkv, t, dim = keys.shape[0], q.shape[2], q.shape[3]
     group = q.shape[1] // hkv
-    qg = q[0].reshape(hkv, group * t, dim).float()
-    scores = torch.bmm(qg, keys.float().transpose(1, 2)).mul_(scale)  # [Hkv, G*T, S]
+    qg = q[0].reshape(hkv, group * t, dim).float().mul_(scale)  # scaled before: one pass over [G*T, D], not [G*T, S]
+    kf = keys.float()
+    scores = torch.empty(hkv, group * t, keys.shape[1], device=q.device)  # [Hkv, G*T, S]
+    for h in range(hkv):  # one product per KV head ran ~10% faster here than one batched over them
+        torch.mm(qg[h], kf[h].t(), out=scores[h])
     corner = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)  # a new token's later neighbours
     scores.view(hkv, group, t, -1)[..., t_past:].masked_fill_(corner, float("-inf"))
     out = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values)  # [Hkv, G*T, D]
