@@ -136,10 +136,7 @@ def few_queries(q, keys, values, t_past: int, scale: float):
     hkv, t, dim = keys.shape[0], q.shape[2], q.shape[3]
     group = q.shape[1] // hkv
     qg = q[0].reshape(hkv, group * t, dim).float().mul_(scale)  # scaled before: one pass over [G*T, D], not [G*T, S]
-    kf = keys.float()
-    scores = torch.empty(hkv, group * t, keys.shape[1], device=q.device)  # [Hkv, G*T, S]
-    for h in range(hkv):  # one product per KV head ran ~10% faster here than one batched over them
-        torch.mm(qg[h], kf[h].t(), out=scores[h])
+    scores = torch.bmm(qg, keys.float().transpose(1, 2))  # [Hkv, G*T, S]
     corner = torch.ones(t, t, dtype=torch.bool, device=q.device).triu_(1)  # a new token's later neighbours
     scores.view(hkv, group, t, -1)[..., t_past:].masked_fill_(corner, float("-inf"))
     out = torch.bmm(scores.softmax(dim=-1).to(values.dtype), values)  # [Hkv, G*T, D]
