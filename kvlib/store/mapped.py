@@ -14,8 +14,9 @@ Design facts:
 - A held mapping is used only while the path names the same file (inode and size):
   blobs are replaced by rename, so a re-stored blob is mapped anew. A deleted file's
   mapping is dropped on the next read of its key and by this process's own deletes; the
-  least recently read mappings go first once `max_bytes` is exceeded (mapped pages are
-  the page cache's, counted in the process's resident memory while held).
+  least recently read mappings go first once `max_bytes` (256 MiB by default) is exceeded:
+  mapped pages are the page cache's, but they count in the process's resident memory while
+  held, which the server keeps under 2 GiB.
 - Tensors are built over the mapping from the safetensors header (8-byte length, JSON
   with dtype, shape and data offsets), which safetensors' own reader cannot do from a
   buffer it did not map itself.
@@ -35,7 +36,7 @@ from typing import Any
 
 from kvlib.errors import CorruptBlobError
 
-DEFAULT_MAPPED_BYTES = 512 << 20
+DEFAULT_MAPPED_BYTES = 256 << 20  # a 4k-token SmolLM2 prompt's chunks are 94 MB
 _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I64": "int64", "I32": "int32"}
 
 
