@@ -1,8 +1,8 @@
 """kvlib's own forward pass for the Llama family, over the weights of the HF modules.
 
 Design facts:
-- This module, model.py and fused.py (which stacks projection weights) are the only ones
-  that touch transformers' modules; every other engine module runs layers through
+- This module and model.py are the only ones that touch transformers' modules (fused.py
+  stacks and packs the tensors model.py hands it); every other engine module runs layers through
   `forward`, `run_layers` or `project_kv`.
 - One sequence (batch 1). Shapes in comments: T new tokens, P past slots, H query heads,
   Hkv key/value heads, D head_dim, L layers.

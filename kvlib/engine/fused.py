@@ -10,7 +10,8 @@ Design facts:
   weights become views of its rows, so transformers' forward (the doctor's reference) reads
   the same memory.
 - Built after the model reaches its device and dtype (a later `.to` would copy the views
-  apart); `fuse_model` is called by model.wrap_model, the one place a model is made ready.
+  apart), by model.fuse_model (called by wrap_model, the one place a model is made ready),
+  which hands this module the modules' tensors: nothing here touches a transformers module.
 - A layer whose projections disagree on bias (some with, some without) is left unfused and
   runs through its modules.
 - Prepacked weights (oneDNN's blocked layout, `torch.ops.mkldnn._reorder_linear_weight`, what
@@ -19,12 +20,13 @@ Design facts:
   are a second copy of the layer weights, so they are made only when that copy costs at most
   PACK_MAX_BYTES (SmolLM2: ~270 MB with its output head; Qwen2.5-1.5B's 2.6 GB is not
   doubled). `linear` runs a product on the packed copy where there is one. The output head
-  is packed too (`pack_head`): one row against SmolLM2's 49k-row head took 6.8 ms plain and
+  is packed too: one row against SmolLM2's 49k-row head took 6.8 ms plain and
   2.5 ms packed, bit-identical, in every TTFT and every decode step.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,63 +53,32 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pac
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
 
 
-def _stack(modules) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """One matrix (and bias) from linear modules, whose weights (and biases) become its views."""
-    biases = [m.bias is not None for m in modules]
-    if any(biases) and not all(biases):
+def stack_rows(weights: list, biases: list) -> tuple | None:
+    """One matrix (and bias) from the rows of several linear weights, and each part's view of
+    it: (weight, bias, weight views, bias views); None where some parts have a bias and some not."""
+    if any(b is not None for b in biases) and any(b is None for b in biases):
         return None
-    weight = torch.cat([m.weight.detach() for m in modules], dim=0)
-    bias = torch.cat([m.bias.detach() for m in modules], dim=0) if all(biases) else None
-    start = 0
-    for m in modules:
-        n = m.weight.shape[0]
-        m.weight = torch.nn.Parameter(weight[start : start + n], requires_grad=False)
-        if bias is not None:
-            m.bias = torch.nn.Parameter(bias[start : start + n], requires_grad=False)
-        start += n
-    return weight, bias
+    weight = torch.cat(weights, dim=0)
+    bias = torch.cat(biases, dim=0) if biases[0] is not None else None
+    bounds = list(itertools.accumulate(w.shape[0] for w in weights))
+    parts = list(zip([0, *bounds[:-1]], bounds))
+    return (weight, bias, [weight[a:b] for a, b in parts],
+            [None if bias is None else bias[a:b] for a, b in parts])
 
 
-def fuse_layer(layer) -> FusedLayer | None:
-    attn, mlp = layer.self_attn, layer.mlp
-    qkv = _stack([attn.q_proj, attn.k_proj, attn.v_proj])
-    if qkv is None:
-        return None
-    sizes = (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0])
-    gate_up = _stack([mlp.gate_proj, mlp.up_proj])
-    return FusedLayer(qkv_weight=qkv[0], qkv_bias=qkv[1], qkv_sizes=sizes,
-                      gate_up_weight=None if gate_up is None else gate_up[0],
-                      gate_up_bias=None if gate_up is None else gate_up[1],
-                      intermediate=mlp.gate_proj.weight.shape[0])
-
-
-def packable(hf) -> bool:
-    """bf16 on a CPU with oneDNN, and a packed copy of the layer weights within PACK_MAX_BYTES."""
-    weight = hf.model.layers[0].self_attn.q_proj.weight
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+def packable(weights: list) -> bool:
+    """bf16 on a CPU with oneDNN, and a packed copy of these 2-D weights within PACK_MAX_BYTES."""
+    first = weights[0]
+    if first.dtype != torch.bfloat16 or first.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    size = sum(p.numel() * p.element_size() for layer in hf.model.layers for p in layer.parameters() if p.dim() == 2)
-    return size + hf.lm_head.weight.numel() * hf.lm_head.weight.element_size() <= PACK_MAX_BYTES
+    return sum(w.numel() * w.element_size() for w in weights) <= PACK_MAX_BYTES
 
 
-def _pack(weight: torch.Tensor):
+def pack(weight: torch.Tensor):
+    """The weight reordered once for oneDNN's products (what `linear` takes as `packed`)."""
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def pack_layer(layer, fused: FusedLayer) -> FusedLayer:
-    weights = {"qkv": fused.qkv_weight, "o": layer.self_attn.o_proj.weight, "gate_up": fused.gate_up_weight,
-               "down": layer.mlp.down_proj.weight}
-    return replace(fused, packed={name: _pack(w) for name, w in weights.items() if w is not None})
-
-
-@torch.no_grad()
-def pack_head(hf):
-    """The output head's prepacked weight, or None (where the layers are not packed either)."""
-    return _pack(hf.lm_head.weight) if packable(hf) else None
-
-
-@torch.no_grad()
-def fuse_model(hf) -> list[FusedLayer | None]:
-    pack = packable(hf)
-    fused = [fuse_layer(layer) for layer in hf.model.layers]
-    return [pack_layer(layer, f) if pack and f is not None else f for layer, f in zip(hf.model.layers, fused)]
+def pack_layer(fused: FusedLayer, o_weight: torch.Tensor, down_weight: torch.Tensor) -> FusedLayer:
+    weights = {"qkv": fused.qkv_weight, "o": o_weight, "gate_up": fused.gate_up_weight, "down": down_weight}
+    return replace(fused, packed={name: pack(w) for name, w in weights.items() if w is not None})

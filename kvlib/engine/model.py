@@ -44,7 +44,7 @@ class LoadedModel:
     rope: object  # RopeSpec
     config_summary: dict = field(default_factory=dict)
     fused: list = field(default_factory=list)  # per layer: fused.FusedLayer or None (see fused.py)
-    head_packed: object | None = None  # the output head's prepacked weight (fused.pack_head), or None
+    head_packed: object | None = None  # the output head's prepacked weight (fused.pack), or None
 
     @property
     def layers(self):
@@ -283,7 +283,6 @@ def fingerprint(weights: str, summary: dict, tokenizer, kv_dtype) -> str:
 
 def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: str | None = None) -> LoadedModel:
     """Wrap an in-memory HF model (used by load_model and by tests with tiny random models)."""
-    from kvlib.engine.fused import fuse_model, pack_head
     from kvlib.engine.rope import rope_spec_from_rotary
 
     check_supported(hf.config)
@@ -295,9 +294,61 @@ def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: st
     hf = hf.to(device=device, dtype=dtype).eval()
     kv_dtype = kv_dtype_for(dtype)
     fp = fingerprint(weights, summary, tokenizer, kv_dtype)
+    fused, head_packed = fuse_model(hf)
     return LoadedModel(hf=hf, tokenizer=tokenizer, name=name, fingerprint=fp, dtype=dtype,
                        kv_dtype=kv_dtype, device=device, rope=rope, config_summary=summary,
-                       fused=fuse_model(hf), head_packed=pack_head(hf))
+                       fused=fused, head_packed=head_packed)
+
+
+def _stack_modules(modules) -> tuple | None:
+    """fused.stack_rows of linear modules, whose weights (and biases) become views of the stack."""
+    import torch
+
+    from kvlib.engine.fused import stack_rows
+
+    stacked = stack_rows([m.weight.detach() for m in modules],
+                         [None if m.bias is None else m.bias.detach() for m in modules])
+    if stacked is None:
+        return None
+    weight, bias, weight_views, bias_views = stacked
+    for m, w, b in zip(modules, weight_views, bias_views):
+        m.weight = torch.nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            m.bias = torch.nn.Parameter(b, requires_grad=False)
+    return weight, bias
+
+
+def _fuse_layer(layer):
+    from kvlib.engine.fused import FusedLayer
+
+    attn, mlp = layer.self_attn, layer.mlp
+    qkv = _stack_modules([attn.q_proj, attn.k_proj, attn.v_proj])
+    if qkv is None:
+        return None
+    sizes = (attn.q_proj.weight.shape[0], attn.k_proj.weight.shape[0], attn.v_proj.weight.shape[0])
+    gate_up = _stack_modules([mlp.gate_proj, mlp.up_proj])
+    return FusedLayer(qkv_weight=qkv[0], qkv_bias=qkv[1], qkv_sizes=sizes,
+                      gate_up_weight=None if gate_up is None else gate_up[0],
+                      gate_up_bias=None if gate_up is None else gate_up[1],
+                      intermediate=mlp.gate_proj.weight.shape[0])
+
+
+def fuse_model(hf) -> tuple[list, object | None]:
+    """Each layer's stacked projections (engine/fused.py), prepacked with the output head where
+    the copy fits: (per layer FusedLayer or None, the head's packed weight or None)."""
+    import torch
+
+    from kvlib.engine.fused import pack, pack_layer, packable
+
+    with torch.no_grad():
+        layers = hf.model.layers
+        weights = [p for layer in layers for p in layer.parameters() if p.dim() == 2] + [hf.lm_head.weight]
+        packed = packable(weights)
+        fused = [_fuse_layer(layer) for layer in layers]
+        if not packed:
+            return fused, None
+        return ([f if f is None else pack_layer(f, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)
+                 for layer, f in zip(layers, fused)], pack(hf.lm_head.weight))
 
 
 def load_model(model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
