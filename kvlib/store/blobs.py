@@ -189,8 +189,6 @@ class BlobStore:
         contents, actual = self.try_read(key, expected_checksum)
         if actual is None:
             raise CorruptBlobError(f"blob {key.short} is missing from {self.path_for(key).parent} (run `kvlib gc`)")
-        if contents is None and actual == expected_checksum:
-            raise CorruptBlobError(f"blob {key.short} is unreadable: the file is empty")
         if contents is None:
             raise CorruptBlobError(f"blob {key.short} is corrupt: checksum {actual[:12]} != manifest {expected_checksum[:12]}")
         return contents

@@ -43,7 +43,7 @@ _DTYPES = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I64": "int64
 @dataclass
 class _Held:
     ident: tuple
-    buffer: mmap.mmap
+    buffer: mmap.mmap | bytes  # b"" for an empty file
     nbytes: int
     tensors: dict | None = None  # parsed on the first read whose checksum matched
     metadata: dict | None = None
@@ -90,18 +90,19 @@ class MappedBlobs:
         None) or its bytes are not the expected ones."""
         from kvlib.store.blobs import checksum_bytes
 
-        for attempt in range(2):  # the second maps the file afresh (a held mapping that no longer matched)
-            held = self._mapping(path, fresh=attempt == 1)
-            if held is None:
+        for fresh in (False, True):  # a held mapping that no longer matches is mapped afresh once
+            found = self._mapping(path, fresh)
+            if found is None:
                 return None, None
-            actual = checksum_bytes(held.buffer) if held.nbytes else checksum_bytes(b"")
-            if actual == expected and held.nbytes:
+            held, was_held = found
+            actual = checksum_bytes(held.buffer)
+            if actual == expected:
                 if held.tensors is None:
                     held.tensors, held.metadata = parse_tensors(held.buffer, names, short)
                 self._keep(path, held)
                 return actual, (held.tensors, held.metadata)
             self.forget(path)
-            if attempt == 1 or held.tensors is None:  # a mapping never verified: the file itself differs
+            if not was_held:  # a fresh mapping of the file itself differs
                 return actual, None
 
     def forget(self, path: Path) -> None:
@@ -112,7 +113,8 @@ class MappedBlobs:
         with self._lock:
             return sum(h.nbytes for h in self._held.values())
 
-    def _mapping(self, path: Path, fresh: bool) -> _Held | None:
+    def _mapping(self, path: Path, fresh: bool) -> tuple[_Held, bool] | None:
+        """(the mapping, whether it was a held one), or None when the file is missing."""
         path = Path(path)
         try:
             with open(path, "rb") as handle:
@@ -120,10 +122,10 @@ class MappedBlobs:
                 with self._lock:
                     held = self._held.get(path)
                 if held is not None and held.ident == _ident(st) and not fresh:
-                    return held
-                if st.st_size == 0:  # mmap refuses empty files
-                    return _Held(_ident(st), None, 0)
-                return _Held(_ident(st), mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY), st.st_size)
+                    return held, True
+                # mmap refuses empty files; their bytes hash, and fail to parse, like any others
+                buffer = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY) if st.st_size else b""
+                return _Held(_ident(st), buffer, st.st_size), False
         except FileNotFoundError:
             self.forget(path)
             return None
