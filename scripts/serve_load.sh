@@ -7,7 +7,7 @@ set -euo pipefail
 OUT=${OUT:-results/serve}
 WORK=${WORK:-$(mktemp -d)}
 KV=${KV:-.venv/bin/kvlib}
-MODELS=${MODELS:-$HOME/.kvlib/models}
+MODELS=${MODELS:-$HOME/.kvlib/models}  # linked into each home when it exists (saves the first conversion)
 LOAD=(--concurrency 1,4,8,16 --sessions 8 --turns 3 --max-tokens 16 --max-seconds 120)
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}
 mkdir -p "$OUT"
@@ -26,7 +26,7 @@ run_one() {  # $1 label, $2 port, rest: extra serve flags
   shift 2
   local home="$WORK/$label"
   mkdir -p "$home"
-  [ -e "$home/models" ] || ln -s "$MODELS" "$home/models"
+  [ -e "$home/models" ] || [ ! -d "$MODELS" ] || ln -s "$(realpath "$MODELS")" "$home/models"
   local key
   key=$("$KV" keys add bench --home "$home" | tail -1)
   /usr/bin/time -v "$KV" serve --home "$home" --port "$port" "$@" >"$OUT/memory-$label.txt" 2>&1 &

@@ -262,3 +262,13 @@ def test_a_conversion_another_process_published_first_is_kept(tmp_path, smol_hom
     model._dequantize_gguf(gguf, target)
     assert (target / "theirs").exists(), "the published conversion is kept"
     assert not list(target.parent.glob(".tmp-*")), "our temporary copy is removed"
+
+
+def test_a_model_cache_that_is_a_broken_symlink_is_a_clear_error_before_converting(tmp_path):
+    """A home whose models/ links to nowhere (a moved cache) says so at once, not with a traceback
+    after half a minute of dequantizing."""
+    from kvlib.engine.model import resolve_model_dir
+
+    (tmp_path / "models").symlink_to(tmp_path / "gone")
+    with pytest.raises(ModelLoadError, match=r"cannot use the model cache .*/models: File exists \(a broken symlink\)$"):
+        resolve_model_dir(None, tmp_path)

@@ -131,7 +131,6 @@ def _dequantize_gguf(gguf: Path, target: Path) -> None:
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
     try:
         state = {k: v.contiguous() for k, v in hf.state_dict().items()}
@@ -185,6 +184,11 @@ def _dequantized_dir(gguf: Path, home: Path, digest: str | None = None) -> Path:
         raise ModelLoadError(f"model path not found: {gguf}")
     target = home / "models" / (digest or _file_digest(gguf))[:24]
     if not (target / "config.json").exists():
+        try:  # before the conversion's half minute
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. the home's models/ is a symlink to nowhere
+            broken = " (a broken symlink)" if target.parent.is_symlink() else ""
+            raise ModelLoadError(f"cannot use the model cache {target.parent}: {exc.strerror}{broken}") from exc
         _dequantize_gguf(gguf, target)
     return target
 
