@@ -8,6 +8,8 @@ they meet new neighbours.
 
 __version__ = "0.1.0"
 
+from kvlib.memory import cap_onednn_caches as _cap_onednn_caches
 from kvlib.memory import tune_malloc as _tune_malloc
 
 _tune_malloc()  # before the engine allocates: kvlib/memory.py says why
+_cap_onednn_caches()  # before oneDNN first runs: the same

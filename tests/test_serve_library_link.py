@@ -77,3 +77,34 @@ def test_the_model_row_is_written_once_per_opened_library(tmp_path, smol_engine,
         assert writes[1:] == [link.library]
     finally:
         link.close()
+
+
+def test_a_finished_request_lets_go_of_its_kv_cache_without_the_garbage_collector(tmp_path, smol_engine):
+    """The engine's stream calls back into the pipeline's record of the request, which holds the
+    stream: unless finishing breaks that cycle, every answered request keeps its KV cache (and
+    its pooled buffer) until a garbage collection, and a busy server grows by a cache a request."""
+    import gc
+
+    from kvlib.engine.cache import KVCache
+    from kvlib.serve.pipeline import Pipeline
+
+    link = LibraryLink(lambda: Library(tmp_path), retry_s=0.2).start()
+    try:
+        pipeline = Pipeline(smol_engine, link, spec="rerope")
+        doc = ("Aberlow Mill was a water-powered flax mill on the river Senn, built in 1794 by the Harrow "
+               "family and closed in 1911 after a flood destroyed its wheel. Its weir was rebuilt in 1903 "
+               "from the stones of the old bridge, and the mill race still feeds the town's lower pond.")
+        messages = [{"role": "user", "content": f"Document [1](Title: Aberlow Mill) {doc}\n\n"
+                                                 "Question: when was the weir rebuilt?"}]
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(2):  # the second one is served from the library
+                done = pipeline.complete(messages, "alice", max_tokens=3)
+            alive = [o for o in gc.get_objects() if isinstance(o, KVCache)]
+        finally:
+            gc.enable()
+        assert done.cached_tokens > 0
+        assert alive == [], f"{len(alive)} KV caches outlived their requests"
+    finally:
+        link.close()

@@ -144,7 +144,12 @@ def advance(lm, streams: list[Stream]) -> list[Stream]:
 
 
 def finish(stream: Stream) -> Generation:
+    """The finished stream's Generation. Its callbacks are dropped: they are the caller's closures,
+    which usually hold the caller's own record of the answer, and so the stream (and its KV cache)
+    in a reference cycle that only the garbage collector would free, long after the cache's
+    buffer could have gone back to the pool."""
     tokens = [] if stream.tokens and stream.tokens[0] in stream.stop else stream.tokens
+    stream.on_token = stream.should_stop = None
     return Generation(token_ids=tokens, ttft_s=stream.t_first - stream.t0, prefill_s=stream.t_first - stream.t_pre,
                       decode_s=time.perf_counter() - stream.t_first, prefill_tokens=stream.prefill_tokens,
                       stopped=stream.stopped, first_logits=stream.first_logits, cancelled=stream.cancelled)

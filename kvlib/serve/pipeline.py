@@ -249,7 +249,9 @@ class Pipeline:
     def finish(self, pending: "Pending") -> Completion:
         if pending.may_store:
             self.pending.extend((pending.tenant, ids) for ids in pending.layout.to_store)
-        done = self.completion(pending.answering.finish(), pending.decoder, pending.tokens, pending.layout,
+        gen = pending.answering.finish()
+        pending.release()
+        done = self.completion(gen, pending.decoder, pending.tokens, pending.layout,
                                pending.n_prompt, pending.max_tokens, pending.spec, pending.segmented_before_s)
         done.kvlib["degraded"] = pending.degraded is not None
         if pending.degraded is not None:
@@ -402,6 +404,12 @@ class Pending:
     encoded: list = field(default_factory=list)  # (ids, KV) of new documents to store (after_first_token)
     answering: object = None  # session.Answering
     tokens: list = field(default_factory=list)
+
+    def release(self) -> None:
+        """Let go of the engine's state (the composed KV cache, the new documents' KV) at once: the
+        engine's stream calls back into this object, so without this the two would wait for the
+        garbage collector, and a busy server would keep a dead request's cache meanwhile."""
+        self.answering, self.encoded = None, []
 
     def on_token(self, token: int) -> None:
         self.tokens.append(token)

@@ -244,6 +244,8 @@ class EngineWorker:
             for job in live:
                 job._resolve(error=exc)
         finally:
+            for pending in begun.values():  # finished ones are released already; this is for an error
+                pending.release()
             spent = (time.perf_counter() - t0) / max(1, len(jobs))
             self._service_s = 0.8 * self._service_s + 0.2 * spent
             if self.metrics is not None:
