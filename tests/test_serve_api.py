@@ -159,6 +159,8 @@ def test_loadgen_runs_against_the_server(server, tmp_path):
     assert level["ok"] == 2 and level["errors"] == 0, level
     assert level["prompt_tokens"] > 200 and 0.0 <= level["cached_share"] <= 1.0
     assert level["ttft_p50_s"] > 0 and level["requests_per_s"] > 0
+    assert 0 < level["client_build_p50_ms"] < 1e3 * level["ttft_p50_s"], "the send hook fired before the first token"
+    assert level["server_overhead_p50_ms"] is not None
     paths = write_report(result, "reuse", tmp_path)
     assert all(paths[k].stat().st_size > 0 for k in ("json", "md", "png"))
 

@@ -11,15 +11,22 @@ Design facts:
   a session's turns are sequential (the next turn includes the previous answer). Nothing
   starts after `max_seconds`, and every request has a timeout: the run ends by itself.
 - TTFT is measured client-side to the first chunk with text (the server sends the
-  assistant role at once, before the request reaches the engine). Decode tokens/s is
-  completion tokens over the level's wall time (aggregate throughput). The cached share
-  is sum(cached_tokens) / sum(prompt_tokens), from the usage chunk.
+  assistant role at once, before the request reaches the engine), from the call into the
+  openai client: what an application sees.
+- The server's own overhead is the client TTFT counted from when the request went onto the
+  wire (httpx's request hook) less the server's TTFT, plus the server's segmentation and
+  lookup: HTTP both ways, SSE, and the server's own prompt work. The time the openai client
+  takes to build the request before sending it is the client library's, and is reported on
+  its own (`client_build_p50_ms`).
+- Decode tokens/s is completion tokens over the level's wall time (aggregate throughput).
+  The cached share is sum(cached_tokens) / sum(prompt_tokens), from the usage chunk.
 - A 429 is counted and the turn skipped (no retry storms); other failures count as errors.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import random
 import statistics
@@ -37,6 +44,24 @@ FOLLOW_UPS = ("What else do the documents say about {title}?", "Which document m
               "Summarise what is known about {title} in one sentence.", "Is {title} related to the first question?")
 SYSTEM = "You are a helpful assistant. Answer using the documents. Be brief."
 REQUEST_TIMEOUT_S = 300
+# per task (a session's requests are sequential): when the request under way went onto the wire
+_SENT: contextvars.ContextVar[dict | None] = contextvars.ContextVar("kvlib_loadgen_sent", default=None)
+
+
+async def _mark_sent(request) -> None:
+    """httpx request hook: the moment the current task's request is handed to the connection."""
+    box = _SENT.get()
+    if box is not None:
+        box.setdefault("t", time.perf_counter())
+
+
+def client_for(url: str, api_key: str):
+    """The openai client the load runs through, on openai's own httpx defaults plus the send hook."""
+    import openai
+
+    http = openai.DefaultAsyncHttpxClient(event_hooks={"request": [_mark_sent]})
+    return openai.AsyncOpenAI(api_key=api_key, base_url=url, max_retries=0, timeout=REQUEST_TIMEOUT_S,
+                              http_client=http)
 
 
 @dataclass
@@ -122,12 +147,14 @@ class Outcome:
     detail: str = ""
     # the server's own overhead: HTTP and streaming (client TTFT - the server's TTFT) + segmentation + lookup
     overhead_s: float | None = None
+    build_s: float | None = None  # from the call into the openai client until the request went onto the wire
 
 
 async def one_request(client, messages, max_tokens: int) -> Outcome:
     import openai
 
-    t0 = time.perf_counter()
+    t0, sent = time.perf_counter(), {}
+    _SENT.set(sent)
     ttft, text, usage, meta = None, [], None, None
     try:
         stream = await client.chat.completions.create(
@@ -148,7 +175,8 @@ async def one_request(client, messages, max_tokens: int) -> Outcome:
         return Outcome("error", detail="no usage chunk")
     details = usage.prompt_tokens_details
     ttft = ttft if ttft is not None else time.perf_counter() - t0
-    return Outcome("ok", ttft_s=ttft, overhead_s=server_overhead(ttft, meta),
+    build = sent["t"] - t0 if "t" in sent else None
+    return Outcome("ok", ttft_s=ttft, overhead_s=server_overhead(ttft - (build or 0.0), meta), build_s=build,
                    e2e_s=time.perf_counter() - t0, prompt_tokens=usage.prompt_tokens,
                    cached_tokens=(details.cached_tokens or 0) if details else 0,
                    completion_tokens=usage.completion_tokens, detail="".join(text))
@@ -158,7 +186,7 @@ async def run_level(cfg: LoadConfig, level: int, progress) -> dict:
     import openai
 
     sessions = build_sessions(cfg, max(cfg.sessions, level))
-    client = openai.AsyncOpenAI(api_key=cfg.api_key, base_url=cfg.url, max_retries=0, timeout=REQUEST_TIMEOUT_S)
+    client = client_for(cfg.url, cfg.api_key)
     gate, outcomes = asyncio.Semaphore(level), []
     t0 = time.perf_counter()
     deadline = t0 + cfg.max_seconds
@@ -183,7 +211,8 @@ async def run_level(cfg: LoadConfig, level: int, progress) -> dict:
 
 
 def server_overhead(client_ttft: float, meta: dict | None) -> float | None:
-    """Seconds of TTFT that are neither queueing nor the engine's work: HTTP and SSE, segmentation, lookup."""
+    """Seconds of TTFT that are neither queueing nor the engine's work: HTTP and SSE, segmentation, lookup.
+    client_ttft counts from when the request went onto the wire."""
     if not meta or "ttft_s" not in meta:
         return None
     split = meta.get("ttft_split_s", {})
@@ -195,6 +224,12 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     values = sorted(values)
     return values[min(len(values) - 1, max(0, round(q * (len(values) - 1))))]
+
+
+def ms_p50(seconds: list[float | None]) -> float | None:
+    """The median in milliseconds of the values that were measured, or None if none was."""
+    known = [x for x in seconds if x is not None]
+    return round(1e3 * percentile(known, 0.5), 3) if known else None
 
 
 def summarize(level: int, outcomes: list[Outcome], wall: float) -> dict:
@@ -210,8 +245,8 @@ def summarize(level: int, outcomes: list[Outcome], wall: float) -> dict:
         "wall_s": round(wall, 2), "ttft_p50_s": r3(percentile(ttfts, 0.5)), "ttft_p90_s": r3(percentile(ttfts, 0.9)),
         "ttft_p99_s": r3(percentile(ttfts, 0.99)),
         "ttft_mean_s": r3(statistics.fmean(ttfts)) if ttfts else None,
-        "server_overhead_p50_ms": r3(1e3 * percentile([o.overhead_s for o in ok if o.overhead_s is not None], 0.5))
-        if any(o.overhead_s is not None for o in ok) else None,
+        "server_overhead_p50_ms": ms_p50([o.overhead_s for o in ok]),
+        "client_build_p50_ms": ms_p50([o.build_s for o in ok]),
         "requests_per_s": round(len(ok) / wall, 3) if wall else None,
         "decode_tokens_per_s": round(sum(o.completion_tokens for o in ok) / wall, 2) if wall else None,
         "prompt_tokens": prompt, "cached_tokens": sum(o.cached_tokens for o in ok),
