@@ -395,6 +395,23 @@ def test_just_stored_chunks_are_served_from_memory_within_the_budget(tmp_path):
     lib.close(), plain.close()
 
 
+def test_a_chunk_memory_let_go_of_has_its_blob_mapped_at_idle(tmp_path):
+    """warm_one maps and verifies the blob of each chunk pushed out of memory, once, newest first,
+    so its next read is the held mapping's; a corrupt one is left for that read to report."""
+    _, k, v = make_chunk(1, tokens=6)
+    lib = Library(tmp_path / "home", recent_bytes=k.nbytes + v.nbytes)
+    first, second, third = (put_chunk(lib, seed).key for seed in (1, 2, 3))  # 1, then 2, pushed out
+    flip_bytes(lib.blobs.path_for(first))
+    assert lib.blobs.mapped.held_bytes() == 0
+    assert lib.warm_one() and lib.blobs.mapped.held_bytes() == lib.blobs.path_for(second).stat().st_size
+    assert lib.warm_one() and not lib.warm_one(), "each pushed-out chunk is warmed once; the kept one not at all"
+    assert lib.blobs.mapped.held_bytes() == lib.blobs.path_for(second).stat().st_size, "a corrupt blob is not held"
+    found = lib.find_many([first, second, third])
+    assert set(found) == {second.hex, third.hex}, "the corrupt blob is still found corrupt by the read"
+    assert torch.equal(found[second.hex].k_sem, make_chunk(2, tokens=6)[1])
+    lib.close()
+
+
 def test_memory_never_serves_another_tenant_or_a_restored_blob(tmp_path):
     lib = Library(tmp_path / "home", recent_bytes=1 << 20)
     private = put_chunk(lib, 4, tenant="alice", public=False).key

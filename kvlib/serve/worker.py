@@ -66,12 +66,16 @@ class ServerState:
                 "bytes_written": report.bytes_written, "prompt_forms_new": forms}
 
     def idle(self) -> bool:
-        """When no request waits: store one miss of an answered request; False when none is left,
-        or while the manifest is unreachable (the misses wait for it)."""
-        if not self.pipeline.pending or self.link.degraded:
+        """When no request waits: store one miss of an answered request, else map one blob the
+        library's recent memory let go of (Library.warm_one); False when neither is left, or
+        while the manifest is unreachable (the misses wait for it)."""
+        if self.link.degraded:
             return False
-        self.pipeline.store_pending(limit=1)
-        return True
+        if self.pipeline.pending:
+            self.pipeline.store_pending(limit=1)
+            return True
+        library = self.link.usable()
+        return library is not None and library.warm_one()
 
     def _retrieval(self):
         if self._index is None:

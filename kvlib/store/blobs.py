@@ -202,6 +202,14 @@ class BlobStore:
         tensors, metadata = parsed
         return BlobContents(tensors["k_sem"], tensors["v"], tensors["token_ids"], metadata), actual
 
+    def warm(self, key: ChunkKey, checksum: str) -> None:
+        """Map and verify a blob now, so that its next read finds the mapping held. A missing or
+        corrupt blob is left for that read to report."""
+        try:
+            self.try_read(key, checksum)
+        except CorruptBlobError:
+            pass
+
     def publish(self, staged: StagedBlob, key: ChunkKey, checksum: str) -> None:
         """Make a staged blob the stored one (a remote tier also uploads it: store/tiered.py)."""
         staged.publish()

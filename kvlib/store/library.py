@@ -329,6 +329,14 @@ class Library:
                 continue
         return found
 
+    def warm_one(self) -> bool:
+        """Map and verify the blob of one chunk the recent memory let go of, so that its next read
+        finds the mapping held (store/recent.py); False when none is left. For idle time."""
+        dropped = self._recent.next_dropped()
+        if dropped is not None:
+            self.blobs.warm(*dropped)
+        return dropped is not None
+
     def touch(self, keys: Iterable[ChunkKey | str]) -> None:
         """Count one use of each chunk now (recency and hits for eviction), in one transaction."""
         hexkeys = sorted({as_key(key).hex for key in keys})

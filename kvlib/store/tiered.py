@@ -136,6 +136,10 @@ class TieredBlobs:
         self._keep_locally(key, data, checksum)
         return self.local.read(key, checksum)
 
+    def warm(self, key: ChunkKey, checksum: str) -> None:
+        """The local tier's copy mapped and verified now (nothing is downloaded)."""
+        self.local.warm(key, checksum)
+
     def status(self, key: ChunkKey, checksum: str) -> str:
         try:
             self.read(key, checksum)
