@@ -1,0 +1,46 @@
+"""The CPU attention kernels equal the dense-mask reference (SDPA with the layout's own mask)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlib.engine import attention
+from kvlib.engine.attention import Mask, attend, sdpa
+
+
+def qkv(heads: int, hkv: int, t: int, total: int, dim: int = 16, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(1, heads, t, dim, generator=g)
+    return q, torch.randn(hkv, total, dim, generator=g), torch.randn(hkv, total, dim, generator=g)
+
+
+@pytest.mark.parametrize("order", ["sorted", "scattered"])
+@pytest.mark.parametrize("block_rows", [64, 5])  # one block; many blocks of a few rows
+def test_tokens_at_slots_equal_the_dense_mask(monkeypatch, order, block_rows):
+    monkeypatch.setattr(attention, "SLOTS_BLOCK_ROWS", block_rows)
+    heads, hkv, total = 6, 2, 90
+    slots = torch.randperm(total, generator=torch.Generator().manual_seed(1))[:37]
+    slots = slots.sort().values if order == "sorted" else slots
+    q, k, v = qkv(heads, hkv, slots.numel(), total)
+    mask = Mask.at_slots(slots, total)
+    out, probs = attend(q, k, v, mask, 0.25)
+    assert probs is None
+    ref = sdpa(q, k, v, 0.25, mask=mask.dense(q.device))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_a_token_at_slot_zero_sees_only_itself():
+    q, k, v = qkv(4, 2, 2, 10)
+    out, _ = attend(q, k, v, Mask.at_slots(torch.tensor([0, 9]), 10), 0.5)
+    torch.testing.assert_close(out[0, :, 0], v[[0, 0, 1, 1], 0])  # query heads 0-1 share KV head 0
+
+
+@pytest.mark.parametrize("t,past", [(5, 40), (1, 40), (30, 12)])  # few queries, one query, a short past
+def test_causal_behind_a_past_equals_the_dense_mask_and_leaves_q_alone(t, past):
+    q, k, v = qkv(6, 2, t, past + t)
+    q_before = q.clone()
+    mask = Mask.causal(t, past)
+    out, _ = attend(q, k, v, mask, 0.25)
+    torch.testing.assert_close(out, sdpa(q_before, k, v, 0.25, mask=mask.dense(q.device)), atol=1e-5, rtol=1e-5)
+    assert torch.equal(q, q_before), "the kernel scaled the caller's q in place"
