@@ -66,10 +66,17 @@ def stack_rows(weights: list, biases: list) -> tuple | None:
             [None if bias is None else bias[a:b] for a, b in parts])
 
 
+def cpu_packs_bf16() -> bool:
+    """oneDNN can reorder bf16 weights on this CPU (AVX-512 BW/VL/DQ or AVX-NE-CONVERT; an
+    AVX2-only CPU cannot, and computes in float32 anyway: model.pick_dtype)."""
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def packable(weights: list) -> bool:
-    """bf16 on a CPU with oneDNN, and a packed copy of these 2-D weights within PACK_MAX_BYTES."""
+    """bf16 on a CPU whose oneDNN packs bf16, and a packed copy of these 2-D weights within
+    PACK_MAX_BYTES."""
     first = weights[0]
-    if first.dtype != torch.bfloat16 or first.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+    if first.dtype != torch.bfloat16 or first.device.type != "cpu" or not cpu_packs_bf16():
         return False
     return sum(w.numel() * w.element_size() for w in weights) <= PACK_MAX_BYTES
 
