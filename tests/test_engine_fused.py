@@ -68,9 +68,40 @@ def test_no_packed_copy_where_the_cpu_cannot_pack_bf16(monkeypatch):
     assert lm.fused[0].packed is None and lm.head_packed is None
 
 
-def test_no_packed_copy_beyond_the_budget_or_in_float32(monkeypatch):
-    f32 = wrap_model(tiny_hf("llama"), None, name="t", dtype=torch.float32, device=torch.device("cpu"))
-    assert f32.fused[0].packed is None and f32.head_packed is None
+def f32_lm(family="llama"):
+    return wrap_model(tiny_hf(family), None, name="t", dtype=torch.float32, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_float32_packed_forward_is_the_modules_up_to_rounding_and_batch_invariant(family):
+    lm = f32_lm(family)
+    assert set(lm.fused[0].packed) == {"qkv", "o", "gate_up", "down"} and lm.head_packed is not None
+    ids = random_ids(24, seed=3)
+    packed = logits_of(lm, ids)
+    lm.fused, lm.head_packed = [], None
+    modules = logits_of(lm, ids)
+    # oneDNN's and MKL's float32 products sum in other orders: ~1e-7 relative per product
+    torch.testing.assert_close(packed.logits, modules.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed.k_sem, modules.k_sem, rtol=1e-4, atol=1e-4)
+
+
+def test_float32_packed_products_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    weight, x = torch.randn(96, 64), torch.randn(40, 64)
+    packed = fused_mod.pack(weight)
+    alone = fused_mod.linear(x[:1], weight, None, packed)
+    for rows in (2, 7, 30, 40):  # the first row's bits, whatever shares its product
+        assert torch.equal(fused_mod.linear(x[:rows], weight, None, packed)[:1], alone), rows
+
+
+def test_packing_follows_the_plan_within_the_budget(monkeypatch):
     monkeypatch.setattr(fused_mod, "PACK_MAX_BYTES", 0)
-    over = bf16_lm("llama")
-    assert over.fused[0].packed is None and over.head_packed is None
+    lm = f32_lm()
+    assert lm.fused[0].packed is None and lm.head_packed is None
+    head_only = f32_lm().hf.lm_head.weight
+    monkeypatch.setattr(fused_mod, "PACK_MAX_BYTES", head_only.numel() * head_only.element_size())
+    lm = f32_lm()  # the head first: it alone fits
+    assert lm.head_packed is not None and lm.fused[0].packed is None
+    groups = [("a", [torch.zeros(4, 4)]), ("b", [torch.zeros(8, 8)]), ("c", [torch.zeros(2, 2)])]
+    assert fused_mod.plan_packing(groups, budget=4 * (16 + 4)) == {"a", "c"}  # b does not fit after a; c does
+    assert fused_mod.plan_packing([("h", [torch.zeros(2, 2, dtype=torch.float16)])], budget=1 << 20) == set()

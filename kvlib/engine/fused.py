@@ -16,12 +16,19 @@ Design facts:
   runs through its modules.
 - Prepacked weights (oneDNN's blocked layout, `torch.ops.mkldnn._reorder_linear_weight`, what
   inductor's freezing pass does): in bf16 on CPU the same products ran 30-35% faster at 1 and
-  30 rows and 10% at 512-2048, with bit-identical outputs (measured here, interleaved). They
-  are a second copy of the layer weights, so they are made only when that copy costs at most
-  PACK_MAX_BYTES (SmolLM2: ~270 MB with its output head; Qwen2.5-1.5B's 2.6 GB is not
-  doubled). `linear` runs a product on the packed copy where there is one. The output head
-  is packed too: one row against SmolLM2's 49k-row head took 6.8 ms plain and
-  2.5 ms packed, bit-identical, in every TTFT and every decode step.
+  30 rows and 10% at 512-2048, with bit-identical outputs (measured here, interleaved). The
+  output head too: one row against SmolLM2's 49k-row head took 6.8 ms plain and 2.5 ms packed.
+- In float32 (what an AVX2-only CPU computes in) oneDNN packs as well, and its products are
+  batch-invariant: a row's result is the same bits whatever other rows share the product
+  (MKL's, torch's plain float32 path, are not: one row and thirty differ in the last bits).
+  Measured on an AVX2 EPYC at 30 rows:
+  qkv 0.37 -> 0.26 ms, gate/up 1.09 -> 0.85, down 0.47 -> 0.41; the head's one row 7.6 -> 4.3.
+  They differ from the modules' float32 products by float rounding (about 1e-7 relative).
+- Packed copies are a second copy of the weights, so they are made within PACK_MAX_BYTES, by
+  group in order of what they save per byte: the output head (every TTFT and every decode
+  step), then the MLPs, then the attention projections (plan_packing). SmolLM2 in bf16 packs
+  all three (~270 MB); in float32 the head and MLPs (~430 MB); Qwen2.5-1.5B in bf16 its head
+  (~470 MB). `linear` runs a product on the packed copy where there is one.
 """
 
 from __future__ import annotations
@@ -72,13 +79,24 @@ def cpu_packs_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def packable(weights: list) -> bool:
-    """bf16 on a CPU whose oneDNN packs bf16, and a packed copy of these 2-D weights within
-    PACK_MAX_BYTES."""
-    first = weights[0]
-    if first.dtype != torch.bfloat16 or first.device.type != "cpu" or not cpu_packs_bf16():
+def can_pack(weight: torch.Tensor) -> bool:
+    """oneDNN on this CPU prepacks weights of this dtype: float32, or bf16 where it computes bf16."""
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return sum(w.numel() * w.element_size() for w in weights) <= PACK_MAX_BYTES
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_packs_bf16())
+
+
+def plan_packing(groups: list, budget: int | None = None) -> set:
+    """The names of the groups [(name, [weights])], given in order of value, whose packed copies
+    fit `budget` (default PACK_MAX_BYTES) together; a group that does not fit is skipped."""
+    budget = PACK_MAX_BYTES if budget is None else budget
+    chosen, used = set(), 0
+    for name, weights in groups:
+        size = sum(w.numel() * w.element_size() for w in weights)
+        if weights and all(can_pack(w) for w in weights) and used + size <= budget:
+            chosen.add(name)
+            used += size
+    return chosen
 
 
 def pack(weight: torch.Tensor):
@@ -86,6 +104,13 @@ def pack(weight: torch.Tensor):
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
 
 
-def pack_layer(fused: FusedLayer, o_weight: torch.Tensor, down_weight: torch.Tensor) -> FusedLayer:
-    weights = {"qkv": fused.qkv_weight, "o": o_weight, "gate_up": fused.gate_up_weight, "down": down_weight}
-    return replace(fused, packed={name: pack(w) for name, w in weights.items() if w is not None})
+def layer_products(fused: FusedLayer, o_weight: torch.Tensor, down_weight: torch.Tensor) -> dict:
+    """A fused layer's products by packing group: {"attention": {"qkv", "o"}, "mlp": {"gate_up", "down"}}."""
+    mlp = {"gate_up": fused.gate_up_weight, "down": down_weight} if fused.gate_up_weight is not None else {}
+    return {"attention": {"qkv": fused.qkv_weight, "o": o_weight}, "mlp": mlp}
+
+
+def pack_layer(fused: FusedLayer, products: dict, groups: set) -> FusedLayer:
+    """The layer with the products of the planned groups packed (layer_products' layout)."""
+    packed = {name: pack(w) for group in groups for name, w in products[group].items()}
+    return replace(fused, packed=packed or None)

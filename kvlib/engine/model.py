@@ -338,21 +338,22 @@ def _fuse_layer(layer):
 
 
 def fuse_model(hf) -> tuple[list, object | None]:
-    """Each layer's stacked projections (engine/fused.py), prepacked with the output head where
-    the copy fits: (per layer FusedLayer or None, the head's packed weight or None)."""
+    """Each layer's stacked projections (engine/fused.py), prepacked by group where the copies
+    fit (fused.plan_packing): (per layer FusedLayer or None, the head's packed weight or None)."""
     import torch
 
-    from kvlib.engine.fused import pack, pack_layer, packable
+    from kvlib.engine.fused import layer_products, pack, pack_layer, plan_packing
 
     with torch.no_grad():
         layers = hf.model.layers
-        weights = [p for layer in layers for p in layer.parameters() if p.dim() == 2] + [hf.lm_head.weight]
-        packed = packable(weights)
         fused = [_fuse_layer(layer) for layer in layers]
-        if not packed:
-            return fused, None
-        return ([f if f is None else pack_layer(f, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)
-                 for layer, f in zip(layers, fused)], pack(hf.lm_head.weight))
+        products = [None if f is None else layer_products(f, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight)
+                    for layer, f in zip(layers, fused)]
+        groups = [("head", [hf.lm_head.weight])] + [
+            (group, [w for p in products if p is not None for w in p[group].values()]) for group in ("mlp", "attention")]
+        plan = plan_packing(groups)
+        fused = [f if f is None else pack_layer(f, p, plan - {"head"}) for f, p in zip(fused, products)]
+        return fused, pack(hf.lm_head.weight) if "head" in plan else None
 
 
 def load_model(model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
