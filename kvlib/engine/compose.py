@@ -186,7 +186,9 @@ def compose(lm, context: ContextKV, chunks: list, base: str, *, extra: int = 512
             misses.append((slot, i))
             cache.commit(slot + c.n_tokens)
         else:  # a hit joins the run of hits that are copied in and rotated together
-            run.append((c.k_sem.to(device=lm.device, dtype=lm.dtype), c.v.to(device=lm.device, dtype=lm.dtype)))
+            # stored dtype kept: the copy into the cache converts (a .to(lm.dtype) here was a second
+            # full pass, and fresh float32 pages, for every hit where the model computes in float32)
+            run.append((c.k_sem.to(device=lm.device), c.v.to(device=lm.device)))
             cached += c.n_tokens
         slot += c.n_tokens
     _append_run(cache, run, tables, cached - context.n_tokens)

@@ -123,18 +123,22 @@ def rope_into_(dst: torch.Tensor, src: torch.Tensor, tables: HalfTables) -> None
     Full-width passes over one layer's temporaries, allocated once and reused so they stay
     in cache, with the result written into the cache slots: 13.3 against 16.2 ms for 4k keys
     of 30 layers with half-width products (written out= per half), 35 ms per chunk before.
+    A float32 cache rotated in place (what a float32 model composes) is worked on where it lies:
+    no float32 copy in and out, two passes of seven fewer.
     """
     half = dst.shape[-1] // 2
     cos = torch.cat([tables.cos, tables.cos], dim=-1)
     sin = torch.cat([-tables.sin, tables.sin], dim=-1)
-    xf = torch.empty(src.shape[1:], dtype=torch.float32, device=src.device)  # one layer's, reused
-    swapped = torch.empty_like(xf)
+    in_place_f32 = dst.dtype == torch.float32 and dst.data_ptr() == src.data_ptr() and dst.stride() == src.stride()
+    swapped = torch.empty(src.shape[1:], dtype=torch.float32, device=src.device)  # one layer's, reused
+    xf = None if in_place_f32 else torch.empty_like(swapped)
     for i in range(dst.shape[0]):
-        xf.copy_(src[i])
-        swapped[..., :half] = xf[..., half:]
-        swapped[..., half:] = xf[..., :half]
-        xf.mul_(cos).add_(swapped.mul_(sin))
-        dst[i].copy_(xf)  # src[i] was read in full before: dst may be src
+        x = dst[i] if in_place_f32 else xf.copy_(src[i])
+        swapped[..., :half] = x[..., half:]
+        swapped[..., half:] = x[..., :half]
+        x.mul_(cos).add_(swapped.mul_(sin))
+        if not in_place_f32:
+            dst[i].copy_(x)  # src[i] was read in full before: dst may be src
 
 
 def apply_rope_(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> None:
