@@ -11,14 +11,17 @@ Design facts:
   (projections, MLP, norms, rope of q/k, cache writes), logits, and what remains (Python,
   dispatch, embedding). Medians per part.
 - Floors are measured here, not assumed: the compute dtype's matmul rate on the model's
-  own layer shapes at the question's length and on one large square product, and memory
-  bandwidth as a large tensor copy. A part's floor is its FLOPs over the matmul rate, or
-  its bytes over the bandwidth; the TTFT floor is their sum. `full` prefill of the same
-  prompt is timed beside it, for the speedup.
+  own layer shapes at the question's length (the faster of the plain and the prepacked
+  product) and on one large square product, and memory bandwidth as a large tensor copy,
+  measured before and after each context's runs (the faster of the two counts: this
+  machine's speed drifts by a quarter within minutes). A part's floor is its FLOPs over the
+  matmul rate, or its bytes over the bandwidth; the TTFT floor is their sum. `full` prefill
+  of the same prompt is timed beside it, for the speedup.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 
@@ -28,18 +31,29 @@ CONTEXTS = (1024, 4096, 8192)
 
 
 def matmul_rate(lm, m: int, k: int, n: int, repeats: int = 20) -> float:
-    """FLOP/s of an [m, k] x [k, n] product in the compute dtype (median of repeats)."""
+    """FLOP/s of an [m, k] x [k, n] product in the compute dtype (median of repeats): the faster
+    of torch's plain product and the prepacked one the engine's layers run (engine/fused.py)
+    where this dtype packs, so that no part of the engine can beat its floor by kernel choice."""
     import torch
 
+    from kvlib.engine.fused import can_pack, linear, pack
+
     a = torch.randn(m, k, dtype=lm.dtype, device=lm.device)
-    b = torch.randn(k, n, dtype=lm.dtype, device=lm.device)
-    times = []
-    for i in range(repeats + 2):
-        t0 = time.perf_counter()
-        a @ b
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return 2 * m * k * n / statistics.median(times)
+    w = torch.randn(n, k, dtype=lm.dtype, device=lm.device)
+    products = [lambda: torch.matmul(a, w.t())]
+    if can_pack(w):
+        packed = pack(w)
+        products.append(lambda: linear(a, w, None, packed))
+    best = math.inf
+    for product in products:
+        times = []
+        for i in range(repeats + 2):
+            t0 = time.perf_counter()
+            product()
+            if i >= 2:
+                times.append(time.perf_counter() - t0)
+        best = min(best, statistics.median(times))
+    return 2 * m * k * n / best
 
 
 def bandwidth(lm, n_bytes: int = 1 << 28, repeats: int = 5) -> float:
@@ -158,10 +172,15 @@ def run_hot_path(engine, library, *, spec, contexts=CONTEXTS, repeats: int = 5, 
 
     suffix = engine.suffix_ids(SAMPLE_QUESTION)
     library.register_model(engine.lm.fingerprint, engine.lm.name, engine.lm.config_summary)
-    rates = floors(engine.lm, len(suffix))
-    rows = []
+    rows, all_rates = [], []
     for n_ctx in contexts:
+        # the rates around each context's runs, the faster of before and after: this machine's
+        # speed drifts within minutes, and a floor from another minute is not this row's floor
+        before = floors(engine.lm, len(suffix))
         row = profile_context(engine, library, n_ctx, spec, suffix, repeats, full_repeats)
+        after = floors(engine.lm, len(suffix))
+        row["rates"] = rates = {k: max(before[k], after[k]) for k in before}
+        all_rates.append(rates)
         row["floor_s"] = part_floors(row["work"], rates)
         row["floor_total_s"] = sum(row["floor_s"].values())
         row["ttft_over_floor"] = row["ttft_s"] / row["floor_total_s"]
@@ -173,17 +192,20 @@ def run_hot_path(engine, library, *, spec, contexts=CONTEXTS, repeats: int = 5, 
     return {"settings": {"model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "threads": torch.get_num_threads(), "spec": spec.as_dict(), "repeats": repeats,
                          "torch": torch.__version__.split("+")[0], "malloc_tuning": malloc_tuning()},
-            "rates": rates, "rows": rows}
+            "rates": {k: statistics.median(r[k] for r in all_rates) for k in all_rates[0]}, "rows": rows}
 
 
 def report_lines(report: dict) -> list[str]:
     """The profile as a markdown table: measured ms (floor ms) per part, per context size."""
     rates, rows = report["rates"], report["rows"]
     head = ["part"] + [f"{r['context_tokens']:,} ctx: ms (floor)" for r in rows]
-    lines = [f"Rates measured here: matmul {rates['matmul_flops_model_shape'] / 1e9:.0f} GFLOP/s at the model's "
+    lines = [f"Rates measured here (median over the contexts; each row's floor uses the rates measured around "
+             f"its own runs): matmul {rates['matmul_flops_model_shape'] / 1e9:.0f} GFLOP/s at the model's "
              f"projection shape ({rates['matmul_flops_large'] / 1e9:.0f} GFLOP/s on a 2048^3 product), copy "
              f"bandwidth {rates['bandwidth_bytes_s'] / 1e9:.1f} GB/s.", "",
              "| " + " | ".join(head) + " |", "|:---|" + "---:|" * len(rows)]
+    lines.append("| matmul rate, this row (GFLOP/s) | " + " | ".join(
+        f"{r.get('rates', rates)['matmul_flops_model_shape'] / 1e9:.0f}" for r in rows) + " |")
     for part in PARTS:
         cells = [f"{r['parts_s'][part] * 1e3:.1f} ({r['floor_s'][part] * 1e3:.1f})" for r in rows]
         lines.append(f"| {part} | " + " | ".join(cells) + " |")
