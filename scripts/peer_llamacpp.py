@@ -2,7 +2,8 @@
 
 Runs in the peer virtual environment (llama-cpp-python built from its PyPI source), never in
 kvlib's. Reads a JSON file of prompts written by kvlib (`{"name": {"context": [ids], "suffix": [ids]}}`),
-converts the GGUF to BF16 once with llama.cpp's own quantize API, and prints JSON timings:
+converts the GGUF once with llama.cpp's own quantize API to the weight type kvlib computes in
+(`--ftype`: bf16 where the CPU has native bf16, f32 on an AVX2-only CPU), and prints JSON timings:
 - full: a fresh KV cache, the whole prompt (context + suffix) evaluated, then one token sampled;
 - prefix_reuse: the context evaluated once and kept; each timed run removes what followed it
   (Llama.eval drops KV beyond n_tokens) and evaluates the suffix, then samples one token;
@@ -20,15 +21,15 @@ from pathlib import Path
 
 import llama_cpp
 
-LLAMA_FTYPE_MOSTLY_BF16 = 32  # llama.h
+FTYPES = {"f32": 0, "f16": 1, "bf16": 32}  # llama.h: LLAMA_FTYPE_ALL_F32, _MOSTLY_F16, _MOSTLY_BF16
 
 
-def to_bf16(src: Path, dst: Path) -> None:
+def convert(src: Path, dst: Path, ftype: str) -> None:
     if dst.exists():
         return
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = LLAMA_FTYPE_MOSTLY_BF16
-    params.allow_requantize = True  # the bundled GGUF is Q4_1: dequantized to BF16, as kvlib dequantizes it
+    params.ftype = FTYPES[ftype]
+    params.allow_requantize = True  # the bundled GGUF is Q4_1: dequantized, as kvlib dequantizes it
     tmp = dst.with_suffix(".tmp")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), params)
     if rc != 0:
@@ -75,17 +76,18 @@ def time_decode(llm, ids: list[int], steps: int = 32) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gguf", type=Path, required=True)
-    ap.add_argument("--bf16", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="the converted GGUF (made once)")
+    ap.add_argument("--ftype", choices=sorted(FTYPES), default="bf16")
     ap.add_argument("--prompts", type=Path, required=True)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    to_bf16(args.gguf, args.bf16)
+    convert(args.gguf, args.out, args.ftype)
     prompts = json.loads(args.prompts.read_text())
     n_ctx = max(len(p["context"]) + len(p["suffix"]) for p in prompts.values()) + 64
-    llm = llama_cpp.Llama(model_path=str(args.bf16), n_ctx=n_ctx, n_threads=args.threads,
+    llm = llama_cpp.Llama(model_path=str(args.out), n_ctx=n_ctx, n_threads=args.threads,
                           n_threads_batch=args.threads, n_batch=512, verbose=False)
-    out = {"llama_cpp_version": llama_cpp.__version__, "threads": args.threads, "prompts": {}}
+    out = {"llama_cpp_version": llama_cpp.__version__, "threads": args.threads, "ftype": args.ftype, "prompts": {}}
     for name, p in prompts.items():
         ids = p["context"] + p["suffix"]
         full = time_full(llm, ids, args.repeats)

@@ -4,7 +4,9 @@ Design facts:
 - Two prompts, [E][chunks][question]: ~1.3k tokens (4 chunks of 320) and ~4.1k (8 of 512),
   the doctor's synthetic chunk text, with the doctor's question as the ~30-token suffix.
 - llama.cpp (llama-cpp-python built from its PyPI source in the peer environment DIR/venv,
-  the bundled GGUF converted to BF16 by its own quantize API) is timed by
+  the bundled GGUF converted by its own quantize API to the weights kvlib computes in: BF16
+  where kvlib computes in bf16, F32 where it computes in float32, as on an AVX2-only CPU,
+  where llama.cpp has no fast bf16 products either) is timed by
   scripts/peer_llamacpp.py in a subprocess: full prefill, and its own prefix reuse, the one
   case where it can reuse at all (the identical context, a new suffix).
 - kvlib, in this process, with the same threads: full prefill, and `rerope` with the chunks
@@ -83,13 +85,21 @@ def kvlib_round(engine, library, ps: dict, keys: dict, repeats: int) -> dict:
     return out
 
 
-def peer_round(peer_dir: Path, prompts_file: Path, gguf: Path, threads: int, repeats: int) -> dict:
+PEER_FTYPES = {"bfloat16": "bf16", "float32": "f32", "float16": "f16"}
+
+
+def peer_ftype(lm) -> str:
+    """llama.cpp's weight type for kvlib's compute dtype (the same precision on both sides)."""
+    return PEER_FTYPES[str(lm.dtype).replace("torch.", "")]
+
+
+def peer_round(peer_dir: Path, prompts_file: Path, gguf: Path, threads: int, repeats: int, ftype: str) -> dict:
     python = peer_dir / "venv" / "bin" / "python"
     if not python.exists():
         raise InputError(f"no peer environment at {peer_dir}/venv: run `make bench-peer`")
     script = Path(__file__).resolve().parents[2] / "scripts" / "peer_llamacpp.py"
-    cmd = [str(python), str(script), "--gguf", str(gguf), "--bf16", str(peer_dir / "model-bf16.gguf"),
-           "--prompts", str(prompts_file), "--threads", str(threads), "--repeats", str(repeats)]
+    cmd = [str(python), str(script), "--gguf", str(gguf), "--out", str(peer_dir / f"model-{ftype}.gguf"),
+           "--ftype", ftype, "--prompts", str(prompts_file), "--threads", str(threads), "--repeats", str(repeats)]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise InputError(f"llama.cpp timing failed: {done.stderr.strip().splitlines()[-1:]}")
@@ -97,7 +107,7 @@ def peer_round(peer_dir: Path, prompts_file: Path, gguf: Path, threads: int, rep
 
 
 def run_peer(engine, library, peer_dir: Path, home: Path, *, rounds: int = 3, repeats: int = 3) -> dict:
-    """The default model's GGUF (the one kvlib dequantizes) is what llama.cpp converts to BF16."""
+    """The default model's GGUF (the one kvlib dequantizes) is what llama.cpp converts (peer_ftype)."""
     import torch
 
     from kvlib.engine import models_registry as registry
@@ -111,7 +121,7 @@ def run_peer(engine, library, peer_dir: Path, home: Path, *, rounds: int = 3, re
     gguf = registry.installed_file(registry.SMOLLM2, home)
     kv_rounds, peer_rounds = [], []
     for _ in range(rounds):  # alternate, so both see the same machine
-        peer_rounds.append(peer_round(peer_dir, prompts_file, gguf, threads, repeats))
+        peer_rounds.append(peer_round(peer_dir, prompts_file, gguf, threads, repeats, peer_ftype(engine.lm)))
         kv_rounds.append(kvlib_round(engine, library, ps, keys, repeats))
         time.sleep(0.5)
     return summarize(engine, ps, kv_rounds, peer_rounds, threads, rounds)
@@ -132,14 +142,18 @@ def summarize(engine, ps, kv_rounds, peer_rounds, threads: int, rounds: int) -> 
         r = rows[name]
         r["rerope_shuffled_vs_llama_cpp_reuse"] = r["llama_cpp_prefix_reuse_s"] / r["kvlib_rerope_shuffled_s"]
     return {"settings": {"model": engine.lm.name, "dtype": str(engine.lm.dtype).replace("torch.", ""),
-                         "threads": threads, "rounds": rounds, "python": sys.version.split()[0]}, "rows": rows}
+                         "llama_cpp_weights": peer_ftype(engine.lm), "threads": threads, "rounds": rounds, "python": sys.version.split()[0]}, "rows": rows}
 
 
 def report_lines(report: dict) -> list[str]:
     head = ["prompt", "llama.cpp full", "kvlib full", "llama.cpp prefix reuse (identical order)",
             "kvlib rerope (given)", "kvlib rerope (shuffled)", "kvlib shuffled vs llama.cpp reuse",
             "decode tok/s llama.cpp / kvlib"]
-    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    s = report["settings"]
+    lines = [f"kvlib computes in {s['dtype']}; llama.cpp runs the same GGUF converted to "
+             f"{s.get('llama_cpp_weights', 'bf16').upper()}; {s['threads']} threads each, {s['rounds']} alternating "
+             "rounds, medians.", "",
+             "| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
     for name, r in report["rows"].items():
         lines.append(f"| {name} ({r['tokens']:,} tok) | {r['llama_cpp_full_s']:.2f} s | {r['kvlib_full_s']:.2f} s | "
                      f"{r['llama_cpp_prefix_reuse_s'] * 1e3:.0f} ms | {r['kvlib_rerope_given_s'] * 1e3:.0f} ms | "
