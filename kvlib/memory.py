@@ -13,7 +13,9 @@ Design facts:
 - Transparent huge pages for every torch allocation (`THP_MEM_ALLOC_ENABLE=1`) were tried
   and refused: they make each few-MB temporary fault in a zeroed 2 MiB page instead.
 - Set on import, through `mallopt`, unless `KVLIB_MALLOC_TUNING=0`; a no-op off glibc. The
-  cost is memory: up to the trim threshold of freed heap stays with the process.
+  cost is memory: up to the trim threshold of freed heap stays with the process. So after a
+  one-off release of hundreds of MB (a model's plain weights replaced by packed copies at
+  load: engine/model.py) `release_free_heap` hands the free heap back (`malloc_trim`).
 - oneDNN (bf16 products on CPU) keeps every primitive it builds, one per operand shape, in two
   caches of 1024 entries each: its own (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`) and ideep's, under
   torch (`LRU_CACHE_CAPACITY`). Every new prompt length is new shapes, so a server's memory
@@ -63,3 +65,12 @@ def tune_malloc() -> bool:
 def malloc_tuning() -> str:
     """For reports: whether this process runs with the thresholds."""
     return "on" if _applied else "off"
+
+
+def release_free_heap() -> None:
+    """Return the heap's free pages to the kernel (glibc's malloc_trim; a no-op elsewhere)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -1,16 +1,14 @@
-"""Stacked projections and prepacked weights (engine/fused.py): the same forward, bit for bit,
-and no weight held twice unless the packed copy fits its budget."""
+"""Stacked projections and prepacked weights (engine/fused.py): the same forward (bit for bit in
+bf16, to float rounding in float32), and no weight held twice: a packed copy replaces the plain one."""
 
 from __future__ import annotations
-
-from dataclasses import replace
 
 import pytest
 import torch
 
 from kvlib.engine import fused as fused_mod
-from kvlib.engine.forward import KVCache, forward
-from kvlib.engine.model import wrap_model
+from kvlib.engine.forward import KVCache, forward, reference_logits
+from kvlib.engine.model import plain_weights, wrap_model
 from tiny_models import FAMILIES, random_ids, tiny_hf
 
 
@@ -19,20 +17,14 @@ def logits_of(lm, ids):
     return forward(lm, ids, torch.arange(len(ids)), cache, logits="all", keep_kv=True)
 
 
-def bf16_lm(family):
-    hf = tiny_hf(family)
-    return wrap_model(hf, None, name=f"tiny-{family}", dtype=torch.bfloat16, device=torch.device("cpu"))
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_hf_weights_are_views_of_the_stacked_matrices(family):
-    lm = bf16_lm(family)
-    layer, f = lm.layers[0], lm.fused[0]
-    attn = layer.self_attn
-    assert attn.q_proj.weight.untyped_storage().data_ptr() == f.qkv_weight.untyped_storage().data_ptr()
-    assert attn.v_proj.weight.untyped_storage().data_ptr() == f.qkv_weight.untyped_storage().data_ptr()
-    assert torch.equal(f.qkv_weight[: attn.q_proj.weight.shape[0]], attn.q_proj.weight)
-    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == f.gate_up_weight.untyped_storage().data_ptr()
+def make_lm(family="llama", dtype=torch.float32, *, pack_mb=None, monkeypatch=None):
+    """A tiny model; pack_mb sets the packing budget for this load (0: nothing packed)."""
+    if pack_mb is not None:
+        monkeypatch.setenv("KVLIB_PACK_MB", str(pack_mb))
+    lm = wrap_model(tiny_hf(family), None, name=f"tiny-{family}", dtype=dtype, device=torch.device("cpu"))
+    if pack_mb is not None:
+        monkeypatch.delenv("KVLIB_PACK_MB")
+    return lm
 
 
 def assert_same_forward(out, reference):
@@ -41,10 +33,21 @@ def assert_same_forward(out, reference):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_stacked_forward_equals_the_modules_bit_for_bit(family):
-    lm = bf16_lm(family)
+def test_unpacked_hf_weights_are_views_of_the_stacked_matrices(family, monkeypatch):
+    lm = make_lm(family, torch.bfloat16, pack_mb=0, monkeypatch=monkeypatch)
+    layer, f = lm.layers[0], lm.fused[0]
+    attn = layer.self_attn
+    assert f.packed is None and lm.head_packed is None
+    assert attn.q_proj.weight.untyped_storage().data_ptr() == f.qkv_weight.untyped_storage().data_ptr()
+    assert attn.v_proj.weight.untyped_storage().data_ptr() == f.qkv_weight.untyped_storage().data_ptr()
+    assert torch.equal(f.qkv_weight[: attn.q_proj.weight.shape[0]], attn.q_proj.weight)
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == f.gate_up_weight.untyped_storage().data_ptr()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stacked_forward_equals_the_modules_bit_for_bit(family, monkeypatch):
+    lm = make_lm(family, torch.bfloat16, pack_mb=0, monkeypatch=monkeypatch)
     ids = random_ids(24, seed=3)
-    lm.fused, lm.head_packed = [replace(f, packed=None) for f in lm.fused], None
     stacked = logits_of(lm, ids)
     lm.fused = []
     # a stacked product's columns are the separate products' columns
@@ -53,33 +56,29 @@ def test_stacked_forward_equals_the_modules_bit_for_bit(family):
 
 @pytest.mark.skipif(not fused_mod.cpu_packs_bf16(), reason="this CPU's oneDNN cannot pack bf16 weights (AVX2 only)")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_forward_equals_the_modules_bit_for_bit(family):
-    lm = bf16_lm(family)
-    ids = random_ids(24, seed=3)
+def test_packed_bf16_forward_equals_the_modules_bit_for_bit(family, monkeypatch):
+    lm = make_lm(family, torch.bfloat16)
     assert lm.fused[0].packed is not None and lm.head_packed is not None  # bf16 on CPU, far under the budget
-    packed = logits_of(lm, ids)
-    lm.fused, lm.head_packed = [], None
-    assert_same_forward(packed, logits_of(lm, ids))
+    ids = random_ids(24, seed=3)
+    plain = make_lm(family, torch.bfloat16, pack_mb=0, monkeypatch=monkeypatch)
+    plain.fused = []
+    assert_same_forward(logits_of(lm, ids), logits_of(plain, ids))
 
 
 def test_no_packed_copy_where_the_cpu_cannot_pack_bf16(monkeypatch):
     monkeypatch.setattr(fused_mod, "cpu_packs_bf16", lambda: False)
-    lm = bf16_lm("llama")
+    lm = make_lm("llama", torch.bfloat16)
     assert lm.fused[0].packed is None and lm.head_packed is None
 
 
-def f32_lm(family="llama"):
-    return wrap_model(tiny_hf(family), None, name="t", dtype=torch.float32, device=torch.device("cpu"))
-
-
 @pytest.mark.parametrize("family", FAMILIES)
-def test_float32_packed_forward_is_the_modules_up_to_rounding_and_batch_invariant(family):
-    lm = f32_lm(family)
+def test_float32_packed_forward_is_the_modules_up_to_rounding(family, monkeypatch):
+    lm = make_lm(family)
     assert set(lm.fused[0].packed) == {"qkv", "o", "gate_up", "down"} and lm.head_packed is not None
     ids = random_ids(24, seed=3)
-    packed = logits_of(lm, ids)
-    lm.fused, lm.head_packed = [], None
-    modules = logits_of(lm, ids)
+    plain = make_lm(family, pack_mb=0, monkeypatch=monkeypatch)
+    plain.fused = []
+    packed, modules = logits_of(lm, ids), logits_of(plain, ids)
     # oneDNN's and MKL's float32 products sum in other orders: ~1e-7 relative per product
     torch.testing.assert_close(packed.logits, modules.logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(packed.k_sem, modules.k_sem, rtol=1e-4, atol=1e-4)
@@ -94,13 +93,36 @@ def test_float32_packed_products_do_not_depend_on_the_batch():
         assert torch.equal(fused_mod.linear(x[:rows], weight, None, packed)[:1], alone), rows
 
 
+def test_a_packed_weight_replaces_its_plain_copy_and_comes_back_exactly():
+    hf = tiny_hf("qwen2", tie_word_embeddings=False)
+    originals = {name: p.detach().clone() for name, p in hf.named_parameters()}
+    lm = wrap_model(hf, None, name="t", dtype=torch.float32, device=torch.device("cpu"))
+    layer = lm.layers[0]
+    for module in (layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp.gate_proj, layer.mlp.down_proj):
+        assert module.weight.is_meta  # no plain copy held beside the packed one
+    assert lm.fused[0].qkv_weight.is_meta and lm.hf.lm_head.weight.is_meta
+    assert not layer.self_attn.q_proj.bias.is_meta  # biases are not packed: they stay
+    with plain_weights(lm) as restored:
+        for name, p in restored.named_parameters():
+            assert torch.equal(p, originals[name]), name
+    assert layer.mlp.up_proj.weight.is_meta  # let go again after the block
+    ids = random_ids(20, seed=4)
+    torch.testing.assert_close(reference_logits(lm, ids), logits_of(lm, ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_a_head_tied_to_the_embedding_keeps_its_plain_copy():
+    lm = wrap_model(tiny_hf("llama", tie_word_embeddings=True), None, name="t", dtype=torch.float32,
+                    device=torch.device("cpu"))
+    assert lm.hf.lm_head.weight is lm.hf.model.embed_tokens.weight and not lm.hf.lm_head.weight.is_meta
+    assert lm.head_packed is not None
+
+
 def test_packing_follows_the_plan_within_the_budget(monkeypatch):
-    monkeypatch.setattr(fused_mod, "PACK_MAX_BYTES", 0)
-    lm = f32_lm()
+    lm = make_lm(pack_mb=0, monkeypatch=monkeypatch)
     assert lm.fused[0].packed is None and lm.head_packed is None
-    head_only = f32_lm().hf.lm_head.weight
-    monkeypatch.setattr(fused_mod, "PACK_MAX_BYTES", head_only.numel() * head_only.element_size())
-    lm = f32_lm()  # the head first: it alone fits
+    head = tiny_hf("llama").lm_head.weight
+    monkeypatch.setattr(fused_mod, "PACK_MAX_BYTES", head.numel() * head.element_size())
+    lm = make_lm()  # the head first: it alone fits
     assert lm.head_packed is not None and lm.fused[0].packed is None
     groups = [("a", [torch.zeros(4, 4)]), ("b", [torch.zeros(8, 8)]), ("c", [torch.zeros(2, 2)])]
     assert fused_mod.plan_packing(groups, budget=4 * (16 + 4)) == {"a", "c"}  # b does not fit after a; c does

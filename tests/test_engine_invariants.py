@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from kvlib.engine.compose import compose, encode_chunk, encode_context
-from kvlib.engine.forward import KVCache, forward
+from kvlib.engine.forward import KVCache, forward, reference_logits
 from kvlib.engine.generate import prefill
 from tiny_models import FAMILIES, ROPE_TYPES, random_ids, tiny_lm
 
@@ -27,10 +27,10 @@ def full_logits(lm, ids):
 
 @pytest.mark.parametrize("family,rope", CASES)
 def test_own_forward_equals_transformers(family, rope):
-    lm, hf = tiny_lm(family, rope)
+    lm, _ = tiny_lm(family, rope)
     ids = random_ids(40, seed=1)
     with torch.no_grad():
-        ref = hf(input_ids=ids[None]).logits[0]
+        ref = reference_logits(lm, ids)
     torch.testing.assert_close(full_logits(lm, ids), ref, **TOL, msg=f"{family}/{rope}: own forward drifts from HF")
 
 
@@ -102,11 +102,11 @@ def test_packed_encoding_equals_one_by_one(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_token_steps_equal_transformers(family):
     """Decoding a token at a time (the single-query attention path) gives HF's logits at each position."""
-    lm, hf = tiny_lm(family, "default")
+    lm, _ = tiny_lm(family, "default")
     assert lm.layers[0].self_attn.config.num_key_value_heads < lm.layers[0].self_attn.config.num_attention_heads
     ids = random_ids(24, seed=5)
     with torch.no_grad():
-        ref = hf(input_ids=ids[None]).logits[0]
+        ref = reference_logits(lm, ids)
     cache = KVCache.for_model(lm, len(ids))
     forward(lm, ids[:20], torch.arange(20), cache, logits="all")
     for t in range(20, 24):
@@ -118,10 +118,10 @@ def test_one_token_steps_equal_transformers(family):
 @pytest.mark.parametrize("split", [3, 20, 37])
 def test_prefill_behind_a_cached_prefix_equals_one_pass(family, split):
     """New tokens behind P cached slots (P <= T: padded causal kernel; P > T: dense mask) equal one pass."""
-    lm, hf = tiny_lm(family, "default")
+    lm, _ = tiny_lm(family, "default")
     ids = random_ids(40, seed=6)
     with torch.no_grad():
-        ref = hf(input_ids=ids[None]).logits[0]
+        ref = reference_logits(lm, ids)
     cache = KVCache.for_model(lm, len(ids))
     forward(lm, ids[:split], torch.arange(split), cache, logits="none")
     rest = forward(lm, ids[split:], torch.arange(split, 40), cache, logits="all").logits

@@ -66,6 +66,7 @@ def test_doctor_checks_pass(qwen_engine):
 def test_own_forward_equals_transformers(qwen_engine):
     """Invariant 4 on the real weights: kvlib's forward reproduces HF's logits (qkv bias, untied head)."""
     from kvlib.engine.compose import compose
+    from kvlib.engine.forward import reference_logits
     from kvlib.engine.generate import prefill
 
     lm, eng = qwen_engine.lm, qwen_engine
@@ -74,7 +75,7 @@ def test_own_forward_equals_transformers(qwen_engine):
     ids = list(eng.template.context_ids) + chunk.token_ids.tolist() + suffix
     own, _, _ = prefill(lm, compose(lm, eng.context, [chunk], "full"), suffix, logits="all")
     with torch.no_grad():
-        ref = lm.hf(input_ids=torch.tensor([ids])).logits[0]
+        ref = reference_logits(lm, torch.tensor(ids))
     n = len(suffix)
     # Same limit as doctor's: float32 rounding on logits of magnitude ~30 stays far below it.
     assert (own.logits[-n:] - ref[-n:]).abs().max().item() <= 1e-3

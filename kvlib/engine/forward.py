@@ -181,8 +181,12 @@ def head_logits(lm, h: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_logits(lm, input_ids: torch.Tensor) -> torch.Tensor:
-    """transformers' own forward of the same ids: [T, V] float32, the yardstick of kvlib's (doctor)."""
-    return lm.hf(input_ids.to(lm.device)[None]).logits[0].float()
+    """transformers' own forward of the same ids: [T, V] float32, the yardstick of kvlib's (doctor),
+    on the modules' dense weights (model.plain_weights: packed products hold none otherwise)."""
+    from kvlib.engine.model import plain_weights
+
+    with plain_weights(lm) as hf:
+        return hf(input_ids.to(lm.device)[None]).logits[0].float()
 
 
 def check_window(lm, total: int) -> None:

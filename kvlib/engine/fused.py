@@ -24,17 +24,21 @@ Design facts:
   Measured on an AVX2 EPYC at 30 rows:
   qkv 0.37 -> 0.26 ms, gate/up 1.09 -> 0.85, down 0.47 -> 0.41; the head's one row 7.6 -> 4.3.
   They differ from the modules' float32 products by float rounding (about 1e-7 relative).
-- Packed copies are a second copy of the weights, so they are made within PACK_MAX_BYTES, by
-  group in order of what they save per byte: the output head (every TTFT and every decode
-  step), then the MLPs, then the attention projections (plan_packing). SmolLM2 packs all
-  three (~270 MB in bf16, ~540 MB in float32: in-process A/B on an AVX2 EPYC, rerope TTFT at
-  1k context 198 -> 128 ms, at 4k 279 -> 261 ms); Qwen2.5-1.5B in bf16 only its head
-  (~470 MB). `linear` runs a product on the packed copy where there is one.
+- A packed copy replaces the plain one (model.fuse_model; model.plain_weights rebuilds the
+  dense weights, bit for bit, for transformers' own forward), except a head tied to the
+  embedding, which the embedding still reads. Packing runs within PACK_MAX_BYTES (or
+  KVLIB_PACK_MB), by group in order of what it saves per byte: the output head (every TTFT
+  and every decode step), then the MLPs, then the attention projections (plan_packing).
+  SmolLM2 packs all three (in-process A/B on an AVX2 EPYC, rerope TTFT at 1k context
+  198 -> 128 ms, at 4k 279 -> 261 ms), and holds only its tied head twice (57 MB in bf16,
+  113 MB in float32); Qwen2.5-1.5B in bf16 only its head (~470 MB). `linear` runs a product
+  on the packed copy where there is one.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,10 +91,16 @@ def can_pack(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16 and cpu_packs_bf16())
 
 
+def pack_budget() -> int:
+    """PACK_MAX_BYTES, or KVLIB_PACK_MB megabytes where set (0 packs nothing: an A/B's other arm)."""
+    mb = os.environ.get("KVLIB_PACK_MB", "").strip()
+    return int(mb) << 20 if mb.isdigit() else PACK_MAX_BYTES
+
+
 def plan_packing(groups: list, budget: int | None = None) -> set:
     """The names of the groups [(name, [weights])], given in order of value, whose packed copies
-    fit `budget` (default PACK_MAX_BYTES) together; a group that does not fit is skipped."""
-    budget = PACK_MAX_BYTES if budget is None else budget
+    fit `budget` (default pack_budget()) together; a group that does not fit is skipped."""
+    budget = pack_budget() if budget is None else budget
     chosen, used = set(), 0
     for name, weights in groups:
         size = sum(w.numel() * w.element_size() for w in weights)

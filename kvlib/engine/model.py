@@ -14,6 +14,7 @@ Design facts:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvlib.errors import ModelLoadError, UnsupportedModelError
+from kvlib.memory import release_free_heap
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 SYSTEM_PROMPT = "You are a helpful assistant. Answer the question using the documents. Be brief."
@@ -299,6 +301,8 @@ def wrap_model(hf, tokenizer, *, name: str, dtype=None, device=None, weights: st
     kv_dtype = kv_dtype_for(dtype)
     fp = fingerprint(weights, summary, tokenizer, kv_dtype)
     fused, head_packed = fuse_model(hf)
+    own_weights(hf, fused)
+    release_free_heap()  # the plain weights the packed copies replaced, kept as free heap otherwise
     return LoadedModel(hf=hf, tokenizer=tokenizer, name=name, fingerprint=fp, dtype=dtype,
                        kv_dtype=kv_dtype, device=device, rope=rope, config_summary=summary,
                        fused=fused, head_packed=head_packed)
@@ -339,7 +343,12 @@ def _fuse_layer(layer):
 
 def fuse_model(hf) -> tuple[list, object | None]:
     """Each layer's stacked projections (engine/fused.py), prepacked by group where the copies
-    fit (fused.plan_packing): (per layer FusedLayer or None, the head's packed weight or None)."""
+    fit (fused.plan_packing): (per layer FusedLayer or None, the head's packed weight or None).
+
+    A packed weight replaces its plain copy: the modules' weights behind it become meta
+    placeholders (shape and dtype only), so no weight is held twice, and `plain_weights` gives
+    transformers' own forward the dense weights back, bit for bit, while it runs. A head tied
+    to the embedding keeps its plain copy, which the embedding reads."""
     import torch
 
     from kvlib.engine.fused import layer_products, pack, pack_layer, plan_packing
@@ -352,8 +361,87 @@ def fuse_model(hf) -> tuple[list, object | None]:
         groups = [("head", [hf.lm_head.weight])] + [
             (group, [w for p in products if p is not None for w in p[group].values()]) for group in ("mlp", "attention")]
         plan = plan_packing(groups)
-        fused = [f if f is None else pack_layer(f, p, plan - {"head"}) for f, p in zip(fused, products)]
-        return fused, pack(hf.lm_head.weight) if "head" in plan else None
+        del products  # the plan's products are packed below; nothing else may keep their plain copies
+        fused = [f if f is None else _release_packed(layer, pack_layer(f, layer_products(
+            f, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight), plan - {"head"}))
+            for layer, f in zip(layers, fused)]
+        head = pack(hf.lm_head.weight) if "head" in plan else None
+        if head is not None and hf.lm_head.weight is not hf.model.embed_tokens.weight:
+            hf.lm_head.weight = _meta_like(hf.lm_head.weight)
+        return fused, head
+
+
+def own_weights(hf, fused: list) -> None:
+    """Give every weight still read from the loaded file (transformers maps a safetensors file
+    and, where no dtype cast is needed, hands out views of the mapping) a private copy, so the
+    mapping goes: its touched pages counted ~400-500 MB of SmolLM2's resident memory in float32,
+    held by the embedding alone once the layers were stacked and packed. Stacked matrices are
+    copies already and are left alone."""
+    import torch
+
+    stacked = {t.untyped_storage().data_ptr() for f in fused if f is not None
+               for t in (f.qkv_weight, f.gate_up_weight, f.qkv_bias, f.gate_up_bias) if t is not None and not t.is_meta}
+    with torch.no_grad():
+        for p in list(hf.parameters()) + list(hf.buffers()):
+            if not p.is_meta and p.untyped_storage().data_ptr() not in stacked:
+                p.data = p.data.clone()
+
+
+def _meta_like(t):
+    import torch
+
+    return torch.nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
+
+
+def _product_modules(layer) -> dict:
+    """The transformers linear modules behind each of a fused layer's products, in stacked row order."""
+    attn, mlp = layer.self_attn, layer.mlp
+    return {"qkv": [attn.q_proj, attn.k_proj, attn.v_proj], "o": [attn.o_proj],
+            "gate_up": [mlp.gate_proj, mlp.up_proj], "down": [mlp.down_proj]}
+
+
+def _release_packed(layer, fused):
+    """The layer's plain weights of its packed products dropped: meta placeholders in the modules
+    and in the FusedLayer (whose products read the packed copies)."""
+    from dataclasses import replace
+
+    if not fused.packed:
+        return fused
+    modules = _product_modules(layer)
+    for name in fused.packed:
+        for m in modules[name]:
+            m.weight = _meta_like(m.weight)
+    stacked = {"qkv_weight": "qkv", "gate_up_weight": "gate_up"}
+    return replace(fused, **{field_: _meta_like(getattr(fused, field_)) for field_, name in stacked.items()
+                             if name in fused.packed})
+
+
+@contextlib.contextmanager
+def plain_weights(lm: "LoadedModel"):
+    """transformers' modules hold their dense weights again while the block runs (rebuilt from the
+    packed copies, which reorder losslessly), then let them go: the doctor's reference forward."""
+    import torch
+
+    restored = []
+    with torch.no_grad():
+        for layer, fused in zip(lm.layers, lm.fused or []):
+            modules = _product_modules(layer)
+            for name, packed in ((fused.packed or {}).items() if fused is not None else ()):
+                dense, start = packed.to_dense(), 0
+                for m in modules[name]:
+                    n = m.weight.shape[0]
+                    m.weight = torch.nn.Parameter(dense[start : start + n], requires_grad=False)
+                    start += n
+                restored += modules[name]
+        head = lm.hf.lm_head
+        if head.weight.is_meta and lm.head_packed is not None:
+            head.weight = torch.nn.Parameter(lm.head_packed.to_dense(), requires_grad=False)
+            restored.append(head)
+    try:
+        yield lm.hf
+    finally:
+        for m in restored:
+            m.weight = _meta_like(m.weight)
 
 
 def load_model(model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> LoadedModel:
