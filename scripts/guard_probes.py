@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvlib.engine.guard import FEATURES, LADDER  # noqa: E402
+from kvlib.engine.guard import FEATURES, LADDER, LEGACY_LADDER  # noqa: E402
 
 PROBES = ("entropy", "max_p", "kl_naive", "kl_reversed", "kl_blend05", "kl_boundary4")
 
@@ -73,14 +73,15 @@ def measure(data: str, home: Path, out: Path, limit: int | None) -> None:
         rows.append({**row, "probes": probes})
         print(len(rows), item.record_id, flush=True)
         out.write_text(json.dumps({"model": engine.lm.name, "fingerprint": engine.lm.fingerprint, "encoding": "sink",
-                                   "data": data, "rows": rows}))  # kept whole after every request
+                                   "data": data, "ladder": list(LADDER), "rows": rows}))  # kept whole after every request
     stack.close()
 
 
 def analyze(path: Path) -> None:
     from kvlib.engine.calibration import column_moments, fit_ridge, log_kl
 
-    rows = json.loads(path.read_text())["rows"]
+    measured = json.loads(path.read_text())
+    rows, ladder = measured["rows"], measured.get("ladder", LEGACY_LADDER)
     y = log_kl([r["kl"] for r in rows])
 
     def column(name):
@@ -95,18 +96,18 @@ def analyze(path: Path) -> None:
     print("probe seconds vs full's TTFT:", {k: round(float(np.mean([r['probes'][f't_{k}'] for r in rows]) / t[:, -1].mean()), 3)
                                            for k in ("rerope", "naive", "reversed", "blend05", "boundary4")})
     print("\ncorrelation with log KL (kl_* probes in log)")
-    print(f"{'':16s}" + "".join(f"{(r or 'rerope'):>13s}" for r in LADDER))
+    print(f"{'':16s}" + "".join(f"{(r or 'rerope'):>13s}" for r in ladder))
     for name in (*FEATURES, *PROBES):
         x = column(name)
         ok = ~np.isnan(x)
-        print(f"{name:16s}" + "".join(f"{np.corrcoef(x[ok], y[ok, i])[0, 1]:13.2f}" for i in range(len(LADDER))))
+        print(f"{name:16s}" + "".join(f"{np.corrcoef(x[ok], y[ok, i])[0, 1]:13.2f}" for i in range(len(ladder))))
     print(f"\n{'std of log KL':28s}", np.round(y.std(0), 3).tolist())
     for label, names in (("guard features", FEATURES), ("features + cheap probes", (*FEATURES, *PROBES[:4])),
                          ("features + all probes", (*FEATURES, *PROBES))):
         x = np.stack([column(n) for n in names], axis=1)
         center, scale = column_moments(x)
         z = np.nan_to_num((x - center) / scale)
-        print(f"{'LOO rms, ' + label:28s}", [round(fit_ridge(z, y[:, i])[2], 3) for i in range(len(LADDER))])
+        print(f"{'LOO rms, ' + label:28s}", [round(fit_ridge(z, y[:, i])[2], 3) for i in range(len(ladder))])
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kvlib.bench.calibrate import REPORT_BUDGETS, read_rows, split_parts  # noqa: E402
 from kvlib.engine.calibration import evaluate, fit_calibration  # noqa: E402
-from kvlib.engine.guard import FEATURES, LADDER  # noqa: E402
+from kvlib.engine.guard import FEATURES  # noqa: E402
 
 
 def main() -> None:
@@ -33,14 +33,15 @@ def main() -> None:
     ap.add_argument("--confidence", type=float, default=0.9)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
-    rows = read_rows(args.rows)["rows"]
+    measured = read_rows(args.rows)
+    rows, ladder = measured["rows"], tuple(measured["ladder"])
     x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in FEATURES] for r in rows])
     kl = np.array([r["kl"] for r in rows], dtype=float)
     ttft = np.array([r["ttft_s"] for r in rows], dtype=float)
     per_budget: dict = {format(b, "g"): [] for b in REPORT_BUDGETS}
     for seed in range(args.splits):
         fit, cal, test = split_parts(len(rows), args.holdout, seed)
-        calib = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=LADDER, confidence=args.confidence,
+        calib = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=ladder, confidence=args.confidence,
                                 model_fp="", model_name="", encoding="")
         for b, g in evaluate(calib, x[test], kl[test], REPORT_BUDGETS, ttft[test])["budgets"].items():
             per_budget[b].append((g["within_budget"], g["without_full"], g["mean_ttft_vs_full"]))

@@ -424,6 +424,25 @@ def test_calibrate_takes_one_of_data_or_rows_and_checks_rows_before_loading_a_mo
     assert not home.exists(), "nothing may be written before the input is checked"
 
 
+def test_rows_are_read_on_the_ladder_they_were_measured_on(tmp_path):
+    """A calibrate.json names its ladder; one written before it did holds the legacy four rungs."""
+    from kvlib.bench.calibrate import read_rows
+    from kvlib.engine.guard import LEGACY_LADDER
+    from kvlib.errors import InputError
+
+    def rows_file(name, n_rungs, **extra):
+        row = {"features": {f: 0.0 for f in FEATURES}, "kl": [0.1] * n_rungs, "ttft_s": [0.1] * (n_rungs + 1)}
+        path = tmp_path / name
+        path.write_text(json.dumps({"encoding": "sink", "rows": [row, row], **extra}))
+        return path
+
+    assert read_rows(rows_file("legacy.json", len(LEGACY_LADDER)))["ladder"] == list(LEGACY_LADDER)
+    assert read_rows(rows_file("two.json", 2, ladder=["", "blend:0.3"]))["ladder"] == ["", "blend:0.3"]
+    for path in (rows_file("short.json", 2, ladder=["", "blend:0.2", "blend:0.3"]), rows_file("old.json", len(LADDER))):
+        with pytest.raises(InputError, match="no measured rows of this ladder"):
+            read_rows(path)
+
+
 # -- the real model (slow): one small calibration, used by calibrate, bench, query and serve --
 
 HOTPOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "hotpotqa" / "qa_train.json"

@@ -95,30 +95,31 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
             rows.append(measure_request(runner, item, rungs))
             if progress:
                 progress("measure", 1, len(items))
-        report = fit_and_store(stack.library, stack.engine.lm, rows, holdout=holdout, confidence=confidence,
-                               encoding=encoding, seed=seed, data=str(data), ctxs=ctxs)
+        report = fit_and_store(stack.library, stack.engine.lm, rows, ladder=LADDER, holdout=holdout,
+                               confidence=confidence, encoding=encoding, seed=seed, data=str(data), ctxs=ctxs)
     finally:
         stack.close()
     report["seconds"] = time.perf_counter() - t0
     return report
 
 
-def fit_and_store(library, lm, rows: list[dict], *, holdout: float, confidence: float, encoding: str, seed: int,
-                  data: str, ctxs: int | None = None) -> dict:
-    """Fit on the fitting part, calibrate on the calibration part, check on the held-back part, store."""
+def fit_and_store(library, lm, rows: list[dict], *, ladder, holdout: float, confidence: float, encoding: str,
+                  seed: int, data: str, ctxs: int | None = None) -> dict:
+    """Fit on the fitting part, calibrate on the calibration part, check on the held-back part, store.
+    rows: measured on `ladder` (each row's kl per rung, ttft_s per rung and full)."""
     from kvlib.engine.calibration import METHOD, evaluate, fit_calibration
-    from kvlib.engine.guard import FEATURES, LADDER
+    from kvlib.engine.guard import FEATURES
 
     x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in FEATURES] for r in rows],
                  dtype=float)
     kl = np.array([r["kl"] for r in rows], dtype=float)
     ttft = np.array([r["ttft_s"] for r in rows], dtype=float)
     fit, cal, test = split_parts(len(rows), holdout, seed)
-    calibration = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=LADDER, confidence=confidence,
+    calibration = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=tuple(ladder), confidence=confidence,
                                   model_fp=lm.fingerprint, model_name=lm.name, encoding=encoding)
     check = evaluate(calibration, x[test], kl[test], REPORT_BUDGETS, ttft[test]) if len(test) else None
     report = {"model": lm.name, "fingerprint": lm.fingerprint, "encoding": encoding, "data": data, "ctxs": ctxs,
-              "method": METHOD, "confidence": confidence,
+              "method": METHOD, "confidence": confidence, "ladder": list(ladder),
               "requests": len(rows), "n_fit": len(fit), "n_cal": len(cal), "n_test": len(test), "seed": seed,
               "rungs": [{"rung": r.name or "rerope", "ridge": r.ridge, "sigma": r.sigma,
                          "mean_kl": float(kl[:, i].mean())} for i, r in enumerate(calibration.rungs)],
@@ -143,9 +144,9 @@ def run_refit(*, rows_file: Path, home: Path, model=None, dtype=None, holdout: f
         if earlier.get("fingerprint") != lm.fingerprint:
             raise InputError(f"{rows_file} was measured on {earlier.get('model')} ({str(earlier.get('fingerprint'))[:12]}), "
                              f"not on {lm.name} ({lm.fingerprint[:12]}): pass the --model (and --dtype) it was measured with")
-        report = fit_and_store(stack.library, lm, earlier["rows"], holdout=holdout, confidence=confidence,
-                               encoding=earlier["encoding"], seed=seed, data=earlier.get("data", ""),
-                               ctxs=earlier.get("ctxs"))
+        report = fit_and_store(stack.library, lm, earlier["rows"], ladder=earlier["ladder"], holdout=holdout,
+                               confidence=confidence, encoding=earlier["encoding"], seed=seed,
+                               data=earlier.get("data", ""), ctxs=earlier.get("ctxs"))
     finally:
         stack.close()
     report["seconds"] = time.perf_counter() - t0
@@ -154,8 +155,9 @@ def run_refit(*, rows_file: Path, home: Path, model=None, dtype=None, holdout: f
 
 
 def read_rows(path: Path) -> dict:
-    """An earlier calibrate.json, checked for what a refit needs."""
-    from kvlib.engine.guard import FEATURES, LADDER
+    """An earlier calibrate.json, checked for what a refit needs; its `ladder` is the rungs its
+    rows were measured on (guard.LEGACY_LADDER for files written before it was recorded)."""
+    from kvlib.engine.guard import FEATURES, LEGACY_LADDER
 
     try:
         obj = json.loads(Path(path).read_text())
@@ -164,12 +166,13 @@ def read_rows(path: Path) -> dict:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path} is not a calibrate.json: {exc}") from None
     rows = obj.get("rows") if isinstance(obj, dict) else None
-    if not rows or obj.get("encoding") not in ENCODINGS or any(
-            not isinstance(r, dict) or len(r.get("kl", ())) != len(LADDER) or len(r.get("ttft_s", ())) != len(LADDER) + 1
+    ladder = obj.get("ladder", list(LEGACY_LADDER)) if isinstance(obj, dict) else []
+    if not rows or obj.get("encoding") not in ENCODINGS or not isinstance(ladder, list) or any(
+            not isinstance(r, dict) or len(r.get("kl", ())) != len(ladder) or len(r.get("ttft_s", ())) != len(ladder) + 1
             or set(FEATURES) - set(r.get("features") or {}) for r in rows):
         raise InputError(f"{path} has no measured rows of this ladder and these features: "
                          "write it with `kvlib calibrate --out DIR` first")
-    return obj
+    return {**obj, "ladder": ladder}
 
 
 def write_calibrate_report(out: Path, report: dict) -> Path:
