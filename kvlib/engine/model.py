@@ -361,10 +361,8 @@ def fuse_model(hf) -> tuple[list, object | None]:
         groups = [("head", [hf.lm_head.weight])] + [
             (group, [w for p in products if p is not None for w in p[group].values()]) for group in ("mlp", "attention")]
         plan = plan_packing(groups)
-        del products  # the plan's products are packed below; nothing else may keep their plain copies
-        fused = [f if f is None else _release_packed(layer, pack_layer(f, layer_products(
-            f, layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight), plan - {"head"}))
-            for layer, f in zip(layers, fused)]
+        fused = [f if f is None else _release_packed(layer, pack_layer(f, p, plan - {"head"}))
+                 for layer, f, p in zip(layers, fused, products)]
         head = pack(hf.lm_head.weight) if "head" in plan else None
         if head is not None and hf.lm_head.weight is not hf.model.embed_tokens.weight:
             hf.lm_head.weight = _meta_like(hf.lm_head.weight)
