@@ -333,12 +333,58 @@ def spacing_variant(tokenizer, token_ids: Sequence[int]) -> tuple[tuple[int, ...
     ' Kell' (one token); the same block behind a blank line, or stored from POST /v1/documents,
     starts with 'K', 'ell'. Everything after the first word is the same ids, so a lookup may serve
     those from either form and compute the first word in context."""
-    if len(token_ids) < 2:
-        return None
-    ids = tuple(token_ids)
-    text = tokenizer.decode(list(ids))
-    other = text[1:] if text.startswith(" ") else " " + text
-    alt = tuple(tokenizer(other, add_special_tokens=False)["input_ids"])
+    return spacing_variants(tokenizer, [token_ids])[0]
+
+
+def spacing_variants(tokenizer, id_lists: Sequence[Sequence[int]]) -> list[tuple[tuple[int, ...], int] | None]:
+    """spacing_variant of each id list, re-tokenizing only a head of a few words.
+
+    Toggling the leading space re-tokenizes the first word only: a token that starts with a space
+    starts a word the tokenizer's pre-tokenizer splits off, whatever came before it. So the head up
+    to the first spaced token after FIRST_WORD_TOKENS is decoded, toggled and encoded, and the rest
+    of the ids are kept; a list with no such token near its start is re-tokenized whole. Were a
+    tokenizer to break that rule, the variant would be ids no stored chunk has: a lookup that
+    misses, never KV served for other ids (a hit's key is its exact ids). One call per piece into
+    the fast tokenizer's backend: its batch calls cost more than they save at a few short texts."""
+    codec = _Codec(tokenizer)
+    out: list = []
+    for ids in map(tuple, id_lists):
+        if len(ids) < 2:
+            out.append(None)
+            continue
+        end = next((k for k in range(FIRST_WORD_TOKENS + 1, min(len(ids), HEAD_SCAN_TOKENS))
+                    if codec.decode(ids[k : k + 1]).startswith(" ")), len(ids))
+        head = codec.decode(ids[:end])
+        alt_head = codec.encode(head[1:] if head.startswith(" ") else " " + head)
+        out.append(_shared_tail(ids, alt_head + ids[end:]))
+    return out
+
+
+# How far into a list the head may reach for its first spaced token (then the whole list is re-tokenized).
+HEAD_SCAN_TOKENS = 24
+
+
+class _Codec:
+    """decode and encode (no special tokens) as the tokenizer does them, through its fast backend
+    where decode adds nothing to the backend's (no clean-up of tokenization spaces)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+
+    def decode(self, ids: Sequence[int]) -> str:
+        if self.backend is None:
+            return self.tokenizer.decode(list(ids))
+        return self.backend.decode(list(ids), skip_special_tokens=False)
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        if self.backend is None:
+            return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return tuple(self.backend.encode(text, add_special_tokens=False).ids)
+
+
+def _shared_tail(ids: tuple[int, ...], alt: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:
     shared = 0
     while shared < min(len(ids), len(alt)) and ids[-1 - shared] == alt[-1 - shared]:
         shared += 1

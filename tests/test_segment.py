@@ -1,6 +1,7 @@
 """The shared segmenter on the real SmolLM2 tokenizer and chat template (no model weights load)."""
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -206,3 +207,22 @@ def test_spacing_variant_links_a_header_line_block_to_its_own_form(tok):
         assert 0 < len(s.token_ids) - shared <= 4 and alt[-shared:] == s.token_ids[-shared:]
         assert spacing_variant(tok, alt)[0] == s.token_ids, "toggling twice comes back"
     assert spacing_variant(tok, in_prompt[0].token_ids[:1]) is None, "a single token has no tail to share"
+
+
+def test_spacing_variants_retokenize_a_head_as_the_whole_text_would(tok):
+    """The server re-tokenizes only the head up to the first spaced token after the first word;
+    on every paragraph of the example corpus, in both spacings, that gives exactly the variant
+    the whole toggled text would (decode all, toggle, encode all), and None where that gives None."""
+    from kvlib.segment import _shared_tail, spacing_variants
+
+    corpus = Path(__file__).resolve().parents[1] / "examples" / "corpus"
+    paragraphs = [p.strip() for f in sorted(corpus.glob("*.md")) + sorted(corpus.glob("*.txt"))
+                  for p in f.read_text().split("\n\n") if len(p.strip()) > 20]
+    id_lists = [tuple(tok(form, add_special_tokens=False)["input_ids"]) for p in paragraphs for form in (p, " " + p)]
+    whole = []
+    for ids in id_lists:
+        text = tok.decode(list(ids))
+        other = tuple(tok(text[1:] if text.startswith(" ") else " " + text, add_special_tokens=False)["input_ids"])
+        whole.append(_shared_tail(ids, other))
+    assert len(id_lists) > 100 and sum(v is not None for v in whole) > 50, "enough paragraphs with a variant"
+    assert spacing_variants(tok, id_lists) == whole

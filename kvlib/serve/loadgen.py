@@ -147,6 +147,7 @@ class Outcome:
     detail: str = ""
     # the server's own overhead: HTTP and streaming (client TTFT - the server's TTFT) + segmentation + lookup
     overhead_s: float | None = None
+    overhead_parts_s: dict = field(default_factory=dict)  # "http", "segment", "lookup": what overhead_s sums
     build_s: float | None = None  # from the call into the openai client until the request went onto the wire
 
 
@@ -176,7 +177,9 @@ async def one_request(client, messages, max_tokens: int) -> Outcome:
     details = usage.prompt_tokens_details
     ttft = ttft if ttft is not None else time.perf_counter() - t0
     build = sent["t"] - t0 if "t" in sent else None
-    return Outcome("ok", ttft_s=ttft, overhead_s=server_overhead(ttft - (build or 0.0), meta), build_s=build,
+    parts = overhead_parts(ttft - (build or 0.0), meta)
+    return Outcome("ok", ttft_s=ttft, overhead_s=sum(parts.values()) if parts else None, overhead_parts_s=parts,
+                   build_s=build,
                    e2e_s=time.perf_counter() - t0, prompt_tokens=usage.prompt_tokens,
                    cached_tokens=(details.cached_tokens or 0) if details else 0,
                    completion_tokens=usage.completion_tokens, detail="".join(text))
@@ -210,13 +213,15 @@ async def run_level(cfg: LoadConfig, level: int, progress) -> dict:
     return summary
 
 
-def server_overhead(client_ttft: float, meta: dict | None) -> float | None:
-    """Seconds of TTFT that are neither queueing nor the engine's work: HTTP and SSE, segmentation, lookup.
-    client_ttft counts from when the request went onto the wire."""
+def overhead_parts(client_ttft: float, meta: dict | None) -> dict:
+    """The parts of TTFT that are neither queueing nor the engine's work, in seconds: "http" (HTTP and SSE
+    both ways: client_ttft, counted from when the request went onto the wire, less the server's TTFT),
+    "segment" and "lookup" (the server's own prompt work); {} when the server sent no timings."""
     if not meta or "ttft_s" not in meta:
-        return None
+        return {}
     split = meta.get("ttft_split_s", {})
-    return (client_ttft - meta["ttft_s"]) + split.get("segment", 0.0) + split.get("lookup", 0.0)
+    return {"http": client_ttft - meta["ttft_s"], "segment": split.get("segment", 0.0),
+            "lookup": split.get("lookup", 0.0)}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -246,6 +251,8 @@ def summarize(level: int, outcomes: list[Outcome], wall: float) -> dict:
         "ttft_p99_s": r3(percentile(ttfts, 0.99)),
         "ttft_mean_s": r3(statistics.fmean(ttfts)) if ttfts else None,
         "server_overhead_p50_ms": ms_p50([o.overhead_s for o in ok]),
+        "server_overhead_parts_p50_ms": {part: ms_p50([o.overhead_parts_s.get(part) for o in ok])
+                                         for part in ("http", "segment", "lookup")},
         "client_build_p50_ms": ms_p50([o.build_s for o in ok]),
         "requests_per_s": round(len(ok) / wall, 3) if wall else None,
         "decode_tokens_per_s": round(sum(o.completion_tokens for o in ok) / wall, 2) if wall else None,

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from kvlib.engine.compose import ChunkKV
-from kvlib.segment import spacing_variant
+from kvlib.segment import spacing_variants
 
 
 @dataclass
@@ -118,7 +118,8 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
     wanted = [s.token_ids for s in body if reuse and s.reusable]
     if found is not None:
         found.fetch(wanted)
-        variants = {ids: spacing_variant(engine.lm.tokenizer, ids) for ids in wanted if found.found[ids] is None}
+        missed = list(dict.fromkeys(ids for ids in wanted if found.found[ids] is None))
+        variants = dict(zip(missed, spacing_variants(engine.lm.tokenizer, missed)))
         found.fetch(v[0] for v in variants.values() if v is not None)  # a second round only for misses
     for s in body:
         if not (reuse and s.reusable):

@@ -15,6 +15,10 @@ Design facts:
   (new documents, use counts) is written; then all are decoded together,
   one batched forward per step (the engine's generate.advance), and each is answered as
   soon as its own stream ends; a lone job runs the same way with a batch of one.
+- Before the batch's library writes and its decode, the worker waits (at most FIRST_CHUNK_WAIT_S)
+  until the first text chunk of each streaming job it began has gone out: on two cores, the
+  event loop that sends it would otherwise wait for a core behind the writes and the decode
+  step's threads, and the client would see its first token that much later.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("kvlib.serve")
 MAX_BATCH = 8  # chat jobs decoded together: the weights are read once per step for all of them
+FIRST_CHUNK_WAIT_S = 0.02  # the longest a batch's decode waits for its first chunks to go out
 
 
 class QueueFull(Exception):
@@ -52,6 +57,8 @@ class Job:
     begin: Callable[[Any, "Job"], Any] | None = None  # chat: begin(worker_state, job) -> pipeline.Pending
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
+    emitted: bool = False  # a text piece went to the loop
+    first_sent: threading.Event = field(default_factory=threading.Event)  # the loop sent the first one
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancelled(self) -> bool:
@@ -60,6 +67,7 @@ class Job:
     def emit(self, item) -> None:
         """Hand a streamed piece to the request's event loop (called on the worker thread)."""
         if self.events is not None:
+            self.emitted = True
             self._post(self.events.put_nowait, item)
 
     def _resolve(self, value=None, error: BaseException | None = None) -> None:
@@ -229,6 +237,7 @@ class EngineWorker:
             except Exception as exc:  # the request answers with it; the others go on
                 job._resolve(error=exc)
         live = list(begun)
+        let_first_chunks_out(live)
         try:
             for job in live:  # stores and use counts: after every first token of the batch
                 try:
@@ -263,3 +272,11 @@ class EngineWorker:
     def _report_depth(self) -> None:
         if self.metrics is not None:
             self.metrics.set_queue(len(self._waiting), len(self._running))
+
+
+def let_first_chunks_out(jobs: list[Job], limit_s: float = FIRST_CHUNK_WAIT_S) -> None:
+    """Wait until the loop has sent the first text chunk of each job that emitted one, at most limit_s."""
+    deadline = time.perf_counter() + limit_s
+    for job in jobs:
+        if job.emitted:
+            job.first_sent.wait(max(0.0, deadline - time.perf_counter()))

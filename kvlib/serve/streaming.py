@@ -37,6 +37,8 @@ async def stream_chat(plan, job, worker, request, request_id: str, created: int,
         yield chunk({"role": "assistant", "content": ""})
         async for piece in text_pieces(job):
             yield ": waiting\n\n" if piece is Heartbeat else chunk({"content": piece})
+            if piece is not Heartbeat:  # resumed: the server has written the chunk (queue.py waits for it)
+                job.first_sent.set()
         try:
             completion = job.future.result()
         except Exception as exc:  # an error after the 200 went out: an error event, then DONE
