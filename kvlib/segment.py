@@ -311,11 +311,10 @@ def text_segments(tokenizer, text: str, policy: SegmentPolicy = DEFAULT_POLICY) 
 
 
 def _tiled(tokenizer, text: str, spans: list[_Span], policy: SegmentPolicy) -> tuple[list[int], list[Segment]]:
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    ids, offsets = _Codec(tokenizer).encode_with_offsets(text)
     # Running maximum: byte-level pieces of one character may repeat an offset; cuts need order.
     ends, top = [], 0
-    for _, e in enc["offset_mapping"]:
+    for _, e in offsets:
         top = max(top, e)
         ends.append(top)
     segments = _segments_of(ids, ends, spans, policy)
@@ -382,6 +381,15 @@ class _Codec:
         if self.backend is None:
             return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
         return tuple(self.backend.encode(text, add_special_tokens=False).ids)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list]:
+        """(ids, (start, end) character offsets of each), no special tokens added."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # offsets: decoding plays no part
+        if backend is None:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            return list(enc["input_ids"]), list(enc["offset_mapping"])
+        enc = backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
 
 
 def _shared_tail(ids: tuple[int, ...], alt: tuple[int, ...]) -> tuple[tuple[int, ...], int] | None:

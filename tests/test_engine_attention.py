@@ -44,3 +44,16 @@ def test_causal_behind_a_past_equals_the_dense_mask_and_leaves_q_alone(t, past):
     out, _ = attend(q, k, v, mask, 0.25)
     torch.testing.assert_close(out, sdpa(q_before, k, v, 0.25, mask=mask.dense(q.device)), atol=1e-5, rtol=1e-5)
     assert torch.equal(q, q_before), "the kernel scaled the caller's q in place"
+
+
+@pytest.mark.parametrize("t,past", [(5, 40), (30, 1600), (1, 1600), (30, 12), (7, 0)])
+def test_attend_equals_softmax_attention_in_float64(t, past):
+    """Each causal kernel attend picks (few queries, a long float32 past, one query, a short past,
+    no past) against softmax(q k^T) v written out in float64, grouped-query heads expanded."""
+    q, k, v = qkv(6, 2, t, past + t, dim=64)
+    out, _ = attend(q, k, v, Mask.causal(t, past), 0.125)
+    kk, vv = (x.double().repeat_interleave(3, dim=0) for x in (k, v))
+    scores = torch.einsum("htd,hsd->hts", q[0].double(), kk) * 0.125
+    scores = scores.masked_fill(~Mask.causal(t, past).dense(q.device), float("-inf"))
+    ref = torch.einsum("hts,hsd->htd", scores.softmax(dim=-1), vv)[None]
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)

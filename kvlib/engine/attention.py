@@ -17,7 +17,12 @@ Design facts:
   - causal with no past: SDPA's is_causal kernel;
   - causal behind a past longer than the new tokens (a question over cached chunks) on CPU:
     two float32-score matmuls (`few_queries`), 1.9 ms against SDPA's 2.6 ms per layer for
-    30 queries over 4k slots; SDPA's kernel costs ~4.6 ns a score at so few queries;
+    30 queries over 4k slots in bf16 (AVX-512); SDPA's kernel costs ~4.6 ns a score at so few
+    queries there. In float32 (an AVX2-only CPU) SDPA's blocked kernel is the faster one behind
+    a long past, which it reads once instead of writing and re-reading the scores: SmolLM2
+    rerope TTFT 233 -> 219 ms at 4k context, 204 -> 189 at 3k, 154 -> 144 at 1.5k (in-process
+    A/B on an AVX2 EPYC), level at 1k; so float32 behind FEW_QUERIES_SDPA_PAST slots or more
+    runs SDPA with the dense causal mask;
   - causal behind P <= T past slots: P zero queries padded in front so is_causal (aligned
     top-left) gives each new token every past slot; the kernel skips masked blocks, where a
     dense mask would compute all T x (P+T) scores (twice the work at P << T). Behind a
@@ -146,12 +151,16 @@ def few_queries(q, keys, values, t_past: int, scale: float):
 
 # Scores of the matmul path beyond this many elements (float32) are left to SDPA's kernel.
 FEW_QUERIES_MAX_SCORES = 1 << 24
+# A float32 past this long or longer is attended by SDPA's kernel (module docstring).
+FEW_QUERIES_SDPA_PAST = 1536
 
 
 def causal_behind(q, keys, values, t_past: int, scale: float):
     """T new queries over t_past past slots and, causally, themselves. keys/values: [Hkv, P+T, D]."""
     t = q.shape[2]
     if t_past > t:  # padding would cost more than it saves
+        if q.device.type == "cpu" and q.dtype == torch.float32 and t_past >= FEW_QUERIES_SDPA_PAST:
+            return sdpa(q, keys, values, scale, mask=Mask.causal(t, t_past).dense(q.device))
         if q.device.type == "cpu" and q.shape[1] * t * keys.shape[1] <= FEW_QUERIES_MAX_SCORES:
             return few_queries(q, keys, values, t_past, scale)
         return at_slots(q, keys, values, torch.arange(t_past, t_past + t), scale)  # blocks skip the masked corner
