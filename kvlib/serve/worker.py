@@ -38,11 +38,11 @@ class ServerState:
         if library is None:
             return None
         try:  # the facade's stats are per tenant; the server's gauge wants the whole home
-            row = library.db.execute("SELECT COALESCE(SUM(bytes), 0) FROM chunks").fetchone()
+            row = next(library.db.query("SELECT COALESCE(SUM(bytes), 0) AS n FROM chunks"))
         except ManifestUnavailableError as exc:
             self.link.failed(exc)
             return None
-        return int(row[0])
+        return int(row["n"])
 
     def ingest_text(self, tenant: str, public: bool, name: str | None, text: str, chunk_tokens: int) -> dict:
         """Ingest one document as `kvlib ingest` would ingest a file holding `text` (chunks for
