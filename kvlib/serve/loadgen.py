@@ -270,20 +270,28 @@ def run_load(cfg: LoadConfig, progress=print) -> dict:
 
 def markdown(result: dict, label: str, baseline: dict | None) -> str:
     head = ("| concurrency | ok | 429 | errors | TTFT p50 s | TTFT p99 s | req/s | decode tok/s | cached share | "
-            "server overhead p50 ms |"
+            "server overhead p50 ms | of it: http / segment / lookup ms |"
             + (" req/s vs baseline | p99 vs baseline |" if baseline else ""))
     lines = [f"**{label}**", "", head, "|" + " --- |" * (head.count("|") - 1)]
     base = {lv["concurrency"]: lv for lv in (baseline or {}).get("levels", [])}
     for lv in result["levels"]:
         row = (f"| {lv['concurrency']} | {lv['ok']} | {lv['rate_limited']} | {lv['errors']} | {lv['ttft_p50_s']} | "
                f"{lv['ttft_p99_s']} | {lv['requests_per_s']} | {lv['decode_tokens_per_s']} | {lv['cached_share']} | "
-               f"{lv.get('server_overhead_p50_ms')} |")
+               f"{lv.get('server_overhead_p50_ms')} | {overhead_parts_cell(lv)} |")
         if baseline:
             b = base.get(lv["concurrency"], {})
             ratio = (lambda a, c: f"{a / c:.2f}x" if a and c else "-")
             row += f" {ratio(lv['requests_per_s'], b.get('requests_per_s'))} | {ratio(lv['ttft_p99_s'], b.get('ttft_p99_s'))} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def overhead_parts_cell(level: dict) -> str:
+    """'http / segment / lookup' p50s in ms, or '-' for a level recorded before they were."""
+    parts = level.get("server_overhead_parts_p50_ms") or {}
+    if not parts:
+        return "-"
+    return " / ".join("-" if parts.get(k) is None else f"{parts[k]:.1f}" for k in ("http", "segment", "lookup"))
 
 
 def plot(result: dict, label: str, baseline: dict | None, path: Path) -> None:
