@@ -15,10 +15,10 @@ Design facts:
   (new documents, use counts) is written; then all are decoded together,
   one batched forward per step (the engine's generate.advance), and each is answered as
   soon as its own stream ends; a lone job runs the same way with a batch of one.
-- Before the batch's library writes and its decode, the worker waits (at most FIRST_CHUNK_WAIT_S)
-  until the first text chunk of each streaming job it began has gone out: on two cores, the
-  event loop that sends it would otherwise wait for a core behind the writes and the decode
-  step's threads, and the client would see its first token that much later.
+- After each job's first token, before the next job's prefill (and before the batch's library
+  writes and decode), the worker waits (at most FIRST_CHUNK_WAIT_S) until that first text chunk
+  has gone out: on two cores, the event loop that sends it would otherwise wait for a core behind
+  the next prefill's threads, and the client would see its first token that much later.
 """
 
 from __future__ import annotations
@@ -236,8 +236,9 @@ class EngineWorker:
                 begun[job] = job.begin(self.state, job)
             except Exception as exc:  # the request answers with it; the others go on
                 job._resolve(error=exc)
+                continue
+            let_first_chunks_out([job])
         live = list(begun)
-        let_first_chunks_out(live)
         try:
             for job in live:  # stores and use counts: after every first token of the batch
                 try:
