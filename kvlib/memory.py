@@ -53,10 +53,8 @@ def tune_malloc() -> bool:
     global _applied
     if _applied or os.environ.get("KVLIB_MALLOC_TUNING") == "0":
         return _applied
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _applied
@@ -69,8 +67,14 @@ def malloc_tuning() -> str:
 
 def release_free_heap() -> None:
     """Return the heap's free pages to the kernel (glibc's malloc_trim; a no-op elsewhere)."""
+    malloc_trim = _libc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _libc_function(name: str):
+    """A function of the C library by name, or None where there is no such library or function (not glibc)."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        pass
+        return None

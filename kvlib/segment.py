@@ -369,8 +369,8 @@ class _Codec:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else backend
+        self.fast = getattr(tokenizer, "backend_tokenizer", None)  # encoding: the tokenizer's own call's
+        self.backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", False) else self.fast
 
     def decode(self, ids: Sequence[int]) -> str:
         if self.backend is None:
@@ -384,11 +384,10 @@ class _Codec:
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list]:
         """(ids, (start, end) character offsets of each), no special tokens added."""
-        backend = getattr(self.tokenizer, "backend_tokenizer", None)  # offsets: decoding plays no part
-        if backend is None:
+        if self.fast is None:
             enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             return list(enc["input_ids"]), list(enc["offset_mapping"])
-        enc = backend.encode(text, add_special_tokens=False)
+        enc = self.fast.encode(text, add_special_tokens=False)
         return list(enc.ids), list(enc.offsets)
 
 

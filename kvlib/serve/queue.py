@@ -34,7 +34,7 @@ from typing import Any, Callable
 
 log = logging.getLogger("kvlib.serve")
 MAX_BATCH = 8  # chat jobs decoded together: the weights are read once per step for all of them
-FIRST_CHUNK_WAIT_S = 0.02  # the longest a batch's decode waits for its first chunks to go out
+FIRST_CHUNK_WAIT_S = 0.02  # the longest the worker waits for a job's first chunk to go out
 
 
 class QueueFull(Exception):
@@ -237,7 +237,7 @@ class EngineWorker:
             except Exception as exc:  # the request answers with it; the others go on
                 job._resolve(error=exc)
                 continue
-            let_first_chunks_out([job])
+            let_first_chunk_out(job)
         live = list(begun)
         try:
             for job in live:  # stores and use counts: after every first token of the batch
@@ -275,9 +275,7 @@ class EngineWorker:
             self.metrics.set_queue(len(self._waiting), len(self._running))
 
 
-def let_first_chunks_out(jobs: list[Job], limit_s: float = FIRST_CHUNK_WAIT_S) -> None:
-    """Wait until the loop has sent the first text chunk of each job that emitted one, at most limit_s."""
-    deadline = time.perf_counter() + limit_s
-    for job in jobs:
-        if job.emitted:
-            job.first_sent.wait(max(0.0, deadline - time.perf_counter()))
+def let_first_chunk_out(job: Job, limit_s: float = FIRST_CHUNK_WAIT_S) -> None:
+    """Wait until the loop has sent the job's first text chunk, if it emitted one, at most limit_s."""
+    if job.emitted:
+        job.first_sent.wait(limit_s)
