@@ -29,7 +29,7 @@ def setup(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("repair", ["blend:1.0", "boundary:64", "boundary:2+query:1.0"])
+@pytest.mark.parametrize("repair", ["blend:1.0", "blend:1.0:1.0", "boundary:64", "boundary:2+query:1.0"])
 def test_full_strength_repair_equals_full(family, repair):
     lm, ctx, chunks, q = setup(family)
     ref = logits_for(lm, ctx, chunks, q, "full")
@@ -52,9 +52,28 @@ def test_partial_repair_moves_toward_full():
     assert base > 1e-3, f"rerope already equals full ({base:.1e}); the test cannot tell repairs apart"
     assert gap(logits_for(lm, ctx, chunks, q, "rerope", "boundary:4")) < base
     assert gap(logits_for(lm, ctx, chunks, q, "rerope", "blend:0.5")) < base
+    assert gap(logits_for(lm, ctx, chunks, q, "rerope", "blend:0.8:0.2")) < base
 
 
-@pytest.mark.parametrize("bad", ["blend", "blend:x", "boundary:", "sideways:3", "blend:0.5+query:0.1",
+def test_narrowing_blend_carries_fewer_tokens_deeper():
+    """blend:R:LAST picks in layer 1 what blend:R picks, then carries fewer tokens layer by layer:
+    its last layer rewrites fewer slots than blend:R's, and more than none."""
+    lm, _ = tiny_lm("llama", "default", num_hidden_layers=6)
+    ctx = encode_context(lm, random_ids(5, 30))
+    chunks = [encode_chunk(lm, ctx, random_ids(n, 31 + n)) for n in (12, 20, 9)]
+    q = random_ids(6, 40)
+    rerope = compose(lm, ctx, chunks, "rerope").cache
+    last = lm.n_layers - 1
+    rewritten, carried = {}, {}
+    for repair in ("blend:0.6", "blend:0.6:0.1"):
+        composed = compose(lm, ctx, chunks, "rerope")
+        carried[repair] = parse_repair(repair)(lm, composed, chunks, q)
+        rewritten[repair] = int((composed.cache.layer(last)[0] != rerope.layer(last)[0]).any(dim=2).any(dim=0).sum())
+    assert torch.equal(carried["blend:0.6"], carried["blend:0.6:0.1"])  # the same layer-1 pick
+    assert 0 < rewritten["blend:0.6:0.1"] < rewritten["blend:0.6"]
+
+
+@pytest.mark.parametrize("bad", ["blend", "blend:x", "blend:0.2:0.5", "blend:0.5:x", "boundary:", "sideways:3", "blend:0.5+query:0.1",
                                  "boundary:-1", "query:2"])
 def test_unknown_repair_is_refused(bad):
     from kvlib.errors import InputError

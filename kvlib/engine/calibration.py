@@ -7,8 +7,12 @@ Design facts:
 - The bound is conformal risk control (Angelopoulos et al., 2022) of the guard's own
   decision, per budget B. A rung is admissible at slack lam when exp(yhat + lam sigma) < B;
   the guard takes the first admissible rung, else full. On a calibration part the fit never
-  saw, request i's loss at lam is 1 if any admissible rung has KL > B (an upper bound on
-  the loss of the rung the guard takes, and non-increasing in lam, as risk control needs);
+  saw, request i's loss at lam is 1 if the rung the guard would serve at some slack lam' >= lam
+  has KL > B: the least upper bound of the served rung's loss that is non-increasing in lam, as
+  risk control needs. (Rung r is served at some lam' >= lam exactly when it is admissible at lam
+  and outlasts every cheaper rung, t_r > max_{s<r} t_s with t_r the slack at which it stops being
+  admissible. Until session 18 the loss counted any admissible rung with KL > B, a looser bound;
+  on the 60 dev rows the difference is small, docs/guard.md.)
   lam(B) is the least lam with (sum of losses + 1) / (n + 1) <= 1 - confidence. For a new
   request exchangeable with those, P(KL of the answer served > B) <= 1 - confidence.
 - This controls only what matters at B: a rung whose KL is far below B, or whose bound is
@@ -83,8 +87,11 @@ class Calibration:
         if budget <= 0 or k < 0:
             return math.inf
         t = (math.log(budget) - np.array(self.cal_yhat, dtype=float)) / np.array([r.sigma for r in self.rungs])
-        # request i loses while some rung with KL > B is still admissible: for lam < T_i
-        losing = np.where(np.array(self.cal_kl, dtype=float) > budget, t, -np.inf).max(axis=1)
+        # rung r is admissible while lam < t_r, and served at some slack >= lam only if t_r exceeds every
+        # cheaper rung's t (it outlasts them); request i loses while such a rung with KL > B is admissible
+        below = np.concatenate([np.full((t.shape[0], 1), -np.inf), np.maximum.accumulate(t, axis=1)[:, :-1]], axis=1)
+        bad = (np.array(self.cal_kl, dtype=float) > budget) & (t > below)
+        losing = np.where(bad, t, -np.inf).max(axis=1)
         ranked = np.sort(losing)[::-1]
         return max(float(ranked[k]) if k < n else -math.inf, 0.0)
 

@@ -168,6 +168,36 @@ def run_layers(lm, h, position_ids, cache: KVCache, mask: Mask, *, layers=None, 
     return out
 
 
+def run_layers_narrowing(lm, h, slots: torch.Tensor, cache: KVCache, layers: range, counts: list[int]) -> torch.Tensor:
+    """Recompute tokens at scattered filled `slots` (h: their hidden states entering layers[0])
+    through `layers`, carrying fewer at each: at layer layers[i] every token still carried writes
+    its fresh K/V in its slot, then only the counts[i] whose K/V moved furthest from what the slot
+    held (L2 of key and value change, summed over KV heads) attend and go on to the next layer.
+    The others keep, from the next layer on, the KV their slots held. Returns the slots that
+    attended in layers[0]."""
+    slots = slots.to(lm.device)
+    first = None
+    for i, index in zip(range(len(counts)), layers):
+        with stage("layers"):
+            q, _, k_rot, v = _layer_qkv(lm, index, h, slots)
+            k_new, v_new = k_rot[0].to(cache.k.dtype), v[0].to(cache.v.dtype)
+            if counts[i] < slots.numel():
+                old_k, old_v = cache.layer(index)
+                moved = ((k_new - old_k[:, slots]).float().norm(dim=-1)
+                         + (v_new - old_v[:, slots]).float().norm(dim=-1)).sum(0)
+                cache.write_slots(index, slots, k_new, v_new)
+                keep = moved.topk(max(counts[i], 1)).indices.sort().values
+                slots, h, q = slots[keep], h[:, keep], q[:, :, keep]
+            else:
+                cache.write_slots(index, slots, k_new, v_new)
+            first = slots if first is None else first
+            keys, values = cache.layer(index)
+            with stage("attention"):
+                out, _ = attend(q, keys, values, Mask.at_slots(slots, cache.length), lm.layers[index].self_attn.scaling)
+            h = _layer_out(lm, index, h, out)
+    return slots[:0] if first is None else first
+
+
 def embed(lm, input_ids: torch.Tensor) -> torch.Tensor:
     """input_ids: [T] -> [1, T, hidden] in the compute dtype."""
     return lm.hf.model.embed_tokens(input_ids.to(lm.device)[None])

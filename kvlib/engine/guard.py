@@ -1,14 +1,16 @@
 """`guard:B`: per request, the cheapest rung of a ladder whose calibrated KL bound is <= B.
 
 Design facts:
-- The ladder climbs from the cheapest reuse to full recompute: rerope, +boundary:16, then
-  +blend in steps of 0.05 from 0.15 to 0.4, then 0.5, then full (LADDER; a calibration stores
-  the rungs it was fitted on, and the engine climbs those). Full's KL to itself is 0, so it
-  always meets any B >= 0. The steps are fine because the guard's cost is set by the ladder:
-  its features barely predict a request's KL (docs/guard.md), so at a budget it serves, in
-  effect, one rung for most requests, and a coarse ladder overspends to the next rung up
-  (the first ladder, rerope / boundary:16 / blend:0.15 / blend:0.3, kept as LEGACY_LADDER for
-  the rows measured on it, jumped from blend:0.3 at 0.42x full's TTFT straight to full).
+- The ladder climbs from the cheapest reuse to full recompute: rerope, +boundary:16, +blend
+  at 0.15, 0.2 and 0.25, then narrowing blends (blend:R:LAST, CacheBlend's gradual filtering:
+  on the dev questions each reaches the mean KL of a fixed blend for about 15% less TTFT)
+  from blend:0.4:0.1 to blend:0.8:0.2, then full (LADDER; a calibration stores the rungs it
+  was fitted on, and the engine climbs those). Full's KL to itself is 0, so it always meets
+  any B >= 0. The steps are fine because the guard's cost is set by the ladder: its features
+  barely predict a request's KL (docs/guard.md), so at a budget it serves, in effect, one rung
+  for most requests, and a coarse ladder overspends to the next rung up (the first ladder,
+  rerope / boundary:16 / blend:0.15 / blend:0.3, kept as LEGACY_LADDER for the rows measured
+  on it, jumped from blend:0.3 at 0.42x full's TTFT straight to full).
 - Before answering, the engine composes the request as rerope and measures FEATURES, all
   cheap: what the library stored (the chunks' ingest drift scores), the prompt's shape
   (number of chunks, their lengths, where they sit in the context), and what `auto`
@@ -38,7 +40,8 @@ from kvlib.engine.spec import ModeSpec
 from kvlib.errors import CalibrationMissingError
 
 # repairs on rerope, cheapest first; full is the top
-LADDER = ("", "boundary:16", "blend:0.15", "blend:0.2", "blend:0.25", "blend:0.3", "blend:0.35", "blend:0.4", "blend:0.5")
+LADDER = ("", "boundary:16", "blend:0.15", "blend:0.2", "blend:0.25", "blend:0.4:0.1", "blend:0.5:0.1", "blend:0.6:0.1",
+          "blend:0.7:0.1", "blend:0.8:0.2")
 LEGACY_LADDER = ("", "boundary:16", "blend:0.15", "blend:0.3")  # the ladder of calibrate.json files without "ladder"
 FULL_RUNG = "full"
 HEAD_WINDOW = 32  # head tokens measured per chunk, as auto's candidates

@@ -11,9 +11,12 @@ Design facts:
 - Selectors pick slots to recompute in every layer; '+' joins them into a union:
   `boundary:k` the first k tokens of every chunk but the first (EPIC), `query:r` the
   share r of chunk tokens the question attends to most at layer 1 over the cached KV.
-- `blend:r` (CacheBlend) refreshes layer 0 for all chunk tokens, projects layer 1's
-  fresh K/V to measure each token's deviation, and carries the top-r fraction through
-  layers 1..L-1. `blend:0` is rerope; `blend:1` is full.
+- `blend:r` (CacheBlend) refreshes layer 0 for all chunk tokens and, from layer 1 on,
+  carries the top-r fraction by KV deviation (fresh against cached) through the layers.
+  `blend:r:last` narrows the carried share linearly to `last` at the last layer, each layer
+  keeping the tokens whose KV moved most there (CacheBlend's gradual filtering):
+  blend:0.6:0.1 costs about what blend:0.35 does and sits closer to full than blend:0.4
+  (docs/guard.md). `blend:0` is rerope; `blend:1` is full.
 - `auto[:target]` does the same measurement on chunk heads only (where the bench shows
   drift lives), each chunk's head sized by its ingest drift score, and spends the least
   recompute that covers `target` of it.
@@ -29,7 +32,7 @@ import torch
 
 from kvlib.engine.attention import Mask
 from kvlib.engine.compose import Composed
-from kvlib.engine.forward import embed, project_kv, run_layers
+from kvlib.engine.forward import embed, project_kv, run_layers, run_layers_narrowing
 from kvlib.errors import InputError
 
 NO_SLOTS = torch.zeros(0, dtype=torch.long)
@@ -129,17 +132,22 @@ def recompute_selected(*selectors):
     return repair
 
 
-def blend(ratio: float):
-    """CacheBlend: refresh layers 0-1, carry the top-`ratio` layer-1 deviators through the rest."""
+def blend(ratio: float, last: float | None = None):
+    """CacheBlend: refresh layer 0 for every chunk token, then carry the top-`ratio` layer-1 deviators
+    through the rest; with `last` (blend:R:LAST), the carried share narrows linearly from `ratio` at
+    layer 1 to `last` at the last layer, each layer keeping the tokens whose K/V moved most there
+    (CacheBlend's gradual filtering). Returns the slots carried in layer 1."""
+    last = ratio if last is None else last
+
     def repair(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
         cache = composed.cache
         if not composed.spans or ratio <= 0:
             return NO_SLOTS
-        ids = all_ids(composed, chunks)
         slots = torch.arange(composed.spans[0][0], cache.length)
-        dev, finish = layer1_deviation(lm, cache, ids, slots)
-        n_pick = max(1, round(ratio * slots.numel())) if ratio < 1 else slots.numel()
-        return finish(dev.topk(n_pick).indices.sort().values)
+        h0 = recompute_slots(lm, cache, all_ids(composed, chunks)[slots], slots, range(1))
+        steps = max(lm.n_layers - 2, 1)
+        counts = [max(1, round((ratio + (last - ratio) * i / steps) * slots.numel())) for i in range(lm.n_layers - 1)]
+        return run_layers_narrowing(lm, h0, slots, cache, range(1, lm.n_layers), counts).cpu()
     return repair
 
 
@@ -227,7 +235,7 @@ AUTO_TARGET = 0.5  # share of question-weighted drift mass to cover
 
 
 REPAIR_HELP = ("use boundary:K, query:R, a '+'-joined union of those (boundary:8+query:0.05), "
-               "blend:R (0 <= R <= 1) or auto[:TARGET]")
+               "blend:R[:LAST] (0 <= LAST <= R <= 1) or auto[:TARGET]")
 
 
 def parse_repair(name: str):
@@ -236,8 +244,9 @@ def parse_repair(name: str):
     try:
         if len(parts) == 1:
             kind, _, arg = name.partition(":")
-            if kind == "blend" and 0.0 <= float(arg) <= 1.0:
-                return blend(float(arg))
+            ratio, _, last = arg.partition(":")
+            if kind == "blend" and 0.0 <= float(last or ratio) <= float(ratio) <= 1.0:
+                return blend(float(ratio), float(last) if last else None)
             if kind == "auto" and (arg == "" or 0.0 < float(arg) <= 1.0):
                 return auto(float(arg) if arg else AUTO_TARGET)
         return recompute_selected(*(_selector(p) for p in parts))

@@ -3,7 +3,7 @@
 Design facts:
 - Grammar: `BASE[+ENCODING][+REPAIR]`, where BASE is full, prefix, naive or rerope;
   ENCODING is sink, lead or bare; REPAIR is one of repair.py's (boundary:K, query:R, a
-  '+'-joined union of those, blend:R, auto[:TARGET]). Every command that takes a mode
+  '+'-joined union of those, blend:R[:LAST], auto[:TARGET]). Every command that takes a mode
   (query, bench, doctor, serve) resolves it here, so a name means the same everywhere.
 - The encoding is always explicit once resolved, and it says which library chunks a mode
   reads: `sink` (behind the encoding context E, the system header: the library default),
@@ -31,7 +31,7 @@ DEFAULT_ENCODING = "sink"
 ALL_MODES = ("full", "prefix", "naive", "rerope", "naive+bare", "rerope+bare", "rerope+lead",
              "rerope+boundary:16", "rerope+lead+boundary:16", "rerope+blend:0.15", "rerope+auto")
 MODE_HELP = ("a mode is BASE[+ENCODING][+REPAIR]: BASE full, prefix, naive or rerope; ENCODING sink (default), "
-             "lead or bare; REPAIR boundary:K, query:R, blend:R, auto[:TARGET], a union like boundary:8+query:0.05, "
+             "lead or bare; REPAIR boundary:K, query:R, blend:R[:LAST], auto[:TARGET], a union like boundary:8+query:0.05, "
              "or guard:B (rerope only: bound each request's KL to full by B)")
 GUARD = "guard"
 
