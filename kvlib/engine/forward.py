@@ -177,19 +177,17 @@ def run_layers_narrowing(lm, h, slots: torch.Tensor, cache: KVCache, layers: ran
     attended in layers[0]."""
     slots = slots.to(lm.device)
     first = None
-    for i, index in zip(range(len(counts)), layers):
+    for index, count in zip(layers, counts):
         with stage("layers"):
             q, _, k_rot, v = _layer_qkv(lm, index, h, slots)
             k_new, v_new = k_rot[0].to(cache.k.dtype), v[0].to(cache.v.dtype)
-            if counts[i] < slots.numel():
-                old_k, old_v = cache.layer(index)
-                moved = ((k_new - old_k[:, slots]).float().norm(dim=-1)
-                         + (v_new - old_v[:, slots]).float().norm(dim=-1)).sum(0)
-                cache.write_slots(index, slots, k_new, v_new)
-                keep = moved.topk(max(counts[i], 1)).indices.sort().values
+            old_k, old_v = cache.layer(index)
+            moved = ((k_new - old_k[:, slots]).float().norm(dim=-1)
+                     + (v_new - old_v[:, slots]).float().norm(dim=-1)).sum(0) if count < slots.numel() else None
+            cache.write_slots(index, slots, k_new, v_new)
+            if moved is not None:
+                keep = moved.topk(max(count, 1)).indices.sort().values
                 slots, h, q = slots[keep], h[:, keep], q[:, :, keep]
-            else:
-                cache.write_slots(index, slots, k_new, v_new)
             first = slots if first is None else first
             keys, values = cache.layer(index)
             with stage("attention"):
