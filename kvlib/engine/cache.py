@@ -119,6 +119,13 @@ class KVCache:
         self.k[layer, :, slots] = k_rot.to(self.k.dtype)
         self.v[layer, :, slots] = v.to(self.v.dtype)
 
+    def moved(self, layer: int, slots: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """How far new KV for filled `slots` (k_rot, v: [Hkv, S, D]) lies from what those slots hold in
+        `layer`: per slot, the L2 change of its key plus its value, summed over KV heads ([S], float32).
+        Blend and auto pick the tokens to recompute by it."""
+        old_k, old_v = self.layer(layer)
+        return ((k_rot - old_k[:, slots]).float().norm(dim=-1) + (v - old_v[:, slots]).float().norm(dim=-1)).sum(0)
+
     def append_rotated(self, chunks: list, tables) -> None:
         """Append a run of chunks' whole-model pre-RoPE keys and values, [>= L, Hkv, T_i, D] each,
         and rotate the run's keys in place, layer by layer (rope.rope_into_), with `tables`

@@ -172,7 +172,7 @@ def run_layers_narrowing(lm, h, slots: torch.Tensor, cache: KVCache, layers: ran
     """Recompute tokens at scattered filled `slots` (h: their hidden states entering layers[0])
     through `layers`, carrying fewer at each: at layer layers[i] every token still carried writes
     its fresh K/V in its slot, then only the counts[i] whose K/V moved furthest from what the slot
-    held (L2 of key and value change, summed over KV heads) attend and go on to the next layer.
+    held (KVCache.moved) attend and go on to the next layer.
     The others keep, from the next layer on, the KV their slots held. Returns the slots that
     attended in layers[0]."""
     slots = slots.to(lm.device)
@@ -181,9 +181,7 @@ def run_layers_narrowing(lm, h, slots: torch.Tensor, cache: KVCache, layers: ran
         with stage("layers"):
             q, _, k_rot, v = _layer_qkv(lm, index, h, slots)
             k_new, v_new = k_rot[0].to(cache.k.dtype), v[0].to(cache.v.dtype)
-            old_k, old_v = cache.layer(index)
-            moved = ((k_new - old_k[:, slots]).float().norm(dim=-1)
-                     + (v_new - old_v[:, slots]).float().norm(dim=-1)).sum(0) if count < slots.numel() else None
+            moved = cache.moved(index, slots, k_new, v_new) if count < slots.numel() else None
             cache.write_slots(index, slots, k_new, v_new)
             if moved is not None:
                 keep = moved.topk(max(count, 1)).indices.sort().values

@@ -64,8 +64,7 @@ def layer1_deviation(lm, cache, ids, slots):
     h0 = recompute_slots(lm, cache, ids[slots], slots, range(1))
     k_rot, v = project_kv(lm, 1, h0, slots.to(lm.device))
     k_rot, v = k_rot.to(cache.k.dtype), v.to(cache.v.dtype)
-    old_k, old_v = cache.layer(1)
-    dev = ((k_rot - old_k[:, slots]).float().norm(dim=-1) + (v - old_v[:, slots]).float().norm(dim=-1)).sum(0)  # [S]
+    dev = cache.moved(1, slots, k_rot, v)  # [S]
     cache.write_slots(1, slots, k_rot, v)
 
     def finish(pick: torch.Tensor) -> torch.Tensor:
