@@ -404,6 +404,7 @@ def test_split_shares_no_question_and_is_deterministic(tmp_path):
     (["--holdout", "0.95"], "--holdout must lie in [0, 0.9)"),
     (["--confidence", "1.0"], "--confidence must lie in [0.5, 1)"),
     (["--encoding", "sideways"], "unknown encoding 'sideways'"),
+    (["--target", "oracle"], "unknown --target 'oracle'"),
 ])
 def test_calibrate_refuses_bad_options_before_loading_a_model(args, expected, tmp_path):
     from typer.testing import CliRunner
@@ -432,6 +433,21 @@ def test_calibrate_takes_one_of_data_or_rows_and_checks_rows_before_loading_a_mo
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 1 and len(lines) == 1 and expected in lines[0], (args, result.output)
     assert not home.exists(), "nothing may be written before the input is checked"
+
+
+def test_gold_target_on_unlabeled_records_names_the_label_free_target_before_loading_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvlib.cli.app import app
+
+    data = tmp_path / "unlabeled.json"
+    data.write_text(json.dumps([{"question": "Where is the viaduct?", "context": [["Skelder", [VIADUCT]]]}]))
+    home = tmp_path / "home"
+    result = CliRunner().invoke(app, ["calibrate", "--data", str(data), "--home", str(home)])
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert "no answers" in lines[0] and "--target full" in lines[0]
+    assert not home.exists(), "nothing may be written before the data is checked"
 
 
 def test_rows_are_read_on_the_ladder_they_were_measured_on(tmp_path):
@@ -502,6 +518,38 @@ def test_a_small_calibrate_run_stores_what_it_checked(calibrated, smol_engine, m
     calibrate_cmd.render({**report, "seconds": 1.0})
     text = out.getvalue()
     assert "slack" in text and "served without full" in text and "4 fit, 5 calibrate, 3 held" in text
+
+
+@pytest.mark.slow
+def test_target_full_calibrates_unlabeled_records_along_full_recomputes_own_answer(tmp_path, make_home, smol_engine):
+    """No gold answers: each request's KL is measured along full's greedy answer, which it teacher-forces."""
+    from kvlib.bench.calibrate import TARGET_TOKENS, run_calibrate
+    from kvlib.bench.data import load_records
+    from kvlib.bench.runner import BenchConfig, BenchRunner
+    from kvlib.engine.compose import ChunkKV
+    from kvlib.store.library import Library
+
+    if not HOTPOT.is_file():
+        pytest.skip(f"needs the shared HotpotQA data at {HOTPOT}")
+    records = json.loads(HOTPOT.read_text())[:6]
+    for r in records:
+        del r["answer"]
+    data = tmp_path / "unlabeled.json"
+    data.write_text(json.dumps(records))
+    home = make_home(tmp_path)
+    report = run_calibrate(data=str(data), home=home, ctxs=1, holdout=0, confidence=0.5, target="full",
+                           engine=smol_engine)
+    assert report["target"] == "full" and report["requests"] == 6
+    first = load_records(data, limit=1, ctxs=1, answers=False).records
+    assert first[0].answers == ()
+    # the first request's target is full's own greedy answer to the same ids (its length, at most TARGET_TOKENS)
+    with Library(home) as library:
+        runner = BenchRunner(smol_engine, library, BenchConfig(modes=[FULL], orders=["given"], chunk_tokens=512))
+        item = runner.items(first, runner.prepare(first), "given")[0]
+    chunks = [ChunkKV(torch.tensor(ids), None, None) for ids in item.chunk_ids]
+    answer = smol_engine.answer(FULL, chunks, suffix_ids=item.suffix_ids, max_new_tokens=TARGET_TOKENS)
+    assert report["rows"][0]["target_tokens"] == max(len(answer.token_ids), 1)
+    assert all(len(r["kl"]) == len(LADDER) and min(r["kl"]) >= 0 for r in report["rows"])
 
 
 @pytest.mark.slow

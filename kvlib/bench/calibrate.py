@@ -11,6 +11,11 @@ Design facts:
   back, and the rest halved into a fitting part (the ridge) and a calibration part (the
   risk control of each budget's slack; calibration.py says why). The stored calibration never saw the
   held-back part, so the coverage reported on it is an honest check of the stated bound.
+- What KL is measured along (`target`): "gold", the record's gold answer, teacher-forced (the
+  bench's quality pass); or "full", full recompute's own greedy answer (its first TARGET_TOKENS
+  tokens), teacher-forced the same way for every rung, which needs no gold answer: a calibration
+  on unlabeled prompts like the traffic (questions and passages only). Both measure the answer's
+  distribution against full's, position by position; "full" along the answer full would give.
 - The calibration is stored in the library with the model's fingerprint and the encoding
   (store/calibrations.py); a new run replaces the old one.
 - `refit` fits again from the rows an earlier run measured (its calibrate.json), without
@@ -32,15 +37,20 @@ from kvlib.engine.spec import ENCODINGS
 from kvlib.errors import InputError
 
 REPORT_BUDGETS = (0.05, 0.1, 0.2, 0.3)
+TARGETS = ("gold", "full")  # what KL to full is measured along (module docstring)
+TARGET_TOKENS = 16  # of full's greedy answer, for target "full"
 
 
-def check_options(holdout: float, confidence: float, encoding: str) -> None:
+def check_options(holdout: float, confidence: float, encoding: str, target: str = "gold") -> None:
     if not 0.0 <= holdout < 0.9:
         raise InputError(f"--holdout must lie in [0, 0.9), got {holdout}")
     if not 0.5 <= confidence < 1.0:
         raise InputError(f"--confidence must lie in [0.5, 1), got {confidence}")
     if encoding not in ENCODINGS:
         raise InputError(f"unknown encoding '{encoding}'; choose {', '.join(ENCODINGS)}")
+    if target not in TARGETS:
+        raise InputError(f"unknown --target '{target}'; choose gold (the records' answers) or full (full recompute's "
+                         "own answer: no answers needed)")
 
 
 def split_parts(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -51,12 +61,24 @@ def split_parts(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarr
     return np.sort(dev[: len(dev) // 2]), np.sort(dev[len(dev) // 2:]), np.sort(order[:n_test])
 
 
-def measure_request(runner, item, rungs) -> dict:
+def full_answer_ids(runner, item) -> list[int]:
+    """Full recompute's greedy answer to the item (its first TARGET_TOKENS tokens; an answer that
+    stops at once is its stop token): what target "full" teacher-forces."""
+    from kvlib.bench.runner import FULL
+
+    chunks, _ = runner.modes.load_chunks(item, FULL)
+    gen = runner.engine.answer(FULL, chunks, suffix_ids=item.suffix_ids, max_new_tokens=TARGET_TOKENS)
+    return gen.token_ids or [min(runner.engine.stop)]
+
+
+def measure_request(runner, item, rungs, target: str = "gold") -> dict:
     """One request: the guard's features, and KL to full and TTFT for every rung (and full)."""
     from kvlib.bench.metrics import kl_divergence
     from kvlib.bench.runner import FULL
 
     runner.first_read(item)
+    if target == "full":
+        item = dataclasses.replace(item, gold_ids=full_answer_ids(runner, item))
     ref = runner.modes.run(item, FULL)
     chunks, _ = runner.modes.load_chunks(item, rungs[0])
     features = runner.engine.guard_features(chunks, item.suffix_ids)
@@ -66,23 +88,23 @@ def measure_request(runner, item, rungs) -> dict:
         kls.append(kl_divergence(ref.gold_logits, sample.gold_logits))
         ttfts.append(sample.ttft)
     features = {k: None if math.isnan(v) else v for k, v in features.items()}  # JSON: a missing one is null
-    return {"record": item.record_id, "features": features, "kl": kls, "ttft_s": ttfts + [ref.ttft]}
+    return {"record": item.record_id, "features": features, "kl": kls, "ttft_s": ttfts + [ref.ttft],
+            "target_tokens": len(item.gold_ids)}
 
 
 def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, ctxs=None, holdout: float = 0.3,
                   confidence: float = 0.9, encoding: str = "sink", seed: int = 0, chunk_tokens: int = 512,
-                  progress=None, engine=None) -> dict:
+                  target: str = "gold", progress=None, engine=None) -> dict:
     """Measure, fit, check on the held-back part, store; returns the report (with the rows measured)."""
-    from kvlib.bench.data import load_records
     from kvlib.bench.runner import BenchConfig, BenchRunner
     from kvlib.engine.guard import LADDER, rung_spec
     from kvlib.rag.stack import open_stack
 
-    check_options(holdout, confidence, encoding)
+    check_options(holdout, confidence, encoding, target)
+    records = load_calibration_records(data, limit=limit, ctxs=ctxs, seed=seed, target=target)  # before the model
     t0 = time.perf_counter()
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
     try:
-        records = load_records(data, limit=limit, ctxs=ctxs, seed=seed).records
         rungs = [rung_spec(encoding, r) for r in LADDER]
         config = BenchConfig(modes=rungs, orders=["given"], seed=seed, max_new_tokens=1, chunk_tokens=chunk_tokens,
                              data=str(data))
@@ -92,19 +114,33 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
         runner.warm_up(items)
         rows = []
         for item in items:
-            rows.append(measure_request(runner, item, rungs))
+            rows.append(measure_request(runner, item, rungs, target))
             if progress:
                 progress("measure", 1, len(items))
         report = fit_and_store(stack.library, stack.engine.lm, rows, ladder=LADDER, holdout=holdout,
-                               confidence=confidence, encoding=encoding, seed=seed, data=str(data), ctxs=ctxs)
+                               confidence=confidence, encoding=encoding, seed=seed, data=str(data), ctxs=ctxs,
+                               target=target)
     finally:
         stack.close()
     report["seconds"] = time.perf_counter() - t0
     return report
 
 
+def load_calibration_records(data: str, *, limit, ctxs, seed: int, target: str) -> list:
+    """The records to calibrate on; target "gold" needs their answers, and says so when none has one."""
+    from kvlib.bench.data import load_records
+
+    try:
+        return load_records(data, limit=limit, ctxs=ctxs, seed=seed, answers=target == "gold").records
+    except InputError as exc:
+        if target == "gold" and "no answers" in str(exc):
+            raise InputError(f"{exc}; `--target full` calibrates on full recompute's own answers, "
+                             "with no gold answers needed") from None
+        raise
+
+
 def fit_and_store(library, lm, rows: list[dict], *, ladder, holdout: float, confidence: float, encoding: str,
-                  seed: int, data: str, ctxs: int | None = None) -> dict:
+                  seed: int, data: str, ctxs: int | None = None, target: str = "gold") -> dict:
     """Fit on the fitting part, calibrate on the calibration part, check on the held-back part, store.
     rows: measured on `ladder` (each row's kl per rung, ttft_s per rung and full)."""
     from kvlib.engine.calibration import METHOD, evaluate, fit_calibration
@@ -119,7 +155,7 @@ def fit_and_store(library, lm, rows: list[dict], *, ladder, holdout: float, conf
                                   model_fp=lm.fingerprint, model_name=lm.name, encoding=encoding)
     check = evaluate(calibration, x[test], kl[test], REPORT_BUDGETS, ttft[test]) if len(test) else None
     report = {"model": lm.name, "fingerprint": lm.fingerprint, "encoding": encoding, "data": data, "ctxs": ctxs,
-              "method": METHOD, "confidence": confidence, "ladder": list(ladder),
+              "target": target, "method": METHOD, "confidence": confidence, "ladder": list(ladder),
               "requests": len(rows), "n_fit": len(fit), "n_cal": len(cal), "n_test": len(test), "seed": seed,
               "rungs": [{"rung": r.name or "rerope", "ridge": r.ridge, "sigma": r.sigma,
                          "mean_kl": float(kl[:, i].mean())} for i, r in enumerate(calibration.rungs)],
@@ -146,7 +182,8 @@ def run_refit(*, rows_file: Path, home: Path, model=None, dtype=None, holdout: f
                              f"not on {lm.name} ({lm.fingerprint[:12]}): pass the --model (and --dtype) it was measured with")
         report = fit_and_store(stack.library, lm, earlier["rows"], ladder=earlier["ladder"], holdout=holdout,
                                confidence=confidence, encoding=earlier["encoding"], seed=seed,
-                               data=earlier.get("data", ""), ctxs=earlier.get("ctxs"))
+                               data=earlier.get("data", ""), ctxs=earlier.get("ctxs"),
+                               target=earlier.get("target", "gold"))
     finally:
         stack.close()
     report["seconds"] = time.perf_counter() - t0

@@ -69,12 +69,14 @@ class _BadRecord(Exception):
 
 
 def load_records(
-    path: str | Path, *, limit: int | None = None, ctxs: int | None = None, seed: int = 0
+    path: str | Path, *, limit: int | None = None, ctxs: int | None = None, seed: int = 0, answers: bool = True
 ) -> LoadResult:
     """Read QA records from `path`, keeping the first `limit` usable ones with `ctxs` passages each.
 
     `seed` is accepted for the runner's convenience and recorded by it; loading itself
     is deterministic and order-preserving (use `permute` to reorder passages).
+    answers False accepts records without gold answers (their `answers` is ()): a label-free
+    calibration (`kvlib calibrate --target full`) needs only questions and passages.
     """
     del seed  # loading never samples; the argument keeps one call signature for the runner
     _check_positive("limit", limit)
@@ -88,7 +90,7 @@ def load_records(
         if limit is not None and len(records) >= limit:
             break
         try:
-            records.append(_parse_record(obj, form, location, ctxs))
+            records.append(_parse_record(obj, form, location, ctxs, answers))
         except _BadRecord as exc:
             skipped.append((location, str(exc)))
     if not records:
@@ -176,13 +178,13 @@ def _detect_form(raw: list[tuple[str, Any]], path: Path) -> str:
     )
 
 
-def _parse_record(obj: Any, form: str, location: str, ctxs: int | None) -> QARecord:
+def _parse_record(obj: Any, form: str, location: str, ctxs: int | None, need_answers: bool = True) -> QARecord:
     if isinstance(obj, _BadRecord):
         raise obj
     if not isinstance(obj, dict):
         raise _BadRecord(f"expected a JSON object, got {type(obj).__name__}")
     question = _nonempty_str(obj.get("question"), "question")
-    answers = _parse_answers(obj)
+    answers = _parse_answers(obj) if need_answers or "answers" in obj or "answer" in obj else ()
     key = _PASSAGE_KEY[form]
     if key not in obj:
         raise _BadRecord(f"missing {key!r} (file is in {form} form)")

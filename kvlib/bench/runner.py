@@ -121,7 +121,7 @@ class BenchRunner:
             keys = {enc: [k[enc] for _, k in chunks] for enc in self.encodings()}
             out.append(PromptItem(record_id=rec.id, order=order, chunk_ids=[ids for ids, _ in chunks],
                                   chunk_keys=keys, suffix_ids=self.engine.suffix_ids(rec.question),
-                                  gold_ids=self.engine.tokenize(rec.answers[0]) or [self.engine.tokenize(" ")[0]],
+                                  gold_ids=self.engine.tokenize(rec.answers[0] if rec.answers else "") or [self.engine.tokenize(" ")[0]],
                                   golds=rec.answers))
         return out
 
@@ -255,4 +255,5 @@ def guard_fields(spec: ModeSpec, samples: list) -> dict:
         return {}
     per_request = [{"kl_to_full": s.kl, "predicted_kl": s.guard["predicted_kl"], "kl_bound": s.guard["kl_bound"],
                     "rung": s.guard["rung"], "fell_back": s.guard["fell_back"], "ttft_s": s.ttft} for s in samples]
-    return {"per_request": per_request, "guard": {"budget": spec.guard, "confidence": samples[0].guard["confidence"]}}
+    return {"per_request": per_request, "guard": {"budget": spec.guard, "confidence": samples[0].guard["confidence"],
+                                                  "target": samples[0].guard["target"]}}

@@ -23,6 +23,7 @@ def calibrate(
     confidence: Annotated[float, typer.Option(help="Confidence of the stated bound: P(KL <= bound) for a new request.")] = 0.9,
     encoding: Annotated[str, typer.Option(help="Chunk encoding the guarded modes read: sink (default), lead or bare.")] = "sink",
     seed: Annotated[int, typer.Option(help="Seed of the record split.")] = 0,
+    target: Annotated[str, typer.Option(help="What KL to full is measured along: gold (the records' answers) or full (full recompute's own greedy answer; the records need no answers, so unlabeled prompts like your traffic will do).")] = "gold",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Also write calibrate.json (the report and every measured request) here.")] = None,
     home: HomeOpt = None,
@@ -34,14 +35,15 @@ def calibrate(
     try:
         if (data is None) == (rows is None):
             raise fail("give one of --data FILE (measure) or --rows calibrate.json (fit again from earlier rows)")
-        check_options(holdout, confidence, encoding)  # bad input fails before the model loads
+        check_options(holdout, confidence, encoding, target)  # bad input fails before the model loads
         if rows is not None:
             report = run_refit(rows_file=rows, home=resolve_home(home), model=model, dtype=dtype, holdout=holdout,
                                confidence=confidence, seed=seed)
         else:
             log = LogProgress() if not json_out else None
             report = run_calibrate(data=data, home=resolve_home(home), model=model, dtype=dtype, limit=limit, ctxs=ctxs,
-                                   holdout=holdout, confidence=confidence, encoding=encoding, seed=seed, progress=log)
+                                   holdout=holdout, confidence=confidence, encoding=encoding, seed=seed,
+                                   target=target, progress=log)
         written = write_calibrate_report(out, report) if out is not None else None
     except KvlibError as exc:
         raise fail(str(exc))
@@ -54,8 +56,9 @@ def calibrate(
 
 
 def render(report: dict) -> None:
-    console.print(f"calibrated {report['model']} ({report['fingerprint'][:12]}, encoding {report['encoding']}) on "
-                  f"{report['requests']} requests: {report['n_fit']} fit, {report['n_cal']} calibrate, "
+    along = "full recompute's own answers" if report.get("target") == "full" else "the gold answers"
+    console.print(f"calibrated {report['model']} ({report['fingerprint'][:12]}, encoding {report['encoding']}, KL "
+                  f"along {along}) on {report['requests']} requests: {report['n_fit']} fit, {report['n_cal']} calibrate, "
                   f"{report['n_test']} held back, in {report['seconds']:.0f} s", highlight=False)
     rungs = Table(title="the ladder below full (all requests)")
     for col in ("rung", "mean KL", "ridge", "sigma (log KL)"):

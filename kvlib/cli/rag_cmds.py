@@ -191,7 +191,8 @@ def render_answer(main, other) -> None:
         g = main.guard
         console.print(f"guard: rung {g['rung']}{' (fell back to full)' if g['fell_back'] else ''}, predicted KL to "
                       f"full {g['predicted_kl']:.3f}, bound {g['kl_bound']:.3f} at {g['confidence']:.0%} "
-                      f"(budget {g['budget']:g})", highlight=False)
+                      f"(budget {g['budget']:g}, KL along {'full' if g['target'] == 'full' else 'gold'} answers)",
+                      highlight=False)
     if other:
         console.print(f"[bold]full[/] answer: {other.answer}", highlight=False)
         console.print(f"full TTFT {other.ttft_s * 1000:.0f} ms -> {main.mode} is "

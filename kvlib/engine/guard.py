@@ -68,11 +68,12 @@ class GuardChoice:
     confidence: float
     features: dict
     predict_s: float = 0.0  # seconds spent measuring and predicting (part of the repair stage)
+    target: str = "gold"  # what the calibration measured KL along: gold answers, or full's own ("full")
 
     def as_dict(self) -> dict:
         return {"budget": self.budget, "rung": self.rung, "fell_back": self.fell_back,
                 "predicted_kl": self.predicted_kl, "kl_bound": self.kl_bound, "confidence": self.confidence,
-                "predict_s": self.predict_s}
+                "target": self.target, "predict_s": self.predict_s}
 
 
 def require_calibration(calibration: Calibration | None, lm, spec: ModeSpec) -> Calibration:
@@ -130,4 +131,5 @@ def choose_rung(lm, calibration: Calibration, spec: ModeSpec, composed: Composed
     repair = None if fell_back else calibration.rungs[index].name or None
     return GuardChoice(budget=spec.guard, rung=FULL_RUNG if fell_back else rung_name(calibration.rungs[index].name),
                        repair=repair, fell_back=fell_back, predicted_kl=point, kl_bound=bound,
-                       confidence=calibration.confidence, features=features, predict_s=time.perf_counter() - t0)
+                       confidence=calibration.confidence, features=features, predict_s=time.perf_counter() - t0,
+                       target=calibration.report.get("target", "gold"))
