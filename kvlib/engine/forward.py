@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvlib.engine.attention import Mask, attend
+from kvlib.engine.attention import Mask, attend, one_query
 from kvlib.engine.cache import KVCache
 from kvlib.engine.fused import linear
 from kvlib.engine.rope import apply_rope
@@ -135,13 +135,12 @@ def decode_batch(lm, token_ids: list[int], positions: list[int], caches: list[KV
     position_ids = torch.tensor(positions, device=lm.device)
     h = embed(lm, torch.tensor(token_ids))  # [1, B, hidden]: the batch rides on the token axis
     for index in range(lm.n_layers):
-        layer = lm.layers[index]
+        scale = lm.layers[index].self_attn.scaling
         q, _, k_rot, v = _layer_qkv(lm, index, h, position_ids)
         outs = []
-        for b, cache in enumerate(caches):
-            keys, values = cache.write(index, cache.length, k_rot[0, :, b : b + 1], v[0, :, b : b + 1])
-            outs.append(attend(q[:, :, b : b + 1], keys, values, Mask.causal(1, cache.length),
-                               layer.self_attn.scaling)[0])
+        for q_b, k_b, v_b, cache in zip(q.split(1, dim=2), k_rot[0].split(1, dim=1), v[0].split(1, dim=1), caches):
+            keys, values = cache.write(index, cache.length, k_b, v_b)
+            outs.append(one_query(q_b, keys, values, scale))  # what attend runs for one causal token
         h = _layer_out(lm, index, h, torch.cat(outs, dim=2))
     for cache in caches:
         check_window(lm, cache.length + 1)
