@@ -127,3 +127,23 @@ def test_packing_follows_the_plan_within_the_budget(monkeypatch):
     groups = [("a", [torch.zeros(4, 4)]), ("b", [torch.zeros(8, 8)]), ("c", [torch.zeros(2, 2)])]
     assert fused_mod.plan_packing(groups, budget=4 * (16 + 4)) == {"a", "c"}  # b does not fit after a; c does
     assert fused_mod.plan_packing([("h", [torch.zeros(2, 2, dtype=torch.float16)])], budget=1 << 20) == set()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_norm_is_the_modules_own_rmsnorm_bit_for_bit(family, dtype):
+    """forward.norm runs torch's fused kernel: the same bits as the HF module's five elementwise ops,
+    for the input norm, the post-attention norm and the final one, at a decode token, a question's
+    rows and a prompt's."""
+    from kvlib.engine.forward import norm
+
+    lm = make_lm(family, dtype)
+    gen = torch.Generator().manual_seed(3)
+    modules = [lm.layers[0].input_layernorm, lm.layers[-1].post_attention_layernorm, lm.hf.model.norm]
+    for module in modules:
+        with torch.no_grad():
+            module.weight.copy_(torch.randn(module.weight.shape, generator=gen).to(dtype))
+        for t in (1, 30, 257):
+            x = (torch.randn(1, t, module.weight.shape[0], generator=gen) * 7).to(dtype)
+            with torch.no_grad():
+                assert torch.equal(norm(module, x), module(x)), (type(module).__name__, t)
