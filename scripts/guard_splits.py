@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvlib.bench.calibrate import REPORT_BUDGETS, read_rows, split_parts  # noqa: E402
+from kvlib.bench.calibrate import REPORT_BUDGETS, read_rows, row_arrays, split_parts  # noqa: E402
 from kvlib.engine.calibration import evaluate, fit_calibration  # noqa: E402
 from kvlib.engine.guard import FEATURES  # noqa: E402
 
@@ -35,9 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     measured = read_rows(args.rows)
     rows, ladder = measured["rows"], tuple(measured["ladder"])
-    x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in FEATURES] for r in rows])
-    kl = np.array([r["kl"] for r in rows], dtype=float)
-    ttft = np.array([r["ttft_s"] for r in rows], dtype=float)
+    x, kl, ttft = row_arrays(rows)
     per_budget: dict = {format(b, "g"): [] for b in REPORT_BUDGETS}
     for seed in range(args.splits):
         fit, cal, test = split_parts(len(rows), args.holdout, seed)

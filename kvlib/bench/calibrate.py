@@ -139,6 +139,15 @@ def load_calibration_records(data: str, *, limit, ctxs, seed: int, target: str) 
         raise
 
 
+def row_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Measured rows as arrays: features [N, F] (a missing one NaN), KL per rung [N, R], TTFT per rung and full [N, R+1]."""
+    from kvlib.engine.guard import FEATURES
+
+    x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in FEATURES] for r in rows],
+                 dtype=float)
+    return x, np.array([r["kl"] for r in rows], dtype=float), np.array([r["ttft_s"] for r in rows], dtype=float)
+
+
 def fit_and_store(library, lm, rows: list[dict], *, ladder, holdout: float, confidence: float, encoding: str,
                   seed: int, data: str, ctxs: int | None = None, target: str = "gold") -> dict:
     """Fit on the fitting part, calibrate on the calibration part, check on the held-back part, store.
@@ -146,10 +155,7 @@ def fit_and_store(library, lm, rows: list[dict], *, ladder, holdout: float, conf
     from kvlib.engine.calibration import METHOD, evaluate, fit_calibration
     from kvlib.engine.guard import FEATURES
 
-    x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in FEATURES] for r in rows],
-                 dtype=float)
-    kl = np.array([r["kl"] for r in rows], dtype=float)
-    ttft = np.array([r["ttft_s"] for r in rows], dtype=float)
+    x, kl, ttft = row_arrays(rows)
     fit, cal, test = split_parts(len(rows), holdout, seed)
     calibration = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=tuple(ladder), confidence=confidence,
                                   model_fp=lm.fingerprint, model_name=lm.name, encoding=encoding)
