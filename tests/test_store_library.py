@@ -6,12 +6,13 @@ import json
 import os
 from contextlib import nullcontext
 
+import numpy as np
 import pytest
 import torch
 
 from kvlib.errors import AmbiguousKeyError, CorruptBlobError, InputError, NotFoundError
 from kvlib.store import ChunkKey, Library
-from kvlib.store.keys import compute_key
+from kvlib.store.keys import compute_key, compute_keys
 from kvlib.store.manifest import MIGRATIONS, applied_migrations, apply_migrations
 from store_helpers import CONTEXT_ID, MODEL_FP, blob_files, flip_bytes, make_chunk, put_chunk
 
@@ -53,6 +54,20 @@ def test_key_depends_on_every_field():
     ]
     keys = {compute_key(**base).hex} | {compute_key(**variant).hex for variant in variants}
     assert len(keys) == 1 + len(variants)
+
+
+def test_key_scheme_is_pinned_and_keys_for_many_salts_agree():
+    """The serialization addresses every stored chunk: these values were computed by the first
+    implementation, so a rewrite of the hashing that moved them would re-address the library."""
+    fields = dict(model_fp="m", context_id="bos")
+    pinned = {"": "b1470efe5e7948b062158eb69030276801fc1c0e0cca12694d83e9837d74fd24",
+              "s": "3f7b0f3a5a1feab54fb08d02bb84d2bb78f26fd68992d77041f7005925ce0141"}
+    for ids in ([1, 2, 300000], (1, 2, 300000), np.array([1, 2, 300000], dtype=np.int64)):
+        assert [k.hex for k in compute_keys(**fields, token_ids=ids, salts=["", "s"])] == list(pinned.values())
+        assert {s: compute_key(**fields, token_ids=ids, salt=s).hex for s in pinned} == pinned
+    for bad in ((1, True), (1, -2), (1, 2.0)):  # the remembered tuple path checks as the list path does
+        with pytest.raises(InputError, match="non-negative ints"):
+            compute_keys(**fields, token_ids=bad, salts=[""])
 
 
 def test_chunk_key_is_frozen_and_validated():

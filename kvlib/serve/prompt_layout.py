@@ -74,9 +74,8 @@ class Lookup:
         self.served: list = []  # keys of the chunks a layout used
 
     def _keys(self, ids: tuple) -> list:
-        lm = self.engine.lm
-        return [self.library.key_for(tenant=self.tenant, public=public, model_fp=lm.fingerprint,
-                                     context_id=self.engine.context_id, token_ids=ids) for public in (False, True)]
+        return self.library.keys_for(tenant=self.tenant, model_fp=self.engine.lm.fingerprint,
+                                     context_id=self.engine.context_id, token_ids=ids)
 
     def fetch(self, id_lists) -> None:
         """Look up every id tuple not looked up yet, all in one query."""

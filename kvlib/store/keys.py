@@ -12,6 +12,7 @@ int64 whatever integer dtype they arrive in, so int32 and int64 ids give one key
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 import struct
@@ -68,8 +69,11 @@ def normalize_token_ids(token_ids: Any) -> list[int]:
     values = token_ids.tolist() if hasattr(token_ids, "tolist") else token_ids
     if not isinstance(values, (list, tuple)) or not values:
         raise InputError("token ids must be a non-empty 1-D sequence of ints")
+    # The usual case checked in builtins (every serve lookup keys each segment); `type(v) is int`
+    # also refuses bool, an int subclass: a mask passed by mistake must not hash as ids.
+    if all(type(value) is int for value in values) and min(values) >= 0:
+        return list(values)
     for value in values:
-        # bool is an int subclass; a mask passed by mistake must not hash as ids.
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise InputError(f"token ids must be non-negative ints, got {value!r}")
     return list(values)
@@ -77,19 +81,36 @@ def normalize_token_ids(token_ids: Any) -> list[int]:
 
 def compute_key(*, model_fp: str, context_id: str, token_ids: Sequence[int] | Any, salt: str) -> ChunkKey:
     """The content address of one chunk's KV for one model, context and namespace."""
+    return compute_keys(model_fp=model_fp, context_id=context_id, token_ids=token_ids, salts=(salt,))[0]
+
+
+def compute_keys(*, model_fp: str, context_id: str, token_ids: Sequence[int] | Any,
+                 salts: Sequence[str]) -> list[ChunkKey]:
+    """compute_key for each salt; the ids are checked, packed and hashed once (the salt is the last field).
+    Ids given as a tuple (the server's segments, which recur from turn to turn) are remembered."""
+    if isinstance(token_ids, tuple):
+        return list(_tuple_keys(model_fp, context_id, token_ids, tuple(salts)))
+    return _keys(model_fp, context_id, token_ids, salts)
+
+
+@functools.lru_cache(maxsize=2048)  # a pure function of its arguments; ~2k segments of ~100-300 ids
+def _tuple_keys(model_fp: str, context_id: str, token_ids: tuple, salts: tuple) -> tuple[ChunkKey, ...]:
+    return tuple(_keys(model_fp, context_id, token_ids, salts))
+
+
+def _keys(model_fp: str, context_id: str, token_ids: Any, salts: Sequence[str]) -> list[ChunkKey]:
     ids = normalize_token_ids(token_ids)
     digest = hashlib.sha256()
-    fields = (
-        KEY_SCHEME,
-        model_fp.encode("utf-8"),
-        context_id.encode("utf-8"),
-        struct.pack(f"<{len(ids)}q", *ids),
-        salt.encode("utf-8"),
-    )
-    for field in fields:
+    for field in (KEY_SCHEME, model_fp.encode("utf-8"), context_id.encode("utf-8"), struct.pack(f"<{len(ids)}q", *ids)):
         digest.update(struct.pack("<Q", len(field)))
         digest.update(field)
-    return ChunkKey(digest.hexdigest())
+    keys = []
+    for salt in salts:
+        salted, field = digest.copy(), salt.encode("utf-8")
+        salted.update(struct.pack("<Q", len(field)))
+        salted.update(field)
+        keys.append(ChunkKey(salted.hexdigest()))
+    return keys
 
 
 def normalize_prefix(prefix: str) -> str:

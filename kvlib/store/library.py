@@ -44,7 +44,7 @@ from kvlib.store import documents as docs
 from kvlib.store import reports
 from kvlib.store.blobs import FORMAT_VERSION, BlobStore, checksum_bytes, serialize_blob
 from kvlib.store.capacity import BudgetReport, BudgetWarning, GcReport, collect_garbage, evict_to_budget
-from kvlib.store.keys import ChunkKey, as_key, compute_key, normalize_prefix, pick_unique, prefix_range
+from kvlib.store.keys import ChunkKey, as_key, compute_key, compute_keys, normalize_prefix, pick_unique, prefix_range
 from kvlib.store.manifest import PUBLIC_OWNER, check_tenant, now_iso, open_manifest, tenant_salt, visible_owners
 from kvlib.store.recent import RecentChunks, owned
 from kvlib.store.schema import chunks, models
@@ -175,10 +175,17 @@ class Library:
 
     def key_for(self, *, tenant: str, public: bool, model_fp: str, context_id: str, token_ids: Any) -> ChunkKey:
         """The key `put` would give these ids: lets ingest skip encoding known chunks."""
+        return self._keys(model_fp, context_id, token_ids, [self._namespace(tenant, public)[1]])[0]
+
+    def keys_for(self, *, tenant: str, model_fp: str, context_id: str, token_ids: Any) -> list[ChunkKey]:
+        """[the tenant's private key, the public key] of these ids, hashed together (a lookup tries both)."""
+        return self._keys(model_fp, context_id, token_ids, [self._namespace(tenant, public)[1] for public in (False, True)])
+
+    @staticmethod
+    def _keys(model_fp: str, context_id: str, token_ids: Any, salts: list[str]) -> list[ChunkKey]:
         check_text("model_fp", model_fp)
         check_text("context_id", context_id)
-        _, salt = self._namespace(tenant, public)
-        return compute_key(model_fp=model_fp, context_id=context_id, token_ids=token_ids, salt=salt)
+        return compute_keys(model_fp=model_fp, context_id=context_id, token_ids=token_ids, salts=salts)
 
     def has(self, key: ChunkKey | str, tenant: str = DEFAULT_TENANT) -> bool:
         """True if the chunk is stored and this tenant may see it."""
