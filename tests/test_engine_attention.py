@@ -57,3 +57,17 @@ def test_attend_equals_softmax_attention_in_float64(t, past):
     scores = scores.masked_fill(~Mask.causal(t, past).dense(q.device), float("-inf"))
     ref = torch.einsum("hts,hsd->htd", scores.softmax(dim=-1), vv)[None]
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_the_additive_mask_is_the_dense_one_built_once_and_attends_alike():
+    """A long float32 past runs SDPA on the Mask's additive form, built once for every layer of a
+    forward: 0 where the dense mask sees a slot, -inf elsewhere, giving the bool mask's bits."""
+    t, past = 30, 1600
+    mask = Mask.causal(t, past)
+    add = mask.additive(torch.device("cpu"), torch.float32)
+    assert mask.additive("cpu", torch.float32) is add, "rebuilt for a second layer"
+    assert torch.equal(add == 0, mask.dense("cpu")) and torch.isneginf(add[~mask.dense("cpu")]).all()
+    assert mask.additive("cpu", torch.float64).dtype == torch.float64
+    q, k, v = qkv(6, 2, t, past + t, dim=64)
+    out, _ = attend(q, k, v, mask, 0.125)
+    assert torch.equal(out, sdpa(q, k, v, 0.125, mask=mask.dense(q.device)))
