@@ -553,6 +553,42 @@ def test_target_full_calibrates_unlabeled_records_along_full_recomputes_own_answ
 
 
 @pytest.mark.slow
+def test_a_calibration_cut_short_resumes_from_its_rows_and_measures_only_the_rest(tmp_path, make_home, smol_engine,
+                                                                                 monkeypatch):
+    """Each request's row is on disk once measured: after a crash at the third request, the same run
+    measures only the four it lacks, and the rows it took back are the ones measured before."""
+    from kvlib.bench import calibrate
+
+    if not HOTPOT.is_file():
+        pytest.skip(f"needs the shared HotpotQA data at {HOTPOT}")
+    data = tmp_path / "dev.json"
+    data.write_text(json.dumps(json.loads(HOTPOT.read_text())[:6]))  # the fewest that fit (3) and calibrate
+    home, rows_file = make_home(tmp_path), tmp_path / "out" / "rows.jsonl"
+    real, measured = calibrate.measure_request, []
+
+    def measure(runner, item, rungs, target="gold"):
+        if len(measured) == 2 and not resumed:
+            raise KeyboardInterrupt("killed")  # the run dies while measuring its third request
+        measured.append(item.record_id)
+        return real(runner, item, rungs, target)
+
+    monkeypatch.setattr(calibrate, "measure_request", measure)
+    resumed = False
+    kwargs = dict(data=str(data), home=home, ctxs=1, holdout=0, confidence=0.5, engine=smol_engine, rows_file=rows_file)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate.run_calibrate(**kwargs)
+    first_two = [json.loads(line) for line in rows_file.read_text().splitlines()[1:]]
+    assert [r["record"] for r in first_two] == measured
+    resumed = True
+    report = calibrate.run_calibrate(**kwargs)
+    assert report["resumed_rows"] == 2 and report["requests"] == 6 and len(measured) == 6
+    assert report["rows"][:2] == first_two, "the rows taken back are not the ones measured before"
+    assert [r["record"] for r in report["rows"][2:]] == measured[2:]
+    with pytest.raises(InputError, match="differs in: target"):  # another setting never mixes with these rows
+        calibrate.run_calibrate(**{**kwargs, "target": "full"})
+
+
+@pytest.mark.slow
 def test_rows_refit_reproduces_the_calibration_and_refuse_another_model(calibrated, smol_engine, kvlib_cli, tmp_path):
     from kvlib.bench.calibrate import write_calibrate_report
     from kvlib.store.library import Library

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvlib.bench.row_log import RowLog
 from kvlib.engine.spec import ENCODINGS
 from kvlib.errors import InputError
 
@@ -87,8 +88,10 @@ def measure_request(runner, item, rungs, target: str = "gold") -> dict:
 
 def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, ctxs=None, holdout: float = 0.3,
                   confidence: float = 0.9, encoding: str = "sink", seed: int = 0, chunk_tokens: int = 512,
-                  target: str = "gold", progress=None, engine=None) -> dict:
-    """Measure, fit, check on the held-back part, store; returns the report (with the rows measured)."""
+                  target: str = "gold", progress=None, engine=None, rows_file: Path | None = None) -> dict:
+    """Measure, fit, check on the held-back part, store; returns the report (with the rows measured).
+    rows_file: each request's row is kept there as it is measured, and a run cut short resumes from it
+    (bench/row_log.py)."""
     from kvlib.bench.runner import BenchConfig, BenchRunner
     from kvlib.engine.guard import LADDER, rung_spec
     from kvlib.rag.stack import open_stack
@@ -104,10 +107,22 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
         runner = BenchRunner(stack.engine, stack.library, config)
         runner.modes.attention = False
         items = runner.items(records, runner.prepare(records, progress), "given")
-        runner.warm_up(items)
+        log = row_log(rows_file, stack.engine.lm, data=data, ctxs=ctxs, seed=seed, encoding=encoding, target=target,
+                      chunk_tokens=chunk_tokens)
+        done = log.open() if log is not None else {}
+        resumed = sum(str(item.record_id) in done for item in items)
+        if resumed and progress:
+            progress(f"measured before, in {rows_file}", resumed, len(items))
+        if any(str(item.record_id) not in done for item in items):
+            runner.warm_up(items)
         rows = []
         for item in items:
-            rows.append(measure_request(runner, item, rungs, target))
+            row = done.get(str(item.record_id))
+            if row is None:
+                row = measure_request(runner, item, rungs, target)
+                if log is not None:
+                    log.append(row)
+            rows.append(row)
             if progress:
                 progress("measure", 1, len(items))
         report = fit_and_store(stack.library, stack.engine.lm, rows, ladder=LADDER, holdout=holdout,
@@ -116,7 +131,23 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
     finally:
         stack.close()
     report["seconds"] = time.perf_counter() - t0
+    report["resumed_rows"] = resumed
     return report
+
+
+def row_log(path: Path | None, lm, *, data: str, **settings) -> RowLog | None:
+    """The log of a run's measured rows, its identity what the rows' numbers depend on."""
+    from kvlib import __version__
+    from kvlib.engine.guard import LADDER
+
+    if path is None:
+        return None
+    identity = {"kvlib": __version__, "model": lm.name, "fingerprint": lm.fingerprint,
+                "dtype": str(lm.dtype).replace("torch.", ""), "data": str(Path(data).resolve()), "ladder": list(LADDER),
+                **settings}
+    if settings.get("target") == "full":
+        identity["target_tokens"] = TARGET_TOKENS
+    return RowLog(path, identity)
 
 
 def load_calibration_records(data: str, *, limit, ctxs, seed: int, target: str) -> list:

@@ -25,7 +25,7 @@ def calibrate(
     seed: Annotated[int, typer.Option(help="Seed of the record split.")] = 0,
     target: Annotated[str, typer.Option(help="What KL to full is measured along: gold (the records' answers) or full (full recompute's own greedy answer; the records need no answers, so unlabeled prompts like your traffic will do).")] = "gold",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Also write calibrate.json (the report and every measured request) here.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Also write calibrate.json (the report and every measured request) here; each request's row is kept in OUT/rows.jsonl as it is measured, and a run cut short resumes from it (same settings).")] = None,
     home: HomeOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -43,7 +43,7 @@ def calibrate(
             log = LogProgress() if not json_out else None
             report = run_calibrate(data=data, home=resolve_home(home), model=model, dtype=dtype, limit=limit, ctxs=ctxs,
                                    holdout=holdout, confidence=confidence, encoding=encoding, seed=seed,
-                                   target=target, progress=log)
+                                   target=target, progress=log, rows_file=out / "rows.jsonl" if out else None)
         written = write_calibrate_report(out, report) if out is not None else None
     except KvlibError as exc:
         raise fail(str(exc))

@@ -58,7 +58,8 @@ def fail(message: str) -> "typer.Exit":
 
 
 class LogProgress:
-    """Progress for a log file (stderr not a terminal): one plain line per stage every `every` seconds.
+    """Progress for a log file (stderr not a terminal): one plain line per stage as it starts, as it
+    ends and every `every` seconds between.
 
     Rich draws nothing to a non-terminal until the end, so a long run written to a log would
     look stuck. Same callback shape as the bench's: progress(stage, n=1, total=None).
@@ -71,13 +72,14 @@ class LogProgress:
         self.last = 0.0
 
     def __call__(self, stage: str, n: int = 1, total: int | None = None) -> None:
+        first = stage not in self.done  # a new stage is always shown: what the run does now
         self.done[stage] = self.done.get(stage, 0) + n
         if total is not None:
             self.totals[stage] = total
         now = time.monotonic()
         total = self.totals.get(stage)
         finished = total is not None and self.done[stage] >= total
-        if finished or now - self.last >= self.every:
+        if first or finished or now - self.last >= self.every:
             self.last = now
             elapsed = now - self.t0
             of = f"/{total}" if total else ""
