@@ -632,6 +632,40 @@ def test_bench_guard_zero_is_full_and_huge_is_rerope_request_by_request(calibrat
 
 
 @pytest.mark.slow
+def test_bench_kl_target_full_measures_along_fulls_answer_as_calibrate_does(calibrated, smol_engine, kvlib_cli,
+                                                                            tmp_path):
+    """`--kl-target full`: each mode's KL is the one calibrate --target full measures for the same request
+    (full's greedy answer, decoded by full's reference run, forced on every mode), to the bit; a guard
+    calibrated along the gold answers and checked along full's is named in the findings."""
+    from kvlib.bench import calibrate
+    from kvlib.bench.data import load_records
+    from kvlib.bench.runner import BenchConfig, BenchRunner
+    from kvlib.engine.guard import rung_spec
+    from kvlib.store.library import Library
+
+    home, data, _ = calibrated
+    result = kvlib_cli("bench", "--data", data, "--limit", 2, "--ctxs", 3, "--home", home, "--dtype", "float32",
+                       "--modes", "full,rerope,rerope+guard:1000000", "--max-new-tokens", 2, "--kl-target", "full",
+                       "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    said = " ".join(result.stdout.split())  # the console wraps lines
+    assert "checked here along the full recompute's own answers: rerun with --kl-target gold" in said
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["settings"]["kl_target"] == "full"
+    rows = {r["mode"]: r for r in results["results"]}
+    assert rows["full"]["kl_per_request"] == [0.0, 0.0] and rows["rerope+sink"]["kl_target"] == "full"
+    records = load_records(data, limit=2, ctxs=3).records
+    with Library(home) as library:
+        rerope = rung_spec("sink", "")
+        runner = BenchRunner(smol_engine, library, BenchConfig(modes=[rerope], orders=["given"], max_new_tokens=2))
+        items = runner.items(records, runner.prepare(records), "given")
+        along_full = [calibrate.measure_request(runner, item, [rerope], "full")["kl"][0] for item in items]
+    assert rows["rerope+sink"]["kl_per_request"] == along_full
+    bad = kvlib_cli("bench", "--data", data, "--limit", 1, "--home", home, "--kl-target", "answers", "--out", tmp_path)
+    assert bad.exit_code == 1 and "unknown --kl-target 'answers'" in bad.stderr
+
+
+@pytest.mark.slow
 def test_query_reports_the_guard_and_refuses_an_uncalibrated_encoding(calibrated, smol_stack, kvlib_cli, tmp_path):
     from kvlib.rag.ingest import Ingestor
 

@@ -51,8 +51,12 @@ def check_options(holdout: float, confidence: float, encoding: str, target: str 
         raise InputError(f"--confidence must lie in [0.5, 1), got {confidence}")
     if encoding not in ENCODINGS:
         raise InputError(f"unknown encoding '{encoding}'; choose {', '.join(ENCODINGS)}")
+    check_target(target)
+
+
+def check_target(target: str, option: str = "--target") -> None:
     if target not in TARGETS:
-        raise InputError(f"unknown --target '{target}'; choose gold (the records' answers) or full (full recompute's "
+        raise InputError(f"unknown {option} '{target}'; choose gold (the records' answers) or full (full recompute's "
                          "own answer: no answers needed)")
 
 
@@ -73,7 +77,7 @@ def measure_request(runner, item, rungs, target: str = "gold") -> dict:
     # target "full": full's greedy answer (TARGET_TOKENS at most), decoded and forced in one prefill
     ref = runner.modes.run(item, FULL, own_answer=TARGET_TOKENS if target == "full" else None)
     if target == "full":
-        item = dataclasses.replace(item, gold_ids=ref.answer_ids)
+        item = dataclasses.replace(item, gold_ids=ref.forced_ids)
     chunks, _ = runner.modes.load_chunks(item, rungs[0])
     features = runner.engine.guard_features(chunks, item.suffix_ids)
     kls, ttfts = [], []

@@ -62,6 +62,7 @@ class Sample:
     nll: float | None = None
     sim: object = None  # AttentionSimilarity
     guard: dict | None = None  # a guarded mode's choice (guard.GuardChoice.as_dict())
+    forced_ids: list | None = None  # what gold_logits were teacher-forced along (run(own_answer=N): its own answer)
 
 
 class ModeRunner:
@@ -93,9 +94,11 @@ class ModeRunner:
         return chunks, sum(c.k_sem.numel() * c.k_sem.element_size() * 2 for c in chunks)
 
     def run(self, item: PromptItem, spec: ModeSpec, own_answer: int | None = None) -> Sample:
-        """One request in `spec`, scored along item.gold_ids; with own_answer=N, along its own greedy
-        answer of up to N tokens instead (its stop token when it stops at once), decoded in the same
-        pass: full recompute's reference for a calibration with target "full", one prefill not two."""
+        """One request in `spec`, scored along item.gold_ids; with own_answer=N, along the first N tokens
+        of its own greedy answer instead (its stop token when it stops at once), decoded in the same
+        pass: full recompute's reference for KL along full's answer (calibrate --target full, bench
+        --kl-target full), one prefill not two. answer_ids stay the first max_new_tokens (greedy: what
+        a run without own_answer answers)."""
         calibration = self.calibration_for(spec)  # read before the clock starts, as a server holds it
         t0 = time.perf_counter()
         prefix = None
@@ -105,18 +108,17 @@ class ModeRunner:
             kv_bytes = sum(k.numel() * k.element_size() * 2 for k, _ in prefix.blocks)
         load_s = time.perf_counter() - t0
         gen = self.engine.answer(spec, chunks, suffix_ids=item.suffix_ids, prefix=prefix,
-                                 max_new_tokens=own_answer or self.max_new_tokens, t0=t0, spent={"load": load_s},
+                                 max_new_tokens=max(own_answer or 0, self.max_new_tokens), t0=t0, spent={"load": load_s},
                                  extra=self._extra(item) + (own_answer or 0), keep_state=True, calibration=calibration)
         latency = time.perf_counter() - t0
         n_ctx = gen.state.n_context
-        sample = Sample(ttft=gen.ttft_s, decode_tok_s=gen.decode_tok_s, answer_ids=gen.token_ids,
+        sample = Sample(ttft=gen.ttft_s, decode_tok_s=gen.decode_tok_s, answer_ids=gen.token_ids[: self.max_new_tokens],
                         parts={k: gen.timings[k] for k in ("load", "compose", "repair", "prefill")},
                         ctx_tokens=n_ctx, hit_tokens=gen.tokens["cached"] + gen.tokens["recomputed"],
                         computed_ctx=n_ctx - gen.tokens["cached"], kv_bytes=kv_bytes, latency=latency,
                         guard=gen.guard)
-        forced = item.gold_ids if own_answer is None else (gen.token_ids or [min(self.engine.stop)])
-        if own_answer is not None:
-            sample.answer_ids = list(forced)
+        forced = item.gold_ids if own_answer is None else (gen.token_ids[:own_answer] or [min(self.engine.stop)])
+        sample.forced_ids = list(forced)
         sample.gold_logits, sample.attn = self.engine.teacher_force(
             gen.state, item.suffix_ids, forced, attn_layers=range(self.lm.n_layers) if self.attention else ())
         if spec.base == "prefix":  # the context KV is still valid after the quality pass rewound to it

@@ -8,6 +8,9 @@ Design facts:
   run (all orders), like a serving engine's: its hits depend honestly on order.
 - `full` runs first on every prompt: it is the reference for KL and attention
   similarity, and is computed even when not asked for (then not reported).
+- KL to full (and NLL) is measured along each record's gold answer, teacher-forced; with
+  kl_target "full", along full recompute's own greedy answer (calibrate.TARGET_TOKENS), which
+  full's reference run decodes: the measure of a guard calibrated with `--target full`.
 - One untimed warm-up prompt per mode precedes measurement; medians and p90s are
   over prompts; modes are compared within one run. Each prompt's chunks are read once
   before its modes run, so every library mode's load is a warm read (see first_read).
@@ -15,6 +18,7 @@ Design facts:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import platform
 import statistics
@@ -49,6 +53,7 @@ class BenchConfig:
     chunk_tokens: int = 512  # passages longer than this are split
     data: str = ""
     ctxs: int | None = None
+    kl_target: str = "gold"  # KL to full along the gold answer, or along full's own greedy answer ("full")
 
 
 def expand_modes(text: str) -> list[ModeSpec]:
@@ -136,7 +141,9 @@ class BenchRunner:
         for order in self.config.orders:
             for item in self.items(records, prep, order):
                 self.first_read(item)
-                ref = self.modes.run(item, FULL)
+                ref = self.reference(item)
+                if self.config.kl_target == "full":
+                    item = dataclasses.replace(item, gold_ids=ref.forced_ids)
                 done = [self.modes.run(item, m) if m != FULL else ref for m in self.config.modes]
                 for mode, s in zip(self.config.modes, done):
                     score_sample(s, ref, item)
@@ -145,8 +152,16 @@ class BenchRunner:
                         progress("query", 1)
                 for s in done + [ref]:
                     s.attn = s.gold_logits = None
-        results = [aggregate(mode, order, rows, self.engine) for (mode, order), rows in samples.items()]
+        results = [aggregate(mode, order, rows, self.engine, self.config.kl_target)
+                   for (mode, order), rows in samples.items()]
         return self.settings(records, prep), results, prep
+
+    def reference(self, item: PromptItem) -> Sample:
+        """Full recompute of the item: what every mode is scored against; with kl_target "full" it also
+        answers the TARGET_TOKENS every mode is then teacher-forced along (calibrate's target "full")."""
+        from kvlib.bench.calibrate import TARGET_TOKENS
+
+        return self.modes.run(item, FULL, own_answer=TARGET_TOKENS if self.config.kl_target == "full" else None)
 
     def first_read(self, item: PromptItem) -> None:
         """Read the prompt's chunks once per encoding, untimed for the modes but recorded.
@@ -176,6 +191,7 @@ class BenchRunner:
                 "threads": torch.get_num_threads(), "data": self.config.data, "n": len(records),
                 "ctxs": self.config.ctxs, "seed": self.config.seed, "date": datetime.now(timezone.utc).isoformat(),
                 "max_new_tokens": self.config.max_new_tokens, "orders": self.config.orders,
+                "kl_target": self.config.kl_target,
                 "ingest_s": prep.ingest_s, "ingest_bytes": prep.ingest_bytes,
                 "ingest_new_chunks": prep.ingest_new_chunks,
                 "first_read_load_s": {enc: statistics.median(v) for enc, v in self.first_reads.items()}}
@@ -216,7 +232,7 @@ def score_sample(s: Sample, ref: Sample, item: PromptItem) -> None:
         s.sim = attention_similarity(s.attn, ref.attn)
 
 
-def aggregate(spec: ModeSpec, order: str, rows: list, engine) -> dict:
+def aggregate(spec: ModeSpec, order: str, rows: list, engine, kl_target: str = "gold") -> dict:
     """Per (mode, order): medians for speed, means for quality, sums for reuse."""
     samples: list[Sample] = [s for _, s in rows]
     answers = [engine.decode(s.answer_ids).strip() for s in samples]
@@ -245,6 +261,7 @@ def aggregate(spec: ModeSpec, order: str, rows: list, engine) -> dict:
         "kv_bytes_read": sum(s.kv_bytes for s in samples),
         "answers": answers[:5],
         "kl_per_request": [s.kl for s in samples],  # in record order: what the guard table compares
+        "kl_target": kl_target,  # what KL (and NLL) was measured along: the gold answer or full's own
         **guard_fields(spec, samples),
     }
 

@@ -53,15 +53,17 @@ def run_map(*, data: str, limit, seed: int, max_new_tokens: int, out: Path, home
 
 
 def run_bench(*, data: str, modes: str, order: str, limit, ctxs, seed: int, max_new_tokens: int, out: Path,
-              home: Path, model=None, dtype=None, progress=None, engine=None) -> dict:
+              home: Path, model=None, dtype=None, progress=None, engine=None, kl_target: str = "gold") -> dict:
+    from kvlib.bench.calibrate import check_target
     from kvlib.rag.stack import open_stack
 
+    check_target(kl_target, "--kl-target")
     mode_list, orders = expand_modes(modes), expand_orders(order)
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
     try:
         loaded = load_data(data, stack, limit=limit, ctxs=ctxs, seed=seed, progress=progress)
         config = BenchConfig(modes=mode_list, orders=orders, seed=seed, max_new_tokens=max_new_tokens,
-                             data=str(data), ctxs=ctxs)
+                             data=str(data), ctxs=ctxs, kl_target=kl_target)
         runner = BenchRunner(stack.engine, stack.library, config)
         settings, results, _ = runner.run(loaded.records, progress)
     finally:

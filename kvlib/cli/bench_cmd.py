@@ -23,6 +23,7 @@ def bench(
     ctxs: Annotated[Optional[int], typer.Option(min=1, help="Use the first K passages of each record (examples: top-K retrieved, default 4).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffled order.")] = 0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length limit.")] = 12,
+    kl_target: Annotated[str, typer.Option("--kl-target", help="What KL to full (and NLL) is measured along: gold (the records' answers) or full (full recompute's own greedy answer, 16 tokens: the measure of a `kvlib calibrate --target full` guard).")] = "gold",
     out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and plots.")] = Path("bench-out"),
     home: HomeOpt = None,
     model: ModelOpt = None,
@@ -68,7 +69,7 @@ def bench(
             if sweep:
                 report = run_map(axes=parse_axes(axes), **common)
             else:
-                report = run_bench(modes=modes, order=order, ctxs=ctxs, **common)
+                report = run_bench(modes=modes, order=order, ctxs=ctxs, kl_target=kl_target, **common)
     except KvlibError as exc:
         raise fail(str(exc))
     if sweep:
