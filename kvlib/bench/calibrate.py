@@ -54,10 +54,10 @@ def check_options(holdout: float, confidence: float, encoding: str, target: str 
     check_target(target)
 
 
-def check_target(target: str, option: str = "--target") -> None:
+def check_target(target: str, option: str = "--target",
+                 full: str = "full recompute's own answer: no answers needed") -> None:
     if target not in TARGETS:
-        raise InputError(f"unknown {option} '{target}'; choose gold (the records' answers) or full (full recompute's "
-                         "own answer: no answers needed)")
+        raise InputError(f"unknown {option} '{target}'; choose gold (the records' answers) or full ({full})")
 
 
 def split_parts(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -57,7 +57,7 @@ def run_bench(*, data: str, modes: str, order: str, limit, ctxs, seed: int, max_
     from kvlib.bench.calibrate import check_target
     from kvlib.rag.stack import open_stack
 
-    check_target(kl_target, "--kl-target")
+    check_target(kl_target, "--kl-target", full="full recompute's own greedy answer")
     mode_list, orders = expand_modes(modes), expand_orders(order)
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
     try:
