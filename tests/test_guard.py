@@ -666,6 +666,30 @@ def test_bench_kl_target_full_measures_along_fulls_answer_as_calibrate_does(cali
 
 
 @pytest.mark.slow
+def test_bench_kl_target_full_reads_records_without_answers(kvlib_cli, tmp_path, make_home):
+    """Along full's own answer the bench needs no gold answers: F1 and EM are then absent, not zero;
+    along the gold answers the same records are refused."""
+    if not HOTPOT.is_file():
+        pytest.skip(f"needs the shared HotpotQA data at {HOTPOT}")
+    records = json.loads(HOTPOT.read_text())[:2]
+    for r in records:
+        del r["answer"]
+    data = tmp_path / "unlabeled.json"
+    data.write_text(json.dumps(records))
+    home, out = make_home(tmp_path), tmp_path / "out"
+    ok = kvlib_cli("bench", "--data", data, "--ctxs", 2, "--home", home, "--dtype", "float32", "--modes",
+                   "full,rerope", "--max-new-tokens", 2, "--kl-target", "full", "--out", out)
+    assert ok.exit_code == 0, ok.output
+    rows = {r["mode"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert rows["rerope+sink"]["f1"] is None and rows["rerope+sink"]["em"] is None
+    assert rows["rerope+sink"]["kl_to_full"] > 0 and rows["full"]["kl_to_full"] == 0
+    assert (out / "quality_by_mode.png").is_file() and "| – |" in (out / "report.md").read_text()
+    gold = kvlib_cli("bench", "--data", data, "--ctxs", 2, "--home", home, "--modes", "rerope", "--out", out)
+    lines = gold.stderr.strip().splitlines()
+    assert gold.exit_code == 1 and len(lines) == 1 and "no answers" in lines[0] and "`--kl-target full`" in lines[0]
+
+
+@pytest.mark.slow
 def test_query_reports_the_guard_and_refuses_an_uncalibrated_encoding(calibrated, smol_stack, kvlib_cli, tmp_path):
     from kvlib.rag.ingest import Ingestor
 

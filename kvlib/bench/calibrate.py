@@ -156,13 +156,19 @@ def row_log(path: Path | None, lm, *, data: str, **settings) -> RowLog | None:
 
 def load_calibration_records(data: str, *, limit, ctxs, seed: int, target: str) -> list:
     """The records to calibrate on; target "gold" needs their answers, and says so when none has one."""
+    return load_targeted(data, limit=limit, ctxs=ctxs, seed=seed, target=target).records
+
+
+def load_targeted(data: str, *, limit, ctxs, seed: int, target: str, option: str = "--target"):
+    """load_records for KL along `target`: "gold" needs the records' answers, and an error for records
+    without any names `OPTION full`, which needs none."""
     from kvlib.bench.data import load_records
 
     try:
-        return load_records(data, limit=limit, ctxs=ctxs, seed=seed, answers=target == "gold").records
+        return load_records(data, limit=limit, ctxs=ctxs, seed=seed, answers=target == "gold")
     except InputError as exc:
         if target == "gold" and "no answers" in str(exc):
-            raise InputError(f"{exc}; `--target full` calibrates on full recompute's own answers, "
+            raise InputError(f"{exc}; `{option} full` measures KL along full recompute's own answers, "
                              "with no gold answers needed") from None
         raise
 

@@ -21,8 +21,12 @@ def speed_findings(results: list, order: str) -> list[str]:
             ratio = full["ttft_s"]["median"] / r["ttft_s"]["median"]
             out.append(f"[{order}] {r['mode']}: median TTFT {r['ttft_s']['median'] * 1000:.0f} ms, "
                        f"{ratio:.1f}x lower than full ({full['ttft_s']['median'] * 1000:.0f} ms); "
-                       f"KL to full {r['kl_to_full']:.3f}, F1 {r['f1']:.2f} (full {full['f1']:.2f}).")
+                       f"KL to full {r['kl_to_full']:.3f}{_f1_text(r, full)}.")
     return out
+
+
+def _f1_text(r: dict, full: dict) -> str:
+    return "" if r["f1"] is None or full["f1"] is None else f", F1 {r['f1']:.2f} (full {full['f1']:.2f})"
 
 
 def reuse_findings(results: list) -> list[str]:

@@ -46,6 +46,10 @@ def best_within(rows: list[dict], min_speedup: float, base: str = "rerope+bare")
     return max(ok, key=lambda r: r["gap_closed"][base], default=None)
 
 
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.3f}"  # F1 is None on records without answers
+
+
 def pareto_markdown(rows: list[dict]) -> list[str]:
     head = ["mode", "TTFT ms", "speedup", "KL to full", "gold NLL", "F1", "recomputed",
             "gap closed vs rerope+bare", "vs rerope+sink", "Pareto"]
@@ -53,7 +57,7 @@ def pareto_markdown(rows: list[dict]) -> list[str]:
     pct = lambda v: "" if v is None else f"{v:.0%}"  # noqa: E731
     for r in rows:
         lines.append(f"| {r['mode']} | {r['ttft_s'] * 1000:.0f} | {r['speedup']:.1f}x | {r['kl']:.3f} | "
-                     f"{r['nll']:.3f} | {r['f1']:.3f} | {r['recompute_frac']:.1%} | "
+                     f"{r['nll']:.3f} | {_num(r['f1'])} | {r['recompute_frac']:.1%} | "
                      f"{pct(r['gap_closed']['rerope+bare'])} | {pct(r['gap_closed']['rerope+sink'])} | "
                      f"{'yes' if r['pareto'] else ''} |")
     return lines

@@ -109,10 +109,15 @@ def plot_ttft(results: list[dict]) -> "Figure":
 
 
 def plot_quality(results: list[dict]) -> "Figure":
-    fig, (ax_f1, ax_kl) = _new_figure(ncols=2)
-    _grouped_bars(ax_f1, results, "mode", "order", lambda r: r["f1"])
-    ax_f1.set_ylabel("answer F1 (higher is better)")
-    ax_f1.set_title("F1 by mode")
+    """F1 (where the records carry answers) and KL to full, by mode."""
+    with_f1 = any(r["f1"] is not None for r in results)
+    fig, axes = _new_figure(ncols=2 if with_f1 else 1)
+    if with_f1:
+        ax_f1 = axes[0]
+        _grouped_bars(ax_f1, results, "mode", "order", lambda r: r["f1"])
+        ax_f1.set_ylabel("answer F1 (higher is better)")
+        ax_f1.set_title("F1 by mode")
+    ax_kl = axes[-1]
     _grouped_bars(ax_kl, results, "mode", "order", lambda r: r["kl_to_full"])
     ax_kl.set_ylabel("KL(full || mode), nats (lower is better)")
     ax_kl.set_title("KL to full recompute")

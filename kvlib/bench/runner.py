@@ -237,6 +237,7 @@ def aggregate(spec: ModeSpec, order: str, rows: list, engine, kl_target: str = "
     samples: list[Sample] = [s for _, s in rows]
     answers = [engine.decode(s.answer_ids).strip() for s in samples]
     spans = [answer_span(a) for a in answers]
+    labelled = [(a, item) for a, (item, _) in zip(spans, rows) if item.golds]
     nlls = [s.nll for s in samples]
     sims = [s.sim for s in samples]
     n_layers = len(sims[0].js_sim_per_layer)
@@ -250,8 +251,9 @@ def aggregate(spec: ModeSpec, order: str, rows: list, engine, kl_target: str = "
         "ttft_parts_s": {k: statistics.median(s.parts[k] for s in samples) for k in ("load", "compose", "repair", "prefill")},
         "decode_tok_s": statistics.median(s.decode_tok_s for s in samples),
         "qps": len(samples) / sum(s.latency for s in samples),
-        "f1": statistics.fmean(f1(a, item.golds) for a, (item, _) in zip(spans, rows)),
-        "em": statistics.fmean(exact_match(a, item.golds) for a, (item, _) in zip(spans, rows)),
+        # None where the records carry no answers (kl_target "full" reads unlabeled records)
+        "f1": statistics.fmean(f1(a, item.golds) for a, item in labelled) if labelled else None,
+        "em": statistics.fmean(exact_match(a, item.golds) for a, item in labelled) if labelled else None,
         "nll": mean_nll, "ppl": math.exp(min(mean_nll, 50.0)),
         "kl_to_full": statistics.fmean(s.kl for s in samples),
         "attn_sim": statistics.fmean(x.js_sim for x in sims), "attn_sim_per_layer": per_layer,

@@ -12,12 +12,14 @@ from kvlib.bench.report import write_report_md, write_results
 from kvlib.bench.runner import BenchConfig, BenchRunner, Prepared, expand_modes, expand_orders
 
 
-def load_data(data: str, stack, *, limit, ctxs, seed, progress):
+def load_data(data: str, stack, *, limit, ctxs, seed, progress, kl_target: str = "gold"):
+    from kvlib.bench.calibrate import load_targeted
+
     if data == "examples":
         from kvlib.bench.corpus import example_records
 
         return example_records(stack, k=ctxs or 4, limit=limit, progress=None)
-    return load_records(data, limit=limit, ctxs=ctxs, seed=seed)
+    return load_targeted(data, limit=limit, ctxs=ctxs, seed=seed, target=kl_target, option="--kl-target")
 
 
 def run_map(*, data: str, limit, seed: int, max_new_tokens: int, out: Path, home: Path, model=None, dtype=None,
@@ -57,11 +59,11 @@ def run_bench(*, data: str, modes: str, order: str, limit, ctxs, seed: int, max_
     from kvlib.bench.calibrate import check_target
     from kvlib.rag.stack import open_stack
 
-    check_target(kl_target, "--kl-target", full="full recompute's own greedy answer")
+    check_target(kl_target, "--kl-target")
     mode_list, orders = expand_modes(modes), expand_orders(order)
     stack = open_stack(home, model=model, dtype=dtype, engine=engine)
     try:
-        loaded = load_data(data, stack, limit=limit, ctxs=ctxs, seed=seed, progress=progress)
+        loaded = load_data(data, stack, limit=limit, ctxs=ctxs, seed=seed, progress=progress, kl_target=kl_target)
         config = BenchConfig(modes=mode_list, orders=orders, seed=seed, max_new_tokens=max_new_tokens,
                              data=str(data), ctxs=ctxs, kl_target=kl_target)
         runner = BenchRunner(stack.engine, stack.library, config)

@@ -23,7 +23,7 @@ def bench(
     ctxs: Annotated[Optional[int], typer.Option(min=1, help="Use the first K passages of each record (examples: top-K retrieved, default 4).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for shuffled order.")] = 0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1, help="Answer length limit.")] = 12,
-    kl_target: Annotated[str, typer.Option("--kl-target", help="What KL to full (and NLL) is measured along: gold (the records' answers) or full (full recompute's own greedy answer, 16 tokens: the measure of a `kvlib calibrate --target full` guard).")] = "gold",
+    kl_target: Annotated[str, typer.Option("--kl-target", help="What KL to full (and NLL) is measured along: gold (the records' answers) or full (full recompute's own greedy answer, 16 tokens: the measure of a `kvlib calibrate --target full` guard; the records then need no answers).")] = "gold",
     out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and plots.")] = Path("bench-out"),
     home: HomeOpt = None,
     model: ModelOpt = None,
