@@ -477,6 +477,18 @@ VIADUCT = ("The Skelder Viaduct carries the main line across the Tarrow Gorge on
            "forty metres deep at the viaduct, and the river below floods most winters.\n")
 
 
+def unlabeled_hotpot(tmp_path: Path, n: int) -> Path:
+    """The first n HotpotQA records with their answers taken out, as a file (skips without the shared data)."""
+    if not HOTPOT.is_file():
+        pytest.skip(f"needs the shared HotpotQA data at {HOTPOT}")
+    records = json.loads(HOTPOT.read_text())[:n]
+    for r in records:
+        del r["answer"]
+    data = tmp_path / "unlabeled.json"
+    data.write_text(json.dumps(records))
+    return data
+
+
 @pytest.fixture(scope="module")
 def calibrated(tmp_path_factory, make_home, smol_engine):
     """12 HotpotQA questions with 3 passages each, calibrated at 0.8 (3 held back, 4 fit, 5 calibrate)."""
@@ -529,14 +541,7 @@ def test_target_full_calibrates_unlabeled_records_along_full_recomputes_own_answ
     from kvlib.engine.compose import ChunkKV
     from kvlib.store.library import Library
 
-    if not HOTPOT.is_file():
-        pytest.skip(f"needs the shared HotpotQA data at {HOTPOT}")
-    records = json.loads(HOTPOT.read_text())[:6]
-    for r in records:
-        del r["answer"]
-    data = tmp_path / "unlabeled.json"
-    data.write_text(json.dumps(records))
-    home = make_home(tmp_path)
+    data, home = unlabeled_hotpot(tmp_path, 6), make_home(tmp_path)
     report = run_calibrate(data=str(data), home=home, ctxs=1, holdout=0, confidence=0.5, target="full",
                            engine=smol_engine)
     assert report["target"] == "full" and report["requests"] == 6
@@ -669,14 +674,7 @@ def test_bench_kl_target_full_measures_along_fulls_answer_as_calibrate_does(cali
 def test_bench_kl_target_full_reads_records_without_answers(kvlib_cli, tmp_path, make_home):
     """Along full's own answer the bench needs no gold answers: F1 and EM are then absent, not zero;
     along the gold answers the same records are refused."""
-    if not HOTPOT.is_file():
-        pytest.skip(f"needs the shared HotpotQA data at {HOTPOT}")
-    records = json.loads(HOTPOT.read_text())[:2]
-    for r in records:
-        del r["answer"]
-    data = tmp_path / "unlabeled.json"
-    data.write_text(json.dumps(records))
-    home, out = make_home(tmp_path), tmp_path / "out"
+    data, home, out = unlabeled_hotpot(tmp_path, 2), make_home(tmp_path), tmp_path / "out"
     ok = kvlib_cli("bench", "--data", data, "--ctxs", 2, "--home", home, "--dtype", "float32", "--modes",
                    "full,rerope", "--max-new-tokens", 2, "--kl-target", "full", "--out", out)
     assert ok.exit_code == 0, ok.output
