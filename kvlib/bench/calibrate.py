@@ -54,10 +54,10 @@ def check_options(holdout: float, confidence: float, encoding: str, target: str 
     check_target(target)
 
 
-def check_target(target: str, option: str = "--target",
-                 full: str = "full recompute's own answer: no answers needed") -> None:
+def check_target(target: str, option: str = "--target") -> None:
     if target not in TARGETS:
-        raise InputError(f"unknown {option} '{target}'; choose gold (the records' answers) or full ({full})")
+        raise InputError(f"unknown {option} '{target}'; choose gold (the records' answers) or full (full recompute's "
+                         "own answer: no answers needed)")
 
 
 def split_parts(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -71,13 +71,9 @@ def split_parts(n: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarr
 def measure_request(runner, item, rungs, target: str = "gold") -> dict:
     """One request: the guard's features, and KL to full and TTFT for every rung (and full)."""
     from kvlib.bench.metrics import kl_divergence
-    from kvlib.bench.runner import FULL
 
     runner.first_read(item)
-    # target "full": full's greedy answer (TARGET_TOKENS at most), decoded and forced in one prefill
-    ref = runner.modes.run(item, FULL, own_answer=TARGET_TOKENS if target == "full" else None)
-    if target == "full":
-        item = dataclasses.replace(item, gold_ids=ref.forced_ids)
+    ref, item = runner.reference(item, target)
     chunks, _ = runner.modes.load_chunks(item, rungs[0])
     features = runner.engine.guard_features(chunks, item.suffix_ids)
     kls, ttfts = [], []

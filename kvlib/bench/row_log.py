@@ -33,7 +33,8 @@ class RowLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._write(self.identity, mode="w")
             return {}
-        lines = self.path.read_text(encoding="utf-8", errors="replace").splitlines()
+        raw = self.path.read_bytes()
+        lines = raw.decode("utf-8", errors="replace").splitlines()
         header = _parse(lines[0]) if lines else None
         if header != self.identity:
             differ = sorted(k for k in set(self.identity) | set(header or {})
@@ -45,7 +46,7 @@ class RowLog:
             row = _parse(line)
             if isinstance(row, dict) and "record" in row:  # a line cut off by a crash parses as nothing
                 rows[str(row["record"])] = row
-        if lines and not self.path.read_bytes().endswith(b"\n"):
+        if not raw.endswith(b"\n"):
             self._rewrite(rows)  # the next row must start on a line of its own
         return rows
 

@@ -141,9 +141,7 @@ class BenchRunner:
         for order in self.config.orders:
             for item in self.items(records, prep, order):
                 self.first_read(item)
-                ref = self.reference(item)
-                if self.config.kl_target == "full":
-                    item = dataclasses.replace(item, gold_ids=ref.forced_ids)
+                ref, item = self.reference(item)
                 done = [self.modes.run(item, m) if m != FULL else ref for m in self.config.modes]
                 for mode, s in zip(self.config.modes, done):
                     score_sample(s, ref, item)
@@ -156,12 +154,16 @@ class BenchRunner:
                    for (mode, order), rows in samples.items()]
         return self.settings(records, prep), results, prep
 
-    def reference(self, item: PromptItem) -> Sample:
-        """Full recompute of the item: what every mode is scored against; with kl_target "full" it also
-        answers the TARGET_TOKENS every mode is then teacher-forced along (calibrate's target "full")."""
+    def reference(self, item: PromptItem, target: str | None = None) -> tuple[Sample, PromptItem]:
+        """Full recompute of the item, what every mode is scored against, and the item to score them on:
+        with target "full" (default: the config's kl_target) full's run also answers the TARGET_TOKENS
+        every mode is then teacher-forced along, in place of the gold answer (calibrate's target "full")."""
         from kvlib.bench.calibrate import TARGET_TOKENS
 
-        return self.modes.run(item, FULL, own_answer=TARGET_TOKENS if self.config.kl_target == "full" else None)
+        if (target or self.config.kl_target) != "full":
+            return self.modes.run(item, FULL), item
+        ref = self.modes.run(item, FULL, own_answer=TARGET_TOKENS)
+        return ref, dataclasses.replace(item, gold_ids=ref.forced_ids)
 
     def first_read(self, item: PromptItem) -> None:
         """Read the prompt's chunks once per encoding, untimed for the modes but recorded.

@@ -53,19 +53,8 @@ def bench(
     try:
         with Progress(TextColumn("{task.description:<8}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("eta"), TimeRemainingColumn(), console=err_console, disable=json_out or log is not None) as bar:
-            tasks: dict = {}
-
-            def progress(stage: str, n: int = 1, total: int | None = None) -> None:
-                if log is not None:
-                    return log(stage, n, total)
-                if stage not in tasks:
-                    tasks[stage] = bar.add_task(stage, total=total)
-                if total is not None:
-                    bar.update(tasks[stage], total=total)
-                bar.advance(tasks[stage], n)
-
             common = dict(data=data, limit=limit, seed=seed, max_new_tokens=max_new_tokens, out=out,
-                          home=resolve_home(home), model=model, dtype=dtype, progress=progress)
+                          home=resolve_home(home), model=model, dtype=dtype, progress=bar_progress(bar, log))
             if sweep:
                 report = run_map(axes=parse_axes(axes), **common)
             else:
@@ -76,6 +65,21 @@ def bench(
         render_map(report, out, json_out)
     else:
         render_bench(report, out, json_out)
+
+
+def bar_progress(bar: Progress, log: LogProgress | None):
+    """The bench's progress(stage, n, total): plain log lines where set, else one bar per stage."""
+    tasks: dict = {}
+
+    def progress(stage: str, n: int = 1, total: int | None = None) -> None:
+        if log is not None:
+            return log(stage, n, total)
+        if stage not in tasks:
+            tasks[stage] = bar.add_task(stage, total=total)
+        if total is not None:
+            bar.update(tasks[stage], total=total)
+        bar.advance(tasks[stage], n)
+    return progress
 
 
 def render_bench(report: dict, out: Path, json_out: bool) -> None:
