@@ -43,6 +43,8 @@ def test_doctor_json_passes(smol_home):
     assert report["ok"] and report["model"] == "SmolLM2-135M-Instruct"
     assert {c["name"] for c in report["checks"]} and all(c["ok"] for c in report["checks"])
     assert len(report["fingerprint"]) == 64
+    kernel_checked = any(c["name"].startswith("C rotation") for c in report["checks"])
+    assert kernel_checked == (report["rope_kernel"] == "compiled")  # checked wherever it is used
 
 
 def test_fingerprint_is_stable_and_dtype_sensitive(smol_engine, smol_home):

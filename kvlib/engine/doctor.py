@@ -82,17 +82,36 @@ def check_rotation_roundtrip(engine: Engine) -> Check:
     return _check("rotation round trip unrope(rope(k, p), p) (max abs)", diff, 1e-4)
 
 
+def check_rope_kernel(engine: Engine) -> Check | None:
+    """The C rotation of stored float16 keys (engine/rope_kernel.py), where this machine builds it:
+    the torch passes' bits, on the model's own rotary tables. None where it is not used."""
+    from kvlib.engine import rope_kernel
+    from kvlib.engine.rope import half_tables, rope_into_
+
+    lm, g = engine.lm, torch.Generator().manual_seed(1)
+    k = (torch.randn(2, lm.n_kv_heads, 64, lm.head_dim, generator=g) * 4).half()
+    tables = half_tables(lm.rope, torch.randint(0, 32768, (64,), generator=g), "cpu")
+    expected, got = k.float(), torch.empty(k.shape)
+    rope_into_(expected, expected, tables)
+    if not rope_kernel.rope_into(got, k, tables.cos, tables.sin):
+        return None
+    return _check("C rotation of float16 keys vs torch's passes (max abs)", (got - expected).abs().max().item(), 0.0)
+
+
 def run_checks(engine: Engine) -> list[Check]:
     """Needs a float32 engine: the limits assume float32 rounding."""
     ids = engine.tokenize(SAMPLE_TEXT)
-    return [check_forward(engine, ids), check_shift_invariance(engine, ids), check_composition(engine, ids),
-            check_rotation_roundtrip(engine)]
+    checks = [check_forward(engine, ids), check_shift_invariance(engine, ids), check_composition(engine, ids),
+              check_rotation_roundtrip(engine), check_rope_kernel(engine)]
+    return [c for c in checks if c is not None]
 
 
 def checks_as_json(engine: Engine, checks: list[Check]) -> dict:
+    from kvlib.engine import rope_kernel
+
     return {"model": engine.lm.name, "fingerprint": engine.lm.fingerprint, "dtype": str(engine.lm.dtype),
-            "device": str(engine.lm.device), "checks": [asdict(c) for c in checks],
-            "ok": all(c.ok for c in checks)}
+            "device": str(engine.lm.device), "rope_kernel": rope_kernel.status(),
+            "checks": [asdict(c) for c in checks], "ok": all(c.ok for c in checks)}
 
 
 def synthetic_chunks(engine: Engine, n_chunks: int, chunk_tokens: int) -> list:

@@ -1,0 +1,139 @@
+"""Stored float16 keys rotated into a float32 cache in one pass: a small C kernel, built on first use.
+
+Design facts:
+- Where the model computes in float32 and the library stores float16 KV (an AVX2-only CPU), a
+  hit's keys reach the cache through six torch passes per layer: the float16 -> float32 copy,
+  then rope.rope_into_'s two half swaps, two products and a sum over float32 temporaries. Each
+  is a memory pass, ~20 ms for 4k keys of SmolLM2's 30 layers. rope_kernel.c reads each stored
+  key once and writes its rotated float32 value once, with the same float32 operations in the
+  same order (each product rounded, then the sum; built with -ffp-contract=off), so the cache
+  holds the same bits (tests/test_rope_kernel.py).
+- It is plain C through ctypes (no torch headers: it builds in well under a second), compiled
+  with the system's C compiler into kvlib's cache directory (KVLIB_KERNEL_DIR, else
+  $XDG_CACHE_HOME/kvlib/kernels, else ~/.cache/kvlib/kernels), named by the hash of its source
+  and flags, written to a temporary name and renamed, so concurrent processes never load a
+  half-written file. It splits rows over torch's intra-op thread count with pthreads; ctypes
+  releases the GIL for the call.
+- Only x86-64 CPUs with AVX2 and F16C take it (every CPU that runs kvlib in float32 for want of
+  AVX-512 bf16 has them). Anywhere else, with no compiler, when the build fails, for other
+  dtypes or layouts, or with KVLIB_ROPE_KERNEL=0 (an A/B's other arm), callers use the torch
+  passes; `status()` says which and why (kvlib doctor prints it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("rope_kernel.c")
+FLAGS = ("-O3", "-mavx2", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
+_lock = threading.Lock()
+_state: dict = {}
+
+
+def kernel_dir() -> Path:
+    explicit = os.environ.get("KVLIB_KERNEL_DIR")
+    if explicit:
+        return Path(explicit)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvlib" / "kernels"
+
+
+def _cpu_flags() -> set:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def _unavailable_reason() -> str | None:
+    if os.environ.get("KVLIB_ROPE_KERNEL", "").strip() == "0":
+        return "off (KVLIB_ROPE_KERNEL=0)"
+    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "f16c"} <= _cpu_flags():
+        return "this CPU lacks AVX2/F16C"
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        return "no C compiler (cc) on PATH"
+    return None
+
+
+def _build() -> ctypes.CDLL:
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = kernel_dir() / f"rope_kernel-{digest}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            compiler = shutil.which("cc") or shutil.which("gcc")
+            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+            os.replace(tmp, target)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    lib = ctypes.CDLL(str(target))
+    fn = lib.kvlib_rope_f16_into_f32
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def _kernel():
+    """The loaded function, or None (with the reason kept for status())."""
+    if "fn" in _state:
+        return _state["fn"]
+    with _lock:
+        if "fn" not in _state:
+            reason = _unavailable_reason()
+            fn = None
+            if reason is None:
+                try:
+                    fn = _build().kvlib_rope_f16_into_f32
+                except (OSError, subprocess.SubprocessError) as exc:
+                    detail = getattr(exc, "stderr", b"") or b""
+                    reason = f"build failed: {exc}" + (f": {detail.decode(errors='replace')[:200]}" if detail else "")
+            _state["fn"], _state["reason"] = fn, reason
+    return _state["fn"]
+
+
+def status() -> str:
+    """'compiled' or why the torch passes are used."""
+    return "compiled" if _kernel() is not None else _state["reason"]
+
+
+def _matrix_stride(x: torch.Tensor) -> int | None:
+    """The element stride between the [T, D] matrices of x [L, Hkv, T, D] when each is row-contiguous
+    and they are evenly spaced (a cache's slots are; so is a contiguous tensor); else None."""
+    if x.dim() != 4 or x.stride(3) != 1 or x.stride(2) != x.shape[3] or x.stride(0) != x.shape[1] * x.stride(1):
+        return None
+    return x.stride(1)
+
+
+def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """dst = rope.rope_into_(dst, src, HalfTables(cos, sin)) in one pass where the kernel takes it:
+    src float16 [L, Hkv, T, D] (stored keys), dst float32 of the same shape (a cache's slots), cos and
+    sin float32 [T, D/2]. Returns False, having done nothing, where it does not."""
+    if (src.dtype != torch.float16 or dst.dtype != torch.float32 or src.device.type != "cpu"
+            or dst.device.type != "cpu" or src.shape != dst.shape or src.shape[-1] % 2):
+        return False
+    t, d = src.shape[2], src.shape[3]
+    tables_ok = all(x.dtype == torch.float32 and x.is_contiguous() and x.shape == (t, d // 2) for x in (cos, sin))
+    src_stride, dst_stride = _matrix_stride(src), _matrix_stride(dst)
+    if not tables_ok or src_stride is None or dst_stride is None:
+        return False
+    fn = _kernel()
+    if fn is None:
+        return False
+    fn(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t, d,
+       src_stride, dst_stride, torch.get_num_threads())
+    return True

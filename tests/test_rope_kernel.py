@@ -1,0 +1,77 @@
+"""The C rotation kernel (engine/rope_kernel.py): the same bits as the torch passes it replaces."""
+
+import pytest
+import torch
+
+from kvlib.engine import rope_kernel
+from kvlib.engine.cache import KVCache
+from kvlib.engine.rope import half_tables, rope_into_
+
+from tiny_models import tiny_lm
+
+needs_kernel = pytest.mark.skipif(rope_kernel.status() != "compiled",
+                                  reason=f"rope kernel unavailable here: {rope_kernel.status()}")
+
+
+def stored_keys(layers, heads, t, dim, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(layers, heads, t, dim, generator=g) * 4).half()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim", [64, 128, 20])  # 20: ten pairs, eight in vector lanes and two left over
+def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim):
+    lm, _ = tiny_lm("llama", "yarn")  # yarn: attention scaling folded into the tables
+    src = stored_keys(3, 2, 41, dim, seed=dim)
+    spec = lm.rope if dim == lm.head_dim else type(lm.rope)(
+        inv_freq=torch.rand(dim // 2) / 3, attention_scaling=lm.rope.attention_scaling, rope_type="yarn")
+    tables = half_tables(spec, torch.randint(0, 30000, (41,), generator=torch.Generator().manual_seed(1)), "cpu")
+    expected = torch.zeros(3, 2, 64, dim)
+    expected[:, :, 5:46] = src
+    rope_into_(expected[:, :, 5:46], expected[:, :, 5:46], tables)
+    got = torch.zeros(3, 2, 64, dim)
+    assert rope_kernel.rope_into(got[:, :, 5:46], src, tables.cos, tables.sin)
+    assert torch.equal(got, expected)  # the slots rotated, the others untouched
+
+
+def test_kernel_declines_what_it_does_not_handle():
+    tables = half_tables(tiny_lm("llama")[0].rope, torch.arange(8), "cpu")
+    dim = tables.cos.shape[1] * 2
+    f32_src = torch.randn(2, 2, 8, dim)
+    assert not rope_kernel.rope_into(torch.empty(2, 2, 8, dim), f32_src, tables.cos, tables.sin)
+    assert not rope_kernel.rope_into(torch.empty(2, 2, 8, dim, dtype=torch.bfloat16), f32_src.half(),
+                                     tables.cos, tables.sin)
+    strided = torch.randn(2, 2, 8, 2 * dim).half()[..., :dim]  # rows not contiguous
+    assert not rope_kernel.rope_into(torch.empty(2, 2, 8, dim), strided, tables.cos, tables.sin)
+
+
+@needs_kernel
+def test_append_rotated_through_the_kernel_matches_the_torch_path():
+    """A run of float16 hits into a float32 cache: the kernel's cache equals copy-then-rotate's."""
+    lm, _ = tiny_lm("llama", "llama3")
+    chunks = [(stored_keys(lm.n_layers, lm.n_kv_heads, t, lm.head_dim, seed=t),
+               stored_keys(lm.n_layers, lm.n_kv_heads, t, lm.head_dim, seed=100 + t)) for t in (7, 19, 3)]
+    tables = half_tables(lm.rope, torch.arange(200, 229), "cpu")
+    cache = KVCache.for_model(lm, 40)
+    cache.append(torch.ones(lm.n_layers, lm.n_kv_heads, 2, lm.head_dim), torch.ones(lm.n_layers, lm.n_kv_heads, 2, lm.head_dim))
+    cache.append_rotated(chunks, tables)
+    k_all = torch.cat([k.float() for k, _ in chunks], dim=2)
+    rope_into_(k_all, k_all, tables)
+    assert cache.length == 31
+    assert torch.equal(cache.k[:, :, 2:31], k_all)
+    assert torch.equal(cache.v[:, :, 2:31], torch.cat([v.float() for _, v in chunks], dim=2))
+
+
+@pytest.mark.parametrize("env, reason", [({"KVLIB_ROPE_KERNEL": "0"}, "off (KVLIB_ROPE_KERNEL=0)"),
+                                         ({"PATH": "/nonexistent"}, "no C compiler (cc) on PATH")])
+def test_without_the_kernel_the_torch_passes_run(monkeypatch, tmp_path, env, reason):
+    if env.get("PATH") and rope_kernel._unavailable_reason() is not None:
+        pytest.skip("this CPU takes no kernel anyway")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("KVLIB_KERNEL_DIR", str(tmp_path))  # no kernel built before
+    monkeypatch.setattr(rope_kernel, "_state", {})
+    assert rope_kernel.status() == reason
+    tables = half_tables(tiny_lm("llama")[0].rope, torch.arange(8), "cpu")
+    dim = tables.cos.shape[1] * 2
+    assert not rope_kernel.rope_into(torch.empty(1, 1, 8, dim), torch.randn(1, 1, 8, dim).half(), tables.cos, tables.sin)
