@@ -75,3 +75,4 @@ def test_without_the_kernel_the_torch_passes_run(monkeypatch, tmp_path, env, rea
     tables = half_tables(tiny_lm("llama")[0].rope, torch.arange(8), "cpu")
     dim = tables.cos.shape[1] * 2
     assert not rope_kernel.rope_into(torch.empty(1, 1, 8, dim), torch.randn(1, 1, 8, dim).half(), tables.cos, tables.sin)
+
