@@ -19,8 +19,9 @@ def stored_keys(layers, heads, t, dim, seed):
 
 
 @needs_kernel
-@pytest.mark.parametrize("dim", [64, 128, 20])  # 20: ten pairs, eight in vector lanes and two left over
-def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim):
+# dim 20: ten pairs, eight in vector lanes and two left over; three threads split the rows
+@pytest.mark.parametrize("dim, threads", [(64, 1), (128, 1), (20, 1), (64, 3)])
+def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim, threads):
     lm, _ = tiny_lm("llama", "yarn")  # yarn: attention scaling folded into the tables
     src = stored_keys(3, 2, 41, dim, seed=dim)
     spec = lm.rope if dim == lm.head_dim else type(lm.rope)(
@@ -30,7 +31,7 @@ def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim):
     expected[:, :, 5:46] = src
     rope_into_(expected[:, :, 5:46], expected[:, :, 5:46], tables)
     got = torch.zeros(3, 2, 64, dim)
-    assert rope_kernel.rope_into(got[:, :, 5:46], src, tables.cos, tables.sin)
+    assert rope_kernel.rope_into(got[:, :, 5:46], src, tables.cos, tables.sin, threads=threads)
     assert torch.equal(got, expected)  # the slots rotated, the others untouched
 
 
@@ -53,7 +54,8 @@ def test_append_rotated_through_the_kernel_matches_the_torch_path():
                stored_keys(lm.n_layers, lm.n_kv_heads, t, lm.head_dim, seed=100 + t)) for t in (7, 19, 3)]
     tables = half_tables(lm.rope, torch.arange(200, 229), "cpu")
     cache = KVCache.for_model(lm, 40)
-    cache.append(torch.ones(lm.n_layers, lm.n_kv_heads, 2, lm.head_dim), torch.ones(lm.n_layers, lm.n_kv_heads, 2, lm.head_dim))
+    ones = torch.ones(lm.n_layers, lm.n_kv_heads, 2, lm.head_dim)
+    cache.append(ones, ones)
     cache.append_rotated(chunks, tables)
     k_all = torch.cat([k.float() for k, _ in chunks], dim=2)
     rope_into_(k_all, k_all, tables)
@@ -74,5 +76,6 @@ def test_without_the_kernel_the_torch_passes_run(monkeypatch, tmp_path, env, rea
     assert rope_kernel.status() == reason
     tables = half_tables(tiny_lm("llama")[0].rope, torch.arange(8), "cpu")
     dim = tables.cos.shape[1] * 2
-    assert not rope_kernel.rope_into(torch.empty(1, 1, 8, dim), torch.randn(1, 1, 8, dim).half(), tables.cos, tables.sin)
+    src = torch.randn(1, 1, 8, dim).half()
+    assert not rope_kernel.rope_into(torch.empty(1, 1, 8, dim), src, tables.cos, tables.sin)
 

@@ -163,7 +163,8 @@ class KVCache:
                         raise RuntimeError("rope kernel refused a chunk after taking the run's first")
                     return False
             with stage("assemble"):
-                self.v[:, :, slots] = v[:n]  # torch's converting copy (the same conversion in C measured 7 against 5 ms at 4k)
+                # torch's converting copy: the same conversion in C measured 7 against 5 ms for 4k values
+                self.v[:, :, slots] = v[:n]
             self.length, row = self.length + t, row + t
         return True
 
