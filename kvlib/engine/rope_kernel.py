@@ -17,8 +17,9 @@ Design facts:
   half-written file. It can split rows over pthreads, but runs on the calling thread (THREADS
   says why); ctypes releases the GIL for the call.
 - Only x86-64 CPUs with AVX2 and F16C take it (x86 CPUs have had both since 2013). Anywhere
-  else, with no compiler, when the build fails, for other dtypes or layouts, or with KVLIB_ROPE_KERNEL=0 (an A/B's other arm), callers use the torch
-  passes; `status()` says which and why (kvlib doctor prints it).
+  else, with no compiler, when the build fails, for other dtypes or layouts, or with
+  KVLIB_ROPE_KERNEL=0 (an A/B's other arm), callers use the torch passes; `status()` says
+  which and why (kvlib doctor prints it).
 """
 
 from __future__ import annotations
