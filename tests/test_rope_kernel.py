@@ -79,3 +79,35 @@ def test_without_the_kernel_the_torch_passes_run(monkeypatch, tmp_path, env, rea
     src = torch.randn(1, 1, 8, dim).half()
     assert not rope_kernel.rope_into(torch.empty(1, 1, 8, dim), src, tables.cos, tables.sin)
 
+
+
+@needs_kernel
+def test_a_run_the_kernel_cannot_take_whole_falls_back_whole():
+    """A run whose later chunk the kernel declines (rows not contiguous) goes through the torch
+    passes from its first chunk: nothing half-written, the same cache either way. A single KV head
+    laid out by a transpose (odd stride on a size-1 dimension) is taken."""
+    lm, _ = tiny_lm("llama", num_key_value_heads=1)
+    shape = (lm.n_layers, 1, 6, lm.head_dim)
+    odd_head = stored_keys(lm.n_layers, 6, 1, lm.head_dim, seed=1).transpose(1, 2)  # [L, 1, 6, D], stride(1) = D
+    rows_apart = torch.cat([stored_keys(*shape, seed=2)] * 2, dim=-1)[..., : lm.head_dim]
+    tables = half_tables(lm.rope, torch.arange(50, 62), "cpu")
+    assert rope_kernel.accepts(torch.empty(shape), odd_head, tables.cos[:6], tables.sin[:6])
+    for second in (odd_head, rows_apart):
+        chunks = [(stored_keys(*shape, seed=3), stored_keys(*shape, seed=4)), (second, stored_keys(*shape, seed=5))]
+        cache = KVCache.for_model(lm, 12)
+        cache.append_rotated(chunks, tables)
+        k_all = torch.cat([k.float() for k, _ in chunks], dim=2)
+        rope_into_(k_all, k_all, tables)
+        assert cache.length == 12 and torch.equal(cache.k[:, :, :12], k_all)
+
+
+@needs_kernel
+def test_kernel_builds_into_a_relative_directory_and_reports_a_failed_build(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("KVLIB_KERNEL_DIR", "kernels")  # relative: loaded by absolute path all the same
+    monkeypatch.setattr(rope_kernel, "_state", {})
+    assert rope_kernel.status() == "compiled"
+    (tmp_path / "blocked").write_text("a file where the directory should be")
+    monkeypatch.setenv("KVLIB_KERNEL_DIR", "blocked/kernels")
+    monkeypatch.setattr(rope_kernel, "_state", {})
+    assert rope_kernel.status().startswith("build failed")

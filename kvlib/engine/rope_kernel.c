@@ -65,17 +65,14 @@ int kvlib_rope_f16_into_f32(const uint16_t *src, float *dst, const float *cos_t,
     if (n_threads < 1) n_threads = 1;
     if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (rows < n_threads) n_threads = 1;
-    int started = 0;
-    for (int i = 0; i < n_threads; i++) {
+    for (int i = 0; i < n_threads; i++)
         jobs[i] = (job_t){src, dst, cos_t, sin_t, rows * i / n_threads, rows * (i + 1) / n_threads,
                           t, d, src_stride, dst_stride};
-        if (i > 0) {
-            if (pthread_create(&threads[i], 0, run_job, &jobs[i]) != 0) break;
-            started = i;
-        }
-    }
+    int started = 0; /* threads 1..started run jobs 1..started; the caller runs the rest */
+    while (started + 1 < n_threads && pthread_create(&threads[started + 1], 0, run_job, &jobs[started + 1]) == 0)
+        started++;
     rotate_rows(&jobs[0]);
+    for (int i = started + 1; i < n_threads; i++) rotate_rows(&jobs[i]); /* threads that could not start */
     for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
-    for (int i = started + 1; i < n_threads; i++) rotate_rows(&jobs[i]);  /* threads that could not start */
     return 0;
 }

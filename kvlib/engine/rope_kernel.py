@@ -76,7 +76,7 @@ def _unavailable_reason() -> str | None:
 def _build() -> ctypes.CDLL:
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = kernel_dir() / f"rope_kernel-{digest}.so"
+    target = (kernel_dir() / f"rope_kernel-{digest}.so").resolve()  # absolute: dlopen searches for bare names
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
@@ -106,10 +106,13 @@ def _kernel():
             if reason is None:
                 try:
                     fn = _build().kvlib_rope_f16_into_f32
-                except (OSError, subprocess.SubprocessError) as exc:
+                except Exception as exc:  # any failure leaves the torch passes, which are always right
                     detail = getattr(exc, "stderr", b"") or b""
-                    reason = f"build failed: {exc}" + (f": {detail.decode(errors='replace')[:200]}" if detail else "")
-            _state["fn"], _state["reason"] = fn, reason
+                    if isinstance(detail, bytes):
+                        detail = detail.decode(errors="replace")
+                    reason = f"build failed: {exc}" + (f": {detail[:200]}" if detail else "")
+            _state["reason"] = reason
+            _state["fn"] = fn
     return _state["fn"]
 
 
@@ -120,28 +123,43 @@ def status() -> str:
 
 def _matrix_stride(x: torch.Tensor) -> int | None:
     """The element stride between the [T, D] matrices of x [L, Hkv, T, D] when each is row-contiguous
-    and they are evenly spaced (a cache's slots are; so is a contiguous tensor); else None."""
-    if x.dim() != 4 or x.stride(3) != 1 or x.stride(2) != x.shape[3] or x.stride(0) != x.shape[1] * x.stride(1):
+    and they are evenly spaced (a cache's slots are; so is a contiguous tensor); else None. The
+    strides of size-1 dimensions do not matter (is_contiguous ignores them too)."""
+    if x.dim() != 4:
+        return None
+    layers, heads, t, d = x.shape
+    if (d > 1 and x.stride(3) != 1) or (t > 1 and x.stride(2) != d):
+        return None
+    if heads == 1:
+        return x.stride(0)
+    if layers > 1 and x.stride(0) != heads * x.stride(1):
         return None
     return x.stride(1)
 
 
-def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              threads: int = THREADS) -> bool:
-    """dst = rope.rope_into_(dst, src, HalfTables(cos, sin)) in one pass where the kernel takes it:
-    src float16 [L, Hkv, T, D] (stored keys), dst float32 of the same shape (a cache's slots), cos and
-    sin float32 [T, D/2]. Returns False, having done nothing, where it does not."""
-    if (src.dtype != torch.float16 or dst.dtype != torch.float32 or src.device.type != "cpu"
-            or dst.device.type != "cpu" or src.shape != dst.shape or src.shape[-1] % 2):
+def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> bool:
+    """Whether rope_into takes these operands (it builds the kernel on first use to know)."""
+    if src.dim() != 4 or src.shape != dst.shape or src.shape[-1] % 2:
+        return False
+    if src.dtype != torch.float16 or dst.dtype != torch.float32:
         return False
     t, d = src.shape[2], src.shape[3]
-    tables_ok = all(x.dtype == torch.float32 and x.is_contiguous() and x.shape == (t, d // 2) for x in (cos, sin))
-    src_stride, dst_stride = _matrix_stride(src), _matrix_stride(dst)
-    if not tables_ok or src_stride is None or dst_stride is None:
+    tables = (cos, sin)
+    if not all(x is not None and x.dtype == torch.float32 and x.is_contiguous() and x.shape == (t, d // 2)
+               for x in tables):
         return False
-    fn = _kernel()
-    if fn is None:
+    on_cpu = all(x.device.type == "cpu" for x in (dst, src, *tables))
+    return on_cpu and _matrix_stride(src) is not None and _matrix_stride(dst) is not None and _kernel() is not None
+
+
+def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              threads: int = THREADS) -> bool:
+    """dst = rope.rope_into_(dst, src, HalfTables(cos, sin)) in one pass where the kernel takes it
+    (accepts): src float16 [L, Hkv, T, D] (stored keys), dst float32 of the same shape (a cache's
+    slots), cos and sin float32 [T, D/2] on the CPU. Returns False, having done nothing, where it does not."""
+    if not accepts(dst, src, cos, sin):
         return False
-    fn(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t, d,
-       src_stride, dst_stride, threads)
+    t, d = src.shape[2], src.shape[3]
+    _kernel()(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t, d,
+              _matrix_stride(src), _matrix_stride(dst), threads)
     return True
