@@ -15,7 +15,8 @@ Design facts:
   $XDG_CACHE_HOME/kvlib/kernels, else ~/.cache/kvlib/kernels), named by the hash of its source
   and flags, written to a temporary name and renamed, so concurrent processes never load a
   half-written file. It can split rows over pthreads, but runs on the calling thread (THREADS
-  says why); ctypes releases the GIL for the call.
+  says why); ctypes releases the GIL for the call. An Engine on such a model builds or finds it
+  when it is made, so no request's TTFT holds the build.
 - Only x86-64 CPUs with AVX2 and F16C take it (x86 CPUs have had both since 2013). Anywhere
   else, with no compiler, when the build fails, for other dtypes or layouts, or with
   KVLIB_ROPE_KERNEL=0 (an A/B's other arm), callers use the torch passes; `status()` says
