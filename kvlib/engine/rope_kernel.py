@@ -64,12 +64,16 @@ def _cpu_flags() -> set:
     return set(line.split(":", 1)[-1].split())
 
 
+def _compiler() -> str | None:
+    return shutil.which("cc") or shutil.which("gcc")
+
+
 def _unavailable_reason() -> str | None:
     if os.environ.get("KVLIB_ROPE_KERNEL", "").strip() == "0":
         return "off (KVLIB_ROPE_KERNEL=0)"
     if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "f16c"} <= _cpu_flags():
         return "this CPU lacks AVX2/F16C"
-    if not (shutil.which("cc") or shutil.which("gcc")):
+    if _compiler() is None:
         return "no C compiler (cc) on PATH"
     return None
 
@@ -83,8 +87,7 @@ def _build() -> ctypes.CDLL:
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
         try:
-            compiler = shutil.which("cc") or shutil.which("gcc")
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
+            subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
             os.replace(tmp, target)
         finally:
             if os.path.exists(tmp):
@@ -138,7 +141,7 @@ def _matrix_stride(x: torch.Tensor) -> int | None:
     return x.stride(1)
 
 
-def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> bool:
+def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
     """Whether rope_into takes these operands (it builds the kernel on first use to know)."""
     if src.dim() != 4 or src.shape != dst.shape or src.shape[-1] % 2:
         return False
@@ -146,8 +149,7 @@ def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor | None, sin:
         return False
     t, d = src.shape[2], src.shape[3]
     tables = (cos, sin)
-    if not all(x is not None and x.dtype == torch.float32 and x.is_contiguous() and x.shape == (t, d // 2)
-               for x in tables):
+    if not all(x.dtype == torch.float32 and x.is_contiguous() and x.shape == (t, d // 2) for x in tables):
         return False
     on_cpu = all(x.device.type == "cpu" for x in (dst, src, *tables))
     return on_cpu and _matrix_stride(src) is not None and _matrix_stride(dst) is not None and _kernel() is not None
