@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvlib.engine import attention
+from kvlib.engine import attention, attn_kernel
 from kvlib.engine.attention import Mask, attend, sdpa
 
 
@@ -59,9 +59,11 @@ def test_attend_equals_softmax_attention_in_float64(t, past):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_the_additive_mask_is_the_dense_one_built_once_and_attends_alike():
-    """A long float32 past runs SDPA on the Mask's additive form, built once for every layer of a
-    forward: 0 where the dense mask sees a slot, -inf elsewhere, giving the bool mask's bits."""
+def test_the_additive_mask_is_the_dense_one_built_once_and_attends_alike(monkeypatch):
+    """Without the C kernel (attn_kernel.py), a long float32 past runs SDPA on the Mask's additive
+    form, built once for every layer of a forward: 0 where the dense mask sees a slot, -inf
+    elsewhere, giving the bool mask's bits."""
+    monkeypatch.setattr(attn_kernel.KERNEL, "_state", {"fn": None, "reason": "off (this test)"})
     t, past = 30, 1600
     mask = Mask.causal(t, past)
     add = mask.additive(torch.device("cpu"), torch.float32)

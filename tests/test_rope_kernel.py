@@ -67,12 +67,12 @@ def test_append_rotated_through_the_kernel_matches_the_torch_path():
 @pytest.mark.parametrize("env, reason", [({"KVLIB_ROPE_KERNEL": "0"}, "off (KVLIB_ROPE_KERNEL=0)"),
                                          ({"PATH": "/nonexistent"}, "no C compiler (cc) on PATH")])
 def test_without_the_kernel_the_torch_passes_run(monkeypatch, tmp_path, env, reason):
-    if env.get("PATH") and rope_kernel._unavailable_reason() is not None:
+    if env.get("PATH") and rope_kernel.KERNEL.unavailable_reason() is not None:
         pytest.skip("this CPU takes no kernel anyway")
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("KVLIB_KERNEL_DIR", str(tmp_path))  # no kernel built before
-    monkeypatch.setattr(rope_kernel, "_state", {})
+    monkeypatch.setattr(rope_kernel.KERNEL, "_state", {})
     assert rope_kernel.status() == reason
     tables = half_tables(tiny_lm("llama")[0].rope, torch.arange(8), "cpu")
     dim = tables.cos.shape[1] * 2
@@ -105,9 +105,9 @@ def test_a_run_the_kernel_cannot_take_whole_falls_back_whole():
 def test_kernel_builds_into_a_relative_directory_and_reports_a_failed_build(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("KVLIB_KERNEL_DIR", "kernels")  # relative: loaded by absolute path all the same
-    monkeypatch.setattr(rope_kernel, "_state", {})
+    monkeypatch.setattr(rope_kernel.KERNEL, "_state", {})
     assert rope_kernel.status() == "compiled"
     (tmp_path / "blocked").write_text("a file where the directory should be")
     monkeypatch.setenv("KVLIB_KERNEL_DIR", "blocked/kernels")
-    monkeypatch.setattr(rope_kernel, "_state", {})
+    monkeypatch.setattr(rope_kernel.KERNEL, "_state", {})
     assert rope_kernel.status().startswith("build failed")

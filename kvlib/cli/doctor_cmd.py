@@ -52,7 +52,8 @@ def render(report: dict) -> None:
     for c in report["checks"]:
         table.add_row(c["name"], f"{c['value']:.2e}", f"{c['limit']:.0e}", "[green]yes" if c["ok"] else "[red]NO")
     console.print(table)
-    console.print(f"fingerprint {report['fingerprint'][:16]}; rope kernel: {report['rope_kernel']}")
+    console.print(f"fingerprint {report['fingerprint'][:16]}; rope kernel: {report['rope_kernel']}; "
+                  f"attention kernel: {report['attn_kernel']}")
     if "bench" in report:
         b = report["bench"]
         console.print(

@@ -12,6 +12,10 @@ Design facts:
   - `slots`: new tokens written at scattered slots of a filled cache, each seeing every
     slot up to its own. Repair recomputes tokens in the middle of a prompt this way.
 - Kernels, chosen from the layout and sizes (measured on this project's CPU):
+  - float32 on an x86 CPU with AVX2 and FMA: the C kernel of attn_kernel.py for every layout
+    but a single query (causal behind any past, packed sequences, slots). In-process A/B,
+    SmolLM2: rerope TTFT 1.06x faster at 1.5k context, 1.25x at 4k; rerope+blend:0.3 1.17x
+    and 1.32x; full prefill at 1.5k 1.03x. Where it is not built, the kernels below;
   - one new token on CPU: in bf16, two float32 matmuls (SDPA's bf16 kernel costs ~8x more for
     a single query); in float32, SDPA's kernel (one op where the matmuls take ten: SmolLM2
     decode steps 3-6% faster at batch 1-8, level at a 4k context, in-process A/B on an AVX2 EPYC);
@@ -44,6 +48,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from kvlib.engine import attn_kernel
 
 
 @dataclass(frozen=True, eq=False)
@@ -173,6 +179,9 @@ def causal_behind(q, keys, values, t_past: int, scale: float, mask: Mask | None 
     """T new queries over t_past past slots and, causally, themselves. keys/values: [Hkv, P+T, D];
     mask: the forward's Mask.causal(T, t_past), whose dense form every layer shares."""
     t = q.shape[2]
+    out = attn_kernel.attend_behind(q, keys, values, t_past, scale) if q.dtype == torch.float32 else None
+    if out is not None:
+        return out
     if t_past > t:  # padding would cost more than it saves
         if q.device.type == "cpu" and q.dtype == torch.float32 and t_past >= FEW_QUERIES_SDPA_PAST:
             mask = Mask.causal(t, t_past) if mask is None else mask
@@ -207,8 +216,12 @@ def at_slots(q, keys, values, slots: torch.Tensor, scale: float):
     of queries over only the slots up to the block's last query, so sorted slots (as repairs
     give) skip most of the masked scores: 16 against 23-29 ms a layer for 534 tokens repaired
     in a 1.8k SmolLM2 prompt, 77 against 111 for 1.2k in 4.1k. Same kernel, so the same
-    float32 scores for bf16 as the dense call; masked slots weigh exactly 0 in either.
+    float32 scores for bf16 as the dense call; masked slots weigh exactly 0 in either. In float32
+    on an AVX2 CPU the C kernel (attn_kernel.py) takes it, skipping alike per block of rows.
     q: [1, H, T, D]; slots: [T], any order (unsorted ones skip less)."""
+    out = attn_kernel.attend_until(q, keys, values, slots, scale) if q.dtype == torch.float32 else None
+    if out is not None:
+        return out
     slots = slots.to(q.device)
     out = torch.empty_like(q)
     for a in range(0, q.shape[2], SLOTS_BLOCK_ROWS):
@@ -238,8 +251,6 @@ def attend(q, keys, values, mask: Mask, scale: float, want_probs: bool = False):
         return at_slots(q, keys, values, mask.slots, scale), None
     if t == 1:
         return one_query(q, keys, values, scale), None
-    if mask.t_past == 0:
-        return sdpa(q, keys, values, scale, causal=True), None
     return causal_behind(q, keys, values, mask.t_past, scale, mask), None
 
 

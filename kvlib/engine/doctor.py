@@ -98,19 +98,36 @@ def check_rope_kernel(engine: Engine) -> Check | None:
     return _check("C rotation of float16 keys vs torch's passes (max abs)", (got - expected).abs().max().item(), 0.0)
 
 
+def check_attn_kernel(engine: Engine) -> Check | None:
+    """The C attention of a question behind a long past (engine/attn_kernel.py), where this machine
+    builds it: against SDPA on the model's own head shapes. None where it is not used."""
+    from kvlib.engine import attn_kernel
+    from kvlib.engine.attention import Mask, sdpa
+
+    lm, g, t, past = engine.lm, torch.Generator().manual_seed(2), 25, 2000
+    q = torch.randn(1, t, lm.config_summary["num_attention_heads"], lm.head_dim, generator=g).transpose(1, 2)
+    keys, values = torch.randn(2, lm.n_kv_heads, past + t, lm.head_dim, generator=g)
+    scale = lm.head_dim ** -0.5
+    got = attn_kernel.attend_behind(q, keys, values, past, scale)
+    if got is None:
+        return None
+    expected = sdpa(q, keys, values, scale, mask=Mask.causal(t, past).dense(q.device))
+    return _check("C attention behind a 2k past vs SDPA (max abs)", (got - expected).abs().max().item(), 1e-5)
+
+
 def run_checks(engine: Engine) -> list[Check]:
     """Needs a float32 engine: the limits assume float32 rounding."""
     ids = engine.tokenize(SAMPLE_TEXT)
     checks = [check_forward(engine, ids), check_shift_invariance(engine, ids), check_composition(engine, ids),
-              check_rotation_roundtrip(engine), check_rope_kernel(engine)]
+              check_rotation_roundtrip(engine), check_rope_kernel(engine), check_attn_kernel(engine)]
     return [c for c in checks if c is not None]
 
 
 def checks_as_json(engine: Engine, checks: list[Check]) -> dict:
-    from kvlib.engine import rope_kernel
+    from kvlib.engine import attn_kernel, rope_kernel
 
     return {"model": engine.lm.name, "fingerprint": engine.lm.fingerprint, "dtype": str(engine.lm.dtype),
-            "device": str(engine.lm.device), "rope_kernel": rope_kernel.status(),
+            "device": str(engine.lm.device), "rope_kernel": rope_kernel.status(), "attn_kernel": attn_kernel.status(),
             "checks": [asdict(c) for c in checks], "ok": all(c.ok for c in checks)}
 
 

@@ -10,13 +10,9 @@ Design facts:
   holds the same bits (tests/test_rope_kernel.py). In the request path (in-process A/B, SmolLM2
   rerope): rotation and assembly 31.8 -> 15.2 ms at 4k, 66.1 -> 33.0 at 8k; TTFT 269 -> 232 ms
   at 4k, 414 -> 371 at 8k.
-- It is plain C through ctypes (no torch headers: it builds in well under a second), compiled
-  with the system's C compiler into kvlib's cache directory (KVLIB_KERNEL_DIR, else
-  $XDG_CACHE_HOME/kvlib/kernels, else ~/.cache/kvlib/kernels), named by the hash of its source
-  and flags, written to a temporary name and renamed, so concurrent processes never load a
-  half-written file. It can split rows over pthreads, but runs on the calling thread (THREADS
-  says why); ctypes releases the GIL for the call. An Engine on such a model builds or finds it
-  when it is made, so no request's TTFT holds the build.
+- It is built and loaded as kernels.py says. It can split rows over pthreads, but runs on the
+  calling thread (THREADS says why). An Engine on such a model builds or finds it when it is
+  made, so no request's TTFT holds the build.
 - Only x86-64 CPUs with AVX2 and F16C take it (x86 CPUs have had both since 2013). Anywhere
   else, with no compiler, when the build fails, for other dtypes or layouts, or with
   KVLIB_ROPE_KERNEL=0 (an A/B's other arm), callers use the torch passes; `status()` says
@@ -26,103 +22,25 @@ Design facts:
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("rope_kernel.c")
+from kvlib.engine.kernels import CKernel
+
 FLAGS = ("-O3", "-mavx2", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
 # Threads the kernel splits rows over. One: in the request path torch's OpenMP workers still spin
 # after the op before (a converting copy, the tables) and take the core a second thread needs.
 # In-process A/B, SmolLM2 rerope at 4k: rotation and assembly 15.2 ms on one thread, 19.0 on two,
 # 31.8 through the torch passes (8k: 33.0, 40.4, 66.1); alone, two threads beat one 7.3 to 9 ms.
 THREADS = 1
-_lock = threading.Lock()
-_state: dict = {}
-
-
-def kernel_dir() -> Path:
-    explicit = os.environ.get("KVLIB_KERNEL_DIR")
-    if explicit:
-        return Path(explicit)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kvlib" / "kernels"
-
-
-def _cpu_flags() -> set:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-def _compiler() -> str | None:
-    return shutil.which("cc") or shutil.which("gcc")
-
-
-def _unavailable_reason() -> str | None:
-    if os.environ.get("KVLIB_ROPE_KERNEL", "").strip() == "0":
-        return "off (KVLIB_ROPE_KERNEL=0)"
-    if platform.machine() not in ("x86_64", "AMD64") or not {"avx2", "f16c"} <= _cpu_flags():
-        return "this CPU lacks AVX2/F16C"
-    if _compiler() is None:
-        return "no C compiler (cc) on PATH"
-    return None
-
-
-def _build() -> ctypes.CDLL:
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = (kernel_dir() / f"rope_kernel-{digest}.so").resolve()  # absolute: dlopen searches for bare names
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        try:
-            subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, timeout=120)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(target))
-    fn = lib.kvlib_rope_f16_into_f32
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return lib
-
-
-def _kernel():
-    """The loaded function, or None (with the reason kept for status())."""
-    if "fn" in _state:
-        return _state["fn"]
-    with _lock:
-        if "fn" not in _state:
-            reason = _unavailable_reason()
-            fn = None
-            if reason is None:
-                try:
-                    fn = _build().kvlib_rope_f16_into_f32
-                except Exception as exc:  # any failure leaves the torch passes, which are always right
-                    detail = getattr(exc, "stderr", b"") or b""
-                    if isinstance(detail, bytes):
-                        detail = detail.decode(errors="replace")
-                    reason = f"build failed: {exc}" + (f": {detail[:200]}" if detail else "")
-            _state["reason"] = reason
-            _state["fn"] = fn
-    return _state["fn"]
+KERNEL = CKernel(Path(__file__).with_name("rope_kernel.c"), FLAGS, "kvlib_rope_f16_into_f32",
+                 [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int], "KVLIB_ROPE_KERNEL", {"avx2", "f16c"})
 
 
 def status() -> str:
     """'compiled' or why the torch passes are used."""
-    return "compiled" if _kernel() is not None else _state["reason"]
+    return KERNEL.status()
 
 
 def _matrix_stride(x: torch.Tensor) -> int | None:
@@ -152,7 +70,7 @@ def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.
     if not all(x.dtype == torch.float32 and x.is_contiguous() and x.shape == (t, d // 2) for x in tables):
         return False
     on_cpu = all(x.device.type == "cpu" for x in (dst, src, *tables))
-    return on_cpu and _matrix_stride(src) is not None and _matrix_stride(dst) is not None and _kernel() is not None
+    return on_cpu and _matrix_stride(src) is not None and _matrix_stride(dst) is not None and KERNEL.function() is not None
 
 
 def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -163,6 +81,6 @@ def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torc
     if not accepts(dst, src, cos, sin):
         return False
     t, d = src.shape[2], src.shape[3]
-    _kernel()(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t, d,
+    KERNEL.function()(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t, d,
               _matrix_stride(src), _matrix_stride(dst), threads)
     return True

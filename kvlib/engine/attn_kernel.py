@@ -1,0 +1,87 @@
+"""A few float32 queries behind a long past of a float32 KV cache: a C flash-attention kernel.
+
+Design facts:
+- A question over cached chunks is ~25-30 new tokens behind thousands of cached slots. On an
+  AVX2 CPU in float32 SDPA's blocked kernel ran that at ~75 GFLOP/s on 2 threads, against the
+  ~130 of a large matmul, and it reads the keys once per query head. attn_kernel.c reads each
+  block of keys and values once for all the query heads that share them (grouped-query), with
+  register-tiled products, an online softmax, and work split over (KV head, rows, key range).
+- Not the same bits as SDPA (another order of sums, and its own exponential): within the
+  exactness tolerance of DESIGN.md §1 (tests: against attention written out in float64, and
+  composition against full recompute through the engine).
+- Built and loaded as kernels.py says, with OpenMP on torch's own worker threads. Only x86-64
+  CPUs with AVX2 and FMA take it; anywhere else, with no compiler, for other dtypes or layouts,
+  or with KVLIB_ATTN_KERNEL=0 (an A/B's other arm), `attend_behind` returns None and the caller
+  runs SDPA; `status()` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from kvlib.engine.kernels import CKernel
+
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
+KERNEL = CKernel(Path(__file__).with_name("attn_kernel.c"), FLAGS, "kvlib_attend_f32",
+                 [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_int64] * 3
+                 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int], "KVLIB_ATTN_KERNEL", {"avx2", "fma"})
+
+
+def status() -> str:
+    """'compiled' or why SDPA is used."""
+    return KERNEL.status()
+
+
+def _rows_ok(x: torch.Tensor) -> bool:
+    """Each [slots or tokens, D] matrix row-contiguous with rows D apart (strides of size-1
+    dimensions do not matter)."""
+    d = x.shape[-1]
+    return (d == 1 or x.stride(-1) == 1) and (x.shape[-2] == 1 or x.stride(-2) == d)
+
+
+def accepts(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
+    """q [1, H, T, D], keys/values [Hkv, S, D]: float32 on the CPU, D a multiple of 16, H a
+    multiple of Hkv, rows contiguous (a cache's slots are; q may be a head transpose)."""
+    if q.dim() != 4 or keys.dim() != 3 or keys.shape != values.shape or q.shape[0] != 1:
+        return False
+    heads, _, d = q.shape[1], q.shape[2], q.shape[3]
+    if d % 16 or keys.shape[2] != d or heads % keys.shape[0]:
+        return False
+    if any(x.dtype != torch.float32 or x.device.type != "cpu" for x in (q, keys, values)):
+        return False
+    if q.stride(3) != 1 or not (_rows_ok(keys) and _rows_ok(values)):
+        return False
+    return KERNEL.function() is not None
+
+
+def attend_until(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor, scale: float):
+    """softmax(q k^T * scale) v with new token t seeing slots [0, last[t]], as [1, H, T, D] (a view
+    of a [1, T, H, D] tensor, so the output projection's reshape copies nothing); None, having
+    done nothing, where the kernel does not take the operands (accepts). last: int [T], each
+    below keys.shape[1]."""
+    if last.dim() != 1 or last.numel() != q.shape[2] or not accepts(q, keys, values):
+        return None
+    last = last.to(device="cpu", dtype=torch.int64).contiguous()
+    if int(last.max()) >= keys.shape[1] or int(last.min()) < 0:
+        return None
+    heads, t, dim = q.shape[1], q.shape[2], q.shape[3]
+    out = torch.empty(1, t, heads, dim).transpose(1, 2)
+    rc = KERNEL.function()(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(0),
+                           values.data_ptr(), values.stride(0), out.data_ptr(), out.stride(1), out.stride(2),
+                           heads, keys.shape[0], t, last.data_ptr(), dim, scale, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"attention kernel refused its operands ({rc})")
+    return out
+
+
+def attend_behind(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t_past: int, scale: float):
+    """attend_until for T new tokens behind t_past slots, each seeing the past and the new tokens up
+    to itself (keys: [Hkv, t_past + T, D])."""
+    t = q.shape[2]
+    if keys.shape[1] != t_past + t:
+        return None
+    return attend_until(q, keys, values, torch.arange(t_past, t_past + t), scale)
