@@ -7,10 +7,10 @@
    passes in rope.rope_into_ (x * [c, c] + swap(x) * [-s, s]), so the same bits. Built with
    -ffp-contract=off and without FMA so that no product and sum fuse into one rounding; AVX2 and
    F16C intrinsics, eight values at a time.
-   Rows are split over n_threads threads (the calling one included). */
+   Rows are split over n_threads OpenMP threads (torch's own workers: kernels.py). */
 
 #include <immintrin.h>
-#include <pthread.h>
+#include <omp.h>
 #include <stdint.h>
 
 typedef struct {
@@ -50,29 +50,17 @@ static void rotate_rows(const job_t *job) {
     }
 }
 
-static void *run_job(void *arg) {
-    rotate_rows((const job_t *)arg);
-    return 0;
-}
-
 int kvlib_rope_f16_into_f32(const uint16_t *src, float *dst, const float *cos_t, const float *sin_t,
                             int64_t n_mat, int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride,
                             int n_threads) {
-    enum { MAX_THREADS = 64 };
-    job_t jobs[MAX_THREADS];
-    pthread_t threads[MAX_THREADS];
     const int64_t rows = n_mat * t;
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
     if (rows < n_threads) n_threads = 1;
-    for (int i = 0; i < n_threads; i++)
-        jobs[i] = (job_t){src, dst, cos_t, sin_t, rows * i / n_threads, rows * (i + 1) / n_threads,
-                          t, d, src_stride, dst_stride};
-    int started = 0; /* threads 1..started run jobs 1..started; the caller runs the rest */
-    while (started + 1 < n_threads && pthread_create(&threads[started + 1], 0, run_job, &jobs[started + 1]) == 0)
-        started++;
-    rotate_rows(&jobs[0]);
-    for (int i = started + 1; i < n_threads; i++) rotate_rows(&jobs[i]); /* threads that could not start */
-    for (int i = 1; i <= started; i++) pthread_join(threads[i], 0);
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
+        const job_t job = {src, dst, cos_t, sin_t, rows * i / n, rows * (i + 1) / n, t, d, src_stride, dst_stride};
+        rotate_rows(&job);
+    }
     return 0;
 }

@@ -10,9 +10,11 @@ Design facts:
   holds the same bits (tests/test_rope_kernel.py). In the request path (in-process A/B, SmolLM2
   rerope): rotation and assembly 31.8 -> 15.2 ms at 4k, 66.1 -> 33.0 at 8k; TTFT 269 -> 232 ms
   at 4k, 414 -> 371 at 8k.
-- It is built and loaded as kernels.py says. It can split rows over pthreads, but runs on the
-  calling thread (THREADS says why). An Engine on such a model builds or finds it when it is
-  made, so no request's TTFT holds the build.
+- It is built and loaded as kernels.py says, and splits rows over torch's own OpenMP workers
+  (a private pthread pool lost the second core to those workers, still spinning from the op
+  before: in-process A/B at 4k, rotation and assembly 15.2 ms on the calling thread alone, 19.0
+  on two pthreads). An Engine on such a model builds or finds it when it is made, so no
+  request's TTFT holds the build.
 - Only x86-64 CPUs with AVX2 and F16C take it (x86 CPUs have had both since 2013). Anywhere
   else, with no compiler, when the build fails, for other dtypes or layouts, or with
   KVLIB_ROPE_KERNEL=0 (an A/B's other arm), callers use the torch passes; `status()` says
@@ -28,12 +30,11 @@ import torch
 
 from kvlib.engine.kernels import CKernel
 
-FLAGS = ("-O3", "-mavx2", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-pthread")
-# Threads the kernel splits rows over. One: in the request path torch's OpenMP workers still spin
-# after the op before (a converting copy, the tables) and take the core a second thread needs.
-# In-process A/B, SmolLM2 rerope at 4k: rotation and assembly 15.2 ms on one thread, 19.0 on two,
-# 31.8 through the torch passes (8k: 33.0, 40.4, 66.1); alone, two threads beat one 7.3 to 9 ms.
-THREADS = 1
+FLAGS = ("-O3", "-mavx2", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+# Threads the kernel splits rows over; 0: torch's count (its OpenMP workers, which the kernel runs on).
+# In-process A/B, SmolLM2 rerope, rotation and assembly: 14.7 ms on the calling thread alone, 12.9 on
+# torch's two workers at 4k; 26.6 and 19.4 at 8k.
+THREADS = 0
 KERNEL = CKernel(Path(__file__).with_name("rope_kernel.c"), FLAGS, "kvlib_rope_f16_into_f32",
                  [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int], "KVLIB_ROPE_KERNEL", {"avx2", "f16c"})
 
@@ -74,13 +75,13 @@ def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.
 
 
 def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-              threads: int = THREADS) -> bool:
+              threads: int | None = None) -> bool:
     """dst = rope.rope_into_(dst, src, HalfTables(cos, sin)) in one pass where the kernel takes it
     (accepts): src float16 [L, Hkv, T, D] (stored keys), dst float32 of the same shape (a cache's
     slots), cos and sin float32 [T, D/2] on the CPU. Returns False, having done nothing, where it does not."""
     if not accepts(dst, src, cos, sin):
         return False
     t, d = src.shape[2], src.shape[3]
-    KERNEL.function()(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t, d,
-              _matrix_stride(src), _matrix_stride(dst), threads)
+    KERNEL.function()(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t,
+                      d, _matrix_stride(src), _matrix_stride(dst), threads or THREADS or torch.get_num_threads())
     return True

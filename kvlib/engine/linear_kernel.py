@@ -1,0 +1,82 @@
+"""Float32 linear layers on weights packed in panels of 16 output columns: a small C kernel.
+
+Design facts:
+- A question over cached chunks runs ~25 rows through every product, and decode runs 1-16:
+  there oneDNN's packed float32 product ran ~80 GFLOP/s in place (weights streaming from
+  memory layer after layer) against ~130 on warm weights. linear_kernel.c streams each panel
+  ([k x 16], contiguous) once per block of rows with 6-row register tiles over it. Measured on
+  an AVX2 EPYC, SmolLM2's 120 layer products in turn (30 layers' weights, 425 MB, so they
+  stream as in a request), interleaved: 1 row 25.2 -> 19.5 ms, 8 rows 31.1 -> 25.1, 25 rows
+  67.2 -> 55.1, 512 rows level (791 / 792), 1,500 rows 2,202 -> 2,068.
+- Batch-invariant, as oneDNN's float32 products are (fused.py): every output is the same chain
+  of fused multiply-adds in k order, then the bias, whatever the other rows. Not oneDNN's bits
+  (another order of sums), within float32 rounding of the product in float64 (tests).
+- The panels replace the plain weight (as oneDNN's packed copy did): `Panels.to_dense` gives it
+  back bit for bit (model.plain_weights, the doctor's reference forward).
+- Built and loaded as kernels.py says, on torch's OpenMP threads. Only x86-64 CPUs with AVX2 and
+  FMA take it; anywhere else, with no compiler, or with KVLIB_LINEAR_KERNEL=0 (an A/B's other
+  arm), fused.pack makes oneDNN's packed copy instead; `status()` says which and why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kvlib.engine.kernels import CKernel
+
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
+KERNEL = CKernel(Path(__file__).with_name("linear_kernel.c"), FLAGS, "kvlib_linear_f32",
+                 [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                  ctypes.c_void_p, ctypes.c_int], "KVLIB_LINEAR_KERNEL", {"avx2", "fma"})
+WIDTH = 16  # output columns per panel
+
+
+def status() -> str:
+    """'compiled' or why oneDNN's packed products are used."""
+    return KERNEL.status()
+
+
+@dataclass(frozen=True, eq=False)
+class Panels:
+    """A weight [n, k] as ceil(n / 16) panels [k, 16] (columns past n zero)."""
+
+    data: torch.Tensor
+    n: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.n, self.data.shape[1]
+
+    def to_dense(self) -> torch.Tensor:
+        """The weight [n, k], bit for bit."""
+        return self.data.transpose(1, 2).reshape(-1, self.data.shape[1])[: self.n].contiguous()
+
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [..., k] @ weight^T + bias -> [..., n]."""
+        k = self.data.shape[1]
+        rows = x.reshape(-1, k).contiguous()
+        out = torch.empty(rows.shape[0], self.n)
+        bias = None if bias is None else bias.contiguous()  # held until the call returns
+        if rows.shape[0]:
+            rc = KERNEL.function()(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
+                                   None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
+            if rc != 0:
+                raise RuntimeError(f"linear kernel refused its operands ({rc})")
+        return out.reshape(*x.shape[:-1], self.n)
+
+
+def takes(weight: torch.Tensor) -> bool:
+    """A float32 CPU weight, on a machine where the kernel builds."""
+    return weight.dtype == torch.float32 and weight.device.type == "cpu" and KERNEL.function() is not None
+
+
+def panels(weight: torch.Tensor) -> Panels:
+    """The weight [n, k] packed for the kernel (takes(weight) must hold)."""
+    n, k = weight.shape
+    padded = torch.zeros((n + WIDTH - 1) // WIDTH * WIDTH, k, dtype=torch.float32)
+    padded[:n] = weight.detach()
+    return Panels(padded.view(-1, WIDTH, k).transpose(1, 2).contiguous(), n)
