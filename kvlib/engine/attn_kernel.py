@@ -25,10 +25,14 @@ import torch
 from kvlib.engine.kernels import CKernel
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
-KERNEL = CKernel(Path(__file__).with_name("attn_kernel.c"), FLAGS, "kvlib_attend_f32",
-                 [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                  ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_int64] * 3
-                 + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int], "KVLIB_ATTN_KERNEL", {"avx2", "fma"})
+MAX_SLOTS = 1 << 24  # the kernel compares slots as float32, exact up to here
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+# q, its head and token strides; keys, head stride; values, head stride; out, head and token strides;
+# heads, KV heads, new tokens, each token's last slot, head dim, scale, threads
+_ARGS = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, ctypes.c_float,
+         ctypes.c_int]
+KERNEL = CKernel(Path(__file__).with_name("attn_kernel.c"), FLAGS, "kvlib_attend_f32", _ARGS, "KVLIB_ATTN_KERNEL",
+                 {"avx2", "fma"})
 
 
 def status() -> str:
@@ -63,7 +67,7 @@ def attend_until(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last
     of a [1, T, H, D] tensor, so the output projection's reshape copies nothing); None, having
     done nothing, where the kernel does not take the operands (accepts). last: int [T], each
     below keys.shape[1]."""
-    if last.dim() != 1 or last.numel() != q.shape[2] or not accepts(q, keys, values):
+    if last.dim() != 1 or last.numel() != q.shape[2] or keys.shape[1] > MAX_SLOTS or not accepts(q, keys, values):
         return None
     last = last.to(device="cpu", dtype=torch.int64).contiguous()
     if int(last.max()) >= keys.shape[1] or int(last.min()) < 0:

@@ -71,7 +71,8 @@ def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.
     if not all(x.dtype == torch.float32 and x.is_contiguous() and x.shape == (t, d // 2) for x in tables):
         return False
     on_cpu = all(x.device.type == "cpu" for x in (dst, src, *tables))
-    return on_cpu and _matrix_stride(src) is not None and _matrix_stride(dst) is not None and KERNEL.function() is not None
+    strided = _matrix_stride(src) is not None and _matrix_stride(dst) is not None
+    return on_cpu and strided and KERNEL.function() is not None
 
 
 def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
