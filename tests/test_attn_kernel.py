@@ -33,6 +33,9 @@ def operands(heads, kv_heads, dim, t, t_past, seed, spread=1.0):
     (9, 3, 64, 25, 700),    # SmolLM2's heads: a question behind cached chunks
     (12, 2, 128, 30, 500),  # Qwen2.5-1.5B's: 180 rows, two row blocks
     (4, 4, 16, 1, 1500),    # one query: the keys split over threads and merged
+    (9, 3, 64, 1, 4000),    # decode's rows: dot products, three rows of eight lanes
+    (12, 2, 128, 1, 3000),  # six query heads a KV head
+    (9, 3, 64, 2, 999),     # two tokens: six rows, still the few-row path
     (6, 2, 32, 200, 250),   # many rows: seven row blocks, the causal corner across blocks
     (9, 3, 64, 7, 5),       # shorter than a block of keys
 ])

@@ -13,9 +13,10 @@ Design facts:
     slot up to its own. Repair recomputes tokens in the middle of a prompt this way.
 - Kernels, chosen from the layout and sizes (measured on this project's CPU):
   - float32 on an x86 CPU with AVX2 and FMA: the C kernel of attn_kernel.py for every layout
-    but a single query (causal behind any past, packed sequences, slots). In-process A/B,
+    (causal behind any past, a single query, packed sequences, slots). In-process A/B,
     SmolLM2: rerope TTFT 1.06x faster at 1.5k context, 1.25x at 4k; rerope+blend:0.3 1.17x
-    and 1.32x; full prefill at 1.5k 1.03x. Where it is not built, the kernels below;
+    and 1.32x; full prefill at 1.5k 1.03x; decode at 4k 1.17x. Where it is not built, the
+    kernels below;
   - one new token on CPU: in bf16, two float32 matmuls (SDPA's bf16 kernel costs ~8x more for
     a single query); in float32, SDPA's kernel (one op where the matmuls take ten: SmolLM2
     decode steps 3-6% faster at batch 1-8, level at a 4k context, in-process A/B on an AVX2 EPYC);
@@ -258,4 +259,5 @@ def one_query(q, keys, values, scale: float):
     """One new token over every slot of keys/values (decode). q: [1, H, 1, D]."""
     if q.device.type == "cpu" and q.dtype != torch.float32:
         return single_query_attention(q, keys, values, scale)
-    return sdpa(q, keys, values, scale)
+    out = attn_kernel.attend_behind(q, keys, values, keys.shape[1] - 1, scale) if q.dtype == torch.float32 else None
+    return out if out is not None else sdpa(q, keys, values, scale)

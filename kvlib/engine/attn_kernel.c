@@ -10,7 +10,8 @@
    - an online softmax eight rows at a time (running maximum and sum per row; the slots a row
      may not see are -inf, then 0 after the exponential);
    - the probabilities times the block's values added to the rows' outputs (6 rows x 16 values
-     a tile, the values read where they lie).
+     a tile, the values read where they lie);
+   at most 8 rows (decode's one token) take dot products over the head dimension for the scores.
    Work items are (KV head, block of at most RB rows, range of keys); the key ranges of a row
    block are merged at the end by their maxima and sums (as split-K flash decoding does), so
    few rows still spread over threads. Items run under OpenMP on torch's own worker threads
@@ -92,11 +93,41 @@ static void score_block(const float *qt, const float *k, float *st, int64_t nk, 
     }
 }
 
+/* The same scores for at most 8 rows (one new token: decode), as dot products over the head
+   dimension, four keys at a time; qs [rows x d] row-major, st [BK x 8]. */
+static void score_few(const float *qs, int64_t nrows, const float *k, float *st, int64_t nk, int64_t d) {
+    int64_t j = 0;
+    for (; j + 4 <= nk; j += 4)
+        for (int64_t r = 0; r < 8; r++) {
+            if (r >= nrows) {
+                for (int i = 0; i < 4; i++) st[(j + i) * 8 + r] = 0.0f;
+                continue;
+            }
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            for (int64_t c = 0; c < d; c += 8) {
+                const __m256 q = _mm256_loadu_ps(qs + r * d + c);
+#pragma GCC unroll 4
+                for (int i = 0; i < 4; i++) acc[i] = _mm256_fmadd_ps(q, _mm256_loadu_ps(k + (j + i) * d + c), acc[i]);
+            }
+            const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+            float sums[4];
+            _mm_storeu_ps(sums, _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1)));
+            for (int i = 0; i < 4; i++) st[(j + i) * 8 + r] = sums[i];
+        }
+    for (; j < nk; j++)
+        for (int64_t r = 0; r < 8; r++) {
+            float sum = 0.0f;
+            for (int64_t c = 0; r < nrows && c < d; c++) sum += qs[r * d + c] * k[j * d + c];
+            st[j * 8 + r] = sum;
+        }
+}
+
 /* o[r][:] += sum_j pt[j][r] * v[j][:] over the block's nk keys, in tiles of 6 rows (the last one
-   short: its missing rows repeat the first and are not stored). */
-static void value_block(const float *pt, const float *v, float *o, int64_t nk, int64_t d, int64_t rp) {
-    for (int64_t r = 0; r < rp;) {
-        const int nr = rp - r < 6 ? (int)(rp - r) : 6;
+   short: its missing rows repeat the first and are not stored); pt rows rp apart. */
+static void value_block(const float *pt, const float *v, float *o, int64_t nk, int64_t d, int64_t rp,
+                        int64_t nrows) {
+    for (int64_t r = 0; r < nrows;) { /* padding rows (their probabilities are 0) are skipped */
+        const int nr = nrows - r < 6 ? (int)(nrows - r) : 6;
         for (int64_t c = 0; c < d; c += 16) {
             __m256 acc[6][2];
 #pragma GCC unroll 6
@@ -178,6 +209,8 @@ static void load_rows(const attn_t *a, int64_t kv, int64_t r0, int64_t nrows, in
         const float *src = a->q + h * a->q_hs + t * a->q_ts;
         lim[r] = (float)a->last[t];
         for (int64_t c = 0; c < d; c++) qt[c * rp + r] = src[c] * a->scale;
+        if (rp == 8) /* the few-row path reads rows: qs after qt */
+            for (int64_t c = 0; c < d; c++) qt[8 * d + r * d + c] = src[c] * a->scale;
     }
 }
 
@@ -185,7 +218,8 @@ static void run_item(const attn_t *a, int64_t item, float *qt, float *st, float 
     const int64_t d = a->d, rows_all = a->group * a->t;
     const int64_t split = item % a->splits, rb = (item / a->splits) % a->row_blocks;
     const int64_t kv = item / (a->splits * a->row_blocks);
-    const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB, rp = (nrows + 15) / 16 * 16;
+    const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB;
+    const int64_t rp = nrows <= 8 ? 8 : (nrows + 15) / 16 * 16;
     float *m = a->m + item * RB, *l = a->l + item * RB, *o = a->o + item * RB * d;
     load_rows(a, kv, r0, nrows, rp, qt, lim, m, l, o);
     const float *k = a->k + kv * a->k_hs, *v = a->v + kv * a->v_hs;
@@ -199,9 +233,12 @@ static void run_item(const attn_t *a, int64_t item, float *qt, float *st, float 
     if (k_end > highest + 1) k_end = highest + 1;
     for (int64_t kb = k_begin; kb < k_end; kb += BK) {
         const int64_t nk = k_end - kb < BK ? k_end - kb : BK;
-        score_block(qt, k + kb * d, st, nk, d, rp);
+        if (rp == 8)
+            score_few(qt + 8 * d, nrows, k + kb * d, st, nk, d);
+        else
+            score_block(qt, k + kb * d, st, nk, d, rp);
         softmax_block(st, nk, kb, kb + nk - 1 > lowest, lim, m, l, o, d, rp);
-        value_block(st, v + kb * d, o, nk, d, rp);
+        value_block(st, v + kb * d, o, nk, d, rp, nrows);
     }
 }
 

@@ -1,4 +1,4 @@
-"""A few float32 queries behind a long past of a float32 KV cache: a C flash-attention kernel.
+"""Float32 attention over a float32 KV cache on AVX2 CPUs: a C flash-attention kernel.
 
 Design facts:
 - A question over cached chunks is ~25-30 new tokens behind thousands of cached slots. On an
@@ -6,6 +6,9 @@ Design facts:
   ~130 of a large matmul, and it reads the keys once per query head. attn_kernel.c reads each
   block of keys and values once for all the query heads that share them (grouped-query), with
   register-tiled products, an online softmax, and work split over (KV head, rows, key range).
+  Decode's one token (at most 8 rows a KV head) takes dot products over the head dimension
+  instead, its keys split over the threads: SmolLM2 decode at 4k context 14.6 -> 17.1 tok/s
+  against SDPA (in-process A/B, the same tokens), level at 1k.
 - Not the same bits as SDPA (another order of sums, and its own exponential): within the
   exactness tolerance of DESIGN.md §1 (tests: against attention written out in float64, and
   composition against full recompute through the engine).
