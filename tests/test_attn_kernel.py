@@ -10,13 +10,18 @@ needs_kernel = pytest.mark.skipif(attn_kernel.status() != "compiled",
                                   reason=f"attention kernel unavailable here: {attn_kernel.status()}")
 
 
-def reference(q, keys, values, t_past, scale):
-    """softmax(q k^T * scale) v in float64, token t seeing slots [0, t_past + t]; q [1, H, T, D]."""
-    group, t = q.shape[1] // keys.shape[0], q.shape[2]
+def reference(q, keys, values, last, scale):
+    """softmax(q k^T * scale) v in float64, token t seeing slots [0, last[t]]; q [1, H, T, D]."""
+    group = q.shape[1] // keys.shape[0]
     k64, v64 = (x.double().repeat_interleave(group, 0) for x in (keys, values))
     scores = torch.einsum("htd,hsd->hts", q[0].double(), k64) * scale
-    seen = torch.ones(t, keys.shape[1], dtype=torch.bool).tril(diagonal=t_past)
+    seen = torch.arange(keys.shape[1])[None, :] <= last[:, None]
     return torch.einsum("hts,hsd->htd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v64)[None]
+
+
+def behind(t_past, t):
+    """Each new token's last slot behind t_past cached ones: the past and the new tokens up to itself."""
+    return torch.arange(t_past, t_past + t)
 
 
 def operands(heads, kv_heads, dim, t, t_past, seed, spread=1.0):
@@ -48,7 +53,7 @@ def test_kernel_equals_attention_written_out_in_float64(heads, kv_heads, dim, t,
     finally:
         torch.set_num_threads(2)
     assert got is not None and got.shape == q.shape
-    assert (got.double() - reference(q, keys, values, t_past, dim ** -0.5)).abs().max() < 2e-6
+    assert (got.double() - reference(q, keys, values, behind(t_past, t), dim ** -0.5)).abs().max() < 2e-6
 
 
 @needs_kernel
@@ -60,7 +65,7 @@ def test_peaked_scores_stay_finite_and_right():
     keys[:, 700] = q[0, ::3, 0] * 0.5  # slot 700 aligned with each KV head's first query
     got = attn_kernel.attend_behind(q, keys, values, 900, 0.125)
     assert torch.isfinite(got).all()
-    expected = reference(q, keys, values, 900, 0.125)
+    expected = reference(q, keys, values, behind(900, 25), 0.125)
     sdpa = attention.sdpa(q, keys, values, 0.125, mask=attention.Mask.causal(25, 900).dense(q.device))
     assert (got.double() - expected).abs().max() <= 2 * (sdpa.double() - expected).abs().max() + 1e-6
 
@@ -81,12 +86,7 @@ def test_tokens_at_scattered_slots_see_up_to_their_own():
     q, keys, values = operands(9, 3, 64, 150, 650, seed=11)
     slots = torch.randperm(800, generator=torch.Generator().manual_seed(3))[:150]
     got = attn_kernel.attend_until(q, keys, values, slots, 0.125)
-    group = 3
-    k64, v64 = (x.double().repeat_interleave(group, 0) for x in (keys, values))
-    scores = torch.einsum("htd,hsd->hts", q[0].double(), k64) * 0.125
-    seen = torch.arange(800)[None, :] <= slots[:, None]
-    expected = torch.einsum("hts,hsd->htd", scores.masked_fill(~seen, float("-inf")).softmax(-1), v64)[None]
-    assert (got.double() - expected).abs().max() < 2e-6
+    assert (got.double() - reference(q, keys, values, slots, 0.125)).abs().max() < 2e-6
     assert torch.equal(attention.at_slots(q, keys, values, slots, 0.125), got)
     assert attn_kernel.attend_until(q, keys, values, torch.tensor([800] * 150), 0.125) is None  # beyond the keys
 
@@ -116,4 +116,4 @@ def test_switched_off_the_kernel_says_so_and_sdpa_answers(monkeypatch, tmp_path)
     q, keys, values = operands(9, 3, 64, 25, 2000, seed=3)
     assert attn_kernel.attend_behind(q, keys, values, 2000, 0.125) is None
     got = attention.causal_behind(q, keys, values, 2000, 0.125)
-    assert (got.double() - reference(q, keys, values, 2000, 0.125)).abs().max() < 2e-6
+    assert (got.double() - reference(q, keys, values, behind(2000, 25), 0.125)).abs().max() < 2e-6

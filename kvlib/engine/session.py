@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from kvlib.engine import attn_kernel, rope_kernel
+from kvlib.engine import rope_kernel
 from kvlib.engine.compose import ChunkKV, Composed, ContextKV, PrefixHit, compose, encode_context, encode_packed
 from kvlib.engine.generate import Generation, Stream, advance, finish, start, teacher_forced_logits
 from kvlib.engine.guard import choose_rung, measure_features, require_calibration
@@ -56,10 +56,9 @@ class Engine:
         self.lead = encode_context(lm, lead_ids)
         self.lead_id = context_id_of(lead_ids)
         self.stop = stop_ids(lm.tokenizer) if lm.tokenizer is not None else set()
-        if lm.device.type == "cpu" and lm.dtype == torch.float32:  # built (once per machine) or found now,
-            attn_kernel.status()  # not inside the first request's TTFT
-            if lm.kv_dtype == torch.float16:
-                rope_kernel.status()
+        if lm.device.type == "cpu" and lm.dtype == torch.float32 and lm.kv_dtype == torch.float16:
+            rope_kernel.status()  # built (once per machine) or found now, not inside the first request's TTFT
+        # (the attention and linear kernels were built or found above: packing and encode_context use them)
 
     @classmethod
     def load(cls, model: str | None, home: Path, *, dtype: str | None = None, device: str | None = None) -> "Engine":
