@@ -131,10 +131,11 @@ def test_packing_follows_the_plan_within_the_budget(monkeypatch):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_norm_is_the_modules_own_rmsnorm_bit_for_bit(family, dtype):
-    """forward.norm runs torch's fused kernel: the same bits as the HF module's five elementwise ops,
-    for the input norm, the post-attention norm and the final one, at a decode token, a question's
-    rows and a prompt's."""
+def test_norm_is_the_modules_own_rmsnorm(family, dtype):
+    """forward.norm gives the HF module's RMSNorm for the input norm, the post-attention norm and
+    the final one, at a decode token, a question's rows and a prompt's: bit for bit through torch's
+    fused kernel; within float32 rounding through pointwise_kernel (float32, where it builds)."""
+    from kvlib.engine import pointwise_kernel
     from kvlib.engine.forward import norm
 
     lm = make_lm(family, dtype)
@@ -146,4 +147,8 @@ def test_norm_is_the_modules_own_rmsnorm_bit_for_bit(family, dtype):
         for t in (1, 30, 257):
             x = (torch.randn(1, t, module.weight.shape[0], generator=gen) * 7).to(dtype)
             with torch.no_grad():
-                assert torch.equal(norm(module, x), module(x)), (type(module).__name__, t)
+                got, want = norm(module, x), module(x)
+            if dtype == torch.float32 and pointwise_kernel.status() == "compiled":
+                torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+            else:
+                assert torch.equal(got, want), (type(module).__name__, t)

@@ -53,6 +53,19 @@ def test_fused_packs_float32_weights_as_panels_and_linear_runs_them():
     assert (fused.linear(x, weight, bias, packed) - torch.nn.functional.linear(x, weight, bias)).abs().max() < 1e-5
 
 
+@needs_kernel
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_a_residual_is_added_last_as_the_layer_would(with_bias):
+    """linear(x, ..., residual=h) is h + linear(x, ...) bit for bit, in the kernel and in torch."""
+    weight, x, bias = weight_and_rows(40, 24, 25, seed=5)
+    bias = bias if with_bias else None
+    h = torch.randn(1, 25, 40, generator=torch.Generator().manual_seed(6))
+    packed = fused.pack(weight)
+    assert torch.equal(fused.linear(x[None], weight, bias, packed, residual=h), h + packed.apply(x[None], bias))
+    assert torch.equal(fused.linear(x[None], weight, bias, None, residual=h),
+                       h + torch.nn.functional.linear(x[None], weight, bias))
+
+
 def test_switched_off_float32_weights_go_to_onednn(monkeypatch, tmp_path):
     monkeypatch.setenv("KVLIB_LINEAR_KERNEL", "0")
     monkeypatch.setenv("KVLIB_KERNEL_DIR", str(tmp_path))

@@ -7,7 +7,7 @@ from kvlib.engine import rope_kernel
 from kvlib.engine.cache import KVCache
 from kvlib.engine.rope import half_tables, rope_into_
 
-from tiny_models import tiny_lm
+from tiny_models import random_ids, tiny_lm
 
 needs_kernel = pytest.mark.skipif(rope_kernel.status() != "compiled",
                                   reason=f"rope kernel unavailable here: {rope_kernel.status()}")
@@ -111,3 +111,35 @@ def test_kernel_builds_into_a_relative_directory_and_reports_a_failed_build(monk
     monkeypatch.setenv("KVLIB_KERNEL_DIR", "blocked/kernels")
     monkeypatch.setattr(rope_kernel.KERNEL, "_state", {})
     assert rope_kernel.status().startswith("build failed")
+
+
+@needs_kernel
+@pytest.mark.parametrize("family, rope", [("llama", "yarn"), ("qwen2", "default")])  # qwen2: q/k/v biases
+def test_a_forward_writes_its_projections_through_the_kernel_with_the_torch_bits(monkeypatch, family, rope):
+    """run_layers at a contiguous start rotates q and k and writes k, v into the cache straight from
+    the fused product (KVCache.write_projected): the same cache and the same hidden states, bit for
+    bit, as apply_rope and KVCache.write, which run where the kernel is off."""
+    from kvlib.engine.attention import Mask
+    from kvlib.engine.forward import embed, run_layers
+
+    lm, _ = tiny_lm(family, rope)
+    ids, positions = random_ids(13, seed=2), torch.arange(300, 313)
+    seen = []
+    real = KVCache.write_projected
+    monkeypatch.setattr(KVCache, "write_projected", lambda self, *a: seen.append(real(self, *a)) or seen[-1])
+
+    def run():
+        cache = KVCache.for_model(lm, 40)
+        cache.append(*[torch.randn(lm.n_layers, lm.n_kv_heads, 9, lm.head_dim,
+                                   generator=torch.Generator().manual_seed(s)) for s in (1, 2)])
+        out = run_layers(lm, embed(lm, ids), positions, cache, Mask.causal(13, 9), keep_kv=True)
+        return out, cache
+
+    fast, fast_cache = run()
+    assert len(seen) == lm.n_layers and all(s is not None for s in seen)
+    monkeypatch.setattr(rope_kernel.KERNEL, "_state", {"fn": None, "reason": "off", "lib": None})
+    slow, slow_cache = run()
+    assert torch.equal(fast.h, slow.h)
+    assert torch.equal(fast_cache.k[:, :, :22], slow_cache.k[:, :, :22])
+    assert torch.equal(fast_cache.v[:, :, :22], slow_cache.v[:, :, :22])
+    assert all(torch.equal(a, b) for a, b in zip(fast.k_sem + fast.v, slow.k_sem + slow.v))

@@ -167,8 +167,8 @@ def run_hot_path(engine, library, *, spec, contexts=CONTEXTS, repeats: int = 5, 
                  progress=None) -> dict:
     import torch
 
-    from kvlib.engine import attn_kernel, rope_kernel
     from kvlib.engine.doctor import SAMPLE_QUESTION
+    from kvlib.engine.kernels import statuses
     from kvlib.memory import malloc_tuning
 
     suffix = engine.suffix_ids(SAMPLE_QUESTION)
@@ -193,7 +193,7 @@ def run_hot_path(engine, library, *, spec, contexts=CONTEXTS, repeats: int = 5, 
     return {"settings": {"model": lm.name, "dtype": str(lm.dtype).replace("torch.", ""), "device": str(lm.device),
                          "threads": torch.get_num_threads(), "spec": spec.as_dict(), "repeats": repeats,
                          "torch": torch.__version__.split("+")[0], "malloc_tuning": malloc_tuning(),
-                         "rope_kernel": rope_kernel.status(), "attn_kernel": attn_kernel.status()},
+                         **statuses()},
             "rates": {k: statistics.median(r[k] for r in all_rates) for k in all_rates[0]}, "rows": rows}
 
 

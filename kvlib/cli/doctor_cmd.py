@@ -52,8 +52,9 @@ def render(report: dict) -> None:
     for c in report["checks"]:
         table.add_row(c["name"], f"{c['value']:.2e}", f"{c['limit']:.0e}", "[green]yes" if c["ok"] else "[red]NO")
     console.print(table)
-    console.print(f"fingerprint {report['fingerprint'][:16]}; rope kernel: {report['rope_kernel']}; "
-                  f"attention kernel: {report['attn_kernel']}")
+    console.print(f"fingerprint {report['fingerprint'][:16]}; C kernels: rope {report['rope_kernel']}, "
+                  f"attention {report['attn_kernel']}, linear {report['linear_kernel']}, "
+                  f"pointwise {report['pointwise_kernel']}")
     if "bench" in report:
         b = report["bench"]
         console.print(

@@ -5,7 +5,8 @@ Design facts:
   to, which is how `naive` composition (keys at their encoding positions) sits at any slot.
 - Every write goes through a method: `append` (whole-model KV after the filled slots),
   `append_rotated` (a run of stored pre-RoPE keys, rotated into their slots),
-  `write` (one layer's new tokens at a contiguous start, during a forward), `write_slots`
+  `write` (one layer's new tokens at a contiguous start, during a forward; `write_projected`
+  the same straight from the fused q/k/v product, rotating as it writes), `write_slots`
   (one layer's tokens at scattered slots, during a repair), `truncate` (rewind) and `fork`
   (an independent copy). Callers never index `k`/`v` to write.
 - `length` counts filled slots; a forward writes its slots layer by layer and then
@@ -114,6 +115,17 @@ class KVCache:
         self.k[layer, :, start:end] = k_rot
         self.v[layer, :, start:end] = v
         return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def write_projected(self, layer: int, start: int, qkv: torch.Tensor, n_q: int, tables):
+        """`write` for new tokens' projections qkv [1, T, (n_q + 2 Hkv) D] taken as they come out of the
+        fused product: keys rotated (`tables`: rope.HalfTables of their positions) and values written
+        at slot `start` in one pass (rope_kernel). Returns (rotated queries [1, n_q, T, D], views of
+        slots [0, start+T)), or None, nothing written, where the kernel does not take them."""
+        end = start + qkv.shape[1]
+        self._check_room(end - self.length)
+        q = rope_kernel.rope_qkv_into(qkv, n_q, self.k.shape[1], tables.cos, tables.sin,
+                                      self.k[layer, :, start:end], self.v[layer, :, start:end])
+        return None if q is None else (q, self.k[layer, :, :end], self.v[layer, :, :end])
 
     def write_slots(self, layer: int, slots: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> None:
         """Overwrite one layer's KV at filled slots (a repair). k_rot, v: [Hkv, S, D]."""

@@ -115,19 +115,38 @@ def check_attn_kernel(engine: Engine) -> Check | None:
     return _check("C attention behind a 2k past vs SDPA (max abs)", (got - expected).abs().max().item(), 1e-5)
 
 
+def check_pointwise_kernel(engine: Engine) -> Check | None:
+    """The C RMSNorm and gated SiLU (engine/pointwise_kernel.py), where this machine builds them:
+    against torch's ops on the model's own widths. None where they are not used."""
+    import torch.nn.functional as F
+
+    from kvlib.engine import pointwise_kernel
+
+    lm, g = engine.lm, torch.Generator().manual_seed(3)
+    hidden, inter = lm.hf.config.hidden_size, lm.hf.config.intermediate_size
+    x, w, gate_up = (torch.randn(25, n, generator=g) * 3 for n in (hidden, hidden, 2 * inter))
+    normed, act = pointwise_kernel.rms_norm(x, w[0], 1e-6), pointwise_kernel.silu_mul(gate_up, inter)
+    if normed is None or act is None:
+        return None
+    diff = max((normed - w[0] * F.rms_norm(x, (hidden,), eps=1e-6)).abs().max().item(),
+               (act - F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).abs().max().item())
+    return _check("C RMSNorm and gated SiLU vs torch (max abs)", diff, 1e-5)
+
+
 def run_checks(engine: Engine) -> list[Check]:
     """Needs a float32 engine: the limits assume float32 rounding."""
     ids = engine.tokenize(SAMPLE_TEXT)
     checks = [check_forward(engine, ids), check_shift_invariance(engine, ids), check_composition(engine, ids),
-              check_rotation_roundtrip(engine), check_rope_kernel(engine), check_attn_kernel(engine)]
+              check_rotation_roundtrip(engine), check_rope_kernel(engine), check_attn_kernel(engine),
+              check_pointwise_kernel(engine)]
     return [c for c in checks if c is not None]
 
 
 def checks_as_json(engine: Engine, checks: list[Check]) -> dict:
-    from kvlib.engine import attn_kernel, rope_kernel
+    from kvlib.engine.kernels import statuses
 
     return {"model": engine.lm.name, "fingerprint": engine.lm.fingerprint, "dtype": str(engine.lm.dtype),
-            "device": str(engine.lm.device), "rope_kernel": rope_kernel.status(), "attn_kernel": attn_kernel.status(),
+            "device": str(engine.lm.device), **statuses(),
             "checks": [asdict(c) for c in checks], "ok": all(c.ok for c in checks)}
 
 

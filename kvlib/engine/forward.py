@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from kvlib.engine import pointwise_kernel
 from kvlib.engine.attention import Mask, attend, one_query
 from kvlib.engine.cache import KVCache
 from kvlib.engine.fused import linear
-from kvlib.engine.rope import apply_rope
+from kvlib.engine.rope import apply_rope, forward_half_tables
 from kvlib.engine.stages import stage
 from kvlib.errors import KvlibError
 
@@ -48,13 +49,18 @@ class LayersOut:
 
 # transformers' RMSNorm classes of the supported families: weight * (x / rms(x) in float32, cast back)
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+SILUS = ("SiLUActivation", "SiLU")  # transformers' and torch's module for act "silu"
 
 
 def norm(module, x: torch.Tensor) -> torch.Tensor:
-    """The module's RMSNorm of x through torch's fused kernel (one pass instead of transformers'
-    five elementwise ops), the same formula; any other norm runs as its module."""
+    """The module's RMSNorm of x in one pass (pointwise_kernel in float32 where it builds, else
+    torch's rms_norm instead of transformers' five elementwise ops), the same formula; any
+    other norm runs as its module."""
     if type(module).__name__ not in RMS_NORMS:
         return module(x)
+    out = pointwise_kernel.rms_norm(x, module.weight, module.variance_epsilon)
+    if out is not None:
+        return out
     return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=module.variance_epsilon).to(x.dtype)
 
 
@@ -67,13 +73,23 @@ def project_qkv(lm, index: int, x: torch.Tensor):
     """x: [1, T, hidden] -> q [1, H, T, D], k_sem [1, Hkv, T, D], v [1, Hkv, T, D]
     (one product against the layer's stacked q/k/v rows where fused.py stacked them)."""
     attn, fused = lm.layers[index].self_attn, lm.fused[index] if lm.fused else None
-    shape = (*x.shape[:-1], -1, lm.head_dim)
     if fused is not None:
-        q, k, v = linear(x, fused.qkv_weight, fused.qkv_bias, packed(fused, "qkv")).split(fused.qkv_sizes, dim=-1)
-        q, k, v = q.view(shape), k.view(shape), v.view(shape)
-    else:
-        q, k, v = attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape)
-    if hasattr(attn, "q_norm"):  # Qwen3: per-head RMSNorm before RoPE; k_sem is after it
+        return split_qkv(lm, attn, fused, linear(x, fused.qkv_weight, fused.qkv_bias, packed(fused, "qkv")))
+    shape = (*x.shape[:-1], -1, lm.head_dim)
+    return _heads(attn, attn.q_proj(x).view(shape), attn.k_proj(x).view(shape), attn.v_proj(x).view(shape))
+
+
+def split_qkv(lm, attn, fused, qkv: torch.Tensor):
+    """The fused product's output [1, T, (H + 2 Hkv) D] as project_qkv's q, k_sem, v."""
+    shape = (*qkv.shape[:-1], -1, lm.head_dim)
+    q, k, v = qkv.split(fused.qkv_sizes, dim=-1)
+    return _heads(attn, q.view(shape), k.view(shape), v.view(shape))
+
+
+def _heads(attn, q, k, v):
+    """[1, T, heads, D] -> [1, heads, T, D], the key norm applied (Qwen3: per-head RMSNorm before
+    RoPE; k_sem is after it)."""
+    if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -88,21 +104,58 @@ def project_kv(lm, index: int, h: torch.Tensor, position_ids: torch.Tensor):
 def _layer_qkv(lm, index, h, position_ids):
     """q rotated [1, H, T, D], k_sem and k_rot [1, Hkv, T, D], v [1, Hkv, T, D] for hidden states h."""
     q, k_sem, v = project_qkv(lm, index, norm(lm.layers[index].input_layernorm, h))
-    qk = apply_rope(torch.cat([q, k_sem], dim=1), position_ids, lm.rope)  # one rotation for both: elementwise
-    return qk[:, : q.shape[1]], k_sem, qk[:, q.shape[1] :], v
+    return (*_rotate_qk(lm, q, k_sem, position_ids), v)
+
+
+def _rotate_qk(lm, q, k_sem, position_ids):
+    """(q rotated, k_sem, k_rot): one rotation for both, elementwise."""
+    qk = apply_rope(torch.cat([q, k_sem], dim=1), position_ids, lm.rope)
+    return qk[:, : q.shape[1]], k_sem, qk[:, q.shape[1] :]
+
+
+def _qkv_into_cache(lm, index, h, position_ids, cache: KVCache, slots):
+    """New tokens h's q rotated [1, H, T, D], k_sem and v [1, Hkv, T, D], with their rotated keys
+    and values written at `slots` (run_layer's); returns (q, k_sem, v, keys, values), the last two
+    the layer's KV to attend over. A fused product's output at a contiguous start goes into the
+    cache in one pass (KVCache.write_projected), 20-odd small ops fewer a layer."""
+    attn, fused = lm.layers[index].self_attn, lm.fused[index] if lm.fused else None
+    x = norm(lm.layers[index].input_layernorm, h)
+    if isinstance(slots, int) and fused is not None and not hasattr(attn, "q_norm"):
+        qkv = linear(x, fused.qkv_weight, fused.qkv_bias, packed(fused, "qkv"))
+        tables = forward_half_tables(lm.rope, position_ids, lm.device)
+        done = cache.write_projected(index, slots, qkv, fused.qkv_sizes[0] // lm.head_dim, tables)
+        q, k_sem, v = split_qkv(lm, attn, fused, qkv)
+        if done is not None:
+            return done[0], k_sem, v, done[1], done[2]
+    else:
+        q, k_sem, v = project_qkv(lm, index, x)
+    q, k_sem, k_rot = _rotate_qk(lm, q, k_sem, position_ids)
+    if isinstance(slots, int):
+        return (q, k_sem, v, *cache.write(index, slots, k_rot[0], v[0]))
+    cache.write_slots(index, slots, k_rot[0], v[0])
+    return (q, k_sem, v, *cache.layer(index))
 
 
 def _layer_out(lm, index, h, out):
     """The residual stream after attention output out [1, H, T, D] and the MLP."""
     layer, fused = lm.layers[index], lm.fused[index] if lm.fused else None
     o, down = layer.self_attn.o_proj, layer.mlp.down_proj
-    h = h + linear(out.transpose(1, 2).reshape(1, out.shape[2], -1), o.weight, o.bias, packed(fused, "o"))
+    h = linear(out.transpose(1, 2).reshape(1, out.shape[2], -1), o.weight, o.bias, packed(fused, "o"), residual=h)
     x = norm(layer.post_attention_layernorm, h)
     if fused is None or fused.gate_up_weight is None:
         return h + layer.mlp(x)
-    gate, up = linear(x, fused.gate_up_weight, fused.gate_up_bias, packed(fused, "gate_up")).split(
-        fused.intermediate, dim=-1)
-    return h + linear(layer.mlp.act_fn(gate) * up, down.weight, down.bias, packed(fused, "down"))
+    gate_up = linear(x, fused.gate_up_weight, fused.gate_up_bias, packed(fused, "gate_up"))
+    act = gated(layer.mlp.act_fn, gate_up, fused.intermediate)
+    return linear(act, down.weight, down.bias, packed(fused, "down"), residual=h)
+
+
+def gated(act_fn, gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
+    """act_fn(gate) * up of a fused gate/up product's output; SiLU through pointwise_kernel."""
+    out = pointwise_kernel.silu_mul(gate_up, intermediate) if type(act_fn).__name__ in SILUS else None
+    if out is not None:
+        return out
+    gate, up = gate_up.split(intermediate, dim=-1)
+    return act_fn(gate) * up
 
 
 def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots, want_probs: bool):
@@ -113,12 +166,7 @@ def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots
     """
     layer = lm.layers[index]
     with stage("layers"):
-        q, k_sem, k_rot, v = _layer_qkv(lm, index, h, position_ids)
-        if isinstance(slots, int):
-            keys, values = cache.write(index, slots, k_rot[0], v[0])
-        else:
-            cache.write_slots(index, slots, k_rot[0], v[0])
-            keys, values = cache.layer(index)
+        q, k_sem, v, keys, values = _qkv_into_cache(lm, index, h, position_ids, cache, slots)
         with stage("attention"):
             out, probs = attend(q, keys, values, mask, layer.self_attn.scaling, want_probs)
         h = _layer_out(lm, index, h, out)

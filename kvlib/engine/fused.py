@@ -63,14 +63,18 @@ class FusedLayer:
     packed: dict | None = None  # "qkv", "o", "gate_up", "down" -> prepacked weight, when made
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed=None) -> torch.Tensor:
-    """F.linear(x, weight, bias), on the prepacked copy of weight when there is one: oneDNN's (same
-    bits), or linear_kernel's panels (float32 rounding apart, batch-invariant alike)."""
-    if packed is None:
-        return F.linear(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed=None,
+           residual: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) (+ residual, added last), on the prepacked copy of weight when
+    there is one: oneDNN's (same bits), or linear_kernel's panels (float32 rounding apart,
+    batch-invariant alike), which add the residual as they write."""
     if isinstance(packed, Panels):
-        return packed.apply(x, bias)
-    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+        return packed.apply(x, bias, residual)
+    if packed is None:
+        y = F.linear(x, weight, bias)
+    else:
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+    return y if residual is None else residual + y
 
 
 def stack_rows(weights: list, biases: list) -> tuple | None:

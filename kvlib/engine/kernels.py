@@ -89,19 +89,38 @@ class CKernel:
             return self._state["fn"]
         with self._lock:
             if "fn" not in self._state:
-                reason, fn = self.unavailable_reason(), None
+                reason, fn, lib = self.unavailable_reason(), None, None
                 if reason is None:
                     try:
-                        fn = getattr(self._build(), self.symbol)
+                        lib = self._build()
+                        fn = getattr(lib, self.symbol)
                         fn.argtypes, fn.restype = self.argtypes, ctypes.c_int
                     except Exception as exc:  # any failure leaves torch's ops, which are always right
                         detail = getattr(exc, "stderr", b"") or b""
                         if isinstance(detail, bytes):
                             detail = detail.decode(errors="replace")
                         reason = f"build failed: {exc}" + (f": {detail[:200]}" if detail else "")
-                self._state.update(reason=reason, fn=fn)
+                self._state.update(reason=reason, fn=fn, lib=lib)
         return self._state["fn"]
+
+    def sibling(self, symbol: str, argtypes: list):
+        """Another function of the same source (None wherever `function()` is None)."""
+        if self.function() is None:
+            return None
+        fn = getattr(self._state["lib"], symbol)
+        if fn.argtypes is None:  # ctypes hands back the same object for a name: typed once
+            fn.argtypes, fn.restype = argtypes, ctypes.c_int
+        return fn
 
     def status(self) -> str:
         """'compiled' or why torch's ops are used."""
         return "compiled" if self.function() is not None else self._state["reason"]
+
+
+def statuses() -> dict:
+    """Each C kernel's status() by name ("rope_kernel": "compiled", ...), for reports and the doctor."""
+    from kvlib.engine import attn_kernel, linear_kernel, pointwise_kernel, rope_kernel
+
+    modules = {"rope_kernel": rope_kernel, "attn_kernel": attn_kernel, "linear_kernel": linear_kernel,
+               "pointwise_kernel": pointwise_kernel}
+    return {name: module.status() for name, module in modules.items()}

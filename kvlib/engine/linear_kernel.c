@@ -1,11 +1,12 @@
-/* y = x W^T + b in float32 on weights packed in panels of 16 output columns (engine/linear_kernel.py).
+/* y = x W^T + b (+ r) in float32 on weights packed in panels of 16 output columns (engine/linear_kernel.py).
 
    wp holds W [n x k] as ceil(n / 16) panels, each [k x 16] (column j of a panel is row
    16 * panel + j of W; columns past n are zero). A tile of up to 6 rows of x against one panel
    is 12 AVX2 accumulators over k; every output is the same chain of fused multiply-adds in k
    order, then the bias, whatever the number of rows or the tile it falls in (batch-invariant).
    Rows go in blocks of RB (the block of x stays in cache while the panels stream past); the
-   panels of a block are split over OpenMP threads (torch's own workers: kernels.py). */
+   panels of a block are split over OpenMP threads (torch's own workers: kernels.py). A residual r
+   [m x n], when given, is added last: (x W^T + b) + r, the sums a layer's `h + linear(...)` takes. */
 
 #include <immintrin.h>
 #include <omp.h>
@@ -13,8 +14,8 @@
 
 #define RB 96
 
-static void tile(const float *x, int64_t nr, int64_t k, const float *panel, const float *bias, float *y, int64_t n,
-                 int64_t cols) {
+static void tile(const float *x, int64_t nr, int64_t k, const float *panel, const float *bias, const float *res,
+                 float *y, int64_t n, int64_t cols) {
     const float *row[6];
     for (int i = 0; i < 6; i++) row[i] = x + (i < nr ? i : 0) * k;
     __m256 acc[6][2];
@@ -36,11 +37,14 @@ static void tile(const float *x, int64_t nr, int64_t k, const float *panel, cons
         _mm256_storeu_ps(out[i] + 8, acc[i][1]);
     }
     for (int64_t i = 0; i < nr; i++)
-        for (int64_t j = 0; j < cols; j++) y[i * n + j] = bias ? out[i][j] + bias[j] : out[i][j];
+        for (int64_t j = 0; j < cols; j++) {
+            const float v = bias ? out[i][j] + bias[j] : out[i][j];
+            y[i * n + j] = res ? v + res[i * n + j] : v;
+        }
 }
 
-int kvlib_linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, const float *bias, float *y,
-                     int n_threads) {
+int kvlib_linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, const float *bias,
+                     const float *res, float *y, int n_threads) {
     if (m <= 0 || k <= 0 || n <= 0 || n_threads < 1) return -1;
     const int64_t panels = (n + 15) / 16;
     for (int64_t r0 = 0; r0 < m; r0 += RB) {
@@ -51,7 +55,8 @@ int kvlib_linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int6
             int64_t r = r0;
             for (int64_t t = 0; t < tiles; t++) { /* tiles as even as the rows allow: 25 rows are 5 x 5 */
                 const int64_t nr = rows / tiles + (t < rows % tiles);
-                tile(x + r * k, nr, k, wp + p * k * 16, bias ? bias + p * 16 : 0, y + r * n + p * 16, n, cols);
+                tile(x + r * k, nr, k, wp + p * k * 16, bias ? bias + p * 16 : 0,
+                     res ? res + r * n + p * 16 : 0, y + r * n + p * 16, n, cols);
                 r += nr;
             }
         }

@@ -31,7 +31,7 @@ from kvlib.engine.kernels import CKernel
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
 KERNEL = CKernel(Path(__file__).with_name("linear_kernel.c"), FLAGS, "kvlib_linear_f32",
                  [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-                  ctypes.c_void_p, ctypes.c_int], "KVLIB_LINEAR_KERNEL", {"avx2", "fma"})
+                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], "KVLIB_LINEAR_KERNEL", {"avx2", "fma"})
 WIDTH = 16  # output columns per panel
 
 
@@ -55,15 +55,17 @@ class Panels:
         """The weight [n, k], bit for bit."""
         return self.data.transpose(1, 2).reshape(-1, self.data.shape[1])[: self.n].contiguous()
 
-    def apply(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [..., k] @ weight^T + bias -> [..., n]."""
+    def apply(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(x [..., k] @ weight^T + bias) + residual [..., n] -> [..., n]."""
         k = self.data.shape[1]
         rows = x.reshape(-1, k).contiguous()
         out = torch.empty(rows.shape[0], self.n)
         bias = None if bias is None else bias.contiguous()  # held until the call returns
+        res = None if residual is None else residual.reshape(rows.shape[0], self.n).contiguous()
         if rows.shape[0]:
             rc = KERNEL.function()(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
-                                   None if bias is None else bias.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                                   None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
+                                   out.data_ptr(), torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError(f"linear kernel refused its operands ({rc})")
         return out.reshape(*x.shape[:-1], self.n)

@@ -70,17 +70,23 @@ class _LastTables:
     the same positions, so the tables are computed once per forward, not 2 x L times. The
     tensor itself is held, so its identity cannot be reused by another tensor while cached."""
 
-    def __init__(self):
-        self.key, self.tables = None, None
+    def __init__(self, make):
+        self.make, self.entry = make, None
 
-    def get(self, spec: RopeSpec, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.key is None or self.key[0] is not positions or self.key[1] is not spec or self.key[2] != device:
-            emb = _angles(spec, positions, device)
-            self.key, self.tables = (positions, spec, device), (emb.cos(), emb.sin())
-        return self.tables
+    def get(self, spec: RopeSpec, positions: torch.Tensor, device):
+        entry = self.entry  # one tuple, replaced whole: a concurrent forward sees old or new, never a mix
+        if entry is None or entry[0] is not positions or entry[1] is not spec or entry[2] != device:
+            entry = (positions, spec, device, self.make(spec, positions, device))
+            self.entry = entry
+        return entry[3]
 
 
-_TABLES = _LastTables()
+def _full_tables(spec: RopeSpec, positions: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+    emb = _angles(spec, positions, device)
+    return emb.cos(), emb.sin()
+
+
+_TABLES = _LastTables(_full_tables)
 
 
 def _rotate_f32(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec, scale: float) -> torch.Tensor:
@@ -110,6 +116,14 @@ class HalfTables:
 def half_tables(spec: RopeSpec, positions: torch.Tensor, device) -> HalfTables:
     freqs = _freqs(spec, positions, device)
     return HalfTables(freqs.cos() * spec.attention_scaling, freqs.sin() * spec.attention_scaling)
+
+
+_HALF_TABLES = _LastTables(half_tables)
+
+
+def forward_half_tables(spec: RopeSpec, positions: torch.Tensor, device) -> HalfTables:
+    """half_tables of a forward's positions, made once for all its layers (as apply_rope's are)."""
+    return _HALF_TABLES.get(spec, positions, device)
 
 
 @torch.no_grad()

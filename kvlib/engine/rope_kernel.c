@@ -20,25 +20,35 @@ typedef struct {
     int64_t first, last, t, d, src_stride, dst_stride;
 } job_t;
 
+/* out1 = x1 * c + x2 * -s, out2 = x2 * c + x1 * s, each product rounded, then the sum. */
+static inline void rotate8(__m256 x1, __m256 x2, const float *c, const float *s, float *out1, float *out2) {
+    const __m256 cj = _mm256_loadu_ps(c), sj = _mm256_loadu_ps(s);
+    const __m256 a = _mm256_mul_ps(x1, cj), b = _mm256_mul_ps(x2, _mm256_xor_ps(sj, _mm256_set1_ps(-0.0f)));
+    const __m256 e = _mm256_mul_ps(x2, cj), f = _mm256_mul_ps(x1, sj);
+    _mm256_storeu_ps(out1, _mm256_add_ps(a, b));
+    _mm256_storeu_ps(out2, _mm256_add_ps(e, f));
+}
+
+static inline void rotate1(float x1, float x2, float c, float s, float *out1, float *out2) {
+    const float a = x1 * c, b = x2 * -s;
+    const float e = x2 * c, f = x1 * s;
+    *out1 = a + b;
+    *out2 = e + f;
+}
+
 static void rotate_row(const uint16_t *x, float *out, const float *c, const float *s, int64_t h) {
-    const __m256 sign = _mm256_set1_ps(-0.0f);
     int64_t j = 0;
-    for (; j + 8 <= h; j += 8) {
-        const __m256 x1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j)));
-        const __m256 x2 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j + h)));
-        const __m256 cj = _mm256_loadu_ps(c + j), sj = _mm256_loadu_ps(s + j);
-        const __m256 a = _mm256_mul_ps(x1, cj), b = _mm256_mul_ps(x2, _mm256_xor_ps(sj, sign));
-        const __m256 e = _mm256_mul_ps(x2, cj), f = _mm256_mul_ps(x1, sj);
-        _mm256_storeu_ps(out + j, _mm256_add_ps(a, b));
-        _mm256_storeu_ps(out + j + h, _mm256_add_ps(e, f));
-    }
-    for (; j < h; j++) {
-        const float x1 = _cvtsh_ss(x[j]), x2 = _cvtsh_ss(x[j + h]);
-        const float a = x1 * c[j], b = x2 * -s[j];
-        const float e = x2 * c[j], f = x1 * s[j];
-        out[j] = a + b;
-        out[j + h] = e + f;
-    }
+    for (; j + 8 <= h; j += 8)
+        rotate8(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j))),
+                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j + h))), c + j, s + j, out + j, out + j + h);
+    for (; j < h; j++) rotate1(_cvtsh_ss(x[j]), _cvtsh_ss(x[j + h]), c[j], s[j], out + j, out + j + h);
+}
+
+static void rotate_row_f32(const float *x, float *out, const float *c, const float *s, int64_t h) {
+    int64_t j = 0;
+    for (; j + 8 <= h; j += 8)
+        rotate8(_mm256_loadu_ps(x + j), _mm256_loadu_ps(x + j + h), c + j, s + j, out + j, out + j + h);
+    for (; j < h; j++) rotate1(x[j], x[j + h], c[j], s[j], out + j, out + j + h);
 }
 
 static void rotate_rows(const job_t *job) {
@@ -61,6 +71,25 @@ int kvlib_rope_f16_into_f32(const uint16_t *src, float *dst, const float *cos_t,
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         const job_t job = {src, dst, cos_t, sin_t, rows * i / n, rows * (i + 1) / n, t, d, src_stride, dst_stride};
         rotate_rows(&job);
+    }
+    return 0;
+}
+
+/* New tokens' float32 projections [t rows of (n_q + 2 n_kv) heads x d: q, k, v], rotated and laid
+   out in one pass: q to q_out [t, n_q, d], k to k_out and v copied to v_out ([n_kv heads kv_hs
+   apart] x [t, d]: a cache's slots), with the same arithmetic as above. */
+int kvlib_rope_qkv_f32(const float *qkv, int64_t t, int64_t n_q, int64_t n_kv, int64_t d, const float *cos_t,
+                       const float *sin_t, float *q_out, float *k_out, float *v_out, int64_t k_hs, int64_t v_hs) {
+    const int64_t h = d / 2, width = (n_q + 2 * n_kv) * d;
+    if (t <= 0 || n_q <= 0 || n_kv <= 0 || d <= 0 || d % 2) return -1;
+    for (int64_t r = 0; r < t; r++) {
+        const float *row = qkv + r * width, *c = cos_t + r * h, *s = sin_t + r * h;
+        for (int64_t i = 0; i < n_q; i++) rotate_row_f32(row + i * d, q_out + (r * n_q + i) * d, c, s, h);
+        for (int64_t i = 0; i < n_kv; i++) {
+            rotate_row_f32(row + (n_q + i) * d, k_out + i * k_hs + r * d, c, s, h);
+            const float *v = row + (n_q + n_kv + i) * d;
+            for (int64_t j = 0; j < d; j++) v_out[i * v_hs + r * d + j] = v[j];
+        }
     }
     return 0;
 }

@@ -86,3 +86,30 @@ def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torc
     KERNEL.function()(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t,
                       d, _matrix_stride(src), _matrix_stride(dst), threads or THREADS or torch.get_num_threads())
     return True
+
+
+_QKV_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [
+    ctypes.c_int64, ctypes.c_int64]
+
+
+def rope_qkv_into(qkv: torch.Tensor, n_q: int, n_kv: int, cos: torch.Tensor, sin: torch.Tensor,
+                  k_dst: torch.Tensor, v_dst: torch.Tensor) -> torch.Tensor | None:
+    """New tokens' float32 projections qkv [1, T, (n_q + 2 n_kv) D] (q, k, v heads in turn) in one
+    pass: keys rotated into k_dst and values copied into v_dst ([n_kv, T, D], a cache's slots),
+    the rotated queries returned as [1, n_q, T, D] (a view of [1, T, n_q, D]); the same bits as
+    rope.apply_rope. None, having done nothing, where the kernel does not take the operands."""
+    t, d = k_dst.shape[1], k_dst.shape[2]
+    ok = (qkv.dim() == 3 and qkv.shape[:2] == (1, t) and qkv.shape[2] == (n_q + 2 * n_kv) * d and d % 2 == 0
+          and qkv.is_contiguous() and k_dst.shape == v_dst.shape == (n_kv, t, d)
+          and all(x.dtype == torch.float32 and x.device.type == "cpu" for x in (qkv, cos, sin, k_dst, v_dst))
+          and all(x.is_contiguous() and x.shape == (t, d // 2) for x in (cos, sin))
+          and _matrix_stride(k_dst[None]) is not None and _matrix_stride(v_dst[None]) is not None)
+    fn = KERNEL.sibling("kvlib_rope_qkv_f32", _QKV_ARGS) if ok else None
+    if fn is None:
+        return None
+    q = torch.empty(1, t, n_q, d)
+    rc = fn(qkv.data_ptr(), t, n_q, n_kv, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_dst.data_ptr(),
+            v_dst.data_ptr(), k_dst.stride(0), v_dst.stride(0))
+    if rc != 0:
+        raise RuntimeError(f"rope kernel refused its operands ({rc})")
+    return q.transpose(1, 2)
