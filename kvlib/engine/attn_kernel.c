@@ -32,27 +32,27 @@ typedef struct {
     int64_t q_hs, q_ts, k_hs, v_hs;
     const int64_t *last; /* per new token, the last slot it sees */
     int64_t group, t, d;
-    float scale;
+    float scale_log2; /* the scale times log2(e): scores in base 2 */
     int64_t row_blocks, splits, split_len;
     float *m, *l, *o; /* per item: RB maxima, RB sums, RB x d outputs */
 } attn_t;
 
-/* e^x for x <= 0 (a score minus its row's maximum); 0 below -87 and for -inf. Cephes' expf. */
-static inline __m256 exp_neg(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-87.0f);
+/* 2^x for x <= 0 (a score minus its row's maximum, in base 2: log2(e) is folded into the
+   queries' scale); 0 below -126 and for -inf. Cephes' exp2f: 2^n times a degree-6 polynomial of
+   the fraction. */
+static inline __m256 exp2_neg(__m256 x) {
+    const __m256 lo = _mm256_set1_ps(-126.0f);
     const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
     x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 f = _mm256_sub_ps(x, n);
+    __m256 y = _mm256_set1_ps(1.535336188319500e-4f);
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.339887440266574e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618437357674640e-3f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550332471162809e-2f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402264791363012e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931472028550421e-1f));
+    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
@@ -175,18 +175,24 @@ static void softmax_block(float *st, int64_t nk, int64_t kb, int masked, const f
             mx = _mm256_max_ps(mx, s);
         }
         const __m256 base = _mm256_blendv_ps(mx, _mm256_setzero_ps(), _mm256_cmp_ps(mx, ninf, _CMP_EQ_OQ));
-        const __m256 corr = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(m + r), base)); /* 0 before any slot */
+        const __m256 before = _mm256_loadu_ps(m + r);
+        const __m256 corr = exp2_neg(_mm256_sub_ps(before, base)); /* 0 before any slot */
         __m256 sum = _mm256_setzero_ps();
         for (int64_t j = 0; j < nk; j++) {
-            const __m256 p = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(st + j * rp + r), base));
+            const __m256 p = exp2_neg(_mm256_sub_ps(_mm256_loadu_ps(st + j * rp + r), base));
             _mm256_storeu_ps(st + j * rp + r, p);
             sum = _mm256_add_ps(sum, p);
         }
         _mm256_storeu_ps(l + r, _mm256_fmadd_ps(_mm256_loadu_ps(l + r), corr, sum));
         _mm256_storeu_ps(m + r, mx);
+        /* rows whose maximum moved rescale their outputs; past the first blocks few do (a factor
+           of exactly 1 would change nothing) */
+        const int moved = ~_mm256_movemask_ps(_mm256_cmp_ps(mx, before, _CMP_EQ_OQ)) & 0xff;
+        if (!moved) continue;
         float factor[8];
         _mm256_storeu_ps(factor, corr);
         for (int i = 0; i < 8; i++) {
+            if (!(moved >> i & 1)) continue;
             const __m256 f = _mm256_set1_ps(factor[i]);
             for (int64_t c = 0; c < d; c += 8)
                 _mm256_storeu_ps(o + (r + i) * d + c, _mm256_mul_ps(_mm256_loadu_ps(o + (r + i) * d + c), f));
@@ -208,9 +214,9 @@ static void load_rows(const attn_t *a, int64_t kv, int64_t r0, int64_t nrows, in
         const int64_t t = (r0 + r) / a->group, h = kv * a->group + (r0 + r) % a->group;
         const float *src = a->q + h * a->q_hs + t * a->q_ts;
         lim[r] = (float)a->last[t];
-        for (int64_t c = 0; c < d; c++) qt[c * rp + r] = src[c] * a->scale;
+        for (int64_t c = 0; c < d; c++) qt[c * rp + r] = src[c] * a->scale_log2;
         if (rp == 8) /* the few-row path reads rows: qs after qt */
-            for (int64_t c = 0; c < d; c++) qt[8 * d + r * d + c] = src[c] * a->scale;
+            for (int64_t c = 0; c < d; c++) qt[8 * d + r * d + c] = src[c] * a->scale_log2;
     }
 }
 
@@ -254,7 +260,7 @@ static void write_row(const attn_t *a, int64_t first_item, int64_t r, float *dst
     for (int64_t sp = 0; sp < a->splits; sp++) {
         const int64_t it = first_item + sp;
         if (a->l[it * RB + r] == 0.0f) continue; /* a range this row sees nothing of */
-        const float w = expf(a->m[it * RB + r] - top);
+        const float w = exp2f(a->m[it * RB + r] - top);
         sum += a->l[it * RB + r] * w;
         for (int64_t c = 0; c < d; c++) dst[c] += a->o[(it * RB + r) * d + c] * w;
     }
@@ -270,7 +276,8 @@ int kvlib_attend_f32(const float *q, int64_t q_hs, int64_t q_ts, const float *k,
         if (last[i] < 0 || last[i] >= (1 << 24)) return -1; /* slots compare as exact floats */
         slots = last[i] + 1 > slots ? last[i] + 1 : slots;
     }
-    attn_t a = {q, k, v, q_hs, q_ts, k_hs, v_hs, last, n_heads / n_kv, t, d, scale, 0, 1, 0, 0, 0, 0};
+    const float scale_log2 = scale * 1.44269504088896341f;
+    attn_t a = {q, k, v, q_hs, q_ts, k_hs, v_hs, last, n_heads / n_kv, t, d, scale_log2, 0, 1, 0, 0, 0, 0};
     const int64_t rows_all = a.group * t;
     a.row_blocks = (rows_all + RB - 1) / RB;
     while (n_kv * a.row_blocks * a.splits < 2 * n_threads && slots / (a.splits * 2) >= 4 * BK) a.splits *= 2;
