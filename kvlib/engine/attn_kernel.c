@@ -204,12 +204,12 @@ static void softmax_block(float *st, int64_t nk, int64_t kb, int masked, const f
 static void load_rows(const attn_t *a, int64_t kv, int64_t r0, int64_t nrows, int64_t rp, float *qt, float *lim,
                       float *m, float *l, float *o) {
     const int64_t d = a->d;
+    memset(qt, 0, d * rp * sizeof(float));
+    memset(o, 0, rp * d * sizeof(float));
     for (int64_t r = 0; r < rp; r++) {
         m[r] = -INFINITY;
         l[r] = 0.0f;
         lim[r] = -1.0f; /* padding rows see nothing */
-        memset(o + r * d, 0, d * sizeof(float));
-        for (int64_t c = 0; c < d; c++) qt[c * rp + r] = 0.0f;
         if (r >= nrows) continue;
         const int64_t t = (r0 + r) / a->group, h = kv * a->group + (r0 + r) % a->group;
         const float *src = a->q + h * a->q_hs + t * a->q_ts;

@@ -75,6 +75,11 @@ def attend_until(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last
     last = last.to(device="cpu", dtype=torch.int64).contiguous()
     if int(last.max()) >= keys.shape[1] or int(last.min()) < 0:
         return None
+    return _run(q, keys, values, last, scale)
+
+
+def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor, scale: float) -> torch.Tensor:
+    """The kernel on operands accepts() took, `last` int64 [T] within the keys."""
     heads, t, dim = q.shape[1], q.shape[2], q.shape[3]
     out = torch.empty(1, t, heads, dim).transpose(1, 2)
     rc = KERNEL.function()(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(0),
@@ -89,6 +94,19 @@ def attend_behind(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t_p
     """attend_until for T new tokens behind t_past slots, each seeing the past and the new tokens up
     to itself (keys: [Hkv, t_past + T, D])."""
     t = q.shape[2]
-    if keys.shape[1] != t_past + t:
+    if keys.shape[1] != t_past + t or t_past < 0 or keys.shape[1] > MAX_SLOTS or not accepts(q, keys, values):
         return None
-    return attend_until(q, keys, values, torch.arange(t_past, t_past + t), scale)
+    return _run(q, keys, values, _behind(t_past, t), scale)
+
+
+_LAST: dict = {}
+
+
+def _behind(t_past: int, t: int) -> torch.Tensor:
+    """arange(t_past, t_past + t) as int64, the last one asked for kept: every layer of a forward asks
+    for the same (one entry, replaced whole, so concurrent forwards see an old or a new one)."""
+    entry = _LAST.get("entry")
+    if entry is None or entry[0] != (t_past, t):
+        entry = ((t_past, t), torch.arange(t_past, t_past + t, dtype=torch.int64))
+        _LAST["entry"] = entry
+    return entry[1]

@@ -123,8 +123,7 @@ class KVCache:
         slots [0, start+T)), or None, nothing written, where the kernel does not take them."""
         end = start + qkv.shape[1]
         self._check_room(end - self.length)
-        q = rope_kernel.rope_qkv_into(qkv, n_q, self.k.shape[1], tables.cos, tables.sin,
-                                      self.k[layer, :, start:end], self.v[layer, :, start:end])
+        q = rope_kernel.rope_qkv_into(qkv, n_q, tables.cos, tables.sin, self.k, self.v, layer, start)
         return None if q is None else (q, self.k[layer, :, :end], self.v[layer, :, :end])
 
     def write_slots(self, layer: int, slots: torch.Tensor, k_rot: torch.Tensor, v: torch.Tensor) -> None:
