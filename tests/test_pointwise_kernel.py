@@ -69,3 +69,23 @@ def test_switched_off_the_forward_runs_torch(monkeypatch, tmp_path):
     gate_up = torch.randn(4, 16)
     assert torch.equal(gated(torch.nn.SiLU(), gate_up, 8), torch.nn.functional.silu(gate_up[:, :8]) * gate_up[:, 8:])
     assert list(tmp_path.iterdir()) == []  # nothing built
+
+
+def test_a_kernel_is_named_by_its_shared_header_too(monkeypatch, tmp_path):
+    """The exponential lives in exp2_avx2.h: a change there must rebuild every kernel that includes it."""
+    from kvlib.engine import attn_kernel
+    from kvlib.engine.kernels import CKernel, compiler
+
+    if compiler() is None:
+        pytest.skip("no C compiler here")
+    monkeypatch.setenv("KVLIB_KERNEL_DIR", str(tmp_path / "built"))
+
+    for kernel in (pointwise_kernel.KERNEL, attn_kernel.KERNEL):
+        assert [h.name for h in kernel.headers()] == ["exp2_avx2.h"]
+    source = tmp_path / "k.c"
+    (tmp_path / "k.h").write_text("#define K 1\n")
+    source.write_text('#include "k.h"\nint kvlib_k(void) { return K; }\n')
+    kernel = CKernel(source, ("-O2", "-fPIC", "-shared"), "kvlib_k", [], "KVLIB_TEST_K", set())
+    first = kernel._build()
+    (tmp_path / "k.h").write_text("#define K 2\n")
+    assert CKernel(source, ("-O2", "-fPIC", "-shared"), "kvlib_k", [], "KVLIB_TEST_K", set())._build()._name != first._name

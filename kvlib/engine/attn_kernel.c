@@ -24,6 +24,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "exp2_avx2.h"
+
 #define BK 96 /* keys per block */
 #define RB 96 /* rows per row block, a multiple of 16 */
 
@@ -38,23 +40,9 @@ typedef struct {
 } attn_t;
 
 /* 2^x for x <= 0 (a score minus its row's maximum, in base 2: log2(e) is folded into the
-   queries' scale); 0 below -126 and for -inf. Cephes' exp2f: 2^n times a degree-6 polynomial of
-   the fraction. */
+   queries' scale); 0 below -126 and for -inf. */
 static inline __m256 exp2_neg(__m256 x) {
-    const __m256 lo = _mm256_set1_ps(-126.0f);
-    const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-    x = _mm256_max_ps(x, lo);
-    const __m256 n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 f = _mm256_sub_ps(x, n);
-    __m256 y = _mm256_set1_ps(1.535336188319500e-4f);
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.339887440266574e-3f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(9.618437357674640e-3f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(5.550332471162809e-2f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(2.402264791363012e-1f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(6.931472028550421e-1f));
-    y = _mm256_fmadd_ps(y, f, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_andnot_ps(under, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+    return _mm256_andnot_ps(_mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_LT_OQ), exp2_avx2(x));
 }
 
 /* st[j][r] = k[j] . qt[:, r] for the block's nk keys; qt [d x rp], st [BK x rp]. */

@@ -3,7 +3,7 @@
 Design facts:
 - Each kernel is plain C loaded through ctypes (no torch headers: it builds in about a second),
   compiled into kvlib's cache directory (KVLIB_KERNEL_DIR, else $XDG_CACHE_HOME/kvlib/kernels,
-  else ~/.cache/kvlib/kernels), named by the hash of its source and flags, written to a
+  else ~/.cache/kvlib/kernels), named by the hash of its source, its own headers and flags, written to a
   temporary name and renamed, so concurrent processes never load a half-written file. ctypes
   releases the GIL for each call.
 - A kernel built with OpenMP links libgomp.so.1, the soname of the libgomp torch ships and
@@ -21,6 +21,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -57,6 +58,11 @@ class CKernel:
         self._lock = threading.Lock()
         self._state: dict = {}
 
+    def headers(self) -> list[Path]:
+        """The source's own headers (`#include "name.h"`, beside it): part of what names the build."""
+        names = re.findall(r'^\s*#\s*include\s+"([^"]+)"', self.source.read_text(), flags=re.MULTILINE)
+        return [self.source.with_name(name) for name in names]
+
     def unavailable_reason(self) -> str | None:
         if os.environ.get(self.switch, "").strip() == "0":
             return f"off ({self.switch}=0)"
@@ -67,7 +73,7 @@ class CKernel:
         return None
 
     def _build(self) -> ctypes.CDLL:
-        source = self.source.read_bytes()
+        source = self.source.read_bytes() + b"".join(h.read_bytes() for h in self.headers())
         digest = hashlib.sha256(source + " ".join(self.flags).encode()).hexdigest()[:16]
         target = (kernel_dir() / f"{self.source.stem}-{digest}.so").resolve()  # absolute: dlopen searches bare names
         if not target.exists():

@@ -11,6 +11,8 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "exp2_avx2.h"
+
 #define PARALLEL_MIN 65536 /* elements below which one thread does it all */
 
 int kvlib_rms_norm_f32(const float *x, int64_t m, int64_t n, const float *w, float eps, float *out, int n_threads) {
@@ -44,23 +46,8 @@ int kvlib_rms_norm_f32(const float *x, int64_t m, int64_t n, const float *w, flo
     return 0;
 }
 
-/* e^x, Cephes' expf, x clamped to [-87.3, 88.3] (e^-g for a silu: 1 + e^-g stays finite). */
-static inline __m256 exp_clamped(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
+/* e^x = 2^(x log2 e) (exp2_avx2.h: finite for any x, so 1 + e^-g is too). */
+static inline __m256 exp_clamped(__m256 x) { return exp2_avx2(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f))); }
 
 static inline float silu_one(float g) {
     float lanes[8];

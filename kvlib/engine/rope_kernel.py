@@ -88,8 +88,8 @@ def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torc
     return True
 
 
-_QKV_ARGS = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [
-    ctypes.c_int64, ctypes.c_int64]
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_QKV_ARGS = [_PTR, _I64, _I64, _I64, _I64] + [_PTR] * 5 + [_I64, _I64]
 
 
 def rope_qkv_into(qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
