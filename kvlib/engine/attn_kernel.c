@@ -8,7 +8,9 @@
      scaled and transposed once per item), a 6-key x 16-row register tile over the head
      dimension that reads the keys where they lie in the cache;
    - an online softmax eight rows at a time (running maximum and sum per row; the slots a row
-     may not see are -inf, then 0 after the exponential);
+     may not see are -inf, then 0 after the exponential), in base 2: log2(e) is folded into the
+     queries' scale, so each score takes exp2 (exp2_avx2.h); a row whose maximum did not move
+     in a block keeps its outputs unscaled;
    - the probabilities times the block's values added to the rows' outputs (6 rows x 16 values
      a tile, the values read where they lie);
    at most 8 rows (decode's one token) take dot products over the head dimension for the scores.
