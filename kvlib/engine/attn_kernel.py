@@ -21,6 +21,7 @@ Design facts:
 from __future__ import annotations
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -99,14 +100,8 @@ def attend_behind(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t_p
     return _run(q, keys, values, _behind(t_past, t), scale)
 
 
-_LAST: dict = {}
-
-
+@functools.lru_cache(maxsize=1)
 def _behind(t_past: int, t: int) -> torch.Tensor:
     """arange(t_past, t_past + t) as int64, the last one asked for kept: every layer of a forward asks
-    for the same (one entry, replaced whole, so concurrent forwards see an old or a new one)."""
-    entry = _LAST.get("entry")
-    if entry is None or entry[0] != (t_past, t):
-        entry = ((t_past, t), torch.arange(t_past, t_past + t, dtype=torch.int64))
-        _LAST["entry"] = entry
-    return entry[1]
+    for the same (the kernel only reads it)."""
+    return torch.arange(t_past, t_past + t, dtype=torch.int64)

@@ -124,11 +124,12 @@ def check_pointwise_kernel(engine: Engine) -> Check | None:
 
     lm, g = engine.lm, torch.Generator().manual_seed(3)
     hidden, inter = lm.hf.config.hidden_size, lm.hf.config.intermediate_size
-    x, w, gate_up = (torch.randn(25, n, generator=g) * 3 for n in (hidden, hidden, 2 * inter))
-    normed, act = pointwise_kernel.rms_norm(x, w[0], 1e-6), pointwise_kernel.silu_mul(gate_up, inter)
+    x, gate_up = torch.randn(25, hidden, generator=g) * 3, torch.randn(25, 2 * inter, generator=g) * 3
+    w = torch.randn(hidden, generator=g)
+    normed, act = pointwise_kernel.rms_norm(x, w, 1e-6), pointwise_kernel.silu_mul(gate_up, inter)
     if normed is None or act is None:
         return None
-    diff = max((normed - w[0] * F.rms_norm(x, (hidden,), eps=1e-6)).abs().max().item(),
+    diff = max((normed - w * F.rms_norm(x, (hidden,), eps=1e-6)).abs().max().item(),
                (act - F.silu(gate_up[:, :inter]) * gate_up[:, inter:]).abs().max().item())
     return _check("C RMSNorm and gated SiLU vs torch (max abs)", diff, 1e-5)
 

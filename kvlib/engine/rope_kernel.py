@@ -107,7 +107,8 @@ def rope_qkv_into(qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Ten
           and cos.dtype == f32 and sin.dtype == f32 and qkv.device.type == "cpu" and cache_k.device.type == "cpu"
           and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
           and cos.shape == sin.shape == (t, d // 2) and d % 2 == 0 and cache_v.shape == cache_k.shape
-          and cache_k.stride()[2:] == cache_v.stride()[2:] == (d, 1) and 0 <= start <= cache_k.shape[2] - t)
+          and cache_k.stride()[2:] == cache_v.stride()[2:] == (d, 1) and 0 <= start <= cache_k.shape[2] - t
+          and 0 <= layer < cache_k.shape[0])
     fn = KERNEL.sibling("kvlib_rope_qkv_f32", _QKV_ARGS) if ok else None
     if fn is None:
         return None
