@@ -13,24 +13,26 @@ needs_kernel = pytest.mark.skipif(rope_kernel.status() != "compiled",
                                   reason=f"rope kernel unavailable here: {rope_kernel.status()}")
 
 
-def stored_keys(layers, heads, t, dim, seed):
+def stored_keys(layers, heads, t, dim, seed, dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(layers, heads, t, dim, generator=g) * 4).half()
+    return (torch.randn(layers, heads, t, dim, generator=g) * 4).to(dtype)
 
 
 @needs_kernel
 # dim 20: ten pairs, eight in vector lanes and two left over; three threads split the rows
 @pytest.mark.parametrize("dim, threads", [(64, 1), (128, 1), (20, 1), (64, 3)])
-def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim, threads):
+# float16 keys into a float32 cache, and bfloat16 into bfloat16 (rounded once, as torch's copy does)
+@pytest.mark.parametrize("stored, cached", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim, threads, stored, cached):
     lm, _ = tiny_lm("llama", "yarn")  # yarn: attention scaling folded into the tables
-    src = stored_keys(3, 2, 41, dim, seed=dim)
+    src = stored_keys(3, 2, 41, dim, seed=dim, dtype=stored)
     spec = lm.rope if dim == lm.head_dim else type(lm.rope)(
         inv_freq=torch.rand(dim // 2) / 3, attention_scaling=lm.rope.attention_scaling, rope_type="yarn")
     tables = half_tables(spec, torch.randint(0, 30000, (41,), generator=torch.Generator().manual_seed(1)), "cpu")
-    expected = torch.zeros(3, 2, 64, dim)
+    expected = torch.zeros(3, 2, 64, dim, dtype=cached)
     expected[:, :, 5:46] = src
     rope_into_(expected[:, :, 5:46], expected[:, :, 5:46], tables)
-    got = torch.zeros(3, 2, 64, dim)
+    got = torch.zeros(3, 2, 64, dim, dtype=cached)
     assert rope_kernel.rope_into(got[:, :, 5:46], src, tables.cos, tables.sin, threads=threads)
     assert torch.equal(got, expected)  # the slots rotated, the others untouched
 
@@ -42,26 +44,28 @@ def test_kernel_declines_what_it_does_not_handle():
     assert not rope_kernel.rope_into(torch.empty(2, 2, 8, dim), f32_src, tables.cos, tables.sin)
     assert not rope_kernel.rope_into(torch.empty(2, 2, 8, dim, dtype=torch.bfloat16), f32_src.half(),
                                      tables.cos, tables.sin)
+    assert not rope_kernel.rope_into(torch.empty(2, 2, 8, dim), f32_src.bfloat16(), tables.cos, tables.sin)
     strided = torch.randn(2, 2, 8, 2 * dim).half()[..., :dim]  # rows not contiguous
     assert not rope_kernel.rope_into(torch.empty(2, 2, 8, dim), strided, tables.cos, tables.sin)
 
 
 @needs_kernel
-def test_append_rotated_through_the_kernel_matches_the_torch_path():
-    """A run of float16 hits into a float32 cache: the kernel's cache equals copy-then-rotate's."""
+@pytest.mark.parametrize("stored, cached", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_append_rotated_through_the_kernel_matches_the_torch_path(stored, cached):
+    """A run of stored hits into a cache: the kernel's cache equals copy-then-rotate's."""
     lm, _ = tiny_lm("llama", "llama3")
-    chunks = [(stored_keys(lm.n_layers, lm.n_kv_heads, t, lm.head_dim, seed=t),
-               stored_keys(lm.n_layers, lm.n_kv_heads, t, lm.head_dim, seed=100 + t)) for t in (7, 19, 3)]
+    chunks = [(stored_keys(lm.n_layers, lm.n_kv_heads, t, lm.head_dim, seed=t, dtype=stored),
+               stored_keys(lm.n_layers, lm.n_kv_heads, t, lm.head_dim, seed=100 + t, dtype=stored)) for t in (7, 19, 3)]
     tables = half_tables(lm.rope, torch.arange(200, 229), "cpu")
-    cache = KVCache.for_model(lm, 40)
-    ones = torch.ones(lm.n_layers, lm.n_kv_heads, 2, lm.head_dim)
+    cache = KVCache(lm.n_layers, lm.n_kv_heads, lm.head_dim, 40, cached, "cpu")
+    ones = torch.ones(lm.n_layers, lm.n_kv_heads, 2, lm.head_dim, dtype=cached)
     cache.append(ones, ones)
     cache.append_rotated(chunks, tables)
-    k_all = torch.cat([k.float() for k, _ in chunks], dim=2)
+    k_all = torch.cat([k.to(cached) for k, _ in chunks], dim=2)
     rope_into_(k_all, k_all, tables)
     assert cache.length == 31
     assert torch.equal(cache.k[:, :, 2:31], k_all)
-    assert torch.equal(cache.v[:, :, 2:31], torch.cat([v.float() for _, v in chunks], dim=2))
+    assert torch.equal(cache.v[:, :, 2:31], torch.cat([v.to(cached) for _, v in chunks], dim=2))
 
 
 @pytest.mark.parametrize("env, reason", [({"KVLIB_ROPE_KERNEL": "0"}, "off (KVLIB_ROPE_KERNEL=0)"),

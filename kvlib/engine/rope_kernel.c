@@ -7,26 +7,63 @@
    passes in rope.rope_into_ (x * [c, c] + swap(x) * [-s, s]), so the same bits. Built with
    -ffp-contract=off and without FMA so that no product and sum fuse into one rounding; AVX2 and
    F16C intrinsics, eight values at a time.
-   Rows are split over n_threads OpenMP threads (torch's own workers: kernels.py). */
+   Rows are split over n_threads OpenMP threads (torch's own workers: kernels.py).
+   kvlib_rope_bf16_into_bf16 does the same for a bfloat16 model (an AVX-512 BF16 CPU computes in
+   bf16 and stores bf16 KV): each bfloat16 key widened exactly (a 16-bit shift), the same float32
+   arithmetic, then one rounding to nearest even back to bfloat16 (NaN to 0x7fc0), which is
+   torch's float32 -> bfloat16 conversion: the bits of the torch passes, which rotate a bf16
+   cache through a float32 copy. */
 
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
 
 typedef struct {
-    const uint16_t *src; /* float16 bits */
-    float *dst;
+    const uint16_t *src; /* float16 or bfloat16 bits */
+    void *dst;           /* float32, or bfloat16 bits */
     const float *cos_t, *sin_t;
     int64_t first, last, t, d, src_stride, dst_stride;
 } job_t;
 
 /* out1 = x1 * c + x2 * -s, out2 = x2 * c + x1 * s, each product rounded, then the sum. */
-static inline void rotate8(__m256 x1, __m256 x2, const float *c, const float *s, float *out1, float *out2) {
+static inline void rotate8v(__m256 x1, __m256 x2, const float *c, const float *s, __m256 *out1, __m256 *out2) {
     const __m256 cj = _mm256_loadu_ps(c), sj = _mm256_loadu_ps(s);
     const __m256 a = _mm256_mul_ps(x1, cj), b = _mm256_mul_ps(x2, _mm256_xor_ps(sj, _mm256_set1_ps(-0.0f)));
     const __m256 e = _mm256_mul_ps(x2, cj), f = _mm256_mul_ps(x1, sj);
-    _mm256_storeu_ps(out1, _mm256_add_ps(a, b));
-    _mm256_storeu_ps(out2, _mm256_add_ps(e, f));
+    *out1 = _mm256_add_ps(a, b);
+    *out2 = _mm256_add_ps(e, f);
+}
+
+static inline void rotate8(__m256 x1, __m256 x2, const float *c, const float *s, float *out1, float *out2) {
+    __m256 o1, o2;
+    rotate8v(x1, x2, c, s, &o1, &o2);
+    _mm256_storeu_ps(out1, o1);
+    _mm256_storeu_ps(out2, o2);
+}
+
+static inline __m256 bf16x8_load(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* Eight floats to bfloat16, rounded to nearest even, NaN to 0x7fc0 (torch's conversion). */
+static inline void bf16x8_store(__m256 v, uint16_t *p) {
+    const __m256i bits = _mm256_castps_si256(v);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
+    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } x = {(uint32_t)h << 16};
+    return x.f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    union { float f; uint32_t u; } x = {f};
+    if (f != f) return 0x7fc0;
+    return (uint16_t)((x.u + 0x7fff + ((x.u >> 16) & 1)) >> 16);
 }
 
 static inline void rotate1(float x1, float x2, float c, float s, float *out1, float *out2) {
@@ -51,18 +88,36 @@ static void rotate_row_f32(const float *x, float *out, const float *c, const flo
     for (; j < h; j++) rotate1(x[j], x[j + h], c[j], s[j], out + j, out + j + h);
 }
 
-static void rotate_rows(const job_t *job) {
-    const int64_t h = job->d / 2;
-    for (int64_t row = job->first; row < job->last; row++) {
-        const int64_t m = row / job->t, r = row % job->t;
-        rotate_row(job->src + m * job->src_stride + r * job->d, job->dst + m * job->dst_stride + r * job->d,
-                   job->cos_t + r * h, job->sin_t + r * h, h);
+static void rotate_row_bf16(const uint16_t *x, uint16_t *out, const float *c, const float *s, int64_t h) {
+    int64_t j = 0;
+    for (; j + 8 <= h; j += 8) {
+        __m256 o1, o2;
+        rotate8v(bf16x8_load(x + j), bf16x8_load(x + j + h), c + j, s + j, &o1, &o2);
+        bf16x8_store(o1, out + j);
+        bf16x8_store(o2, out + j + h);
+    }
+    for (; j < h; j++) {
+        float o1, o2;
+        rotate1(bf16_to_f32(x[j]), bf16_to_f32(x[j + h]), c[j], s[j], &o1, &o2);
+        out[j] = f32_to_bf16(o1);
+        out[j + h] = f32_to_bf16(o2);
     }
 }
 
-int kvlib_rope_f16_into_f32(const uint16_t *src, float *dst, const float *cos_t, const float *sin_t,
-                            int64_t n_mat, int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride,
-                            int n_threads) {
+static void rotate_rows(const job_t *job, int bf16) {
+    const int64_t h = job->d / 2;
+    for (int64_t row = job->first; row < job->last; row++) {
+        const int64_t m = row / job->t, r = row % job->t;
+        const int64_t at = m * job->src_stride + r * job->d, to = m * job->dst_stride + r * job->d;
+        if (bf16)
+            rotate_row_bf16(job->src + at, (uint16_t *)job->dst + to, job->cos_t + r * h, job->sin_t + r * h, h);
+        else
+            rotate_row(job->src + at, (float *)job->dst + to, job->cos_t + r * h, job->sin_t + r * h, h);
+    }
+}
+
+static int rope_rows(const uint16_t *src, void *dst, const float *cos_t, const float *sin_t, int64_t n_mat,
+                     int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride, int n_threads, int bf16) {
     const int64_t rows = n_mat * t;
     if (n_threads < 1) n_threads = 1;
     if (rows < n_threads) n_threads = 1;
@@ -70,9 +125,21 @@ int kvlib_rope_f16_into_f32(const uint16_t *src, float *dst, const float *cos_t,
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         const job_t job = {src, dst, cos_t, sin_t, rows * i / n, rows * (i + 1) / n, t, d, src_stride, dst_stride};
-        rotate_rows(&job);
+        rotate_rows(&job, bf16);
     }
     return 0;
+}
+
+int kvlib_rope_f16_into_f32(const uint16_t *src, float *dst, const float *cos_t, const float *sin_t,
+                            int64_t n_mat, int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride,
+                            int n_threads) {
+    return rope_rows(src, dst, cos_t, sin_t, n_mat, t, d, src_stride, dst_stride, n_threads, 0);
+}
+
+int kvlib_rope_bf16_into_bf16(const uint16_t *src, uint16_t *dst, const float *cos_t, const float *sin_t,
+                              int64_t n_mat, int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride,
+                              int n_threads) {
+    return rope_rows(src, dst, cos_t, sin_t, n_mat, t, d, src_stride, dst_stride, n_threads, 1);
 }
 
 /* New tokens' float32 projections [t rows of (n_q + 2 n_kv) heads x d: q, k, v], rotated and laid
