@@ -73,3 +73,22 @@ def test_the_additive_mask_is_the_dense_one_built_once_and_attends_alike(monkeyp
     q, k, v = qkv(6, 2, t, past + t, dim=64)
     out, _ = attend(q, k, v, mask, 0.125)
     assert torch.equal(out, sdpa(q, k, v, 0.125, mask=mask.dense(q.device)))
+
+
+@pytest.mark.parametrize("t,past", [(5, 40), (25, 1000)])
+def test_bf16_few_queries_behind_a_past_run_grouped_sdpa_as_close_as_the_matmuls(t, past):
+    """In bf16 a question behind a long past runs SDPA with each KV head's query heads as one head
+    of G * T rows: the grouped mask is the dense one repeated, built once, and the output is as
+    close to softmax attention in float64 as the two float32-score matmuls it replaced."""
+    q, k, v = (x.bfloat16() for x in qkv(6, 2, t, past + t, dim=64, seed=3))
+    mask = Mask.causal(t, past)
+    grouped = mask.additive("cpu", torch.bfloat16, 3)
+    assert mask.additive("cpu", torch.bfloat16, 3) is grouped, "rebuilt for a second layer"
+    assert torch.equal(grouped, mask.additive("cpu", torch.bfloat16).repeat(3, 1))
+    out, _ = attend(q, k, v, mask, 0.125)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, attention.grouped_sdpa(q, k, v, 0.125, mask))
+    kk, vv = (x.double().repeat_interleave(3, dim=0) for x in (k, v))
+    scores = (torch.einsum("htd,hsd->hts", q[0].double(), kk) * 0.125).masked_fill(~mask.dense("cpu"), float("-inf"))
+    ref = torch.einsum("hts,hsd->htd", scores.softmax(dim=-1), vv)[None]
+    err = (out.double() - ref).abs().max()
+    assert err <= 1.5 * (attention.few_queries(q, k, v, past, 0.125).double() - ref).abs().max() + 1e-3

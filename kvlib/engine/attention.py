@@ -21,10 +21,15 @@ Design facts:
     a single query); in float32, SDPA's kernel (one op where the matmuls take ten: SmolLM2
     decode steps 3-6% faster at batch 1-8, level at a 4k context, in-process A/B on an AVX2 EPYC);
   - causal with no past: SDPA's is_causal kernel;
-  - causal behind a past longer than the new tokens (a question over cached chunks) on CPU:
-    two float32-score matmuls (`few_queries`), 1.9 ms against SDPA's 2.6 ms per layer for
-    30 queries over 4k slots in bf16 (AVX-512); SDPA's kernel costs ~4.6 ns a score at so few
-    queries there. In float32 (an AVX2-only CPU) SDPA's blocked kernel is the faster one behind
+  - causal behind a past longer than the new tokens (a question over cached chunks) on CPU
+    in bf16: SDPA on grouped rows (`grouped_sdpa`: the query heads of a KV head as one head of
+    G * T rows, so each key is read once for all of them, under the causal mask in additive
+    form, repeated per head of the group and built once per forward). On a 2-core AMX Xeon,
+    SmolLM2's 75 rows a KV head: 0.20 / 0.71 / 1.47 ms a layer at 1k / 4k / 8k slots against
+    0.41 / 1.47 / 2.67 for two float32-score matmuls (`few_queries`, still the path for other
+    half dtypes), within the same error of float64 attention. (Earlier, on an AVX-512 CPU
+    without AMX, few_queries ran 1.9 ms against SDPA's 2.6 ms a layer for 30 queries over 4k
+    slots with every query head reading the keys: SDPA's kernel cost ~4.6 ns a score there.) In float32 (an AVX2-only CPU) SDPA's blocked kernel is the faster one behind
     a long past, which it reads once instead of writing and re-reading the scores: SmolLM2
     rerope TTFT 233 -> 219 ms at 4k context, 204 -> 189 at 3k, 154 -> 144 at 1.5k (in-process
     A/B on an AVX2 EPYC), level at 1k; so float32 behind FEW_QUERIES_SDPA_PAST slots or more
@@ -98,16 +103,18 @@ class Mask:
             return torch.arange(self.total, device=device)[None, :] <= self.slots.to(device)[:, None]
         return self._packed_dense(device)
 
-    def additive(self, device, dtype) -> torch.Tensor:
-        """Float [T, S]: 0 where a new token sees a slot, -inf elsewhere, which SDPA adds to the scores
-        (what it turns a bool mask into on every call). Built once per Mask: a forward hands the
-        same Mask to every layer."""
+    def additive(self, device, dtype, group: int = 1) -> torch.Tensor:
+        """Float [group * T, S]: 0 where a new token sees a slot, -inf elsewhere, which SDPA adds to
+        the scores (what it turns a bool mask into on every call); `group` copies one under the
+        other (grouped_sdpa's rows). Built once per Mask: a forward hands the same Mask to every layer."""
+        key = (torch.device(device), dtype, group)
         cached = self.__dict__.get("_additive")
-        if cached is None or cached.device != torch.device(device) or cached.dtype != dtype:
+        if cached is None or cached[0] != key:
             dense = self.dense(device)
-            cached = torch.zeros(dense.shape, dtype=dtype, device=device).masked_fill_(~dense, float("-inf"))
+            mask = torch.zeros(dense.shape, dtype=dtype, device=device).masked_fill_(~dense, float("-inf"))
+            cached = (key, mask.repeat(group, 1) if group > 1 else mask)
             object.__setattr__(self, "_additive", cached)
-        return cached
+        return cached[1]
 
     def _packed_dense(self, device) -> torch.Tensor:
         total = sum(self.lengths)
@@ -176,6 +183,17 @@ FEW_QUERIES_MAX_SCORES = 1 << 24
 FEW_QUERIES_SDPA_PAST = 1536
 
 
+def grouped_sdpa(q, keys, values, scale: float, mask: Mask):
+    """SDPA with the G query heads of each KV head as one head of G * T rows (head h = kv * G + g,
+    row g * T + t), under the mask repeated per group: each key is read once for the group.
+    q: [1, H, T, D]; keys/values: [Hkv, S, D]; mask: a causal Mask of T new tokens."""
+    hkv, t, dim = keys.shape[0], q.shape[2], q.shape[3]
+    group = q.shape[1] // hkv
+    rows = q.reshape(1, hkv, group * t, dim)
+    out = sdpa(rows, keys, values, scale, mask=mask.additive(q.device, q.dtype, group))
+    return out.reshape(1, q.shape[1], t, dim)
+
+
 def causal_behind(q, keys, values, t_past: int, scale: float, mask: Mask | None = None):
     """T new queries over t_past past slots and, causally, themselves. keys/values: [Hkv, P+T, D];
     mask: the forward's Mask.causal(T, t_past), whose dense form every layer shares."""
@@ -187,6 +205,8 @@ def causal_behind(q, keys, values, t_past: int, scale: float, mask: Mask | None 
         if q.device.type == "cpu" and q.dtype == torch.float32 and t_past >= FEW_QUERIES_SDPA_PAST:
             mask = Mask.causal(t, t_past) if mask is None else mask
             return sdpa(q, keys, values, scale, mask=mask.additive(q.device, q.dtype))
+        if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+            return grouped_sdpa(q, keys, values, scale, Mask.causal(t, t_past) if mask is None else mask)
         if q.device.type == "cpu" and q.shape[1] * t * keys.shape[1] <= FEW_QUERIES_MAX_SCORES:
             return few_queries(q, keys, values, t_past, scale)
         return at_slots(q, keys, values, torch.arange(t_past, t_past + t), scale)  # blocks skip the masked corner
