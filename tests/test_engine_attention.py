@@ -92,3 +92,12 @@ def test_bf16_few_queries_behind_a_past_run_grouped_sdpa_as_close_as_the_matmuls
     ref = torch.einsum("hts,hsd->htd", scores.softmax(dim=-1), vv)[None]
     err = (out.double() - ref).abs().max()
     assert err <= 1.5 * (attention.few_queries(q, k, v, past, 0.125).double() - ref).abs().max() + 1e-3
+
+
+def test_one_bf16_token_runs_grouped_sdpa_as_close_as_the_matmuls():
+    q, k, v = (x.bfloat16() for x in qkv(6, 2, 1, 300, dim=64, seed=4))
+    out, _ = attend(q, k, v, Mask.causal(1, 299), 0.125)
+    assert torch.equal(out, attention.grouped_sdpa(q, k, v, 0.125, None))
+    ref = attention.single_query_attention(q.double(), k.double(), v.double(), 0.125)
+    err = (out.double() - ref).abs().max()
+    assert err <= 1.5 * (attention.single_query_attention(q, k, v, 0.125).double() - ref).abs().max() + 1e-3

@@ -17,8 +17,10 @@ Design facts:
     SmolLM2: rerope TTFT 1.06x faster at 1.5k context, 1.25x at 4k; rerope+blend:0.3 1.17x
     and 1.32x; full prefill at 1.5k 1.03x; decode at 4k 1.17x. Where it is not built, the
     kernels below;
-  - one new token on CPU: in bf16, two float32 matmuls (SDPA's bf16 kernel costs ~8x more for
-    a single query); in float32, SDPA's kernel (one op where the matmuls take ten: SmolLM2
+  - one new token on CPU: in bf16, SDPA on grouped rows as below (0.18 against 0.39 ms a layer
+    at 4k slots, 0.05 against 0.12 at 1k, for two float32 matmuls, on a 2-core AMX Xeon; SDPA
+    with every query head reading the keys cost ~8x more than those matmuls on an earlier
+    AVX-512 CPU); in float16, the two matmuls; in float32, SDPA's kernel (one op where the matmuls take ten: SmolLM2
     decode steps 3-6% faster at batch 1-8, level at a 4k context, in-process A/B on an AVX2 EPYC);
   - causal with no past: SDPA's is_causal kernel;
   - causal behind a past longer than the new tokens (a question over cached chunks) on CPU
@@ -183,14 +185,15 @@ FEW_QUERIES_MAX_SCORES = 1 << 24
 FEW_QUERIES_SDPA_PAST = 1536
 
 
-def grouped_sdpa(q, keys, values, scale: float, mask: Mask):
+def grouped_sdpa(q, keys, values, scale: float, mask: Mask | None):
     """SDPA with the G query heads of each KV head as one head of G * T rows (head h = kv * G + g,
     row g * T + t), under the mask repeated per group: each key is read once for the group.
-    q: [1, H, T, D]; keys/values: [Hkv, S, D]; mask: a causal Mask of T new tokens."""
+    q: [1, H, T, D]; keys/values: [Hkv, S, D]; mask: a causal Mask of T new tokens, or None for
+    one token that sees every slot."""
     hkv, t, dim = keys.shape[0], q.shape[2], q.shape[3]
     group = q.shape[1] // hkv
     rows = q.reshape(1, hkv, group * t, dim)
-    out = sdpa(rows, keys, values, scale, mask=mask.additive(q.device, q.dtype, group))
+    out = sdpa(rows, keys, values, scale, mask=None if mask is None else mask.additive(q.device, q.dtype, group))
     return out.reshape(1, q.shape[1], t, dim)
 
 
@@ -277,6 +280,8 @@ def attend(q, keys, values, mask: Mask, scale: float, want_probs: bool = False):
 
 def one_query(q, keys, values, scale: float):
     """One new token over every slot of keys/values (decode). q: [1, H, 1, D]."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return grouped_sdpa(q, keys, values, scale, None)
     if q.device.type == "cpu" and q.dtype != torch.float32:
         return single_query_attention(q, keys, values, scale)
     out = attn_kernel.attend_behind(q, keys, values, keys.shape[1] - 1, scale) if q.dtype == torch.float32 else None
