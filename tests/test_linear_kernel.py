@@ -66,29 +66,6 @@ def test_a_residual_is_added_last_as_the_layer_would(with_bias):
                        h + torch.nn.functional.linear(x[None], weight, bias))
 
 
-@needs_kernel
-@pytest.mark.parametrize("m", [1, 5, 25, 97])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_bf16_exact_weights_pack_narrow_and_give_the_float32_panels_bits(m, with_residual):
-    """A weight bfloat16 holds exactly is packed in bfloat16 (half the bytes) and its products are
-    the float32 panels' bit for bit; the weight comes back bit for bit."""
-    weight, x, bias = weight_and_rows(40, 72, m, seed=7 + m)
-    weight = weight.to(torch.bfloat16).float()
-    h = torch.randn(m, 40, generator=torch.Generator().manual_seed(8)) if with_residual else None
-    narrow, wide = linear_kernel.panels(weight), linear_kernel.panels(weight, narrow=False)
-    assert narrow.data.dtype == torch.bfloat16 and wide.data.dtype == torch.float32
-    assert torch.equal(narrow.to_dense(), weight) and narrow.to_dense().dtype == torch.float32
-    assert torch.equal(narrow.apply(x, bias, h), wide.apply(x, bias, h))
-
-
-@needs_kernel
-def test_a_weight_bf16_cannot_hold_stays_float32():
-    weight, x, _ = weight_and_rows(40, 24, 3, seed=9)
-    weight[0, 0] = 1.0 + 2.0**-12  # needs more than bfloat16's 8 mantissa bits
-    packed = linear_kernel.panels(weight)
-    assert packed.data.dtype == torch.float32 and torch.equal(packed.to_dense(), weight)
-
-
 def test_switched_off_float32_weights_go_to_onednn(monkeypatch, tmp_path):
     monkeypatch.setenv("KVLIB_LINEAR_KERNEL", "0")
     monkeypatch.setenv("KVLIB_KERNEL_DIR", str(tmp_path))

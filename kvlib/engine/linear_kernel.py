@@ -13,10 +13,6 @@ Design facts:
   (another order of sums), within float32 rounding of the product in float64 (tests).
 - The panels replace the plain weight (as oneDNN's packed copy did): `Panels.to_dense` gives it
   back bit for bit (model.plain_weights, the doctor's reference forward).
-- A weight that bfloat16 holds exactly (a bf16 checkpoint computed in float32, as SmolLM2's is)
-  is packed as bfloat16 bits and widened in the kernel by a shift: the same float32 products,
-  bit for bit, on half the bytes streamed (and half the resident weights). Any other weight
-  (Qwen's dequantised GGUF) stays float32.
 - Built and loaded as kernels.py says, on torch's OpenMP threads. Only x86-64 CPUs with AVX2 and
   FMA take it; anywhere else, with no compiler, or with KVLIB_LINEAR_KERNEL=0 (an A/B's other
   arm), fused.pack makes oneDNN's packed copy instead; `status()` says which and why.
@@ -36,7 +32,6 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
 KERNEL = CKernel(Path(__file__).with_name("linear_kernel.c"), FLAGS, "kvlib_linear_f32",
                  [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], "KVLIB_LINEAR_KERNEL", {"avx2", "fma"})
-_BF16 = ("kvlib_linear_bf16w", KERNEL.argtypes)
 WIDTH = 16  # output columns per panel
 
 
@@ -47,7 +42,7 @@ def status() -> str:
 
 @dataclass(frozen=True, eq=False)
 class Panels:
-    """A weight [n, k] as ceil(n / 16) panels [k, 16] (columns past n zero), float32 or bfloat16."""
+    """A weight [n, k] as ceil(n / 16) panels [k, 16] (columns past n zero)."""
 
     data: torch.Tensor
     n: int
@@ -58,7 +53,7 @@ class Panels:
 
     def to_dense(self) -> torch.Tensor:
         """The weight [n, k], bit for bit."""
-        return self.data.transpose(1, 2).reshape(-1, self.data.shape[1])[: self.n].float().contiguous()
+        return self.data.transpose(1, 2).reshape(-1, self.data.shape[1])[: self.n].contiguous()
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(x [..., k] @ weight^T + bias) + residual [..., n] -> [..., n]."""
@@ -68,8 +63,7 @@ class Panels:
         bias = None if bias is None else bias.contiguous()  # held until the call returns
         res = None if residual is None else residual.reshape(rows.shape[0], self.n).contiguous()
         if rows.shape[0]:
-            fn = KERNEL.sibling(*_BF16) if self.data.dtype == torch.bfloat16 else KERNEL.function()
-            rc = fn(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
+            rc = KERNEL.function()(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
                                    None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
                                    out.data_ptr(), torch.get_num_threads())
             if rc != 0:
@@ -82,13 +76,9 @@ def takes(weight: torch.Tensor) -> bool:
     return weight.dtype == torch.float32 and weight.device.type == "cpu" and KERNEL.function() is not None
 
 
-def panels(weight: torch.Tensor, narrow: bool = True) -> Panels:
-    """The weight [n, k] packed for the kernel (takes(weight) must hold): in bfloat16 where that
-    holds it exactly and `narrow` (an A/B's other arm passes False), else in float32."""
+def panels(weight: torch.Tensor) -> Panels:
+    """The weight [n, k] packed for the kernel (takes(weight) must hold)."""
     n, k = weight.shape
-    weight = weight.detach()
-    half = weight.to(torch.bfloat16) if narrow else None
-    exact = half is not None and torch.equal(half.float(), weight)
-    padded = torch.zeros((n + WIDTH - 1) // WIDTH * WIDTH, k, dtype=torch.bfloat16 if exact else torch.float32)
-    padded[:n] = half if exact else weight
+    padded = torch.zeros((n + WIDTH - 1) // WIDTH * WIDTH, k, dtype=torch.float32)
+    padded[:n] = weight.detach()
     return Panels(padded.view(-1, WIDTH, k).transpose(1, 2).contiguous(), n)
