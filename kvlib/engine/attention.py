@@ -31,10 +31,11 @@ Design facts:
     0.41 / 1.47 / 2.67 for two float32-score matmuls (`few_queries`, still the path for other
     half dtypes), within the same error of float64 attention. (Earlier, on an AVX-512 CPU
     without AMX, few_queries ran 1.9 ms against SDPA's 2.6 ms a layer for 30 queries over 4k
-    slots with every query head reading the keys: SDPA's kernel cost ~4.6 ns a score there.) In float32 (an AVX2-only CPU) SDPA's blocked kernel is the faster one behind
-    a long past, which it reads once instead of writing and re-reading the scores: SmolLM2
-    rerope TTFT 233 -> 219 ms at 4k context, 204 -> 189 at 3k, 154 -> 144 at 1.5k (in-process
-    A/B on an AVX2 EPYC), level at 1k; so float32 behind FEW_QUERIES_SDPA_PAST slots or more
+    slots with every query head reading the keys: SDPA's kernel cost ~4.6 ns a score there.)
+    In float32 (an AVX2-only CPU) SDPA's blocked kernel is the faster one behind a long past,
+    which it reads once instead of writing and re-reading the scores: SmolLM2 rerope TTFT
+    233 -> 219 ms at 4k context, 204 -> 189 at 3k, 154 -> 144 at 1.5k (in-process A/B on an
+    AVX2 EPYC), level at 1k; so float32 behind FEW_QUERIES_SDPA_PAST slots or more
     runs SDPA with the causal mask in additive form (what SDPA makes of a bool mask on every
     call), built once per forward and shared by its layers (`Mask.additive`: same bits, rerope
     TTFT 2-7% lower at 4k, in-process A/B);
