@@ -51,9 +51,39 @@ def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(threads):
         torch.set_num_threads(2)
 
 
+def within_a_bf16_rounding(got, expected):
+    """got and expected bf16 tensors equal but where one rounding step in bf16 apart: most bits the
+    same, the rest one bf16 unit in the last place (relative 2^-8) apart."""
+    assert got.dtype == expected.dtype == torch.bfloat16 and got.shape == expected.shape
+    same = (got == expected).float().mean().item()
+    assert same > 0.97, same
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2.0**-7, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, n", [(1, 576), (25, 576), (7, 45)])
+def test_bf16_rms_norm_is_torchs_bf16_path_within_a_rounding(m, n):
+    """forward.norm's torch path in bf16: weight * rms_norm(x in float32) cast back, each product rounded."""
+    x, w = rows(m, n, seed=m + n, scale=7.0).bfloat16(), rows(1, n, seed=1)[0].bfloat16()
+    got = pointwise_kernel.rms_norm(x[None], w, 1e-5)
+    expected = w * torch.nn.functional.rms_norm(x[None].float(), (n,), eps=1e-5).to(torch.bfloat16)
+    within_a_bf16_rounding(got, expected)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m, inter", [(1, 1536), (25, 1536), (3, 13)])
+def test_bf16_silu_mul_is_torchs_bf16_path_within_a_rounding(m, inter):
+    """forward.gated's torch path in bf16: silu(gate) rounded, times up rounded."""
+    gate_up = rows(m, 2 * inter, seed=m, scale=6.0).bfloat16()
+    got = pointwise_kernel.silu_mul(gate_up[None], inter)
+    gate, up = gate_up[None].split(inter, dim=-1)
+    within_a_bf16_rounding(got, torch.nn.functional.silu(gate) * up)
+
+
 def test_other_dtypes_and_shapes_are_declined():
     x = torch.randn(3, 8)
     assert pointwise_kernel.rms_norm(x.double(), torch.ones(8, dtype=torch.float64), 1e-6) is None
+    assert pointwise_kernel.rms_norm(x.bfloat16(), torch.ones(8), 1e-6) is None  # mixed dtypes
     assert pointwise_kernel.rms_norm(x, torch.ones(7), 1e-6) is None
     assert pointwise_kernel.silu_mul(x, 3) is None  # 8 columns are not gate and up of 3
 
@@ -72,16 +102,18 @@ def test_switched_off_the_forward_runs_torch(monkeypatch, tmp_path):
 
 
 def test_a_kernel_is_named_by_its_shared_header_too(monkeypatch, tmp_path):
-    """The exponential lives in exp2_avx2.h: a change there must rebuild every kernel that includes it."""
-    from kvlib.engine import attn_kernel
+    """The exponential lives in exp2_avx2.h, the bf16 conversions in bf16_avx2.h: a change there must
+    rebuild every kernel that includes it."""
+    from kvlib.engine import attn_kernel, rope_kernel
     from kvlib.engine.kernels import CKernel, compiler
 
     if compiler() is None:
         pytest.skip("no C compiler here")
     monkeypatch.setenv("KVLIB_KERNEL_DIR", str(tmp_path / "built"))
 
-    for kernel in (pointwise_kernel.KERNEL, attn_kernel.KERNEL):
-        assert [h.name for h in kernel.headers()] == ["exp2_avx2.h"]
+    assert [h.name for h in pointwise_kernel.KERNEL.headers()] == ["bf16_avx2.h", "exp2_avx2.h"]
+    assert [h.name for h in attn_kernel.KERNEL.headers()] == ["exp2_avx2.h"]
+    assert [h.name for h in rope_kernel.KERNEL.headers()] == ["bf16_avx2.h"]
     source = tmp_path / "k.c"
     (tmp_path / "k.h").write_text("#define K 1\n")
     source.write_text('#include "k.h"\nint kvlib_k(void) { return K; }\n')

@@ -119,14 +119,18 @@ def test_kernel_builds_into_a_relative_directory_and_reports_a_failed_build(monk
 
 @needs_kernel
 @pytest.mark.parametrize("family, rope", [("llama", "yarn"), ("qwen2", "default")])  # qwen2: q/k/v biases
-def test_a_forward_writes_its_projections_through_the_kernel_with_the_torch_bits(monkeypatch, family, rope):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_forward_writes_its_projections_through_the_kernel_with_the_torch_bits(monkeypatch, family, rope, dtype):
     """run_layers at a contiguous start rotates q and k and writes k, v into the cache straight from
     the fused product (KVCache.write_projected): the same cache and the same hidden states, bit for
-    bit, as apply_rope and KVCache.write, which run where the kernel is off."""
+    bit, as apply_rope and KVCache.write, which run where the kernel is off; in float32 and in bf16."""
     from kvlib.engine.attention import Mask
     from kvlib.engine.forward import embed, run_layers
+    from kvlib.engine.model import wrap_model
 
-    lm, _ = tiny_lm(family, rope)
+    from tiny_models import tiny_hf
+
+    lm = wrap_model(tiny_hf(family, rope, 0), None, name="tiny", dtype=dtype, device=torch.device("cpu"))
     ids, positions = random_ids(13, seed=2), torch.arange(300, 313)
     seen = []
     real = KVCache.write_projected

@@ -53,7 +53,7 @@ SILUS = ("SiLUActivation", "SiLU")  # transformers' and torch's module for act "
 
 
 def norm(module, x: torch.Tensor) -> torch.Tensor:
-    """The module's RMSNorm of x in one pass (pointwise_kernel in float32 where it builds, else
+    """The module's RMSNorm of x in one pass (pointwise_kernel in float32 or bf16 where it builds, else
     torch's rms_norm instead of transformers' five elementwise ops), the same formula; any
     other norm runs as its module."""
     if type(module).__name__ not in RMS_NORMS:

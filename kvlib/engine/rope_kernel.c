@@ -18,6 +18,8 @@
 #include <omp.h>
 #include <stdint.h>
 
+#include "bf16_avx2.h"
+
 typedef struct {
     const uint16_t *src; /* float16 or bfloat16 bits */
     void *dst;           /* float32, or bfloat16 bits */
@@ -39,31 +41,6 @@ static inline void rotate8(__m256 x1, __m256 x2, const float *c, const float *s,
     rotate8v(x1, x2, c, s, &o1, &o2);
     _mm256_storeu_ps(out1, o1);
     _mm256_storeu_ps(out2, o2);
-}
-
-static inline __m256 bf16x8_load(const uint16_t *p) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-}
-
-/* Eight floats to bfloat16, rounded to nearest even, NaN to 0x7fc0 (torch's conversion). */
-static inline void bf16x8_store(__m256 v, uint16_t *p) {
-    const __m256i bits = _mm256_castps_si256(v);
-    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(bits, 16), _mm256_set1_epi32(1));
-    __m256i r = _mm256_srli_epi32(_mm256_add_epi32(bits, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff))), 16);
-    r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-    _mm_storeu_si128((__m128i *)p, _mm256_castsi256_si128(packed));
-}
-
-static inline float bf16_to_f32(uint16_t h) {
-    union { uint32_t u; float f; } x = {(uint32_t)h << 16};
-    return x.f;
-}
-
-static inline uint16_t f32_to_bf16(float f) {
-    union { float f; uint32_t u; } x = {f};
-    if (f != f) return 0x7fc0;
-    return (uint16_t)((x.u + 0x7fff + ((x.u >> 16) & 1)) >> 16);
 }
 
 static inline void rotate1(float x1, float x2, float c, float s, float *out1, float *out2) {
@@ -155,6 +132,26 @@ int kvlib_rope_qkv_f32(const float *qkv, int64_t t, int64_t n_q, int64_t n_kv, i
         for (int64_t i = 0; i < n_kv; i++) {
             rotate_row_f32(row + (n_q + i) * d, k_out + i * k_hs + r * d, c, s, h);
             const float *v = row + (n_q + n_kv + i) * d;
+            for (int64_t j = 0; j < d; j++) v_out[i * v_hs + r * d + j] = v[j];
+        }
+    }
+    return 0;
+}
+
+/* The same for a bf16 model: bfloat16 projections, q, k and v written as bfloat16 (each rotated
+   value rounded once, as rope.apply_rope's cast back does; v copied). */
+int kvlib_rope_qkv_bf16(const uint16_t *qkv, int64_t t, int64_t n_q, int64_t n_kv, int64_t d, const float *cos_t,
+                        const float *sin_t, uint16_t *q_out, uint16_t *k_out, uint16_t *v_out, int64_t k_hs,
+                        int64_t v_hs) {
+    const int64_t h = d / 2, width = (n_q + 2 * n_kv) * d;
+    if (t <= 0 || n_q <= 0 || n_kv <= 0 || d <= 0 || d % 2) return -1;
+    for (int64_t r = 0; r < t; r++) {
+        const uint16_t *row = qkv + r * width;
+        const float *c = cos_t + r * h, *s = sin_t + r * h;
+        for (int64_t i = 0; i < n_q; i++) rotate_row_bf16(row + i * d, q_out + (r * n_q + i) * d, c, s, h);
+        for (int64_t i = 0; i < n_kv; i++) {
+            rotate_row_bf16(row + (n_q + i) * d, k_out + i * k_hs + r * d, c, s, h);
+            const uint16_t *v = row + (n_q + n_kv + i) * d;
             for (int64_t j = 0; j < d; j++) v_out[i * v_hs + r * d + j] = v[j];
         }
     }

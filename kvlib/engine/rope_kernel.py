@@ -104,29 +104,34 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _QKV_ARGS = [_PTR, _I64, _I64, _I64, _I64] + [_PTR] * 5 + [_I64, _I64]
 
 
+QKV_FUNCTIONS = {torch.float32: ("kvlib_rope_qkv_f32", 4), torch.bfloat16: ("kvlib_rope_qkv_bf16", 2)}
+
+
 def rope_qkv_into(qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
                   cache_v: torch.Tensor, layer: int, start: int) -> torch.Tensor | None:
-    """New tokens' float32 projections qkv [1, T, (n_q + 2 Hkv) D] (q, k, v heads in turn) in one
-    pass: keys rotated and values copied into slots [start, start + T) of `layer` of a cache's
-    k and v ([L, Hkv, C, D]; the caller checked the room), the rotated queries returned as
-    [1, n_q, T, D] (a view of [1, T, n_q, D]); the same bits as rope.apply_rope. None, having
-    done nothing, where the kernel does not take the operands. Checked with plain attributes
-    and written by pointer: ~25 us a call, against ~100 with the cache's slot views."""
+    """New tokens' projections qkv [1, T, (n_q + 2 Hkv) D] (q, k, v heads in turn; float32, or
+    bfloat16 with a bf16 cache) in one pass: keys rotated and values copied into slots [start,
+    start + T) of `layer` of a cache's k and v ([L, Hkv, C, D]; the caller checked the room), the
+    rotated queries returned as [1, n_q, T, D] (a view of [1, T, n_q, D]); the same bits as
+    rope.apply_rope (bf16: its float32 arithmetic, then its cast back). None, having done
+    nothing, where the kernel does not take the operands. Checked with plain attributes and
+    written by pointer: ~25 us a call, against ~100 with the cache's slot views."""
     _, t, width = qkv.shape
     n_kv, d = cache_k.shape[1], cache_k.shape[3]
-    f32 = torch.float32
-    ok = (width == (n_q + 2 * n_kv) * d and qkv.dtype == f32 and cache_k.dtype == f32 and cache_v.dtype == f32
-          and cos.dtype == f32 and sin.dtype == f32 and qkv.device.type == "cpu" and cache_k.device.type == "cpu"
-          and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+    f32, dtype = torch.float32, qkv.dtype
+    ok = (width == (n_q + 2 * n_kv) * d and dtype in QKV_FUNCTIONS and cache_k.dtype == dtype
+          and cache_v.dtype == dtype and cos.dtype == f32 and sin.dtype == f32 and qkv.device.type == "cpu"
+          and cache_k.device.type == "cpu" and qkv.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
           and cos.shape == sin.shape == (t, d // 2) and d % 2 == 0 and cache_v.shape == cache_k.shape
           and cache_k.stride()[2:] == cache_v.stride()[2:] == (d, 1) and 0 <= start <= cache_k.shape[2] - t
           and 0 <= layer < cache_k.shape[0])
-    fn = KERNEL.sibling("kvlib_rope_qkv_f32", _QKV_ARGS) if ok else None
+    name, size = QKV_FUNCTIONS.get(dtype, (None, 0))
+    fn = KERNEL.sibling(name, _QKV_ARGS) if ok else None
     if fn is None:
         return None
-    q = torch.empty(1, t, n_q, d)
-    k_ptr = cache_k.data_ptr() + 4 * (layer * cache_k.stride(0) + start * d)
-    v_ptr = cache_v.data_ptr() + 4 * (layer * cache_v.stride(0) + start * d)
+    q = torch.empty(1, t, n_q, d, dtype=dtype)
+    k_ptr = cache_k.data_ptr() + size * (layer * cache_k.stride(0) + start * d)
+    v_ptr = cache_v.data_ptr() + size * (layer * cache_v.stride(0) + start * d)
     rc = fn(qkv.data_ptr(), t, n_q, n_kv, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_ptr, v_ptr,
             cache_k.stride(1), cache_v.stride(1))
     if rc != 0:
