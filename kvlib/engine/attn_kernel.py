@@ -12,6 +12,11 @@ Design facts:
 - Not the same bits as SDPA (another order of sums, and its own exponential): within the
   exactness tolerance of DESIGN.md §1 (tests: against attention written out in float64, and
   composition against full recompute through the engine).
+- A bf16 model on a CPU with AMX (an AVX-512 BF16 CPU computes in bf16) takes amx_attn_kernel.c
+  for a question behind a long past: scores and values on AMX tiles (bf16 products summed in
+  float32), an online softmax in float32, the probabilities rounded to bf16 to meet the values
+  as SDPA's CPU kernel does. Within the error of SDPA against float64 (tests). Elsewhere, or
+  with KVLIB_AMX_ATTN=0, attention.grouped_sdpa runs.
 - Built and loaded as kernels.py says, with OpenMP on torch's own worker threads. Only x86-64
   CPUs with AVX2 and FMA take it; anywhere else, with no compiler, for other dtypes or layouts,
   or with KVLIB_ATTN_KERNEL=0 (an A/B's other arm), `attend_behind` returns None and the caller
@@ -37,11 +42,28 @@ _ARGS = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64,
          ctypes.c_int]
 KERNEL = CKernel(Path(__file__).with_name("attn_kernel.c"), FLAGS, "kvlib_attend_f32", _ARGS, "KVLIB_ATTN_KERNEL",
                  {"avx2", "fma"})
+AMX_FLAGS = ("-O3", "-mamx-tile", "-mamx-bf16", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fPIC",
+             "-shared", "-fopenmp")
+AMX = CKernel(Path(__file__).with_name("amx_attn_kernel.c"), AMX_FLAGS, "kvlib_attend_amx_bf16", _ARGS,
+              "KVLIB_AMX_ATTN", {"amx_bf16", "amx_tile", "avx512f", "avx512bw", "avx512_bf16"})
 
 
 def status() -> str:
     """'compiled' or why SDPA is used."""
     return KERNEL.status()
+
+
+@functools.cache
+def _amx_permitted() -> bool:
+    """The process may use AMX tiles (Linux grants them on request: arch_prctl XCOMP_PERM)."""
+    permit = AMX.sibling("kvlib_amx_permit", [])
+    return permit is not None and permit() == 0
+
+
+def amx_status() -> str:
+    """'compiled' or why grouped SDPA runs a bf16 question behind a long past."""
+    status = AMX.status()
+    return status if status != "compiled" or _amx_permitted() else "the kernel refused AMX tiles to this process"
 
 
 def _rows_ok(x: torch.Tensor) -> bool:
@@ -79,16 +101,37 @@ def attend_until(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last
     return _run(q, keys, values, last, scale)
 
 
-def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor, scale: float) -> torch.Tensor:
-    """The kernel on operands accepts() took, `last` int64 [T] within the keys."""
+def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor, scale: float,
+         fn=None) -> torch.Tensor:
+    """The kernel (or `fn`, of the same arguments) on operands it takes, `last` int64 [T] within the keys."""
     heads, t, dim = q.shape[1], q.shape[2], q.shape[3]
     out = torch.empty(1, t, heads, dim).transpose(1, 2)
-    rc = KERNEL.function()(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(0),
+    rc = (fn or KERNEL.function())(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(0),
                            values.data_ptr(), values.stride(0), out.data_ptr(), out.stride(1), out.stride(2),
                            heads, keys.shape[0], t, last.data_ptr(), dim, scale, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"attention kernel refused its operands ({rc})")
     return out
+
+
+def attend_behind_amx(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t_past: int, scale: float):
+    """attend_behind for bf16 operands on AMX tiles, as [1, H, T, D] bf16; None, having done nothing,
+    where the kernel does not take them (no AMX, D not a multiple of 32 up to 256, other layouts)."""
+    t = q.shape[2]
+    if q.dim() != 4 or keys.dim() != 3 or keys.shape != values.shape or q.shape[0] != 1:
+        return None
+    if keys.shape[1] != t_past + t or t_past < 0 or keys.shape[1] > MAX_SLOTS:
+        return None
+    d = q.shape[3]
+    if d % 32 or d > 256 or keys.shape[2] != d or q.shape[1] % keys.shape[0]:
+        return None
+    if any(x.dtype != torch.bfloat16 or x.device.type != "cpu" for x in (q, keys, values)):
+        return None
+    if q.stride(3) != 1 or not (_rows_ok(keys) and _rows_ok(values)):
+        return None
+    if AMX.function() is None or not _amx_permitted():
+        return None
+    return _run(q, keys, values, _behind(t_past, t), scale, AMX.function()).to(torch.bfloat16)
 
 
 def attend_behind(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, t_past: int, scale: float):

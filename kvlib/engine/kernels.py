@@ -129,4 +129,4 @@ def statuses() -> dict:
 
     modules = {"rope_kernel": rope_kernel, "attn_kernel": attn_kernel, "linear_kernel": linear_kernel,
                "pointwise_kernel": pointwise_kernel}
-    return {name: module.status() for name, module in modules.items()}
+    return {**{name: module.status() for name, module in modules.items()}, "amx_attn_kernel": attn_kernel.amx_status()}

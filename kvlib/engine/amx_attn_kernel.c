@@ -1,0 +1,366 @@
+/* Attention of a few bf16 queries behind a long bf16 past on AMX tiles (engine/attn_kernel.py).
+
+   New token t, in every head, sees slots [0, last[t]]. The G query heads of a KV head form one
+   operand of G * T rows (t-major, as attn_kernel.c), in row blocks of at most RB; each work item
+   is (KV head, row block, range of keys), its ranges merged at the end by their maxima and sums.
+   Per block of BK keys:
+   - scores S = Q K^T on tiles (TDPBF16PS: bf16 products summed in float32, exact products),
+     the keys' 32-bit pairs transposed 16 keys at a time into the layout the tile's B operand
+     takes (gathers from the cache, where they lie);
+   - an online softmax per row in base 2 (scale and log2 e applied to the float32 scores), the
+     probabilities rounded once to bf16 to meet the values (as SDPA's CPU kernel does);
+   - O += P V on tiles, the values' row pairs interleaved into the B layout per block.
+   Outputs are float32, divided by the sums at the end. Tiles need the process's permission
+   (arch_prctl XCOMP_PERM, kvlib_amx_permit) and each thread's own configuration (set in each
+   OpenMP worker before it runs items, released after). */
+
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define BK 128 /* keys per block */
+#define RB 96  /* rows per row block: six groups of 16 */
+#define DMAX 256
+
+typedef struct {
+    uint8_t palette, start;
+    uint8_t reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+typedef struct {
+    const uint16_t *q, *k, *v;
+    int64_t q_hs, q_ts, k_hs, v_hs;
+    const int64_t *last;
+    int64_t group, t, d;
+    float scale_log2;
+    int64_t row_blocks, splits, split_len;
+    float *m, *l, *o; /* per item: RB maxima, RB sums, RB x d outputs */
+} amx_t;
+
+typedef struct {
+    uint16_t *qa; /* [RB x d] the row block's queries */
+    uint16_t *kt; /* [BK/16][d/32][16 pairs x 16 keys x 2] */
+    float *s;     /* [RB x BK] scores */
+    uint16_t *pb; /* [RB x BK] probabilities, bf16 */
+    uint16_t *vi; /* [BK/2 pairs][d][2] values, row pairs interleaved */
+    float *lim;   /* [RB] each row's last slot */
+} scratch_t;
+
+int kvlib_amx_permit(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18); }
+
+static void tiles_on(void) {
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 8; i++) c.rows[i] = 16, c.colsb[i] = 64; /* every tile 16 rows of 64 bytes */
+    _tile_loadconfig(&c);
+}
+
+/* 2^x for x <= 0, 0 below -126 and for -inf: Cephes' exp2f polynomial (as exp2_avx2.h), 16 lanes. */
+static inline __m512 exp2_neg16(__m512 x) {
+    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 y = _mm512_set1_ps(1.535336188319500e-4f);
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.339887440266574e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618437357674640e-3f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550332471162809e-2f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402264791363012e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931472028550421e-1f));
+    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_maskz_mov_ps(~tiny, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+}
+
+/* Keys [kb, kb + nk) (nk <= BK) as the B operand of S = Q K^T: for each 16 keys and 32 dims, a
+   [16 pairs x 16 keys] matrix of 32-bit (two bf16) elements; keys past nk are zero. */
+static void keys_to_b(const uint16_t *k, int64_t nk, int64_t d, uint16_t *kt) {
+    const int64_t pairs = d / 2, chunks = d / 32;
+    for (int64_t sb = 0; sb * 16 < nk; sb++) {
+        const int64_t n = nk - sb * 16 < 16 ? nk - sb * 16 : 16;
+        const __mmask16 valid = (__mmask16)((1u << n) - 1u);
+        const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                                _mm512_set1_epi32((int)pairs));
+        const int *base = (const int *)(k + sb * 16 * d);
+        for (int64_t ch = 0; ch < chunks; ch++)
+            for (int p = 0; p < 16; p++) {
+                const __m512i idx = _mm512_add_epi32(rows, _mm512_set1_epi32((int)(ch * 16 + p)));
+                const __m512i g = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), valid, idx, base, 4);
+                _mm512_storeu_si512(kt + ((sb * chunks + ch) * 16 + p) * 32, g);
+            }
+    }
+}
+
+/* Values [kb, kb + nk) as the B operand of O += P V: row pairs (2i, 2i + 1) interleaved per dim. */
+static void values_to_b(const uint16_t *v, int64_t nk, int64_t d, uint16_t *vi) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t i = 0; i < BK / 2; i++)
+        for (int64_t c = 0; c < d; c += 32) {
+            const __m512i a = 2 * i < nk ? _mm512_loadu_si512(v + 2 * i * d + c) : _mm512_setzero_si512();
+            const __m512i b = 2 * i + 1 < nk ? _mm512_loadu_si512(v + (2 * i + 1) * d + c) : _mm512_setzero_si512();
+            _mm512_storeu_si512(vi + (i * d + c) * 2, _mm512_permutex2var_epi16(a, lo, b));
+            _mm512_storeu_si512(vi + (i * d + c) * 2 + 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
+}
+
+static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+
+/* The online softmax of one block for row r: scores to bf16 probabilities (0 past the keys the row
+   sees, up to the block's keys rounded to 32, what values() reads), the row's maximum, sum and
+   outputs carried over. */
+static void softmax_row(const amx_t *a, scratch_t *w, int64_t r, int64_t kb, int64_t nk, float *m, float *l,
+                        float *o) {
+    const float *s = w->s + r * BK;
+    uint16_t *p = w->pb + r * BK;
+    const int64_t seen = (int64_t)w->lim[r] - kb + 1, padded = (nk + 31) / 32 * 32;
+    const int64_t n = seen < nk ? (seen < 0 ? 0 : seen) : nk; /* keys of the block the row sees */
+    if (n == 0) {
+        memset(p, 0, padded * sizeof(uint16_t));
+        return;
+    }
+    const __m512 sl = _mm512_set1_ps(a->scale_log2);
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(s + j));
+    if (j < n) vmax = _mm512_mask_max_ps(vmax, first_lanes(n - j), vmax, _mm512_loadu_ps(s + j));
+    const float before = m[r], top_new = _mm512_reduce_max_ps(vmax) * a->scale_log2;
+    const float top = top_new > before ? top_new : before;
+    const __m512 base = _mm512_set1_ps(top);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < padded; j += 16) {
+        const __mmask16 in = j >= n ? 0 : first_lanes(n - j);
+        const __m512 e = _mm512_maskz_mov_ps(in, exp2_neg16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), sl, base)));
+        sum = _mm512_add_ps(sum, e);
+        _mm256_storeu_si256((__m256i *)(p + j), (__m256i)_mm512_cvtneps_pbh(e));
+    }
+    const float total = _mm512_reduce_add_ps(sum);
+    if (top == before) { /* the maximum did not move: nothing to rescale */
+        l[r] += total;
+        return;
+    }
+    const float corr = before == -INFINITY ? 0.0f : exp2f(before - top);
+    l[r] = l[r] * corr + total;
+    m[r] = top;
+    if (before != -INFINITY) {
+        const __m512 f = _mm512_set1_ps(corr);
+        for (int64_t c = 0; c < a->d; c += 16)
+            _mm512_storeu_ps(o + r * a->d + c, _mm512_mul_ps(_mm512_loadu_ps(o + r * a->d + c), f));
+    }
+}
+
+/* Rows of a row block: query row r0 + r is head (r0 + r) % group of the KV head, token (r0 + r) / group. */
+static void load_rows(const amx_t *a, int64_t kv, int64_t r0, int64_t nrows, int64_t rp, scratch_t *w, float *m,
+                      float *l, float *o) {
+    const int64_t d = a->d;
+    memset(o, 0, rp * d * sizeof(float));
+    for (int64_t r = 0; r < rp; r++) {
+        m[r] = -INFINITY, l[r] = 0.0f, w->lim[r] = -1.0f; /* padding rows see nothing */
+        if (r >= nrows) {
+            memset(w->qa + r * d, 0, d * sizeof(uint16_t));
+            continue;
+        }
+        const int64_t t = (r0 + r) / a->group, h = kv * a->group + (r0 + r) % a->group;
+        memcpy(w->qa + r * d, a->q + h * a->q_hs + t * a->q_ts, d * sizeof(uint16_t));
+        w->lim[r] = (float)a->last[t];
+    }
+}
+
+/* S = Q K^T for the block's keys (B operand in w->kt), rows in groups of 16, keys in sixteens. With
+   64 or 128 dims the keys' B tiles stay loaded while the row groups pass; otherwise each is
+   reloaded. */
+static void scores(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk) {
+    const int64_t d = a->d, chunks = d / 32, qs = d * sizeof(uint16_t), ss = BK * sizeof(float);
+    for (int64_t sb = 0; sb * 16 < nk; sb++) {
+        const uint16_t *kt = w->kt + sb * chunks * 512;
+        float *st = w->s + sb * 16;
+        if (chunks == 2 || chunks == 4) {
+            _tile_loadd(2, kt, 64);
+            _tile_loadd(3, kt + 512, 64);
+            if (chunks == 4) {
+                _tile_loadd(4, kt + 1024, 64);
+                _tile_loadd(5, kt + 1536, 64);
+            }
+            for (int64_t g = 0; g < rp; g += 16) {
+                const uint16_t *qa = w->qa + g * d;
+                _tile_zero(0);
+                _tile_loadd(1, qa, qs);
+                _tile_dpbf16ps(0, 1, 2);
+                _tile_loadd(1, qa + 32, qs);
+                _tile_dpbf16ps(0, 1, 3);
+                if (chunks == 4) {
+                    _tile_loadd(1, qa + 64, qs);
+                    _tile_dpbf16ps(0, 1, 4);
+                    _tile_loadd(1, qa + 96, qs);
+                    _tile_dpbf16ps(0, 1, 5);
+                }
+                _tile_stored(0, st + g * BK, ss);
+            }
+            continue;
+        }
+        for (int64_t g = 0; g < rp; g += 16) {
+            _tile_zero(0);
+            for (int64_t ch = 0; ch < chunks; ch++) {
+                _tile_loadd(1, w->qa + g * d + ch * 32, qs);
+                _tile_loadd(2, kt + ch * 512, 64);
+                _tile_dpbf16ps(0, 1, 2);
+            }
+            _tile_stored(0, st + g * BK, ss);
+        }
+    }
+}
+
+/* O += P V for the block (B operand in w->vi), outputs in tiles of 16 rows x 16 dims: four of them
+   (64 dims) held while the block's key steps pass, each step's probabilities loaded once. */
+static void values(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk, float *o) {
+    const int64_t d = a->d, steps = (nk + 31) / 32, os = d * sizeof(float), vs = d * 2 * sizeof(uint16_t);
+    const int64_t ps = BK * sizeof(uint16_t);
+    for (int64_t g = 0; g < rp; g += 16)
+        for (int64_t c = 0; c < d; c += 64) {
+            float *og = o + g * d + c;
+            if (d - c >= 64) {
+                _tile_loadd(0, og, os);
+                _tile_loadd(1, og + 16, os);
+                _tile_loadd(2, og + 32, os);
+                _tile_loadd(3, og + 48, os);
+                for (int64_t ks = 0; ks < steps; ks++) {
+                    const uint16_t *vb = w->vi + (ks * 16 * d + c) * 2;
+                    _tile_loadd(4, w->pb + g * BK + ks * 32, ps);
+                    _tile_loadd(5, vb, vs);
+                    _tile_dpbf16ps(0, 4, 5);
+                    _tile_loadd(5, vb + 32, vs);
+                    _tile_dpbf16ps(1, 4, 5);
+                    _tile_loadd(5, vb + 64, vs);
+                    _tile_dpbf16ps(2, 4, 5);
+                    _tile_loadd(5, vb + 96, vs);
+                    _tile_dpbf16ps(3, 4, 5);
+                }
+                _tile_stored(0, og, os);
+                _tile_stored(1, og + 16, os);
+                _tile_stored(2, og + 32, os);
+                _tile_stored(3, og + 48, os);
+                continue;
+            }
+            for (int64_t cc = c; cc < d; cc += 16) { /* a last 32 dims */
+                _tile_loadd(0, o + g * d + cc, os);
+                for (int64_t ks = 0; ks < steps; ks++) {
+                    _tile_loadd(4, w->pb + g * BK + ks * 32, ps);
+                    _tile_loadd(5, w->vi + (ks * 16 * d + cc) * 2, vs);
+                    _tile_dpbf16ps(0, 4, 5);
+                }
+                _tile_stored(0, o + g * d + cc, os);
+            }
+        }
+}
+
+static void run_item(const amx_t *a, int64_t item, scratch_t *w) {
+    const int64_t d = a->d, rows_all = a->group * a->t;
+    const int64_t split = item % a->splits, rb = (item / a->splits) % a->row_blocks;
+    const int64_t kv = item / (a->splits * a->row_blocks);
+    const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB, rp = (nrows + 15) / 16 * 16;
+    float *m = a->m + item * RB, *l = a->l + item * RB, *o = a->o + item * RB * d;
+    load_rows(a, kv, r0, nrows, rp, w, m, l, o);
+    int64_t highest = 0;
+    for (int64_t t = r0 / a->group; t <= (r0 + nrows - 1) / a->group; t++)
+        highest = a->last[t] > highest ? a->last[t] : highest;
+    const int64_t k_begin = split * a->split_len;
+    const int64_t k_end = k_begin + a->split_len < highest + 1 ? k_begin + a->split_len : highest + 1;
+    const uint16_t *k = a->k + kv * a->k_hs, *v = a->v + kv * a->v_hs;
+    for (int64_t kb = k_begin; kb < k_end; kb += BK) {
+        const int64_t nk = k_end - kb < BK ? k_end - kb : BK;
+        keys_to_b(k + kb * d, nk, d, w->kt);
+        values_to_b(v + kb * d, nk, d, w->vi);
+        scores(a, w, rp, nk);
+        for (int64_t r = 0; r < rp; r++) softmax_row(a, w, r, kb, nk, m, l, o);
+        values(a, w, rp, nk, o);
+    }
+}
+
+/* One row's output: its key ranges merged by their maxima and sums. */
+static void write_row(const amx_t *a, int64_t first_item, int64_t r, float *dst) {
+    const int64_t d = a->d;
+    float top = -INFINITY, sum = 0.0f;
+    for (int64_t sp = 0; sp < a->splits; sp++) {
+        const float mi = a->m[(first_item + sp) * RB + r];
+        top = mi > top ? mi : top;
+    }
+    for (int64_t c = 0; c < d; c++) dst[c] = 0.0f;
+    for (int64_t sp = 0; sp < a->splits; sp++) {
+        const int64_t it = first_item + sp;
+        if (a->l[it * RB + r] == 0.0f) continue; /* a range this row sees nothing of */
+        const float wgt = exp2f(a->m[it * RB + r] - top);
+        sum += a->l[it * RB + r] * wgt;
+        for (int64_t c = 0; c < d; c++) dst[c] += a->o[(it * RB + r) * d + c] * wgt;
+    }
+    for (int64_t c = 0; c < d; c++) dst[c] /= sum;
+}
+
+static int alloc_scratch(scratch_t *w, int64_t d) {
+    const size_t sizes[6] = {RB * d * 2, BK * d * 2, RB * BK * 4, RB * BK * 2, BK * d * 2, RB * 4};
+    void *p[6];
+    for (int i = 0; i < 6; i++) {
+        p[i] = aligned_alloc(64, (sizes[i] + 63) / 64 * 64);
+        if (!p[i]) {
+            for (int j = 0; j < i; j++) free(p[j]);
+            return -1;
+        }
+    }
+    *w = (scratch_t){p[0], p[1], p[2], p[3], p[4], p[5]};
+    return 0;
+}
+
+static void free_scratch(scratch_t *w) { free(w->qa), free(w->kt), free(w->s), free(w->pb), free(w->vi), free(w->lim); }
+
+int kvlib_attend_amx_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const uint16_t *k, int64_t k_hs,
+                          const uint16_t *v, int64_t v_hs, float *out, int64_t o_hs, int64_t o_ts, int64_t n_heads,
+                          int64_t n_kv, int64_t t, const int64_t *last, int64_t d, float scale, int n_threads) {
+    if (d % 32 || d > DMAX || n_kv <= 0 || n_heads % n_kv || t <= 0 || n_threads < 1) return -1;
+    int64_t slots = 0;
+    for (int64_t i = 0; i < t; i++) {
+        if (last[i] < 0 || last[i] >= (1 << 24)) return -1; /* slots compare as exact floats */
+        slots = last[i] + 1 > slots ? last[i] + 1 : slots;
+    }
+    amx_t a = {q, k, v, q_hs, q_ts, k_hs, v_hs, last, n_heads / n_kv, t, d, scale * 1.44269504088896341f, 0, 1, 0};
+    const int64_t rows_all = a.group * t;
+    a.row_blocks = (rows_all + RB - 1) / RB;
+    while (n_kv * a.row_blocks * a.splits < 4 * n_threads && slots / (a.splits * 2) >= 4 * BK) a.splits *= 2;
+    a.split_len = ((slots + a.splits - 1) / a.splits + BK - 1) / BK * BK;
+    const int64_t items = n_kv * a.row_blocks * a.splits;
+    a.m = malloc(items * RB * sizeof(float));
+    a.l = malloc(items * RB * sizeof(float));
+    a.o = malloc(items * RB * d * sizeof(float));
+    scratch_t *work = calloc(n_threads, sizeof(scratch_t));
+    int failed = !a.m || !a.l || !a.o || !work, made = 0;
+    for (; !failed && made < n_threads; made++) failed = alloc_scratch(&work[made], d) != 0;
+    if (!failed) {
+#pragma omp parallel num_threads(n_threads)
+        {
+            scratch_t *w = &work[omp_get_thread_num()];
+            tiles_on();
+#pragma omp for schedule(static)
+            for (int64_t item = 0; item < items; item++) run_item(&a, item, w);
+            _tile_release();
+        }
+    }
+    if (!failed)
+        for (int64_t kv = 0; kv < n_kv; kv++)
+            for (int64_t rb = 0; rb < a.row_blocks; rb++) {
+                const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB;
+                for (int64_t r = 0; r < nrows; r++) {
+                    const int64_t tt = (r0 + r) / a.group, h = kv * a.group + (r0 + r) % a.group;
+                    write_row(&a, (kv * a.row_blocks + rb) * a.splits, r, out + h * o_hs + tt * o_ts);
+                }
+            }
+    for (int i = 0; i < made - (failed ? 1 : 0); i++) free_scratch(&work[i]);
+    free(work), free(a.m), free(a.l), free(a.o);
+    return failed ? -2 : 0;
+}
