@@ -43,7 +43,8 @@ def test_a_row_gives_the_same_bits_whatever_rows_share_the_call(threads):
     x, w, gate_up = rows(300, 576, seed=2), rows(1, 576, seed=3)[0], rows(300, 3072, seed=4)
     torch.set_num_threads(threads)
     try:
-        norm_alone, act_alone = pointwise_kernel.rms_norm(x[5:6], w, 1e-6), pointwise_kernel.silu_mul(gate_up[5:6], 1536)
+        norm_alone = pointwise_kernel.rms_norm(x[5:6], w, 1e-6)
+        act_alone = pointwise_kernel.silu_mul(gate_up[5:6], 1536)
         for m in (6, 25, 300):  # 300 rows run on the threads
             assert torch.equal(pointwise_kernel.rms_norm(x[:m], w, 1e-6)[5], norm_alone[0]), m
             assert torch.equal(pointwise_kernel.silu_mul(gate_up[:m], 1536)[5], act_alone[0]), m
@@ -112,7 +113,8 @@ def test_a_kernel_is_named_by_its_shared_header_too(monkeypatch, tmp_path):
     monkeypatch.setenv("KVLIB_KERNEL_DIR", str(tmp_path / "built"))
 
     assert [h.name for h in pointwise_kernel.KERNEL.headers()] == ["bf16_avx2.h", "exp2_avx2.h"]
-    assert [h.name for h in attn_kernel.KERNEL.headers()] == ["exp2_avx2.h"]
+    assert [h.name for h in attn_kernel.KERNEL.headers()] == ["attn_merge.h", "exp2_avx2.h"]
+    assert [h.name for h in attn_kernel.AMX.headers()] == ["attn_merge.h", "exp2_avx2.h"]
     assert [h.name for h in rope_kernel.KERNEL.headers()] == ["bf16_avx2.h"]
     source = tmp_path / "k.c"
     (tmp_path / "k.h").write_text("#define K 1\n")
@@ -120,4 +122,5 @@ def test_a_kernel_is_named_by_its_shared_header_too(monkeypatch, tmp_path):
     kernel = CKernel(source, ("-O2", "-fPIC", "-shared"), "kvlib_k", [], "KVLIB_TEST_K", set())
     first = kernel._build()
     (tmp_path / "k.h").write_text("#define K 2\n")
-    assert CKernel(source, ("-O2", "-fPIC", "-shared"), "kvlib_k", [], "KVLIB_TEST_K", set())._build()._name != first._name
+    rebuilt = CKernel(source, ("-O2", "-fPIC", "-shared"), "kvlib_k", [], "KVLIB_TEST_K", set())._build()
+    assert rebuilt._name != first._name

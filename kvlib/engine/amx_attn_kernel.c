@@ -2,7 +2,8 @@
 
    New token t, in every head, sees slots [0, last[t]]. The G query heads of a KV head form one
    operand of G * T rows (t-major, as attn_kernel.c), in row blocks of at most RB; each work item
-   is (KV head, row block, range of keys), its ranges merged at the end by their maxima and sums.
+   is (KV head, row block, range of keys), its ranges merged at the end by their maxima and sums
+   (attn_merge.h).
    Per block of BK keys:
    - scores S = Q K^T on tiles (TDPBF16PS: bf16 products summed in float32, exact products),
      the keys' 32-bit pairs transposed 16 keys at a time into the layout the tile's B operand
@@ -22,6 +23,9 @@
 #include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "attn_merge.h"
+#include "exp2_avx2.h"
 
 #define BK 128 /* keys per block */
 #define RB 96  /* rows per row block: six groups of 16 */
@@ -63,21 +67,9 @@ static void tiles_on(void) {
     _tile_loadconfig(&c);
 }
 
-/* 2^x for x <= 0, 0 below -126 and for -inf: Cephes' exp2f polynomial (as exp2_avx2.h), 16 lanes. */
+/* 2^x for x <= 0 (a score minus its row's maximum, in base 2), 0 below -126 and for -inf. */
 static inline __m512 exp2_neg16(__m512 x) {
-    const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);
-    __m512 y = _mm512_set1_ps(1.535336188319500e-4f);
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.339887440266574e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.618437357674640e-3f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.550332471162809e-2f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.402264791363012e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.931472028550421e-1f));
-    y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
-    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    return _mm512_maskz_mov_ps(~tiny, _mm512_mul_ps(y, _mm512_castsi512_ps(e)));
+    return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ), exp2_avx512(x));
 }
 
 /* Keys [kb, kb + nk) (nk <= BK) as the B operand of S = Q K^T: for each 16 keys and 32 dims, a
@@ -285,25 +277,6 @@ static void run_item(const amx_t *a, int64_t item, scratch_t *w) {
     }
 }
 
-/* One row's output: its key ranges merged by their maxima and sums. */
-static void write_row(const amx_t *a, int64_t first_item, int64_t r, float *dst) {
-    const int64_t d = a->d;
-    float top = -INFINITY, sum = 0.0f;
-    for (int64_t sp = 0; sp < a->splits; sp++) {
-        const float mi = a->m[(first_item + sp) * RB + r];
-        top = mi > top ? mi : top;
-    }
-    for (int64_t c = 0; c < d; c++) dst[c] = 0.0f;
-    for (int64_t sp = 0; sp < a->splits; sp++) {
-        const int64_t it = first_item + sp;
-        if (a->l[it * RB + r] == 0.0f) continue; /* a range this row sees nothing of */
-        const float wgt = exp2f(a->m[it * RB + r] - top);
-        sum += a->l[it * RB + r] * wgt;
-        for (int64_t c = 0; c < d; c++) dst[c] += a->o[(it * RB + r) * d + c] * wgt;
-    }
-    for (int64_t c = 0; c < d; c++) dst[c] /= sum;
-}
-
 static int alloc_scratch(scratch_t *w, int64_t d) {
     const size_t sizes[6] = {RB * d * 2, BK * d * 2, RB * BK * 4, RB * BK * 2, BK * d * 2, RB * 4};
     void *p[6];
@@ -324,17 +297,12 @@ int kvlib_attend_amx_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const u
                           const uint16_t *v, int64_t v_hs, float *out, int64_t o_hs, int64_t o_ts, int64_t n_heads,
                           int64_t n_kv, int64_t t, const int64_t *last, int64_t d, float scale, int n_threads) {
     if (d % 32 || d > DMAX || n_kv <= 0 || n_heads % n_kv || t <= 0 || n_threads < 1) return -1;
-    int64_t slots = 0;
-    for (int64_t i = 0; i < t; i++) {
-        if (last[i] < 0 || last[i] >= (1 << 24)) return -1; /* slots compare as exact floats */
-        slots = last[i] + 1 > slots ? last[i] + 1 : slots;
-    }
+    const int64_t slots = slots_seen(last, t);
+    if (slots < 0) return -1;
     amx_t a = {q, k, v, q_hs, q_ts, k_hs, v_hs, last, n_heads / n_kv, t, d, scale * 1.44269504088896341f, 0, 1, 0};
     const int64_t rows_all = a.group * t;
-    a.row_blocks = (rows_all + RB - 1) / RB;
-    while (n_kv * a.row_blocks * a.splits < 4 * n_threads && slots / (a.splits * 2) >= 4 * BK) a.splits *= 2;
-    a.split_len = ((slots + a.splits - 1) / a.splits + BK - 1) / BK * BK;
-    const int64_t items = n_kv * a.row_blocks * a.splits;
+    const int64_t items =
+        plan_items(n_kv, rows_all, RB, slots, 4 * n_threads, BK, &a.row_blocks, &a.splits, &a.split_len);
     a.m = malloc(items * RB * sizeof(float));
     a.l = malloc(items * RB * sizeof(float));
     a.o = malloc(items * RB * d * sizeof(float));
@@ -351,15 +319,10 @@ int kvlib_attend_amx_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const u
             _tile_release();
         }
     }
-    if (!failed)
-        for (int64_t kv = 0; kv < n_kv; kv++)
-            for (int64_t rb = 0; rb < a.row_blocks; rb++) {
-                const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB;
-                for (int64_t r = 0; r < nrows; r++) {
-                    const int64_t tt = (r0 + r) / a.group, h = kv * a.group + (r0 + r) % a.group;
-                    write_row(&a, (kv * a.row_blocks + rb) * a.splits, r, out + h * o_hs + tt * o_ts);
-                }
-            }
+    if (!failed) {
+        const partials_t parts = {a.m, a.l, a.o, RB, a.splits, a.row_blocks, a.group, rows_all, d};
+        write_rows(&parts, n_kv, out, o_hs, o_ts);
+    }
     for (int i = 0; i < made - (failed ? 1 : 0); i++) free_scratch(&work[i]);
     free(work), free(a.m), free(a.l), free(a.o);
     return failed ? -2 : 0;

@@ -27,9 +27,10 @@ Design facts:
   - causal behind a past longer than the new tokens (a question over cached chunks) on CPU
     in bf16: the AMX kernel where the CPU has AMX (attn_kernel.attend_behind_amx: 0.42 against
     0.74 ms a layer at 4k, 0.13 / 0.21 at 1k, 0.8 / 1.5 at 8k; rerope TTFT 80.6 -> 70.9 ms at 4k,
-    in-process A/B on a 2-core AMX Xeon), else SDPA on grouped rows (`grouped_sdpa`: the query heads of a KV head as one head of
-    G * T rows, so each key is read once for all of them, under the causal mask in additive
-    form, repeated per head of the group and built once per forward). On a 2-core AMX Xeon,
+    in-process A/B on a 2-core AMX Xeon), else SDPA on grouped rows (`grouped_sdpa`: the query
+    heads of a KV head as one head of G * T rows, so each key is read once for all of them,
+    under the causal mask in additive form, repeated per head of the group and built once per
+    forward). On a 2-core AMX Xeon,
     SmolLM2's 75 rows a KV head: 0.20 / 0.71 / 1.47 ms a layer at 1k / 4k / 8k slots against
     0.41 / 1.47 / 2.67 for two float32-score matmuls (`few_queries`, still the path for other
     half dtypes), within the same error of float64 attention. (Earlier, on an AVX-512 CPU

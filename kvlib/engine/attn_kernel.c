@@ -15,7 +15,7 @@
      a tile, the values read where they lie);
    at most 8 rows (decode's one token) take dot products over the head dimension for the scores.
    Work items are (KV head, block of at most RB rows, range of keys); the key ranges of a row
-   block are merged at the end by their maxima and sums (as split-K flash decoding does), so
+   block are merged at the end by their maxima and sums (attn_merge.h, as split-K flash decoding does), so
    few rows still spread over threads. Items run under OpenMP on torch's own worker threads
    (the libgomp torch loaded). */
 
@@ -26,6 +26,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "attn_merge.h"
 #include "exp2_avx2.h"
 
 #define BK 96 /* keys per block */
@@ -238,41 +239,17 @@ static void run_item(const attn_t *a, int64_t item, float *qt, float *st, float 
     }
 }
 
-/* One row's output: its key ranges merged by their maxima and sums. */
-static void write_row(const attn_t *a, int64_t first_item, int64_t r, float *dst) {
-    const int64_t d = a->d;
-    float top = -INFINITY, sum = 0.0f;
-    for (int64_t sp = 0; sp < a->splits; sp++) {
-        const float mi = a->m[(first_item + sp) * RB + r];
-        top = mi > top ? mi : top;
-    }
-    for (int64_t c = 0; c < d; c++) dst[c] = 0.0f;
-    for (int64_t sp = 0; sp < a->splits; sp++) {
-        const int64_t it = first_item + sp;
-        if (a->l[it * RB + r] == 0.0f) continue; /* a range this row sees nothing of */
-        const float w = exp2f(a->m[it * RB + r] - top);
-        sum += a->l[it * RB + r] * w;
-        for (int64_t c = 0; c < d; c++) dst[c] += a->o[(it * RB + r) * d + c] * w;
-    }
-    for (int64_t c = 0; c < d; c++) dst[c] /= sum;
-}
-
 int kvlib_attend_f32(const float *q, int64_t q_hs, int64_t q_ts, const float *k, int64_t k_hs, const float *v,
                      int64_t v_hs, float *out, int64_t o_hs, int64_t o_ts, int64_t n_heads, int64_t n_kv, int64_t t,
                      const int64_t *last, int64_t d, float scale, int n_threads) {
     if (d % 16 || n_kv <= 0 || n_heads % n_kv || t <= 0 || n_threads < 1) return -1;
-    int64_t slots = 0;
-    for (int64_t i = 0; i < t; i++) {
-        if (last[i] < 0 || last[i] >= (1 << 24)) return -1; /* slots compare as exact floats */
-        slots = last[i] + 1 > slots ? last[i] + 1 : slots;
-    }
+    const int64_t slots = slots_seen(last, t);
+    if (slots < 0) return -1;
     const float scale_log2 = scale * 1.44269504088896341f;
     attn_t a = {q, k, v, q_hs, q_ts, k_hs, v_hs, last, n_heads / n_kv, t, d, scale_log2, 0, 1, 0, 0, 0, 0};
     const int64_t rows_all = a.group * t;
-    a.row_blocks = (rows_all + RB - 1) / RB;
-    while (n_kv * a.row_blocks * a.splits < 2 * n_threads && slots / (a.splits * 2) >= 4 * BK) a.splits *= 2;
-    a.split_len = ((slots + a.splits - 1) / a.splits + BK - 1) / BK * BK;
-    const int64_t items = n_kv * a.row_blocks * a.splits;
+    const int64_t items =
+        plan_items(n_kv, rows_all, RB, slots, 2 * n_threads, BK, &a.row_blocks, &a.splits, &a.split_len);
     a.m = malloc(items * RB * sizeof(float));
     a.l = malloc(items * RB * sizeof(float));
     a.o = malloc(items * RB * d * sizeof(float));
@@ -286,14 +263,8 @@ int kvlib_attend_f32(const float *q, int64_t q_hs, int64_t q_ts, const float *k,
         float *qt = scratch + (size_t)omp_get_thread_num() * (RB * d + BK * RB + RB);
         run_item(&a, item, qt, qt + RB * d, qt + RB * d + BK * RB);
     }
-    for (int64_t kv = 0; kv < n_kv; kv++)
-        for (int64_t rb = 0; rb < a.row_blocks; rb++) {
-            const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB;
-            for (int64_t r = 0; r < nrows; r++) {
-                const int64_t tt = (r0 + r) / a.group, h = kv * a.group + (r0 + r) % a.group;
-                write_row(&a, (kv * a.row_blocks + rb) * a.splits, r, out + h * o_hs + tt * o_ts);
-            }
-        }
+    const partials_t parts = {a.m, a.l, a.o, RB, a.splits, a.row_blocks, a.group, rows_all, d};
+    write_rows(&parts, n_kv, out, o_hs, o_ts);
     free(a.m), free(a.l), free(a.o), free(scratch);
     return 0;
 }

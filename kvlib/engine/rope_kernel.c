@@ -17,6 +17,7 @@
 #include <immintrin.h>
 #include <omp.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "bf16_avx2.h"
 
@@ -119,41 +120,41 @@ int kvlib_rope_bf16_into_bf16(const uint16_t *src, uint16_t *dst, const float *c
     return rope_rows(src, dst, cos_t, sin_t, n_mat, t, d, src_stride, dst_stride, n_threads, 1);
 }
 
-/* New tokens' float32 projections [t rows of (n_q + 2 n_kv) heads x d: q, k, v], rotated and laid
-   out in one pass: q to q_out [t, n_q, d], k to k_out and v copied to v_out ([n_kv heads kv_hs
-   apart] x [t, d]: a cache's slots), with the same arithmetic as above. */
-int kvlib_rope_qkv_f32(const float *qkv, int64_t t, int64_t n_q, int64_t n_kv, int64_t d, const float *cos_t,
-                       const float *sin_t, float *q_out, float *k_out, float *v_out, int64_t k_hs, int64_t v_hs) {
-    const int64_t h = d / 2, width = (n_q + 2 * n_kv) * d;
+/* New tokens' projections [t rows of (n_q + 2 n_kv) heads x d: q, k, v], rotated and laid out in one
+   pass: q to q_out [t, n_q, d], k to k_out and v copied to v_out ([n_kv heads kv_hs apart] x [t, d]:
+   a cache's slots), with the same arithmetic as above: float32, or bfloat16 (each rotated value
+   rounded once, as rope.apply_rope's cast back does). */
+static inline __attribute__((always_inline)) int rope_qkv(const void *qkv, int64_t t, int64_t n_q, int64_t n_kv,
+                                                          int64_t d, const float *cos_t, const float *sin_t,
+                                                          void *q_out, void *k_out, void *v_out, int64_t k_hs,
+                                                          int64_t v_hs, int bf16) {
+    const int64_t h = d / 2, width = (n_q + 2 * n_kv) * d, size = bf16 ? 2 : 4;
     if (t <= 0 || n_q <= 0 || n_kv <= 0 || d <= 0 || d % 2) return -1;
     for (int64_t r = 0; r < t; r++) {
-        const float *row = qkv + r * width, *c = cos_t + r * h, *s = sin_t + r * h;
-        for (int64_t i = 0; i < n_q; i++) rotate_row_f32(row + i * d, q_out + (r * n_q + i) * d, c, s, h);
-        for (int64_t i = 0; i < n_kv; i++) {
-            rotate_row_f32(row + (n_q + i) * d, k_out + i * k_hs + r * d, c, s, h);
-            const float *v = row + (n_q + n_kv + i) * d;
-            for (int64_t j = 0; j < d; j++) v_out[i * v_hs + r * d + j] = v[j];
+        const char *row = (const char *)qkv + r * width * size;
+        const float *c = cos_t + r * h, *s = sin_t + r * h;
+        for (int64_t i = 0; i < n_kv + n_q; i++) { /* q heads, then k heads */
+            const void *x = row + i * d * size;
+            char *out = i < n_q ? (char *)q_out + (r * n_q + i) * d * size
+                                : (char *)k_out + ((i - n_q) * k_hs + r * d) * size;
+            if (bf16)
+                rotate_row_bf16(x, (uint16_t *)out, c, s, h);
+            else
+                rotate_row_f32(x, (float *)out, c, s, h);
         }
+        for (int64_t i = 0; i < n_kv; i++)
+            memcpy((char *)v_out + (i * v_hs + r * d) * size, row + (n_q + n_kv + i) * d * size, d * size);
     }
     return 0;
 }
 
-/* The same for a bf16 model: bfloat16 projections, q, k and v written as bfloat16 (each rotated
-   value rounded once, as rope.apply_rope's cast back does; v copied). */
+int kvlib_rope_qkv_f32(const float *qkv, int64_t t, int64_t n_q, int64_t n_kv, int64_t d, const float *cos_t,
+                       const float *sin_t, float *q_out, float *k_out, float *v_out, int64_t k_hs, int64_t v_hs) {
+    return rope_qkv(qkv, t, n_q, n_kv, d, cos_t, sin_t, q_out, k_out, v_out, k_hs, v_hs, 0);
+}
+
 int kvlib_rope_qkv_bf16(const uint16_t *qkv, int64_t t, int64_t n_q, int64_t n_kv, int64_t d, const float *cos_t,
                         const float *sin_t, uint16_t *q_out, uint16_t *k_out, uint16_t *v_out, int64_t k_hs,
                         int64_t v_hs) {
-    const int64_t h = d / 2, width = (n_q + 2 * n_kv) * d;
-    if (t <= 0 || n_q <= 0 || n_kv <= 0 || d <= 0 || d % 2) return -1;
-    for (int64_t r = 0; r < t; r++) {
-        const uint16_t *row = qkv + r * width;
-        const float *c = cos_t + r * h, *s = sin_t + r * h;
-        for (int64_t i = 0; i < n_q; i++) rotate_row_bf16(row + i * d, q_out + (r * n_q + i) * d, c, s, h);
-        for (int64_t i = 0; i < n_kv; i++) {
-            rotate_row_bf16(row + (n_q + i) * d, k_out + i * k_hs + r * d, c, s, h);
-            const uint16_t *v = row + (n_q + n_kv + i) * d;
-            for (int64_t j = 0; j < d; j++) v_out[i * v_hs + r * d + j] = v[j];
-        }
-    }
-    return 0;
+    return rope_qkv(qkv, t, n_q, n_kv, d, cos_t, sin_t, q_out, k_out, v_out, k_hs, v_hs, 1);
 }
