@@ -152,3 +152,22 @@ def test_norm_is_the_modules_own_rmsnorm(family, dtype):
                 torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
             else:
                 assert torch.equal(got, want), (type(module).__name__, t)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="no oneDNN in this torch build")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_rows_are_bucketed_without_changing_a_bit(dtype):
+    """oneDNN meets few row counts (row_bucket: at most 3% more rows, zeros, cut back) and each real row
+    comes out as the unpadded product's."""
+    if dtype == torch.bfloat16 and not fused_mod.cpu_packs_bf16():
+        pytest.skip("this CPU's oneDNN cannot pack bf16 weights")
+    assert [fused_mod.row_bucket(m) for m in (1, 64, 65, 700, 4120)] == [1, 64, 66, 704, 4224]
+    assert all(m <= fused_mod.row_bucket(m) <= m * 1.032 for m in range(1, 9000))
+    g = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(96, 64, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+    for m in (3, 65, 129, 700):
+        x = torch.randn(1, m, 64, generator=g).to(dtype)
+        got = fused_mod.onednn_linear(x, packed, bias)
+        assert got.shape == (1, m, 96)
+        assert torch.equal(got, torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")), m
