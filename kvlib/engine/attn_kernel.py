@@ -13,10 +13,11 @@ Design facts:
   exactness tolerance of DESIGN.md §1 (tests: against attention written out in float64, and
   composition against full recompute through the engine).
 - A bf16 model on a CPU with AMX (an AVX-512 BF16 CPU computes in bf16) takes amx_attn_kernel.c
-  for a question behind a long past: scores and values on AMX tiles (bf16 products summed in
-  float32), an online softmax in float32, the probabilities rounded to bf16 to meet the values
-  as SDPA's CPU kernel does. Within the error of SDPA against float64 (tests). Elsewhere, or
-  with KVLIB_AMX_ATTN=0, attention.grouped_sdpa runs.
+  for a question behind a long past and for decode's one token (attention.py): scores and
+  values on AMX tiles (bf16 products summed in float32), an online softmax in float32, the
+  probabilities rounded to bf16 to meet the values as SDPA's CPU kernel does. Within the error
+  of SDPA against float64 (tests). Elsewhere, or with KVLIB_AMX_ATTN=0, attention.grouped_sdpa
+  runs.
 - Built and loaded as kernels.py says, with OpenMP on torch's own worker threads. Only x86-64
   CPUs with AVX2 and FMA take it; anywhere else, with no compiler, for other dtypes or layouts,
   or with KVLIB_ATTN_KERNEL=0 (an A/B's other arm), `attend_behind` returns None and the caller
@@ -107,8 +108,9 @@ def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.
     heads, t, dim = q.shape[1], q.shape[2], q.shape[3]
     out = torch.empty(1, t, heads, dim).transpose(1, 2)
     rc = (fn or KERNEL.function())(q.data_ptr(), q.stride(1), q.stride(2), keys.data_ptr(), keys.stride(0),
-                           values.data_ptr(), values.stride(0), out.data_ptr(), out.stride(1), out.stride(2),
-                           heads, keys.shape[0], t, last.data_ptr(), dim, scale, torch.get_num_threads())
+                                   values.data_ptr(), values.stride(0), out.data_ptr(), out.stride(1),
+                                   out.stride(2), heads, keys.shape[0], t, last.data_ptr(), dim, scale,
+                                   torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"attention kernel refused its operands ({rc})")
     return out
