@@ -72,15 +72,16 @@ static inline __m512 exp2_neg16(__m512 x) {
     return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ), exp2_avx512(x));
 }
 
+static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
+
 /* Keys [kb, kb + nk) (nk <= BK) as the B operand of S = Q K^T: for each 16 keys and 32 dims, a
    [16 pairs x 16 keys] matrix of 32-bit (two bf16) elements; keys past nk are zero. */
 static void keys_to_b(const uint16_t *k, int64_t nk, int64_t d, uint16_t *kt) {
-    const int64_t pairs = d / 2, chunks = d / 32;
+    const int64_t chunks = d / 32;
+    const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32((int)(d / 2))); /* key n's first pair */
     for (int64_t sb = 0; sb * 16 < nk; sb++) {
-        const int64_t n = nk - sb * 16 < 16 ? nk - sb * 16 : 16;
-        const __mmask16 valid = (__mmask16)((1u << n) - 1u);
-        const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32((int)pairs));
+        const __mmask16 valid = first_lanes(nk - sb * 16);
         const int *base = (const int *)(k + sb * 16 * d);
         for (int64_t ch = 0; ch < chunks; ch++)
             for (int p = 0; p < 16; p++) {
@@ -104,8 +105,6 @@ static void values_to_b(const uint16_t *v, int64_t nk, int64_t d, uint16_t *vi) 
             _mm512_storeu_si512(vi + (i * d + c) * 2 + 32, _mm512_permutex2var_epi16(a, hi, b));
         }
 }
-
-static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
 
 /* The online softmax of one block for row r: scores to bf16 probabilities (0 past the keys the row
    sees, up to the block's keys rounded to 32, what values() reads), the row's maximum, sum and
@@ -307,8 +306,13 @@ int kvlib_attend_amx_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const u
     a.l = malloc(items * RB * sizeof(float));
     a.o = malloc(items * RB * d * sizeof(float));
     scratch_t *work = calloc(n_threads, sizeof(scratch_t));
-    int failed = !a.m || !a.l || !a.o || !work, made = 0;
-    for (; !failed && made < n_threads; made++) failed = alloc_scratch(&work[made], d) != 0;
+    int failed = !a.m || !a.l || !a.o || !work, made = 0; /* made: threads whose scratch is held */
+    while (!failed && made < n_threads) {
+        if (alloc_scratch(&work[made], d) != 0)
+            failed = 1;
+        else
+            made++;
+    }
     if (!failed) {
 #pragma omp parallel num_threads(n_threads)
         {
@@ -323,7 +327,7 @@ int kvlib_attend_amx_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const u
         const partials_t parts = {a.m, a.l, a.o, RB, a.splits, a.row_blocks, a.group, rows_all, d};
         write_rows(&parts, n_kv, out, o_hs, o_ts);
     }
-    for (int i = 0; i < made - (failed ? 1 : 0); i++) free_scratch(&work[i]);
+    for (int i = 0; i < made; i++) free_scratch(&work[i]);
     free(work), free(a.m), free(a.l), free(a.o);
     return failed ? -2 : 0;
 }

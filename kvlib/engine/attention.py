@@ -18,11 +18,12 @@ Design facts:
     and 1.32x; full prefill at 1.5k 1.03x; decode at 4k 1.17x. Where it is not built, the
     kernels below;
   - one new token on CPU: in bf16, the AMX kernel where the CPU has AMX (attn_kernel.py; 0.13
-    against 0.19 ms a layer at 4k slots, level at 1k), else SDPA on grouped rows as below (0.18 against 0.39 ms a layer
-    at 4k slots, 0.05 against 0.12 at 1k, for two float32 matmuls, on a 2-core AMX Xeon; SDPA
-    with every query head reading the keys cost ~8x more than those matmuls on an earlier
-    AVX-512 CPU); in float16, the two matmuls; in float32, SDPA's kernel (one op where the matmuls take ten: SmolLM2
-    decode steps 3-6% faster at batch 1-8, level at a 4k context, in-process A/B on an AVX2 EPYC);
+    against 0.19 ms a layer at 4k slots, level at 1k), else SDPA on grouped rows as below (0.18
+    against 0.39 ms a layer at 4k slots, 0.05 against 0.12 at 1k, for two float32 matmuls, on a
+    2-core AMX Xeon; SDPA with every query head reading the keys cost ~8x more than those
+    matmuls on an earlier AVX-512 CPU); in float16, the two matmuls; in float32, SDPA's kernel
+    (one op where the matmuls take ten: SmolLM2 decode steps 3-6% faster at batch 1-8, level at
+    a 4k context, in-process A/B on an AVX2 EPYC);
   - causal with no past: SDPA's is_causal kernel;
   - causal behind a past longer than the new tokens (a question over cached chunks) on CPU
     in bf16: the AMX kernel where the CPU has AMX (attn_kernel.attend_behind_amx: 0.42 against
@@ -30,10 +31,10 @@ Design facts:
     in-process A/B on a 2-core AMX Xeon), else SDPA on grouped rows (`grouped_sdpa`: the query
     heads of a KV head as one head of G * T rows, so each key is read once for all of them,
     under the causal mask in additive form, repeated per head of the group and built once per
-    forward). On a 2-core AMX Xeon,
-    SmolLM2's 75 rows a KV head: 0.20 / 0.71 / 1.47 ms a layer at 1k / 4k / 8k slots against
-    0.41 / 1.47 / 2.67 for two float32-score matmuls (`few_queries`, still the path for other
-    half dtypes), within the same error of float64 attention. (Earlier, on an AVX-512 CPU
+    forward). On a 2-core AMX Xeon, SmolLM2's 75 rows a KV head: 0.20 / 0.71 / 1.47 ms a layer
+    at 1k / 4k / 8k slots against 0.41 / 1.47 / 2.67 for two float32-score matmuls
+    (`few_queries`, still the path for other half dtypes), within the same error of float64
+    attention. (Earlier, on an AVX-512 CPU
     without AMX, few_queries ran 1.9 ms against SDPA's 2.6 ms a layer for 30 queries over 4k
     slots with every query head reading the keys: SDPA's kernel cost ~4.6 ns a score there.)
     In float32 (an AVX2-only CPU) SDPA's blocked kernel is the faster one behind a long past,

@@ -15,8 +15,8 @@
      a tile, the values read where they lie);
    at most 8 rows (decode's one token) take dot products over the head dimension for the scores.
    Work items are (KV head, block of at most RB rows, range of keys); the key ranges of a row
-   block are merged at the end by their maxima and sums (attn_merge.h, as split-K flash decoding does), so
-   few rows still spread over threads. Items run under OpenMP on torch's own worker threads
+   block are merged at the end by their maxima and sums (attn_merge.h, as split-K flash decoding
+   does), so few rows still spread over threads. Items run under OpenMP on torch's own worker threads
    (the libgomp torch loaded). */
 
 #include <immintrin.h>

@@ -42,4 +42,29 @@ static inline uint16_t f32_to_bf16(float f) {
 
 static inline float bf16_round1(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* Eight values (or one) at index j of float32 storage, or of bfloat16 storage where bf16, as
+   float32, and back: one kernel body for a float32 and a bf16 model's tensors (the flag is a
+   constant where the body is inlined, so each twin compiles to its own straight code). */
+static inline __attribute__((always_inline)) __m256 load8_as(const void *p, int64_t j, int bf16) {
+    return bf16 ? bf16x8_load((const uint16_t *)p + j) : _mm256_loadu_ps((const float *)p + j);
+}
+
+static inline __attribute__((always_inline)) float load1_as(const void *p, int64_t j, int bf16) {
+    return bf16 ? bf16_to_f32(((const uint16_t *)p)[j]) : ((const float *)p)[j];
+}
+
+static inline __attribute__((always_inline)) void store8_as(void *p, int64_t j, __m256 v, int bf16) {
+    if (bf16)
+        bf16x8_store(v, (uint16_t *)p + j);
+    else
+        _mm256_storeu_ps((float *)p + j, v);
+}
+
+static inline __attribute__((always_inline)) void store1_as(void *p, int64_t j, float v, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[j] = f32_to_bf16(v);
+    else
+        ((float *)p)[j] = v;
+}
+
 #endif

@@ -21,44 +21,22 @@
 
 #define PARALLEL_MIN 65536 /* elements below which one thread does it all */
 
-static inline __attribute__((always_inline)) __m256 load8(const void *p, int64_t j, int bf16) {
-    return bf16 ? bf16x8_load((const uint16_t *)p + j) : _mm256_loadu_ps((const float *)p + j);
-}
-
-static inline __attribute__((always_inline)) float load1(const void *p, int64_t j, int bf16) {
-    return bf16 ? bf16_to_f32(((const uint16_t *)p)[j]) : ((const float *)p)[j];
-}
-
-static inline __attribute__((always_inline)) void store8(void *p, int64_t j, __m256 v, int bf16) {
-    if (bf16)
-        bf16x8_store(v, (uint16_t *)p + j);
-    else
-        _mm256_storeu_ps((float *)p + j, v);
-}
-
-static inline __attribute__((always_inline)) void store1(void *p, int64_t j, float v, int bf16) {
-    if (bf16)
-        ((uint16_t *)p)[j] = f32_to_bf16(v);
-    else
-        ((float *)p)[j] = v;
-}
-
 static inline __attribute__((always_inline)) float sum_squares(const void *r, int64_t n, int bf16) {
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     int64_t j = 0;
     for (; j + 32 <= n; j += 32)
         for (int a = 0; a < 4; a++) {
-            const __m256 v = load8(r, j + 8 * a, bf16);
+            const __m256 v = load8_as(r, j + 8 * a, bf16);
             acc[a] = _mm256_fmadd_ps(v, v, acc[a]);
         }
     for (; j + 8 <= n; j += 8) {
-        const __m256 v = load8(r, j, bf16);
+        const __m256 v = load8_as(r, j, bf16);
         acc[0] = _mm256_fmadd_ps(v, v, acc[0]);
     }
     float lanes[8];
     _mm256_storeu_ps(lanes, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
     float ss = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-    for (; j < n; j++) ss += load1(r, j, bf16) * load1(r, j, bf16);
+    for (; j < n; j++) ss += load1_as(r, j, bf16) * load1_as(r, j, bf16);
     return ss;
 }
 
@@ -75,13 +53,13 @@ static inline __attribute__((always_inline)) int rms_norm(const void *x, int64_t
         const __m256 vinv = _mm256_set1_ps(inv);
         int64_t j = 0;
         for (; j + 8 <= n; j += 8) {
-            __m256 y = _mm256_mul_ps(load8(r, j, bf16), vinv);
+            __m256 y = _mm256_mul_ps(load8_as(r, j, bf16), vinv);
             if (bf16) y = bf16x8_round(y);
-            store8(o, j, _mm256_mul_ps(load8(w, j, bf16), y), bf16);
+            store8_as(o, j, _mm256_mul_ps(load8_as(w, j, bf16), y), bf16);
         }
         for (; j < n; j++) {
-            const float y = load1(r, j, bf16) * inv;
-            store1(o, j, load1(w, j, bf16) * (bf16 ? bf16_round1(y) : y), bf16);
+            const float y = load1_as(r, j, bf16) * inv;
+            store1_as(o, j, load1_as(w, j, bf16) * (bf16 ? bf16_round1(y) : y), bf16);
         }
     }
     return 0;
@@ -117,14 +95,14 @@ static inline __attribute__((always_inline)) int silu_mul(const void *gu, int64_
         char *o = (char *)out + i * inter * size;
         int64_t j = 0;
         for (; j + 8 <= inter; j += 8) {
-            const __m256 v = load8(g, j, bf16);
+            const __m256 v = load8_as(g, j, bf16);
             __m256 s = _mm256_div_ps(v, _mm256_add_ps(one, exp_clamped(_mm256_sub_ps(zero, v))));
             if (bf16) s = bf16x8_round(s);
-            store8(o, j, _mm256_mul_ps(s, load8(u, j, bf16)), bf16);
+            store8_as(o, j, _mm256_mul_ps(s, load8_as(u, j, bf16)), bf16);
         }
         for (; j < inter; j++) {
-            const float s = silu_one(load1(g, j, bf16));
-            store1(o, j, (bf16 ? bf16_round1(s) : s) * load1(u, j, bf16), bf16);
+            const float s = silu_one(load1_as(g, j, bf16));
+            store1_as(o, j, (bf16 ? bf16_round1(s) : s) * load1_as(u, j, bf16), bf16);
         }
     }
     return 0;

@@ -29,19 +29,12 @@ typedef struct {
 } job_t;
 
 /* out1 = x1 * c + x2 * -s, out2 = x2 * c + x1 * s, each product rounded, then the sum. */
-static inline void rotate8v(__m256 x1, __m256 x2, const float *c, const float *s, __m256 *out1, __m256 *out2) {
+static inline void rotate8(__m256 x1, __m256 x2, const float *c, const float *s, __m256 *out1, __m256 *out2) {
     const __m256 cj = _mm256_loadu_ps(c), sj = _mm256_loadu_ps(s);
     const __m256 a = _mm256_mul_ps(x1, cj), b = _mm256_mul_ps(x2, _mm256_xor_ps(sj, _mm256_set1_ps(-0.0f)));
     const __m256 e = _mm256_mul_ps(x2, cj), f = _mm256_mul_ps(x1, sj);
     *out1 = _mm256_add_ps(a, b);
     *out2 = _mm256_add_ps(e, f);
-}
-
-static inline void rotate8(__m256 x1, __m256 x2, const float *c, const float *s, float *out1, float *out2) {
-    __m256 o1, o2;
-    rotate8v(x1, x2, c, s, &o1, &o2);
-    _mm256_storeu_ps(out1, o1);
-    _mm256_storeu_ps(out2, o2);
 }
 
 static inline void rotate1(float x1, float x2, float c, float s, float *out1, float *out2) {
@@ -51,51 +44,54 @@ static inline void rotate1(float x1, float x2, float c, float s, float *out1, fl
     *out2 = e + f;
 }
 
-static void rotate_row(const uint16_t *x, float *out, const float *c, const float *s, int64_t h) {
-    int64_t j = 0;
-    for (; j + 8 <= h; j += 8)
-        rotate8(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j))),
-                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j + h))), c + j, s + j, out + j, out + j + h);
-    for (; j < h; j++) rotate1(_cvtsh_ss(x[j]), _cvtsh_ss(x[j + h]), c[j], s[j], out + j, out + j + h);
+/* What a row is read from and written as: float32 (KIND_F32), bfloat16 (KIND_BF16), or float16
+   read into float32 (KIND_F16_F32: stored keys into a float32 cache). */
+enum { KIND_F32 = 0, KIND_BF16 = 1, KIND_F16_F32 = 2 };
+
+static inline __attribute__((always_inline)) __m256 read8(const void *x, int64_t j, int kind) {
+    if (kind == KIND_F16_F32) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + j)));
+    return load8_as(x, j, kind == KIND_BF16);
 }
 
-static void rotate_row_f32(const float *x, float *out, const float *c, const float *s, int64_t h) {
-    int64_t j = 0;
-    for (; j + 8 <= h; j += 8)
-        rotate8(_mm256_loadu_ps(x + j), _mm256_loadu_ps(x + j + h), c + j, s + j, out + j, out + j + h);
-    for (; j < h; j++) rotate1(x[j], x[j + h], c[j], s[j], out + j, out + j + h);
+static inline __attribute__((always_inline)) float read1(const void *x, int64_t j, int kind) {
+    return kind == KIND_F16_F32 ? _cvtsh_ss(((const uint16_t *)x)[j]) : load1_as(x, j, kind == KIND_BF16);
 }
 
-static void rotate_row_bf16(const uint16_t *x, uint16_t *out, const float *c, const float *s, int64_t h) {
+/* One row of d = 2h values rotated, eight pairs at a time, then the pairs left over. */
+static inline __attribute__((always_inline)) void rotate_row(const void *x, void *out, const float *c, const float *s,
+                                                            int64_t h, int kind) {
+    const int bf16 = kind == KIND_BF16;
     int64_t j = 0;
     for (; j + 8 <= h; j += 8) {
         __m256 o1, o2;
-        rotate8v(bf16x8_load(x + j), bf16x8_load(x + j + h), c + j, s + j, &o1, &o2);
-        bf16x8_store(o1, out + j);
-        bf16x8_store(o2, out + j + h);
+        rotate8(read8(x, j, kind), read8(x, j + h, kind), c + j, s + j, &o1, &o2);
+        store8_as(out, j, o1, bf16);
+        store8_as(out, j + h, o2, bf16);
     }
     for (; j < h; j++) {
         float o1, o2;
-        rotate1(bf16_to_f32(x[j]), bf16_to_f32(x[j + h]), c[j], s[j], &o1, &o2);
-        out[j] = f32_to_bf16(o1);
-        out[j + h] = f32_to_bf16(o2);
+        rotate1(read1(x, j, kind), read1(x, j + h, kind), c[j], s[j], &o1, &o2);
+        store1_as(out, j, o1, bf16);
+        store1_as(out, j + h, o2, bf16);
     }
 }
 
-static void rotate_rows(const job_t *job, int bf16) {
+/* The job's rows; kind is decided once a row, so each arm runs rotate_row compiled for its kind. */
+static void rotate_rows(const job_t *job, int kind) {
     const int64_t h = job->d / 2;
     for (int64_t row = job->first; row < job->last; row++) {
-        const int64_t m = row / job->t, r = row % job->t;
-        const int64_t at = m * job->src_stride + r * job->d, to = m * job->dst_stride + r * job->d;
-        if (bf16)
-            rotate_row_bf16(job->src + at, (uint16_t *)job->dst + to, job->cos_t + r * h, job->sin_t + r * h, h);
+        const int64_t m = row / job->t, r = row % job->t, to = m * job->dst_stride + r * job->d;
+        const uint16_t *x = job->src + m * job->src_stride + r * job->d;
+        const float *c = job->cos_t + r * h, *s = job->sin_t + r * h;
+        if (kind == KIND_BF16)
+            rotate_row(x, (uint16_t *)job->dst + to, c, s, h, KIND_BF16);
         else
-            rotate_row(job->src + at, (float *)job->dst + to, job->cos_t + r * h, job->sin_t + r * h, h);
+            rotate_row(x, (float *)job->dst + to, c, s, h, KIND_F16_F32);
     }
 }
 
 static int rope_rows(const uint16_t *src, void *dst, const float *cos_t, const float *sin_t, int64_t n_mat,
-                     int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride, int n_threads, int bf16) {
+                     int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride, int n_threads, int kind) {
     const int64_t rows = n_mat * t;
     if (n_threads < 1) n_threads = 1;
     if (rows < n_threads) n_threads = 1;
@@ -103,7 +99,7 @@ static int rope_rows(const uint16_t *src, void *dst, const float *cos_t, const f
     {
         const int64_t i = omp_get_thread_num(), n = omp_get_num_threads();
         const job_t job = {src, dst, cos_t, sin_t, rows * i / n, rows * (i + 1) / n, t, d, src_stride, dst_stride};
-        rotate_rows(&job, bf16);
+        rotate_rows(&job, kind);
     }
     return 0;
 }
@@ -111,13 +107,13 @@ static int rope_rows(const uint16_t *src, void *dst, const float *cos_t, const f
 int kvlib_rope_f16_into_f32(const uint16_t *src, float *dst, const float *cos_t, const float *sin_t,
                             int64_t n_mat, int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride,
                             int n_threads) {
-    return rope_rows(src, dst, cos_t, sin_t, n_mat, t, d, src_stride, dst_stride, n_threads, 0);
+    return rope_rows(src, dst, cos_t, sin_t, n_mat, t, d, src_stride, dst_stride, n_threads, KIND_F16_F32);
 }
 
 int kvlib_rope_bf16_into_bf16(const uint16_t *src, uint16_t *dst, const float *cos_t, const float *sin_t,
                               int64_t n_mat, int64_t t, int64_t d, int64_t src_stride, int64_t dst_stride,
                               int n_threads) {
-    return rope_rows(src, dst, cos_t, sin_t, n_mat, t, d, src_stride, dst_stride, n_threads, 1);
+    return rope_rows(src, dst, cos_t, sin_t, n_mat, t, d, src_stride, dst_stride, n_threads, KIND_BF16);
 }
 
 /* New tokens' projections [t rows of (n_q + 2 n_kv) heads x d: q, k, v], rotated and laid out in one
@@ -137,10 +133,7 @@ static inline __attribute__((always_inline)) int rope_qkv(const void *qkv, int64
             const void *x = row + i * d * size;
             char *out = i < n_q ? (char *)q_out + (r * n_q + i) * d * size
                                 : (char *)k_out + ((i - n_q) * k_hs + r * d) * size;
-            if (bf16)
-                rotate_row_bf16(x, (uint16_t *)out, c, s, h);
-            else
-                rotate_row_f32(x, (float *)out, c, s, h);
+            rotate_row(x, out, c, s, h, bf16 ? KIND_BF16 : KIND_F32);
         }
         for (int64_t i = 0; i < n_kv; i++)
             memcpy((char *)v_out + (i * v_hs + r * d) * size, row + (n_q + n_kv + i) * d * size, d * size);

@@ -104,7 +104,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _QKV_ARGS = [_PTR, _I64, _I64, _I64, _I64] + [_PTR] * 5 + [_I64, _I64]
 
 
-QKV_FUNCTIONS = {torch.float32: ("kvlib_rope_qkv_f32", 4), torch.bfloat16: ("kvlib_rope_qkv_bf16", 2)}
+QKV_FUNCTIONS = {torch.float32: "kvlib_rope_qkv_f32", torch.bfloat16: "kvlib_rope_qkv_bf16"}
 
 
 def rope_qkv_into(qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Tensor, cache_k: torch.Tensor,
@@ -125,11 +125,11 @@ def rope_qkv_into(qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Ten
           and cos.shape == sin.shape == (t, d // 2) and d % 2 == 0 and cache_v.shape == cache_k.shape
           and cache_k.stride()[2:] == cache_v.stride()[2:] == (d, 1) and 0 <= start <= cache_k.shape[2] - t
           and 0 <= layer < cache_k.shape[0])
-    name, size = QKV_FUNCTIONS.get(dtype, (None, 0))
-    fn = KERNEL.sibling(name, _QKV_ARGS) if ok else None
+    fn = KERNEL.sibling(QKV_FUNCTIONS[dtype], _QKV_ARGS) if ok else None
     if fn is None:
         return None
     q = torch.empty(1, t, n_q, d, dtype=dtype)
+    size = qkv.element_size()
     k_ptr = cache_k.data_ptr() + size * (layer * cache_k.stride(0) + start * d)
     v_ptr = cache_v.data_ptr() + size * (layer * cache_v.stride(0) + start * d)
     rc = fn(qkv.data_ptr(), t, n_q, n_kv, d, cos.data_ptr(), sin.data_ptr(), q.data_ptr(), k_ptr, v_ptr,
