@@ -46,17 +46,24 @@ def test_causal_behind_a_past_equals_the_dense_mask_and_leaves_q_alone(t, past):
     assert torch.equal(q, q_before), "the kernel scaled the caller's q in place"
 
 
+def softmax_attention_f64(q, k, v, mask: Mask, scale: float) -> torch.Tensor:
+    """softmax(q k^T * scale) v written out in float64 under the mask's dense form, grouped-query
+    heads expanded: the reference the kernels are held to."""
+    group = q.shape[1] // k.shape[0]
+    kk, vv = (x.double().repeat_interleave(group, dim=0) for x in (k, v))
+    scores = torch.einsum("htd,hsd->hts", q[0].double(), kk) * scale
+    scores = scores.masked_fill(~mask.dense(q.device), float("-inf"))
+    return torch.einsum("hts,hsd->htd", scores.softmax(dim=-1), vv)[None]
+
+
 @pytest.mark.parametrize("t,past", [(5, 40), (30, 1600), (1, 1600), (30, 12), (7, 0)])
 def test_attend_equals_softmax_attention_in_float64(t, past):
     """Each causal kernel attend picks (few queries, a long float32 past, one query, a short past,
     no past) against softmax(q k^T) v written out in float64, grouped-query heads expanded."""
     q, k, v = qkv(6, 2, t, past + t, dim=64)
     out, _ = attend(q, k, v, Mask.causal(t, past), 0.125)
-    kk, vv = (x.double().repeat_interleave(3, dim=0) for x in (k, v))
-    scores = torch.einsum("htd,hsd->hts", q[0].double(), kk) * 0.125
-    scores = scores.masked_fill(~Mask.causal(t, past).dense(q.device), float("-inf"))
-    ref = torch.einsum("hts,hsd->htd", scores.softmax(dim=-1), vv)[None]
-    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), softmax_attention_f64(q, k, v, Mask.causal(t, past), 0.125),
+                               atol=1e-5, rtol=1e-5)
 
 
 def test_the_additive_mask_is_the_dense_one_built_once_and_attends_alike(monkeypatch):
@@ -88,9 +95,7 @@ def test_bf16_few_queries_behind_a_past_run_grouped_sdpa_as_close_as_the_matmuls
     assert torch.equal(grouped, mask.additive("cpu", torch.bfloat16).repeat(3, 1))
     out, _ = attend(q, k, v, mask, 0.125)
     assert out.dtype == torch.bfloat16 and torch.equal(out, attention.grouped_sdpa(q, k, v, 0.125, mask))
-    kk, vv = (x.double().repeat_interleave(3, dim=0) for x in (k, v))
-    scores = (torch.einsum("htd,hsd->hts", q[0].double(), kk) * 0.125).masked_fill(~mask.dense("cpu"), float("-inf"))
-    ref = torch.einsum("hts,hsd->htd", scores.softmax(dim=-1), vv)[None]
+    ref = softmax_attention_f64(q, k, v, mask, 0.125)
     err = (out.double() - ref).abs().max()
     assert err <= 1.5 * (attention.few_queries(q, k, v, past, 0.125).double() - ref).abs().max() + 1e-3
 
