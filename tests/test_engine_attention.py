@@ -84,10 +84,10 @@ def test_the_additive_mask_is_the_dense_one_built_once_and_attends_alike(monkeyp
 
 @pytest.mark.parametrize("t,past", [(5, 40), (25, 1000)])
 def test_bf16_few_queries_behind_a_past_run_grouped_sdpa_as_close_as_the_matmuls(monkeypatch, t, past):
-    """In bf16 without AMX a question behind a long past runs SDPA with each KV head's query heads as
+    """In bf16 without a bf16 kernel a question behind a long past runs SDPA with each KV head's query heads as
     one head of G * T rows: the grouped mask is the dense one repeated, built once, and the output
     is as close to softmax attention in float64 as the two float32-score matmuls it replaced."""
-    monkeypatch.setattr(attn_kernel, "attend_behind_amx", lambda *a: None)
+    monkeypatch.setattr(attn_kernel, "attend_behind_bf16", lambda *a: None)
     q, k, v = (x.bfloat16() for x in qkv(6, 2, t, past + t, dim=64, seed=3))
     mask = Mask.causal(t, past)
     grouped = mask.additive("cpu", torch.bfloat16, 3)
@@ -101,7 +101,7 @@ def test_bf16_few_queries_behind_a_past_run_grouped_sdpa_as_close_as_the_matmuls
 
 
 def test_one_bf16_token_runs_grouped_sdpa_as_close_as_the_matmuls(monkeypatch):
-    monkeypatch.setattr(attn_kernel, "attend_behind_amx", lambda *a: None)  # a CPU without AMX
+    monkeypatch.setattr(attn_kernel, "attend_behind_bf16", lambda *a: None)  # no bf16 kernel
     q, k, v = (x.bfloat16() for x in qkv(6, 2, 1, 300, dim=64, seed=4))
     out, _ = attend(q, k, v, Mask.causal(1, 299), 0.125)
     assert torch.equal(out, attention.grouped_sdpa(q, k, v, 0.125, None))
@@ -110,28 +110,37 @@ def test_one_bf16_token_runs_grouped_sdpa_as_close_as_the_matmuls(monkeypatch):
     assert err <= 1.5 * (attention.single_query_attention(q, k, v, 0.125).double() - ref).abs().max() + 1e-3
 
 
-needs_amx = pytest.mark.skipif(attn_kernel.amx_status() != "compiled",
-                               reason=f"AMX attention unavailable here: {attn_kernel.amx_status()}")
+def bf16_build(name: str):
+    """One build of bf16_attn_kernel.c, or a skip where this CPU lacks it."""
+    if name == "amx":
+        fn = attn_kernel.AMX.function() if attn_kernel.AMX.function() and attn_kernel._amx_permitted() else None
+    else:
+        fn = attn_kernel.DPBF16.function()
+    if fn is None:
+        pytest.skip(f"{name} attention unavailable here: {attn_kernel.bf16_status()}")
+    return fn
 
 
-@needs_amx
-# head dims 64, 128 and 96 (tiles held, and the generic path); one token, a few; a last key block part-filled
+@pytest.mark.parametrize("build", ["amx", "avx512_bf16"])
+# head dims 64, 128 and 96 (AMX: tiles held, and the generic path); one token, a few; a last key block part-filled
 @pytest.mark.parametrize("heads, hkv, t, past, dim", [(9, 3, 25, 1000, 64), (12, 2, 30, 700, 128), (6, 2, 5, 300, 96),
                                                       (9, 3, 1, 333, 64), (4, 4, 40, 90, 32)])
-def test_amx_attention_is_as_close_to_float64_as_sdpa(heads, hkv, t, past, dim):
+def test_bf16_attention_is_as_close_to_float64_as_sdpa(build, heads, hkv, t, past, dim):
+    fn = bf16_build(build)
     q, k, v = (x.bfloat16() for x in qkv(heads, hkv, t, past + t, dim=dim, seed=past))
     scale = dim ** -0.5
-    got = attn_kernel.attend_behind_amx(q, k, v, past, scale)
+    got = attn_kernel.attend_behind_bf16(q, k, v, past, scale, fn)
     assert got.dtype == torch.bfloat16 and got.shape == q.shape
     ref = attention.few_queries(q.double(), k.double(), v.double(), past, scale)
     sdpa_err = (attention.grouped_sdpa(q, k, v, scale, Mask.causal(t, past)).double() - ref).abs().max()
     assert (got.double() - ref).abs().max() <= 1.5 * sdpa_err + 1e-3
-    routed, _ = attend(q, k, v, Mask.causal(t, past), scale)
-    assert torch.equal(routed, got)  # what a bf16 forward runs, behind a past and for one token alike
+    if fn is attn_kernel.bf16_function():
+        routed, _ = attend(q, k, v, Mask.causal(t, past), scale)
+        assert torch.equal(routed, got)  # what a bf16 forward runs, behind a past and for one token alike
 
 
-def test_amx_attention_declines_what_it_does_not_take():
+def test_bf16_attention_declines_what_it_does_not_take():
     q, k, v = qkv(6, 2, 5, 45, dim=64)
-    assert attn_kernel.attend_behind_amx(q, k, v, 40, 0.125) is None  # float32
+    assert attn_kernel.attend_behind_bf16(q, k, v, 40, 0.125) is None  # float32
     q, k, v = (x.bfloat16() for x in qkv(6, 2, 5, 45, dim=48))
-    assert attn_kernel.attend_behind_amx(q, k, v, 40, 0.125) is None  # head dim not a multiple of 32
+    assert attn_kernel.attend_behind_bf16(q, k, v, 40, 0.125) is None  # head dim not a multiple of 32

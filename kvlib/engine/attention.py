@@ -17,8 +17,9 @@ Design facts:
     SmolLM2: rerope TTFT 1.06x faster at 1.5k context, 1.25x at 4k; rerope+blend:0.3 1.17x
     and 1.32x; full prefill at 1.5k 1.03x; decode at 4k 1.17x. Where it is not built, the
     kernels below;
-  - one new token on CPU: in bf16, the AMX kernel where the CPU has AMX (attn_kernel.py; 0.13
-    against 0.19 ms a layer at 4k slots, level at 1k), else SDPA on grouped rows as below (0.18
+  - one new token on CPU: in bf16, the bf16 C kernel where the CPU has AMX or AVX-512 BF16
+    (attn_kernel.py; AMX: 0.13 against 0.19 ms a layer at 4k slots, level at 1k; AVX-512 BF16
+    EPYC: 0.16 against 0.37), else SDPA on grouped rows as below (0.18
     against 0.39 ms a layer at 4k slots, 0.05 against 0.12 at 1k, for two float32 matmuls, on a
     2-core AMX Xeon; SDPA with every query head reading the keys cost ~8x more than those
     matmuls on an earlier AVX-512 CPU); in float16, the two matmuls; in float32, SDPA's kernel
@@ -26,9 +27,11 @@ Design facts:
     a 4k context, in-process A/B on an AVX2 EPYC);
   - causal with no past: SDPA's is_causal kernel;
   - causal behind a past longer than the new tokens (a question over cached chunks) on CPU
-    in bf16: the AMX kernel where the CPU has AMX (attn_kernel.attend_behind_amx: 0.42 against
-    0.74 ms a layer at 4k, 0.13 / 0.21 at 1k, 0.8 / 1.5 at 8k; rerope TTFT 80.6 -> 70.9 ms at 4k,
-    in-process A/B on a 2-core AMX Xeon), else SDPA on grouped rows (`grouped_sdpa`: the query
+    in bf16: the bf16 C kernel (attn_kernel.attend_behind_bf16). On AMX: 0.42 against 0.74 ms a
+    layer at 4k, 0.13 / 0.21 at 1k, 0.8 / 1.5 at 8k; rerope TTFT 80.6 -> 70.9 ms at 4k (in-process
+    A/B on a 2-core AMX Xeon). On AVX-512 BF16 dot products: 1.05 against 2.61 ms a layer at 4k;
+    rerope TTFT 137 -> 87 ms at 4k, 237 -> 125 at 8k (hot-path runs on a 2-core EPYC). Without
+    either, SDPA on grouped rows (`grouped_sdpa`: the query
     heads of a KV head as one head of G * T rows, so each key is read once for all of them,
     under the causal mask in additive form, repeated per head of the group and built once per
     forward). On a 2-core AMX Xeon, SmolLM2's 75 rows a KV head: 0.20 / 0.71 / 1.47 ms a layer
@@ -215,7 +218,7 @@ def causal_behind(q, keys, values, t_past: int, scale: float, mask: Mask | None 
             mask = Mask.causal(t, t_past) if mask is None else mask
             return sdpa(q, keys, values, scale, mask=mask.additive(q.device, q.dtype))
         if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-            out = attn_kernel.attend_behind_amx(q, keys, values, t_past, scale)
+            out = attn_kernel.attend_behind_bf16(q, keys, values, t_past, scale)
             return out if out is not None else grouped_sdpa(q, keys, values, scale,
                                                             Mask.causal(t, t_past) if mask is None else mask)
         if q.device.type == "cpu" and q.shape[1] * t * keys.shape[1] <= FEW_QUERIES_MAX_SCORES:
@@ -289,7 +292,7 @@ def attend(q, keys, values, mask: Mask, scale: float, want_probs: bool = False):
 def one_query(q, keys, values, scale: float):
     """One new token over every slot of keys/values (decode). q: [1, H, 1, D]."""
     if q.device.type == "cpu" and q.dtype == torch.bfloat16:
-        out = attn_kernel.attend_behind_amx(q, keys, values, keys.shape[1] - 1, scale)
+        out = attn_kernel.attend_behind_bf16(q, keys, values, keys.shape[1] - 1, scale)
         return out if out is not None else grouped_sdpa(q, keys, values, scale, None)
     if q.device.type == "cpu" and q.dtype != torch.float32:
         return single_query_attention(q, keys, values, scale)

@@ -1,4 +1,4 @@
-/* Split-K attention's plan and last step, shared by attn_kernel.c and amx_attn_kernel.c (kernels.py
+/* Split-K attention's plan and last step, shared by attn_kernel.c and bf16_attn_kernel.c (kernels.py
    hashes it with each). The plan: key ranges per (KV head, row block), doubled until there are
    enough work items for the threads. The last step: every work item (KV head, row block, range of
    keys) left per row its running maximum m (base 2), sum l and unnormalised outputs o; a row's

@@ -115,8 +115,8 @@ def check_attn_kernel(engine: Engine) -> Check | None:
     return _check("C attention behind a 2k past vs SDPA (max abs)", (got - expected).abs().max().item(), 1e-5)
 
 
-def check_amx_attn(engine: Engine) -> Check | None:
-    """The AMX attention of bf16 queries behind a long past (attn_kernel.attend_behind_amx), where this
+def check_bf16_attn(engine: Engine) -> Check | None:
+    """The bf16 attention of queries behind a long past (attn_kernel.attend_behind_bf16), where this
     machine has it: its error against float64 attention within twice grouped SDPA's, which it replaces."""
     from kvlib.engine import attn_kernel
     from kvlib.engine.attention import Mask, few_queries, grouped_sdpa
@@ -125,12 +125,12 @@ def check_amx_attn(engine: Engine) -> Check | None:
     heads, scale = lm.config_summary["num_attention_heads"], lm.head_dim ** -0.5
     q = torch.randn(1, heads, t, lm.head_dim, generator=g).bfloat16()
     keys, values = torch.randn(2, lm.n_kv_heads, past + t, lm.head_dim, generator=g).bfloat16()
-    got = attn_kernel.attend_behind_amx(q, keys, values, past, scale)
+    got = attn_kernel.attend_behind_bf16(q, keys, values, past, scale)
     if got is None:
         return None
     ref = few_queries(q.double(), keys.double(), values.double(), past, scale)
     sdpa_err = (grouped_sdpa(q, keys, values, scale, Mask.causal(t, past)).double() - ref).abs().max().item()
-    return _check("AMX bf16 attention behind a 2k past vs float64 (max abs; limit twice SDPA's)",
+    return _check("C bf16 attention behind a 2k past vs float64 (max abs; limit twice SDPA's)",
                   (got.double() - ref).abs().max().item(), 2 * sdpa_err)
 
 
@@ -158,7 +158,7 @@ def run_checks(engine: Engine) -> list[Check]:
     ids = engine.tokenize(SAMPLE_TEXT)
     checks = [check_forward(engine, ids), check_shift_invariance(engine, ids), check_composition(engine, ids),
               check_rotation_roundtrip(engine), check_rope_kernel(engine), check_attn_kernel(engine),
-              check_amx_attn(engine), check_pointwise_kernel(engine)]
+              check_bf16_attn(engine), check_pointwise_kernel(engine)]
     return [c for c in checks if c is not None]
 
 

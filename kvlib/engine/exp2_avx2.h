@@ -1,6 +1,6 @@
 /* 2^x on eight float32 lanes, x clamped to [-126, 126] (finite, normal results): Cephes' exp2f,
    2^n times a degree-6 polynomial of the fraction, ~1 ulp. Shared by the C kernels that take an
-   exponential (attn_kernel.c, pointwise_kernel.c; amx_attn_kernel.c takes the same polynomial on
+   exponential (attn_kernel.c, pointwise_kernel.c; bf16_attn_kernel.c takes the same polynomial on
    sixteen lanes, exp2_avx512, where AVX-512 is on); kernels.py hashes it with each of them. */
 
 #ifndef KVLIB_EXP2_AVX2_H

@@ -66,8 +66,10 @@ class CKernel:
     def unavailable_reason(self) -> str | None:
         if os.environ.get(self.switch, "").strip() == "0":
             return f"off ({self.switch}=0)"
-        if platform.machine() not in ("x86_64", "AMD64") or not self.cpu <= cpu_flags():
-            return f"this CPU lacks {'/'.join(sorted(s.upper() for s in self.cpu))}"
+        if platform.machine() not in ("x86_64", "AMD64"):
+            return f"not an x86-64 CPU ({platform.machine()})"
+        if missing := self.cpu - cpu_flags():
+            return f"this CPU lacks {'/'.join(sorted(s.upper() for s in missing))}"
         if compiler() is None:
             return "no C compiler (cc) on PATH"
         return None
@@ -129,4 +131,4 @@ def statuses() -> dict:
 
     modules = {"rope_kernel": rope_kernel, "attn_kernel": attn_kernel, "linear_kernel": linear_kernel,
                "pointwise_kernel": pointwise_kernel}
-    return {**{name: module.status() for name, module in modules.items()}, "amx_attn_kernel": attn_kernel.amx_status()}
+    return {**{name: module.status() for name, module in modules.items()}, "bf16_attn_kernel": attn_kernel.bf16_status()}

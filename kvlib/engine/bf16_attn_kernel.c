@@ -1,16 +1,20 @@
-/* Attention of a few bf16 queries behind a long bf16 past on AMX tiles (engine/attn_kernel.py).
+/* Attention of a few bf16 queries behind a long bf16 past (engine/attn_kernel.py), built twice:
+   with AMX (-mamx-tile: the products on tiles) and without it for AVX-512 BF16 CPUs (the same
+   products as VDPBF16PS dot products on sixteen lanes). Both read the same operand layouts and share
+   everything else.
 
    New token t, in every head, sees slots [0, last[t]]. The G query heads of a KV head form one
    operand of G * T rows (t-major, as attn_kernel.c), in row blocks of at most RB; each work item
    is (KV head, row block, range of keys), its ranges merged at the end by their maxima and sums
    (attn_merge.h).
    Per block of BK keys:
-   - scores S = Q K^T on tiles (TDPBF16PS: bf16 products summed in float32, exact products),
-     the keys' 32-bit pairs transposed 16 keys at a time into the layout the tile's B operand
-     takes (gathers from the cache, where they lie);
+   - scores S = Q K^T (bf16 products summed in float32, exact products), the keys' 32-bit pairs
+     transposed 16 keys at a time into the layout a tile's B operand takes (gathers from the
+     cache, where they lie): row p of 16 keys' block holds each key's pair p, what one dot
+     product instruction takes beside a query's pair p broadcast;
    - an online softmax per row in base 2 (scale and log2 e applied to the float32 scores), the
      probabilities rounded once to bf16 to meet the values (as SDPA's CPU kernel does);
-   - O += P V on tiles, the values' row pairs interleaved into the B layout per block.
+   - O += P V, the values' row pairs interleaved into the B layout per block.
    Outputs are float32, divided by the sums at the end. Tiles need the process's permission
    (arch_prctl XCOMP_PERM, kvlib_amx_permit) and each thread's own configuration (set in each
    OpenMP worker before it runs items, released after). */
@@ -21,8 +25,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include "attn_merge.h"
 #include "exp2_avx2.h"
@@ -30,13 +32,11 @@
 #define BK 128 /* keys per block */
 #define RB 96  /* rows per row block: six groups of 16 */
 #define DMAX 256
-
-typedef struct {
-    uint8_t palette, start;
-    uint8_t reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tilecfg_t;
+#ifdef __AMX_TILE__
+#define ROW_ALIGN 16 /* a tile's rows */
+#else
+#define ROW_ALIGN 4 /* the dot products' row step (products.h) */
+#endif
 
 typedef struct {
     const uint16_t *q, *k, *v;
@@ -56,16 +56,6 @@ typedef struct {
     uint16_t *vi; /* [BK/2 pairs][d][2] values, row pairs interleaved */
     float *lim;   /* [RB] each row's last slot */
 } scratch_t;
-
-int kvlib_amx_permit(void) { return (int)syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18); }
-
-static void tiles_on(void) {
-    tilecfg_t c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int i = 0; i < 8; i++) c.rows[i] = 16, c.colsb[i] = 64; /* every tile 16 rows of 64 bytes */
-    _tile_loadconfig(&c);
-}
 
 /* 2^x for x <= 0 (a score minus its row's maximum, in base 2), 0 below -126 and for -inf. */
 static inline __m512 exp2_neg16(__m512 x) {
@@ -166,98 +156,18 @@ static void load_rows(const amx_t *a, int64_t kv, int64_t r0, int64_t nrows, int
     }
 }
 
-/* S = Q K^T for the block's keys (B operand in w->kt), rows in groups of 16, keys in sixteens. With
-   64 or 128 dims the keys' B tiles stay loaded while the row groups pass; otherwise each is
-   reloaded. */
-static void scores(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk) {
-    const int64_t d = a->d, chunks = d / 32, qs = d * sizeof(uint16_t), ss = BK * sizeof(float);
-    for (int64_t sb = 0; sb * 16 < nk; sb++) {
-        const uint16_t *kt = w->kt + sb * chunks * 512;
-        float *st = w->s + sb * 16;
-        if (chunks == 2 || chunks == 4) {
-            _tile_loadd(2, kt, 64);
-            _tile_loadd(3, kt + 512, 64);
-            if (chunks == 4) {
-                _tile_loadd(4, kt + 1024, 64);
-                _tile_loadd(5, kt + 1536, 64);
-            }
-            for (int64_t g = 0; g < rp; g += 16) {
-                const uint16_t *qa = w->qa + g * d;
-                _tile_zero(0);
-                _tile_loadd(1, qa, qs);
-                _tile_dpbf16ps(0, 1, 2);
-                _tile_loadd(1, qa + 32, qs);
-                _tile_dpbf16ps(0, 1, 3);
-                if (chunks == 4) {
-                    _tile_loadd(1, qa + 64, qs);
-                    _tile_dpbf16ps(0, 1, 4);
-                    _tile_loadd(1, qa + 96, qs);
-                    _tile_dpbf16ps(0, 1, 5);
-                }
-                _tile_stored(0, st + g * BK, ss);
-            }
-            continue;
-        }
-        for (int64_t g = 0; g < rp; g += 16) {
-            _tile_zero(0);
-            for (int64_t ch = 0; ch < chunks; ch++) {
-                _tile_loadd(1, w->qa + g * d + ch * 32, qs);
-                _tile_loadd(2, kt + ch * 512, 64);
-                _tile_dpbf16ps(0, 1, 2);
-            }
-            _tile_stored(0, st + g * BK, ss);
-        }
-    }
-}
-
-/* O += P V for the block (B operand in w->vi), outputs in tiles of 16 rows x 16 dims: four of them
-   (64 dims) held while the block's key steps pass, each step's probabilities loaded once. */
-static void values(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk, float *o) {
-    const int64_t d = a->d, steps = (nk + 31) / 32, os = d * sizeof(float), vs = d * 2 * sizeof(uint16_t);
-    const int64_t ps = BK * sizeof(uint16_t);
-    for (int64_t g = 0; g < rp; g += 16)
-        for (int64_t c = 0; c < d; c += 64) {
-            float *og = o + g * d + c;
-            if (d - c >= 64) {
-                _tile_loadd(0, og, os);
-                _tile_loadd(1, og + 16, os);
-                _tile_loadd(2, og + 32, os);
-                _tile_loadd(3, og + 48, os);
-                for (int64_t ks = 0; ks < steps; ks++) {
-                    const uint16_t *vb = w->vi + (ks * 16 * d + c) * 2;
-                    _tile_loadd(4, w->pb + g * BK + ks * 32, ps);
-                    _tile_loadd(5, vb, vs);
-                    _tile_dpbf16ps(0, 4, 5);
-                    _tile_loadd(5, vb + 32, vs);
-                    _tile_dpbf16ps(1, 4, 5);
-                    _tile_loadd(5, vb + 64, vs);
-                    _tile_dpbf16ps(2, 4, 5);
-                    _tile_loadd(5, vb + 96, vs);
-                    _tile_dpbf16ps(3, 4, 5);
-                }
-                _tile_stored(0, og, os);
-                _tile_stored(1, og + 16, os);
-                _tile_stored(2, og + 32, os);
-                _tile_stored(3, og + 48, os);
-                continue;
-            }
-            for (int64_t cc = c; cc < d; cc += 16) { /* a last 32 dims */
-                _tile_loadd(0, o + g * d + cc, os);
-                for (int64_t ks = 0; ks < steps; ks++) {
-                    _tile_loadd(4, w->pb + g * BK + ks * 32, ps);
-                    _tile_loadd(5, w->vi + (ks * 16 * d + cc) * 2, vs);
-                    _tile_dpbf16ps(0, 4, 5);
-                }
-                _tile_stored(0, o + g * d + cc, os);
-            }
-        }
-}
+#ifdef __AMX_TILE__
+#include "amx_products.h"
+#else
+#include "dpbf16_products.h"
+#endif
 
 static void run_item(const amx_t *a, int64_t item, scratch_t *w) {
     const int64_t d = a->d, rows_all = a->group * a->t;
     const int64_t split = item % a->splits, rb = (item / a->splits) % a->row_blocks;
     const int64_t kv = item / (a->splits * a->row_blocks);
-    const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB, rp = (nrows + 15) / 16 * 16;
+    const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB;
+    const int64_t rp = (nrows + ROW_ALIGN - 1) / ROW_ALIGN * ROW_ALIGN;
     float *m = a->m + item * RB, *l = a->l + item * RB, *o = a->o + item * RB * d;
     load_rows(a, kv, r0, nrows, rp, w, m, l, o);
     int64_t highest = 0;
@@ -292,7 +202,7 @@ static int alloc_scratch(scratch_t *w, int64_t d) {
 
 static void free_scratch(scratch_t *w) { free(w->qa), free(w->kt), free(w->s), free(w->pb), free(w->vi), free(w->lim); }
 
-int kvlib_attend_amx_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const uint16_t *k, int64_t k_hs,
+int kvlib_attend_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const uint16_t *k, int64_t k_hs,
                           const uint16_t *v, int64_t v_hs, float *out, int64_t o_hs, int64_t o_ts, int64_t n_heads,
                           int64_t n_kv, int64_t t, const int64_t *last, int64_t d, float scale, int n_threads) {
     if (d % 32 || d > DMAX || n_kv <= 0 || n_heads % n_kv || t <= 0 || n_threads < 1) return -1;
@@ -320,7 +230,7 @@ int kvlib_attend_amx_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const u
             tiles_on();
 #pragma omp for schedule(static)
             for (int64_t item = 0; item < items; item++) run_item(&a, item, w);
-            _tile_release();
+            tiles_off();
         }
     }
     if (!failed) {
