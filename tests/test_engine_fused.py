@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from kvlib.engine import fused as fused_mod
+from kvlib.engine import linear_kernel
 from kvlib.engine.forward import KVCache, forward, reference_logits
 from kvlib.engine.model import plain_weights, wrap_model
 from tiny_models import FAMILIES, random_ids, tiny_hf
@@ -54,10 +55,18 @@ def test_stacked_forward_equals_the_modules_bit_for_bit(family, monkeypatch):
     assert_same_forward(stacked, logits_of(lm, ids))
 
 
+def bf16_linear_off(monkeypatch):
+    """No bf16 linear kernel for this test (oneDNN packs bf16 weights), as KVLIB_BF16_LINEAR=0 does."""
+    monkeypatch.setenv("KVLIB_BF16_LINEAR", "0")
+    monkeypatch.setattr(linear_kernel.BF16, "_state", {})
+
+
 @pytest.mark.skipif(not fused_mod.cpu_packs_bf16(), reason="this CPU's oneDNN cannot pack bf16 weights (AVX2 only)")
 @pytest.mark.parametrize("family", FAMILIES)
-def test_packed_bf16_forward_equals_the_modules_bit_for_bit(family, monkeypatch):
+def test_onednn_packed_bf16_forward_equals_the_modules_bit_for_bit(family, monkeypatch):
+    bf16_linear_off(monkeypatch)
     lm = make_lm(family, torch.bfloat16)
+    assert not isinstance(lm.fused[0].packed["qkv"], linear_kernel.Panels)
     assert lm.fused[0].packed is not None and lm.head_packed is not None  # bf16 on CPU, far under the budget
     ids = random_ids(24, seed=3)
     plain = make_lm(family, torch.bfloat16, pack_mb=0, monkeypatch=monkeypatch)
@@ -65,7 +74,26 @@ def test_packed_bf16_forward_equals_the_modules_bit_for_bit(family, monkeypatch)
     assert_same_forward(logits_of(lm, ids), logits_of(plain, ids))
 
 
+@pytest.mark.skipif(linear_kernel.bf16_status() != "compiled",
+                    reason=f"bf16 linear kernel unavailable here: {linear_kernel.bf16_status()}")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_panels_forward_is_as_close_to_float32_as_the_modules(family, monkeypatch):
+    """The bf16 linear kernel sums in another order than oneDNN: its forward is as far from the model's
+    float32 forward as the modules' bf16 forward is."""
+    lm = make_lm(family, torch.bfloat16)
+    assert isinstance(lm.fused[0].packed["qkv"], linear_kernel.Panels) and lm.head_packed is not None
+    plain = make_lm(family, torch.bfloat16, pack_mb=0, monkeypatch=monkeypatch)
+    exact = make_lm(family, torch.float32, pack_mb=0, monkeypatch=monkeypatch)
+    plain.fused, exact.fused = [], []
+    ids = random_ids(24, seed=3)
+    reference = logits_of(exact, ids).logits.double()
+    err = {name: (logits_of(m, ids).logits.double() - reference).abs().max() for name, m in
+           (("panels", lm), ("modules", plain))}
+    assert err["panels"] <= 1.5 * err["modules"] + 1e-2, err
+
+
 def test_no_packed_copy_where_the_cpu_cannot_pack_bf16(monkeypatch):
+    bf16_linear_off(monkeypatch)
     monkeypatch.setattr(fused_mod, "cpu_packs_bf16", lambda: False)
     lm = make_lm("llama", torch.bfloat16)
     assert lm.fused[0].packed is None and lm.head_packed is None

@@ -54,7 +54,8 @@ def render(report: dict) -> None:
     console.print(table)
     console.print(f"fingerprint {report['fingerprint'][:16]}; C kernels: rope {report['rope_kernel']}, "
                   f"attention {report['attn_kernel']}, linear {report['linear_kernel']}, "
-                  f"pointwise {report['pointwise_kernel']}, bf16 attention {report['bf16_attn_kernel']}")
+                  f"pointwise {report['pointwise_kernel']}, bf16 attention {report['bf16_attn_kernel']}, "
+                  f"bf16 linear {report['bf16_linear_kernel']}")
     if "bench" in report:
         b = report["bench"]
         console.print(

@@ -34,7 +34,9 @@ Design facts:
   113 MB in float32); Qwen2.5-1.5B in bf16 only its head (~470 MB). `linear` runs a product
   on the packed copy where there is one.
 - On an x86 CPU with AVX2 and FMA, float32 weights are packed for linear_kernel.py's product
-  instead of oneDNN's (faster at every row count measured, 1.22x at a question's 25 rows).
+  instead of oneDNN's (faster at every row count measured, 1.22x at a question's 25 rows); on
+  one with AVX-512 BF16, bf16 weights for its bf16 product (not oneDNN's bits: the sums' order
+  differs, within bf16 rounding; tests).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Float32 linear layers on weights packed in panels of 16 output columns: a small C kernel.
+"""Linear layers on weights packed in panels of 16 output columns: small C kernels, float32 on AVX2
+CPUs and bf16 on AVX-512 BF16 CPUs.
 
 Design facts:
 - A question over cached chunks runs ~25 rows through every product, and decode runs 1-16:
@@ -13,9 +14,15 @@ Design facts:
   (another order of sums), within float32 rounding of the product in float64 (tests).
 - The panels replace the plain weight (as oneDNN's packed copy did): `Panels.to_dense` gives it
   back bit for bit (model.plain_weights, the doctor's reference forward).
+- bf16 weights (kvlib computes in bf16 on CPUs with AVX-512 BF16 or AMX) take bf16_linear_kernel.c:
+  panels of column pairs, VDPBF16PS dot products summed in float32, 6 rows x 32 columns a tile,
+  each output rounded once to bf16 after the bias (as oneDNN's bf16 product), a residual added
+  to that as torch's bf16 `h + y` adds it. Batch-invariant alike; within the rounding of oneDNN's
+  bf16 product against float64 (tests).
 - Built and loaded as kernels.py says, on torch's OpenMP threads. Only x86-64 CPUs with AVX2 and
-  FMA take it; anywhere else, with no compiler, or with KVLIB_LINEAR_KERNEL=0 (an A/B's other
-  arm), fused.pack makes oneDNN's packed copy instead; `status()` says which and why.
+  FMA take the float32 kernel, with AVX-512 BF16 the bf16 one; anywhere else, with no compiler,
+  or with KVLIB_LINEAR_KERNEL=0 / KVLIB_BF16_LINEAR=0 (an A/B's other arm), fused.pack makes
+  oneDNN's packed copy instead; `status()` says which and why.
 """
 
 from __future__ import annotations
@@ -32,38 +39,50 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
 KERNEL = CKernel(Path(__file__).with_name("linear_kernel.c"), FLAGS, "kvlib_linear_f32",
                  [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], "KVLIB_LINEAR_KERNEL", {"avx2", "fma"})
+BF16 = CKernel(Path(__file__).with_name("bf16_linear_kernel.c"),
+               ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fPIC", "-shared", "-fopenmp"),
+               "kvlib_linear_bf16", KERNEL.argtypes, "KVLIB_BF16_LINEAR", {"avx512f", "avx512bw", "avx512_bf16"})
 WIDTH = 16  # output columns per panel
 
 
 def status() -> str:
-    """'compiled' or why oneDNN's packed products are used."""
+    """'compiled' or why oneDNN's packed products are used (float32; bf16_status() for bf16)."""
     return KERNEL.status()
+
+
+def bf16_status() -> str:
+    return BF16.status()
 
 
 @dataclass(frozen=True, eq=False)
 class Panels:
-    """A weight [n, k] as ceil(n / 16) panels [k, 16] (columns past n zero)."""
+    """A weight [n, k] as ceil(n / 16) panels (columns past n zero): float32 [k, 16], or bf16
+    [k / 2, 16, 2] (each column's pairs of k together)."""
 
     data: torch.Tensor
     n: int
 
     @property
+    def k(self) -> int:
+        return self.data.shape[1] * (2 if self.data.dim() == 4 else 1)
+
+    @property
     def shape(self) -> tuple[int, int]:
-        return self.n, self.data.shape[1]
+        return self.n, self.k
 
     def to_dense(self) -> torch.Tensor:
         """The weight [n, k], bit for bit."""
-        return self.data.transpose(1, 2).reshape(-1, self.data.shape[1])[: self.n].contiguous()
+        return self.data.transpose(1, 2).reshape(-1, self.k)[: self.n].contiguous()
 
     def apply(self, x: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """(x [..., k] @ weight^T + bias) + residual [..., n] -> [..., n]."""
-        k = self.data.shape[1]
-        rows = x.reshape(-1, k).contiguous()
-        out = torch.empty(rows.shape[0], self.n)
-        bias = None if bias is None else bias.contiguous()  # held until the call returns
-        res = None if residual is None else residual.reshape(rows.shape[0], self.n).contiguous()
+        k, dtype = self.k, self.data.dtype
+        rows = x.reshape(-1, k).to(dtype).contiguous()
+        out = torch.empty(rows.shape[0], self.n, dtype=dtype)
+        bias = None if bias is None else bias.to(dtype).contiguous()  # held until the call returns
+        res = None if residual is None else residual.reshape(rows.shape[0], self.n).to(dtype).contiguous()
         if rows.shape[0]:
-            rc = KERNEL.function()(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
+            rc = (BF16 if dtype == torch.bfloat16 else KERNEL).function()(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
                                    None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
                                    out.data_ptr(), torch.get_num_threads())
             if rc != 0:
@@ -72,13 +91,19 @@ class Panels:
 
 
 def takes(weight: torch.Tensor) -> bool:
-    """A float32 CPU weight, on a machine where the kernel builds."""
-    return weight.dtype == torch.float32 and weight.device.type == "cpu" and KERNEL.function() is not None
+    """A float32 CPU weight, or a bf16 one of even k, on a machine where its kernel builds."""
+    if weight.device.type != "cpu" or weight.dim() != 2:
+        return False
+    if weight.dtype == torch.bfloat16:
+        return weight.shape[1] % 2 == 0 and BF16.function() is not None
+    return weight.dtype == torch.float32 and KERNEL.function() is not None
 
 
 def panels(weight: torch.Tensor) -> Panels:
-    """The weight [n, k] packed for the kernel (takes(weight) must hold)."""
+    """The weight [n, k] packed for its kernel (takes(weight) must hold)."""
     n, k = weight.shape
-    padded = torch.zeros((n + WIDTH - 1) // WIDTH * WIDTH, k, dtype=torch.float32)
+    padded = torch.zeros((n + WIDTH - 1) // WIDTH * WIDTH, k, dtype=weight.dtype)
     padded[:n] = weight.detach()
+    if weight.dtype == torch.bfloat16:
+        return Panels(padded.view(-1, WIDTH, k // 2, 2).transpose(1, 2).contiguous(), n)
     return Panels(padded.view(-1, WIDTH, k).transpose(1, 2).contiguous(), n)
