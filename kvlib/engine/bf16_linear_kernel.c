@@ -35,7 +35,8 @@ static inline void finish(__m512 acc, const uint16_t *bias, const uint16_t *res,
 /* Rows [0, nr) of x against panels [p0, p0 + np) (np <= PANELS, a constant once inlined), fetching
    `lines` cache lines from pf into L2 as it goes. */
 INLINE void tile_n(const uint16_t *x, int64_t nr, int64_t k, const uint16_t *panel, const uint16_t *bias,
-                   const uint16_t *res, uint16_t *y, int64_t n, int64_t p0, const char *pf, int64_t lines, const int np) {
+                   const uint16_t *res, uint16_t *y, int64_t n, int64_t p0, const char *pf, int64_t lines,
+                   const int np) {
     const int32_t *row[ROWS];
     for (int i = 0; i < ROWS; i++) row[i] = (const int32_t *)(x + (i < nr ? i : 0) * k);
     const int64_t pairs = k / 2, stride = pairs * 32; /* uint16 per panel */

@@ -82,9 +82,10 @@ class Panels:
         bias = None if bias is None else bias.to(dtype).contiguous()  # held until the call returns
         res = None if residual is None else residual.reshape(rows.shape[0], self.n).to(dtype).contiguous()
         if rows.shape[0]:
-            rc = (BF16 if dtype == torch.bfloat16 else KERNEL).function()(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
-                                   None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
-                                   out.data_ptr(), torch.get_num_threads())
+            fn = (BF16 if dtype == torch.bfloat16 else KERNEL).function()
+            rc = fn(rows.data_ptr(), rows.shape[0], k, self.data.data_ptr(), self.n,
+                    None if bias is None else bias.data_ptr(), None if res is None else res.data_ptr(),
+                    out.data_ptr(), torch.get_num_threads())
             if rc != 0:
                 raise RuntimeError(f"linear kernel refused its operands ({rc})")
         return out.reshape(*x.shape[:-1], self.n)
