@@ -113,7 +113,7 @@ def test_one_bf16_token_runs_grouped_sdpa_as_close_as_the_matmuls(monkeypatch):
 def bf16_build(name: str):
     """One build of bf16_attn_kernel.c, or a skip where this CPU lacks it."""
     if name == "amx":
-        fn = attn_kernel.AMX.function() if attn_kernel.AMX.function() and attn_kernel._amx_permitted() else None
+        fn = attn_kernel.AMX.function() if attn_kernel.amx_usable() else None
     else:
         fn = attn_kernel.DPBF16.function()
     if fn is None:

@@ -28,7 +28,7 @@ static void tiles_on(void) {
 /* S = Q K^T for the block's keys (B operand in w->kt), rows in groups of 16, keys in sixteens. With
    64 or 128 dims the keys' B tiles stay loaded while the row groups pass; otherwise each is
    reloaded. */
-static void scores(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk) {
+static void scores(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk) {
     const int64_t d = a->d, chunks = d / 32, qs = d * sizeof(uint16_t), ss = BK * sizeof(float);
     for (int64_t sb = 0; sb * 16 < nk; sb++) {
         const uint16_t *kt = w->kt + sb * chunks * 512;
@@ -71,7 +71,7 @@ static void scores(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk) {
 
 /* O += P V for the block (B operand in w->vi), outputs in tiles of 16 rows x 16 dims: four of them
    (64 dims) held while the block's key steps pass, each step's probabilities loaded once. */
-static void values(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk, float *o) {
+static void values(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk, float *o) {
     const int64_t d = a->d, steps = (nk + 31) / 32, os = d * sizeof(float), vs = d * 2 * sizeof(uint16_t);
     const int64_t ps = BK * sizeof(uint16_t);
     for (int64_t g = 0; g < rp; g += 16)

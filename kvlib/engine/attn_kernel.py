@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from kvlib.engine.kernels import CKernel
+from kvlib.engine.kernels import AVX512_BF16_CPU, AVX512_BF16_FLAGS, CKernel
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
 MAX_SLOTS = 1 << 24  # the kernel compares slots as float32, exact up to here
@@ -45,11 +45,10 @@ _ARGS = [_PTR, _I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _I64, _I64, _I64, _I64,
          ctypes.c_int]
 KERNEL = CKernel(Path(__file__).with_name("attn_kernel.c"), FLAGS, "kvlib_attend_f32", _ARGS, "KVLIB_ATTN_KERNEL",
                  {"avx2", "fma"})
-DPBF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fPIC", "-shared", "-fopenmp")
-_BF16_SOURCE, _AVX512_BF16 = Path(__file__).with_name("bf16_attn_kernel.c"), {"avx512f", "avx512bw", "avx512_bf16"}
-AMX = CKernel(_BF16_SOURCE, ("-mamx-tile", "-mamx-bf16", *DPBF16_FLAGS), "kvlib_attend_bf16", _ARGS, "KVLIB_AMX_ATTN",
-              {"amx_bf16", "amx_tile", *_AVX512_BF16})
-DPBF16 = CKernel(_BF16_SOURCE, DPBF16_FLAGS, "kvlib_attend_bf16", _ARGS, "KVLIB_DPBF16_ATTN", _AVX512_BF16)
+_BF16_SOURCE = Path(__file__).with_name("bf16_attn_kernel.c")
+AMX = CKernel(_BF16_SOURCE, ("-mamx-tile", "-mamx-bf16", *AVX512_BF16_FLAGS), "kvlib_attend_bf16", _ARGS,
+              "KVLIB_AMX_ATTN", {"amx_bf16", "amx_tile", *AVX512_BF16_CPU})
+DPBF16 = CKernel(_BF16_SOURCE, AVX512_BF16_FLAGS, "kvlib_attend_bf16", _ARGS, "KVLIB_DPBF16_ATTN", AVX512_BF16_CPU)
 
 
 def status() -> str:
@@ -64,18 +63,21 @@ def _amx_permitted() -> bool:
     return permit is not None and permit() == 0
 
 
+def amx_usable() -> bool:
+    """The AMX build is built and the process may use its tiles."""
+    return AMX.function() is not None and _amx_permitted()
+
+
 def bf16_function():
-    """The bf16 kernel this CPU runs: on AMX tiles where built and permitted, else on AVX-512 BF16
-    dot products; None where neither is (grouped SDPA runs)."""
-    if AMX.function() is not None and _amx_permitted():
-        return AMX.function()
-    return DPBF16.function()
+    """The bf16 kernel this CPU runs: on AMX tiles where usable, else on AVX-512 BF16 dot products;
+    None where neither is (grouped SDPA runs)."""
+    return AMX.function() if amx_usable() else DPBF16.function()
 
 
 def bf16_status() -> str:
     """'compiled (AMX)' or 'compiled (AVX-512 BF16)', or why grouped SDPA runs a bf16 question
     behind a long past."""
-    if AMX.function() is not None and _amx_permitted():
+    if amx_usable():
         return "compiled (AMX)"
     if DPBF16.function() is not None:
         return "compiled (AVX-512 BF16)"

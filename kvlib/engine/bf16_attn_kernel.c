@@ -35,7 +35,7 @@
 #ifdef __AMX_TILE__
 #define ROW_ALIGN 16 /* a tile's rows */
 #else
-#define ROW_ALIGN 4 /* the dot products' row step (products.h) */
+#define ROW_ALIGN 4 /* the dot products' row step (dpbf16_products.h) */
 #endif
 
 typedef struct {
@@ -46,7 +46,7 @@ typedef struct {
     float scale_log2;
     int64_t row_blocks, splits, split_len;
     float *m, *l, *o; /* per item: RB maxima, RB sums, RB x d outputs */
-} amx_t;
+} attn16_t;
 
 typedef struct {
     uint16_t *qa; /* [RB x d] the row block's queries */
@@ -99,7 +99,7 @@ static void values_to_b(const uint16_t *v, int64_t nk, int64_t d, uint16_t *vi) 
 /* The online softmax of one block for row r: scores to bf16 probabilities (0 past the keys the row
    sees, up to the block's keys rounded to 32, what values() reads), the row's maximum, sum and
    outputs carried over. */
-static void softmax_row(const amx_t *a, scratch_t *w, int64_t r, int64_t kb, int64_t nk, float *m, float *l,
+static void softmax_row(const attn16_t *a, scratch_t *w, int64_t r, int64_t kb, int64_t nk, float *m, float *l,
                         float *o) {
     const float *s = w->s + r * BK;
     uint16_t *p = w->pb + r * BK;
@@ -140,7 +140,7 @@ static void softmax_row(const amx_t *a, scratch_t *w, int64_t r, int64_t kb, int
 }
 
 /* Rows of a row block: query row r0 + r is head (r0 + r) % group of the KV head, token (r0 + r) / group. */
-static void load_rows(const amx_t *a, int64_t kv, int64_t r0, int64_t nrows, int64_t rp, scratch_t *w, float *m,
+static void load_rows(const attn16_t *a, int64_t kv, int64_t r0, int64_t nrows, int64_t rp, scratch_t *w, float *m,
                       float *l, float *o) {
     const int64_t d = a->d;
     memset(o, 0, rp * d * sizeof(float));
@@ -162,7 +162,7 @@ static void load_rows(const amx_t *a, int64_t kv, int64_t r0, int64_t nrows, int
 #include "dpbf16_products.h"
 #endif
 
-static void run_item(const amx_t *a, int64_t item, scratch_t *w) {
+static void run_item(const attn16_t *a, int64_t item, scratch_t *w) {
     const int64_t d = a->d, rows_all = a->group * a->t;
     const int64_t split = item % a->splits, rb = (item / a->splits) % a->row_blocks;
     const int64_t kv = item / (a->splits * a->row_blocks);
@@ -208,7 +208,7 @@ int kvlib_attend_bf16(const uint16_t *q, int64_t q_hs, int64_t q_ts, const uint1
     if (d % 32 || d > DMAX || n_kv <= 0 || n_heads % n_kv || t <= 0 || n_threads < 1) return -1;
     const int64_t slots = slots_seen(last, t);
     if (slots < 0) return -1;
-    amx_t a = {q, k, v, q_hs, q_ts, k_hs, v_hs, last, n_heads / n_kv, t, d, scale * 1.44269504088896341f, 0, 1, 0};
+    attn16_t a = {q, k, v, q_hs, q_ts, k_hs, v_hs, last, n_heads / n_kv, t, d, scale * 1.44269504088896341f, 0, 1, 0};
     const int64_t rows_all = a.group * t;
     const int64_t items =
         plan_items(n_kv, rows_all, RB, slots, 4 * n_threads, BK, &a.row_blocks, &a.splits, &a.split_len);

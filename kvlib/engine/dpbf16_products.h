@@ -39,7 +39,7 @@ INLINE void scores_tile(scratch_t *w, int64_t d, int64_t g, int64_t sb, const in
         for (int j = 0; j < nb; j++) _mm512_storeu_ps(w->s + (g + r) * BK + (sb + j) * 16, acc[r][j]);
 }
 
-static void scores(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk) {
+static void scores(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk) {
     const int64_t blocks = (nk + 15) / 16;
     for (int64_t g = 0; g < rp; g += 4) {
         int64_t sb = 0;
@@ -65,7 +65,7 @@ INLINE void values_tile(const scratch_t *w, int64_t d, int64_t g, int64_t c, con
         for (int j = 0; j < nc; j++) _mm512_storeu_ps(o + (g + r) * d + c + 16 * j, acc[r][j]);
 }
 
-static void values(const amx_t *a, scratch_t *w, int64_t rp, int64_t nk, float *o) {
+static void values(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk, float *o) {
     const int64_t d = a->d, pairs = (nk + 31) / 32 * 16; /* the probabilities are zero up to 32 keys */
     for (int64_t g = 0; g < rp; g += 4) {
         int64_t c = 0;

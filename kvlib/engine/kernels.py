@@ -45,6 +45,11 @@ def cpu_flags() -> set:
     return set(line.split(":", 1)[-1].split())
 
 
+# How a kernel for AVX-512 BF16 (VDPBF16PS) builds, and the CPU flags it needs.
+AVX512_BF16_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fPIC", "-shared", "-fopenmp")
+AVX512_BF16_CPU = frozenset({"avx512f", "avx512bw", "avx512_bf16"})
+
+
 def compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc")
 

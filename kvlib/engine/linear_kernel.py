@@ -15,7 +15,7 @@ Design facts:
 - The panels replace the plain weight (as oneDNN's packed copy did): `Panels.to_dense` gives it
   back bit for bit (model.plain_weights, the doctor's reference forward).
 - bf16 weights (kvlib computes in bf16 on CPUs with AVX-512 BF16 or AMX) take bf16_linear_kernel.c:
-  panels of column pairs, VDPBF16PS dot products summed in float32, 6 rows x 32 columns a tile,
+  panels of column pairs, VDPBF16PS dot products summed in float32, 4 rows x 64 columns a tile,
   each output rounded once to bf16 after the bias (as oneDNN's bf16 product), a residual added
   to that as torch's bf16 `h + y` adds it. Batch-invariant alike; within the rounding of oneDNN's
   bf16 product against float64 (tests).
@@ -33,15 +33,14 @@ from pathlib import Path
 
 import torch
 
-from kvlib.engine.kernels import CKernel
+from kvlib.engine.kernels import AVX512_BF16_CPU, AVX512_BF16_FLAGS, CKernel
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fPIC", "-shared", "-fopenmp")
 KERNEL = CKernel(Path(__file__).with_name("linear_kernel.c"), FLAGS, "kvlib_linear_f32",
                  [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int], "KVLIB_LINEAR_KERNEL", {"avx2", "fma"})
-BF16 = CKernel(Path(__file__).with_name("bf16_linear_kernel.c"),
-               ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fPIC", "-shared", "-fopenmp"),
-               "kvlib_linear_bf16", KERNEL.argtypes, "KVLIB_BF16_LINEAR", {"avx512f", "avx512bw", "avx512_bf16"})
+BF16 = CKernel(Path(__file__).with_name("bf16_linear_kernel.c"), AVX512_BF16_FLAGS, "kvlib_linear_bf16",
+               KERNEL.argtypes, "KVLIB_BF16_LINEAR", AVX512_BF16_CPU)
 WIDTH = 16  # output columns per panel
 
 
@@ -105,6 +104,5 @@ def panels(weight: torch.Tensor) -> Panels:
     n, k = weight.shape
     padded = torch.zeros((n + WIDTH - 1) // WIDTH * WIDTH, k, dtype=weight.dtype)
     padded[:n] = weight.detach()
-    if weight.dtype == torch.bfloat16:
-        return Panels(padded.view(-1, WIDTH, k // 2, 2).transpose(1, 2).contiguous(), n)
-    return Panels(padded.view(-1, WIDTH, k).transpose(1, 2).contiguous(), n)
+    rows = (k // 2, 2) if weight.dtype == torch.bfloat16 else (k,)  # bf16: each column's pairs of k together
+    return Panels(padded.view(-1, WIDTH, *rows).transpose(1, 2).contiguous(), n)
