@@ -13,6 +13,21 @@ needs_kernel = pytest.mark.skipif(rope_kernel.status() != "compiled",
                                   reason=f"rope kernel unavailable here: {rope_kernel.status()}")
 
 
+@pytest.fixture(params=["avx2", "avx512"])
+def build(request, monkeypatch):
+    """Each build of the kernel this CPU runs: the AVX2 one (the AVX-512 one switched off), and the
+    AVX-512 one where it builds."""
+    if request.param == "avx2":
+        monkeypatch.setenv("KVLIB_ROPE_AVX512", "0")
+    monkeypatch.setattr(rope_kernel.AVX512, "_state", {})
+    if request.param == "avx512" and rope_kernel.AVX512.function() is None:
+        pytest.skip(f"AVX-512 build unavailable here: {rope_kernel.AVX512.status()}")
+    assert rope_kernel.build() is (rope_kernel.AVX512 if request.param == "avx512" else rope_kernel.KERNEL)
+    yield request.param
+    monkeypatch.undo()
+    rope_kernel.AVX512._state.clear()
+
+
 def stored_keys(layers, heads, t, dim, seed, dtype=torch.float16):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(layers, heads, t, dim, generator=g) * 4).to(dtype)
@@ -23,7 +38,7 @@ def stored_keys(layers, heads, t, dim, seed, dtype=torch.float16):
 @pytest.mark.parametrize("dim, threads", [(64, 1), (128, 1), (20, 1), (64, 3)])
 # float16 keys into a float32 cache, and bfloat16 into bfloat16 (rounded once, as torch's copy does)
 @pytest.mark.parametrize("stored, cached", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
-def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim, threads, stored, cached):
+def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim, threads, stored, cached, build):
     lm, _ = tiny_lm("llama", "yarn")  # yarn: attention scaling folded into the tables
     src = stored_keys(3, 2, 41, dim, seed=dim, dtype=stored)
     spec = lm.rope if dim == lm.head_dim else type(lm.rope)(
@@ -35,6 +50,51 @@ def test_kernel_gives_the_torch_passes_bits_in_cache_slots(dim, threads, stored,
     got = torch.zeros(3, 2, 64, dim, dtype=cached)
     assert rope_kernel.rope_into(got[:, :, 5:46], src, tables.cos, tables.sin, threads=threads)
     assert torch.equal(got, expected)  # the slots rotated, the others untouched
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same bits everywhere, except that a NaN need only be a NaN: torch's own bf16 conversions
+    disagree on its bits (0xffff vectorised, 0x7fc0 scalar)."""
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(torch.int16)[~nan], b.view(torch.int16)[~nan])
+
+
+@needs_kernel
+@pytest.mark.parametrize("dim, threads", [(64, 2), (20, 3), (128, 1)])  # dim 20: ten pairs, a masked tail
+def test_a_run_in_one_pass_gives_the_torch_passes_bits(dim, threads, build):
+    """Stored bf16 chunks of 7, 19 and 3 rows into a bf16 cache in one call (rope_run_into): keys as
+    rope_into_ rotates them, values as copied, bit for bit, NaN, infinities, signed zeros and
+    denormals included (torch rounds denormals; VCVTNEPS2BF16 would flush them); other slots untouched."""
+    g = torch.Generator().manual_seed(dim)
+    chunks = [(stored_keys(2, 3, t, dim, seed=t, dtype=torch.bfloat16),
+               stored_keys(2, 3, t, dim, seed=50 + t, dtype=torch.bfloat16)) for t in (7, 19, 3)]
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0, 1e-39, -3e-39, 1e38])
+    chunks[1][0][0, 1, :, : special.numel()] = special.bfloat16()
+    inv_freq = torch.rand(dim // 2, generator=g) / 3
+    tables = half_tables(type(tiny_lm("llama")[0].rope)(inv_freq=inv_freq, attention_scaling=1.25, rope_type="yarn"),
+                         torch.randint(0, 30000, (29,), generator=g), "cpu")
+    expected = torch.full((2, 2, 3, 48, dim), 7.0, dtype=torch.bfloat16)
+    expected[0, :, :, 4:33] = torch.cat([k for k, _ in chunks], dim=2)
+    expected[1, :, :, 4:33] = torch.cat([v for _, v in chunks], dim=2)
+    rope_into_(expected[0, :, :, 4:33], expected[0, :, :, 4:33], tables)
+    got = torch.full_like(expected, 7.0)
+    assert rope_kernel.rope_run_into(got[0], got[1], 4, chunks, tables.cos, tables.sin, threads=threads)
+    assert same_bits(got, expected)
+
+
+@needs_kernel
+def test_a_run_in_one_pass_declines_what_it_does_not_handle():
+    tables = half_tables(tiny_lm("llama")[0].rope, torch.arange(8), "cpu")
+    dim = tables.cos.shape[1] * 2
+    cache = torch.zeros(2, 2, 2, 16, dim, dtype=torch.bfloat16)
+    chunk = stored_keys(2, 2, 8, dim, seed=0, dtype=torch.bfloat16)
+    assert not rope_kernel.rope_run_into(cache[0], cache[1], 0, [(chunk.half(), chunk.half())], tables.cos, tables.sin)
+    f32 = cache.float()
+    assert not rope_kernel.rope_run_into(f32[0], f32[1], 0, [(chunk, chunk)], tables.cos, tables.sin)
+    assert not rope_kernel.rope_run_into(cache[0], cache[1], 9, [(chunk, chunk)], tables.cos, tables.sin)  # no room
+    assert not rope_kernel.rope_run_into(cache[0], cache[1], 0, [(chunk, chunk)], tables.cos[:7], tables.sin[:7])
+    assert not rope_kernel.rope_run_into(cache[0], cache[1], 0, [(chunk, chunk[:1])], tables.cos, tables.sin)
+    assert not torch.any(cache)
 
 
 def test_kernel_declines_what_it_does_not_handle():

@@ -160,9 +160,15 @@ class KVCache:
             rope_into_(run, run, tables)
 
     def _append_by_kernel(self, chunks: list, tables) -> bool:
-        """append_rotated through rope_kernel, chunk by chunk; False, nothing written, where the
-        kernel does not take every chunk of the run."""
+        """append_rotated through rope_kernel: a bf16 run in one pass (keys rotated and values copied
+        together, marked as rotation), else chunk by chunk; False, nothing written, where the kernel
+        does not take every chunk of the run."""
         n, runs, row = self.k.shape[0], [], 0
+        with stage("rotate"):
+            run = [(k_sem[:n], v[:n]) for k_sem, v in chunks]
+            if rope_kernel.rope_run_into(self.k, self.v, self.length, run, tables.cos, tables.sin):
+                self.length += sum(k.shape[2] for k, _ in run)
+                return True
         for k_sem, v in chunks:
             t = k_sem.shape[2]
             part, slots = tables.slice(row, t), slice(self.length + row, self.length + row + t)

@@ -83,19 +83,30 @@ def check_rotation_roundtrip(engine: Engine) -> Check:
 
 
 def check_rope_kernel(engine: Engine) -> Check | None:
-    """The C rotation of stored float16 keys (engine/rope_kernel.py), where this machine builds it:
-    the torch passes' bits, on the model's own rotary tables. None where it is not used."""
+    """The C rotation of stored keys (engine/rope_kernel.py), where this machine builds it: float16 keys
+    into a float32 cache, or for a bf16 model a run of bf16 chunks in one pass (values copied); the
+    torch passes' bits, on the model's own rotary tables. None where it is not used."""
     from kvlib.engine import rope_kernel
     from kvlib.engine.rope import half_tables, rope_into_
 
     lm, g = engine.lm, torch.Generator().manual_seed(1)
-    k = (torch.randn(2, lm.n_kv_heads, 64, lm.head_dim, generator=g) * 4).half()
+    stored = torch.bfloat16 if lm.dtype == torch.bfloat16 else torch.float16
+    k, v = (torch.randn(2, 2, lm.n_kv_heads, 64, lm.head_dim, generator=g) * 4).to(stored)
     tables = half_tables(lm.rope, torch.randint(0, 32768, (64,), generator=g), "cpu")
-    expected, got = k.float(), torch.empty(k.shape)
-    rope_into_(expected, expected, tables)
-    if not rope_kernel.rope_into(got, k, tables.cos, tables.sin):
+    expected = torch.stack([k, v]).to(lm.dtype if stored == torch.bfloat16 else torch.float32)
+    rope_into_(expected[0], expected[0], tables)
+    got = torch.empty_like(expected)
+    if stored == torch.bfloat16:
+        halves = [(k[:, :, :40], v[:, :, :40]), (k[:, :, 40:], v[:, :, 40:])]
+        done = rope_kernel.rope_run_into(got[0], got[1], 0, halves, tables.cos, tables.sin)
+    else:
+        got[1] = expected[1]
+        done = rope_kernel.rope_into(got[0], k, tables.cos, tables.sin)
+    if not done:
         return None
-    return _check("C rotation of float16 keys vs torch's passes (max abs)", (got - expected).abs().max().item(), 0.0)
+    what = "a run of bf16 chunks" if stored == torch.bfloat16 else "float16 keys"
+    diff = (got.float() - expected.float()).abs().max().item()
+    return _check(f"C rotation of {what} vs torch's passes (max abs)", diff, 0.0)
 
 
 def check_attn_kernel(engine: Engine) -> Check | None:

@@ -137,4 +137,5 @@ def statuses() -> dict:
     modules = {"rope_kernel": rope_kernel, "attn_kernel": attn_kernel, "linear_kernel": linear_kernel,
                "pointwise_kernel": pointwise_kernel}
     return {**{name: module.status() for name, module in modules.items()},
-            "bf16_attn_kernel": attn_kernel.bf16_status(), "bf16_linear_kernel": linear_kernel.bf16_status()}
+            "bf16_attn_kernel": attn_kernel.bf16_status(), "bf16_linear_kernel": linear_kernel.bf16_status(),
+            "rope_kernel_avx512": rope_kernel.avx512_status()}

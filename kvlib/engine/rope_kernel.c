@@ -12,7 +12,11 @@
    bf16 and stores bf16 KV): each bfloat16 key widened exactly (a 16-bit shift), the same float32
    arithmetic, then one rounding to nearest even back to bfloat16 (NaN to 0x7fc0), which is
    torch's float32 -> bfloat16 conversion: the bits of the torch passes, which rotate a bf16
-   cache through a float32 copy. */
+   cache through a float32 copy.
+   Built twice (rope_kernel.py): for AVX2 and F16C, and for AVX-512 (F/BW/VL), where a bf16 row is
+   rotated sixteen values at a time with the same operations and the same integer rounding
+   (bf16_avx512.h). kvlib_rope_run_bf16 rotates a run of stored chunks' keys and copies their values
+   into a cache in one parallel pass. */
 
 #include <immintrin.h>
 #include <omp.h>
@@ -20,6 +24,9 @@
 #include <string.h>
 
 #include "bf16_avx2.h"
+#ifdef __AVX512BW__
+#include "bf16_avx512.h"
+#endif
 
 typedef struct {
     const uint16_t *src; /* float16 or bfloat16 bits */
@@ -61,6 +68,12 @@ static inline __attribute__((always_inline)) float read1(const void *x, int64_t 
 static inline __attribute__((always_inline)) void rotate_row(const void *x, void *out, const float *c, const float *s,
                                                             int64_t h, int kind) {
     const int bf16 = kind == KIND_BF16;
+#ifdef __AVX512BW__
+    if (bf16) {
+        rotate_row_bf16x16((const uint16_t *)x, (uint16_t *)out, c, s, h, 0);
+        return;
+    }
+#endif
     int64_t j = 0;
     for (; j + 8 <= h; j += 8) {
         __m256 o1, o2;
@@ -150,4 +163,52 @@ int kvlib_rope_qkv_bf16(const uint16_t *qkv, int64_t t, int64_t n_q, int64_t n_k
                         const float *sin_t, uint16_t *q_out, uint16_t *k_out, uint16_t *v_out, int64_t k_hs,
                         int64_t v_hs) {
     return rope_qkv(qkv, t, n_q, n_kv, d, cos_t, sin_t, q_out, k_out, v_out, k_hs, v_hs, 1);
+}
+
+/* A run of n stored chunks into a bf16 cache, in one parallel pass: chunk i's keys (n_mat matrices
+   [layer x KV head] of t[i] rows of d, k_src[i] with matrices k_stride[i] apart) rotated into the
+   cache's keys and its values (v_src[i], v_stride[i]) copied into the cache's values, at the slots
+   after the chunks before it (dst_k / dst_v: the run's first slot of matrix 0; matrices dst_stride
+   apart); cos_t / sin_t hold the run's rows in order. The rows are split evenly over the threads in
+   chunk-major order, so each thread's table rows stay in its cache across the matrices. The AVX-512
+   build writes the cache with non-temporal stores: 94 MB (a 4k SmolLM2 prompt) in 6.0 against
+   7.0 ms with plain ones, the buffer just zeroed (in-process A/B, 2-core EPYC). */
+int kvlib_rope_run_bf16(int64_t n, const uint16_t *const *k_src, const uint16_t *const *v_src, const int64_t *t,
+                        const int64_t *k_stride, const int64_t *v_stride, uint16_t *dst_k, uint16_t *dst_v,
+                        int64_t dst_stride, int64_t n_mat, int64_t d, const float *cos_t, const float *sin_t,
+                        int n_threads) {
+    int64_t rows = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (t[i] < 0) return -1;
+        rows += n_mat * t[i];
+    }
+    if (d <= 0 || d % 2) return -1;
+    if (n_threads < 1 || rows < n_threads) n_threads = 1;
+#pragma omp parallel num_threads(n_threads)
+    {
+        const int64_t id = omp_get_thread_num(), nt = omp_get_num_threads(), h = d / 2;
+        const int64_t first = rows * id / nt, last = rows * (id + 1) / nt;
+        int64_t base = 0, slot = 0; /* the chunk's first global row and first slot of the run */
+        for (int64_t i = 0; i < n; base += n_mat * t[i], slot += t[i], i++) {
+            const int64_t lo = first > base ? first : base, end = base + n_mat * t[i];
+            for (int64_t g = lo; g < (last < end ? last : end); g++) {
+                const int64_t m = (g - base) / t[i], r = (g - base) % t[i], to = m * dst_stride + (slot + r) * d;
+                const uint16_t *k = k_src[i] + m * k_stride[i] + r * d, *v = v_src[i] + m * v_stride[i] + r * d;
+                const float *c = cos_t + (slot + r) * h, *s = sin_t + (slot + r) * h;
+#ifdef __AVX512BW__
+                rotate_row_bf16x16(k, dst_k + to, c, s, h, 1);
+                if (d % 32 == 0 && ((uintptr_t)(dst_v + to) & 63) == 0) {
+                    for (int64_t j = 0; j < d; j += 32)
+                        _mm512_stream_si512((__m512i *)(dst_v + to + j), _mm512_loadu_si512(v + j));
+                    continue;
+                }
+#else
+                rotate_row(k, dst_k + to, c, s, h, KIND_BF16);
+#endif
+                memcpy(dst_v + to, v, d * sizeof(uint16_t));
+            }
+        }
+        _mm_sfence(); /* the streamed stores reach memory before the cache is read */
+    }
+    return 0;
 }

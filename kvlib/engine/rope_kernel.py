@@ -36,12 +36,16 @@ import torch
 from kvlib.engine.kernels import CKernel
 
 FLAGS = ("-O3", "-mavx2", "-mf16c", "-ffp-contract=off", "-fPIC", "-shared", "-fopenmp")
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512vl", *FLAGS)
 # Threads the kernel splits rows over; 0: torch's count (its OpenMP workers, which the kernel runs on).
 # In-process A/B, SmolLM2 rerope, rotation and assembly: 14.7 ms on the calling thread alone, 12.9 on
 # torch's two workers at 4k; 26.6 and 19.4 at 8k.
 THREADS = 0
 KERNEL = CKernel(Path(__file__).with_name("rope_kernel.c"), FLAGS, "kvlib_rope_f16_into_f32",
                  [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int], "KVLIB_ROPE_KERNEL", {"avx2", "f16c"})
+# The same source for AVX-512 (bf16 rows sixteen values at a time); KVLIB_ROPE_AVX512=0 keeps the AVX2 build.
+AVX512 = CKernel(KERNEL.source, AVX512_FLAGS, KERNEL.symbol, KERNEL.argtypes, "KVLIB_ROPE_AVX512",
+                 {"avx2", "f16c", "avx512f", "avx512bw", "avx512vl"})
 
 
 # stored dtype -> cache dtype the kernel rotates between, and its function
@@ -52,6 +56,19 @@ PAIRS = {(torch.float16, torch.float32): "kvlib_rope_f16_into_f32",
 def status() -> str:
     """'compiled' or why the torch passes are used."""
     return KERNEL.status()
+
+
+def avx512_status() -> str:
+    """'compiled' where the AVX-512 build runs instead of the AVX2 one, or why not."""
+    return AVX512.status() if KERNEL.function() is not None else f"off with the AVX2 build ({KERNEL.status()})"
+
+
+def build() -> CKernel | None:
+    """The build the functions below run: AVX-512 where it builds, else AVX2; None where the AVX2
+    build is off or unavailable (its switch, KVLIB_ROPE_KERNEL, turns both off)."""
+    if KERNEL.function() is None:
+        return None
+    return AVX512 if AVX512.function() is not None else KERNEL
 
 
 def _matrix_stride(x: torch.Tensor) -> int | None:
@@ -82,7 +99,7 @@ def accepts(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.
         return False
     on_cpu = all(x.device.type == "cpu" for x in (dst, src, *tables))
     strided = _matrix_stride(src) is not None and _matrix_stride(dst) is not None
-    return on_cpu and strided and KERNEL.function() is not None
+    return on_cpu and strided and build() is not None
 
 
 def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -94,7 +111,7 @@ def rope_into(dst: torch.Tensor, src: torch.Tensor, cos: torch.Tensor, sin: torc
     if not accepts(dst, src, cos, sin):
         return False
     t, d = src.shape[2], src.shape[3]
-    fn = KERNEL.sibling(PAIRS[src.dtype, dst.dtype], KERNEL.argtypes)
+    fn = build().sibling(PAIRS[src.dtype, dst.dtype], KERNEL.argtypes)
     fn(src.data_ptr(), dst.data_ptr(), cos.data_ptr(), sin.data_ptr(), src.shape[0] * src.shape[1], t, d,
        _matrix_stride(src), _matrix_stride(dst), threads or THREADS or torch.get_num_threads())
     return True
@@ -125,7 +142,8 @@ def rope_qkv_into(qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Ten
           and cos.shape == sin.shape == (t, d // 2) and d % 2 == 0 and cache_v.shape == cache_k.shape
           and cache_k.stride()[2:] == cache_v.stride()[2:] == (d, 1) and 0 <= start <= cache_k.shape[2] - t
           and 0 <= layer < cache_k.shape[0])
-    fn = KERNEL.sibling(QKV_FUNCTIONS[dtype], _QKV_ARGS) if ok else None
+    fn = build() if ok else None
+    fn = fn.sibling(QKV_FUNCTIONS[dtype], _QKV_ARGS) if fn is not None else None
     if fn is None:
         return None
     q = torch.empty(1, t, n_q, d, dtype=dtype)
@@ -137,3 +155,40 @@ def rope_qkv_into(qkv: torch.Tensor, n_q: int, cos: torch.Tensor, sin: torch.Ten
     if rc != 0:
         raise RuntimeError(f"rope kernel refused its operands ({rc})")
     return q.transpose(1, 2)
+
+
+_RUN_ARGS = [_I64] + [_PTR] * 5 + [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, ctypes.c_int]
+
+
+def rope_run_into(cache_k: torch.Tensor, cache_v: torch.Tensor, start: int, chunks: list, cos: torch.Tensor,
+                  sin: torch.Tensor, threads: int | None = None) -> bool:
+    """A run of stored chunks [(k_sem, v)], each bf16 [L, Hkv, T_i, D] (rows of evenly spaced matrices),
+    into a bf16 cache's k and v ([L, Hkv, C, D]) at slots [start, start + sum T_i), in one parallel pass:
+    keys rotated (cos and sin float32 [sum T_i, D/2], the run's rows in order; the bits of rope_into),
+    values copied. The caller checked the room. False, having done nothing, where the kernel does not
+    take the operands."""
+    n_layers, n_kv, _, d = cache_k.shape
+    total = sum(k.shape[2] for k, _ in chunks)
+    bf16, strides = torch.bfloat16, [(_matrix_stride(k), _matrix_stride(v)) for k, v in chunks]
+    ok = (chunks and cache_k.dtype == cache_v.dtype == bf16 and cache_v.shape == cache_k.shape
+          and cache_k.device.type == cache_v.device.type == "cpu" and cache_k.stride() == cache_v.stride()
+          and _matrix_stride(cache_k) is not None and 0 <= start <= cache_k.shape[2] - total
+          and all(k.dtype == v.dtype == bf16 and k.device.type == v.device.type == "cpu"
+                  and k.shape == v.shape == (n_layers, n_kv, k.shape[2], d) for k, v in chunks)
+          and all(a is not None and b is not None for a, b in strides)
+          and all(x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                  and x.shape == (total, d // 2) for x in (cos, sin)) and d % 2 == 0)
+    fn = build() if ok else None
+    fn = fn.sibling("kvlib_rope_run_bf16", _RUN_ARGS) if fn is not None else None
+    if fn is None:
+        return False
+    n, size = len(chunks), cache_k.element_size()
+    pointers, counts = ctypes.c_void_p * n, ctypes.c_int64 * n
+    rc = fn(n, pointers(*(k.data_ptr() for k, _ in chunks)), pointers(*(v.data_ptr() for _, v in chunks)),
+            counts(*(k.shape[2] for k, _ in chunks)), counts(*(a for a, _ in strides)),
+            counts(*(b for _, b in strides)),
+            cache_k.data_ptr() + size * start * d, cache_v.data_ptr() + size * start * d, _matrix_stride(cache_k),
+            n_layers * n_kv, d, cos.data_ptr(), sin.data_ptr(), threads or THREADS or torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"rope kernel refused its operands ({rc})")
+    return True
