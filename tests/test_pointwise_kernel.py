@@ -116,7 +116,7 @@ def test_a_kernel_is_named_by_its_shared_header_too(monkeypatch, tmp_path):
     assert [h.name for h in attn_kernel.KERNEL.headers()] == ["attn_merge.h", "exp2_avx2.h"]
     bf16_headers = ["attn_merge.h", "exp2_avx2.h", "amx_products.h", "dpbf16_products.h"]
     assert [h.name for h in attn_kernel.AMX.headers()] == [h.name for h in attn_kernel.DPBF16.headers()] == bf16_headers
-    assert [h.name for h in rope_kernel.KERNEL.headers()] == ["bf16_avx2.h"]
+    assert [h.name for h in rope_kernel.KERNEL.headers()] == ["bf16_avx2.h", "bf16_avx512.h"]
     source = tmp_path / "k.c"
     (tmp_path / "k.h").write_text("#define K 1\n")
     source.write_text('#include "k.h"\nint kvlib_k(void) { return K; }\n')

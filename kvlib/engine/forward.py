@@ -13,6 +13,9 @@ Design facts:
   every filled slot.
 - The forward returns each layer's pre-RoPE keys (after the key norm, Qwen3) and values
   for the new tokens: exactly what the library stores.
+- Where every layer would run on kvlib's C kernels (new tokens at a contiguous start, causal, no
+  probabilities or KV asked for), run_layers hands all of them to layer_loop.c in one call: the
+  same kernels in the same order, the same bits, without the Python between them.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from kvlib.engine import pointwise_kernel
+from kvlib.engine import layer_loop, pointwise_kernel
 from kvlib.engine.attention import Mask, attend, one_query
 from kvlib.engine.cache import KVCache
 from kvlib.engine.fused import linear
@@ -149,6 +152,23 @@ def _layer_out(lm, index, h, out):
     return linear(act, down.weight, down.bias, packed(fused, "down"), residual=h)
 
 
+def loop_layers(lm) -> list | None:
+    """Per layer, what layer_loop.c runs it with: (input norm weight, its eps, post-attention norm
+    weight, its eps, attention scale, output bias, down bias, FusedLayer); None where some layer is not
+    the plain fused layer it runs (unfused, a query/key norm, another norm or activation)."""
+    out = []
+    for index, layer in enumerate(lm.layers):
+        fused, attn = lm.fused[index] if lm.fused else None, layer.self_attn
+        norms = (layer.input_layernorm, layer.post_attention_layernorm)
+        if (fused is None or fused.gate_up_weight is None or hasattr(attn, "q_norm")
+                or any(type(n).__name__ not in RMS_NORMS for n in norms)
+                or type(layer.mlp.act_fn).__name__ not in SILUS):
+            return None
+        out.append((norms[0].weight, norms[0].variance_epsilon, norms[1].weight, norms[1].variance_epsilon,
+                    attn.scaling, attn.o_proj.bias, layer.mlp.down_proj.bias, fused))
+    return out
+
+
 def gated(act_fn, gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
     """act_fn(gate) * up of a fused gate/up product's output; SiLU through pointwise_kernel."""
     out = pointwise_kernel.silu_mul(gate_up, intermediate) if type(act_fn).__name__ in SILUS else None
@@ -201,9 +221,15 @@ def run_layers(lm, h, position_ids, cache: KVCache, mask: Mask, *, layers=None, 
     """Run new tokens' hidden states h ([1, T, hidden], entering layers[0]) through `layers`
     (default: all). Their KV goes to the slots after the filled ones, or to `slots` (a tensor
     of filled slots, rewritten in place). The cache's length is left as it was."""
+    every = layers is None or list(layers) == list(range(lm.n_layers))
     layers = range(lm.n_layers) if layers is None else layers
     where = cache.length if slots is None else slots.to(lm.device)
     position_ids = position_ids.to(lm.device)
+    if every and slots is None and mask.kind == "causal" and mask.t_past == cache.length and not want_probs \
+            and not keep_kv:
+        h_out = layer_loop.run(lm, h, position_ids, cache, where)
+        if h_out is not None:  # the same kernels in one C call (layer_loop.py)
+            return LayersOut(h=h_out)
     out = LayersOut(h=h)
     for i in layers:
         out.h, k_sem, v, p = run_layer(lm, i, out.h, position_ids, cache, mask, where, i in want_probs)

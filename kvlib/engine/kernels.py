@@ -132,10 +132,10 @@ class CKernel:
 
 def statuses() -> dict:
     """Each C kernel's status() by name ("rope_kernel": "compiled", ...), for reports and the doctor."""
-    from kvlib.engine import attn_kernel, linear_kernel, pointwise_kernel, rope_kernel
+    from kvlib.engine import attn_kernel, layer_loop, linear_kernel, pointwise_kernel, rope_kernel
 
     modules = {"rope_kernel": rope_kernel, "attn_kernel": attn_kernel, "linear_kernel": linear_kernel,
-               "pointwise_kernel": pointwise_kernel}
+               "pointwise_kernel": pointwise_kernel, "layer_loop": layer_loop}
     return {**{name: module.status() for name, module in modules.items()},
             "bf16_attn_kernel": attn_kernel.bf16_status(), "bf16_linear_kernel": linear_kernel.bf16_status(),
             "rope_kernel_avx512": rope_kernel.avx512_status()}

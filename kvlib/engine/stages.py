@@ -47,6 +47,17 @@ def stage(name: str):
     return _NULL if _active is None else _Span(name)
 
 
+def active() -> bool:
+    """Whether a recording is on (code that times itself, such as layer_loop.c, then reports)."""
+    return _active is not None
+
+
+def add(name: str, seconds: float) -> None:
+    """Add time measured elsewhere (inside a C call) to a stage of the recording on, if any."""
+    if _active is not None:
+        _active[name] = _active.get(name, 0.0) + seconds
+
+
 @contextmanager
 def recording(device=None):
     """Collect {stage: seconds} for the code run inside; yields the dict."""

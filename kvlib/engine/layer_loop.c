@@ -1,0 +1,106 @@
+/* New tokens through every decoder layer in one call (engine/layer_loop.py): per layer, the C kernels
+   forward.py's Python path calls, with the same arguments, in the same order, so the same bits:
+     RMSNorm -> fused q/k/v product -> q and k rotated, k and v written into the cache at `start`
+     -> attention behind the cache -> output product + residual -> RMSNorm -> fused gate/up product
+     -> SiLU(gate) * up -> down product + residual.
+   Only the Python between the kernels is gone (about 0.29 ms a layer of it for a 25-token question
+   on a 2-core EPYC: 8.7 ms a forward of SmolLM2's 30 layers). The kernels live in their own
+   libraries; this one is handed their addresses (model_t), so it links none of them. Float32 or
+   bf16 (elem 4 or 2) activations; attention's float32 output rounded to bf16 as torch's copy does
+   (nearest even) for a bf16 model. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+
+typedef int (*norm_fn)(const void *x, int64_t m, int64_t n, const void *w, float eps, void *out, int threads);
+typedef int (*linear_fn)(const void *x, int64_t m, int64_t k, const void *wp, int64_t n, const void *bias,
+                         const void *res, void *out, int threads);
+typedef int (*rope_qkv_fn)(const void *qkv, int64_t t, int64_t n_q, int64_t n_kv, int64_t d, const float *cos_t,
+                           const float *sin_t, void *q_out, void *k_out, void *v_out, int64_t k_hs, int64_t v_hs);
+typedef int (*attend_fn)(const void *q, int64_t q_hs, int64_t q_ts, const void *k, int64_t k_hs, const void *v,
+                         int64_t v_hs, float *out, int64_t o_hs, int64_t o_ts, int64_t n_heads, int64_t n_kv,
+                         int64_t t, const int64_t *last, int64_t d, float scale, int threads);
+typedef int (*silu_fn)(const void *gu, int64_t m, int64_t inter, int64_t stride, void *out, int threads);
+
+typedef struct { /* one layer's weights: panels (linear_kernel.py) and norm weights, biases or NULL */
+    const void *ln1, *ln2, *qkv, *qkv_bias, *o, *o_bias, *gate_up, *gate_up_bias, *down, *down_bias;
+    float eps1, eps2, scale;
+} layer_t;
+
+typedef struct { /* the model's shapes and kernels */
+    norm_fn norm;
+    linear_fn linear;
+    rope_qkv_fn rope;
+    attend_fn attend;
+    silu_fn silu;
+    int64_t n_layers, hidden, n_q, n_kv, d, inter, elem;
+} model_t;
+
+typedef struct { /* this call's cache: keys and values of layer l, head h, slot s at base + l ls + h hs + s d */
+    void *k, *v;
+    int64_t k_ls, v_ls, k_hs, v_hs;
+} cache_t;
+
+enum { PART_ATTENTION = 0, PART_ROPE = 1, PARTS = 2 };
+
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static uint16_t to_bf16(float f) { /* nearest even; NaN to 0x7fc0 */
+    union { float f; uint32_t u; } x = {f};
+    if (f != f) return 0x7fc0;
+    return (uint16_t)((x.u + 0x7fff + ((x.u >> 16) & 1)) >> 16);
+}
+
+#define AT(p, i) ((char *)(p) + (i) * m->elem)
+
+/* One layer on h [t, hidden] in place (h2 holds the stream between the two halves). */
+static int layer(const model_t *m, const layer_t *w, const cache_t *c, int64_t l, void **buf, int64_t t,
+                 int64_t start, const float *cos_t, const float *sin_t, const int64_t *last, int threads,
+                 double *seconds) {
+    void *h = buf[0], *x = buf[1], *qkv = buf[2], *q = buf[3], *att = buf[5], *h2 = buf[6], *gu = buf[7], *act = buf[8];
+    float *att32 = (float *)buf[4];
+    const int64_t qd = m->n_q * m->d, width = (m->n_q + 2 * m->n_kv) * m->d;
+    char *k = (char *)c->k + l * c->k_ls * m->elem, *v = (char *)c->v + l * c->v_ls * m->elem;
+    int rc = m->norm(h, t, m->hidden, w->ln1, w->eps1, x, threads);
+    rc = rc ? rc : m->linear(x, t, m->hidden, w->qkv, width, w->qkv_bias, NULL, qkv, threads);
+    double t0 = seconds ? now() : 0.0;
+    rc = rc ? rc : m->rope(qkv, t, m->n_q, m->n_kv, m->d, cos_t, sin_t, q, k + start * m->d * m->elem,
+                           v + start * m->d * m->elem, c->k_hs, c->v_hs);
+    double t1 = seconds ? now() : 0.0;
+    rc = rc ? rc : m->attend(q, m->d, qd, k, c->k_hs, v, c->v_hs, att32, m->d, qd, m->n_q, m->n_kv, t, last, m->d,
+                             w->scale, threads);
+    if (m->elem == 2)
+        for (int64_t i = 0; i < t * qd; i++) ((uint16_t *)att)[i] = to_bf16(att32[i]);
+    if (seconds) {
+        const double t2 = now();
+        seconds[PART_ROPE] += t1 - t0, seconds[PART_ATTENTION] += t2 - t1;
+    }
+    rc = rc ? rc : m->linear(m->elem == 2 ? att : (void *)att32, t, qd, w->o, m->hidden, w->o_bias, h, h2, threads);
+    rc = rc ? rc : m->norm(h2, t, m->hidden, w->ln2, w->eps2, x, threads);
+    rc = rc ? rc : m->linear(x, t, m->hidden, w->gate_up, 2 * m->inter, w->gate_up_bias, NULL, gu, threads);
+    rc = rc ? rc : m->silu(gu, t, m->inter, 2 * m->inter, act, threads);
+    return rc ? rc : m->linear(act, t, m->inter, w->down, m->hidden, w->down_bias, h2, h, threads);
+}
+
+/* h [t, hidden]: the new tokens' hidden states entering layer 0, left as they leave the last layer.
+   start: their first slot; last [t]: the last slot each sees; cos_t / sin_t [t, d/2]: their
+   positions' tables; seconds (NULL, or PARTS doubles added to): time in attention and in rotation. */
+int kvlib_layers(const model_t *m, const layer_t *layers, const cache_t *c, void *h, int64_t t, int64_t start,
+                 const float *cos_t, const float *sin_t, const int64_t *last, int threads, double *seconds) {
+    if (t <= 0 || (m->elem != 2 && m->elem != 4) || m->d <= 0 || m->n_q % m->n_kv) return -1;
+    const int64_t qd = m->n_q * m->d, width = (m->n_q + 2 * m->n_kv) * m->d;
+    const int64_t sizes[9] = {0, m->hidden, width, qd, 2 * qd /* float32 */, qd, m->hidden, 2 * m->inter, m->inter};
+    void *buf[9] = {h};
+    int rc = 0;
+    for (int i = 1; i < 9 && !rc; i++)
+        if (!(buf[i] = malloc((size_t)(t * sizes[i] * m->elem) + 64))) rc = -2;
+    for (int64_t l = 0; l < m->n_layers && !rc; l++)
+        rc = layer(m, &layers[l], c, l, buf, t, start, cos_t, sin_t, last, threads, seconds);
+    for (int i = 1; i < 9; i++) free(buf[i]);
+    return rc;
+}

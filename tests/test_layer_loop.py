@@ -1,0 +1,91 @@
+"""Every layer in one C call (engine/layer_loop.py): the bits of forward.py's own layer path."""
+
+import pytest
+import torch
+
+from kvlib.engine import layer_loop
+from kvlib.engine.attention import Mask
+from kvlib.engine.cache import KVCache
+from kvlib.engine.forward import embed, forward, run_layers
+from kvlib.engine.model import wrap_model
+
+from tiny_models import random_ids, tiny_hf
+
+RUN = layer_loop.run  # before any test patches it
+
+
+def model(family, rope, dtype, head_dim):
+    hf = tiny_hf(family, rope, 0, head_dim=head_dim, num_attention_heads=4, num_key_value_heads=2,
+                 hidden_size=64, num_hidden_layers=3)
+    lm = wrap_model(hf, None, name="tiny", dtype=dtype, device=torch.device("cpu"))
+    if layer_loop.plan(lm) is None:
+        pytest.skip(f"the layer loop does not run a {dtype} model here (kernels: {layer_loop.status()})")
+    return lm
+
+
+def filled(lm, past: int, capacity: int = 64) -> KVCache:
+    cache = KVCache.for_model(lm, capacity)
+    g = torch.Generator().manual_seed(past)
+    cache.append(*[torch.randn(lm.n_layers, lm.n_kv_heads, past, lm.head_dim, generator=g) for _ in range(2)])
+    return cache
+
+
+def both_ways(monkeypatch, lm, t: int, past: int):
+    """run_layers for t new tokens behind `past` random slots, through the loop and through forward.py's
+    own layers: (hidden states, cache) each, and how many calls the loop took."""
+    ids, positions = random_ids(t, seed=t), torch.arange(200 + past, 200 + past + t)
+    taken = []
+    monkeypatch.setattr(layer_loop, "run", lambda *a: taken.append(RUN(*a)) or taken[-1])
+    results = []
+    for loop_on in (True, False):
+        if not loop_on:
+            monkeypatch.setattr(layer_loop, "run", lambda *a: None)
+        cache = filled(lm, past)
+        out = run_layers(lm, embed(lm, ids), positions, cache, Mask.causal(t, past))
+        results.append((out.h, cache))
+    return results, sum(x is not None for x in taken)
+
+
+@pytest.mark.parametrize("family, rope", [("llama", "yarn"), ("qwen2", "default")])  # qwen2: q/k/v biases
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 16), (torch.bfloat16, 32)])
+@pytest.mark.parametrize("t, past", [(13, 40), (1, 40), (1, 0)])  # a question, a decode step, a first token
+def test_the_loop_gives_the_bits_of_forward_py(monkeypatch, family, rope, dtype, head_dim, t, past):
+    lm = model(family, rope, dtype, head_dim)
+    ((h_loop, c_loop), (h_py, c_py)), taken = both_ways(monkeypatch, lm, t, past)
+    assert taken == 1
+    assert torch.equal(h_loop, h_py)
+    assert torch.equal(c_loop.k[:, :, : past + t], c_py.k[:, :, : past + t])
+    assert torch.equal(c_loop.v[:, :, : past + t], c_py.v[:, :, : past + t])
+
+
+def test_the_loop_leaves_bf16_prompts_behind_a_short_past_to_forward_py(monkeypatch):
+    """A bf16 prompt behind a past no longer than itself runs SDPA in forward.py, so not the loop;
+    float32 runs the C attention at any past, and the loop with it."""
+    lm = model("llama", "default", torch.bfloat16, 32)
+    _, taken = both_ways(monkeypatch, lm, 13, 13)
+    assert taken == 0
+    lm32 = model("llama", "default", torch.float32, 16)
+    ((h_loop, _), (h_py, _)), taken = both_ways(monkeypatch, lm32, 13, 0)
+    assert taken == 1 and torch.equal(h_loop, h_py)
+
+
+def test_the_loop_is_not_asked_for_probabilities_kv_or_scattered_slots(monkeypatch):
+    lm = model("llama", "default", torch.float32, 16)
+    calls = []
+    monkeypatch.setattr(layer_loop, "run", lambda *a: calls.append(a))
+    ids = random_ids(5, seed=1)
+    forward(lm, ids, torch.arange(5), filled(lm, 0), keep_kv=True)
+    forward(lm, ids, torch.arange(5), filled(lm, 0), attn_layers=(1,))
+    run_layers(lm, embed(lm, ids), torch.arange(5), filled(lm, 8), Mask.at_slots(torch.arange(3, 8), 8),
+               slots=torch.arange(3, 8))
+    run_layers(lm, embed(lm, ids), torch.arange(5), filled(lm, 8), Mask.causal(5, 8), layers=range(2))
+    assert calls == []
+    forward(lm, ids, torch.arange(5), filled(lm, 0))
+    assert len(calls) == 1
+
+
+def test_switched_off_the_loop_leaves_forward_py_its_layers(monkeypatch):
+    lm = model("llama", "default", torch.float32, 16)
+    monkeypatch.setenv("KVLIB_LAYER_LOOP", "0")
+    monkeypatch.setattr(layer_loop.KERNEL, "_state", {})
+    assert layer_loop.make_plan(lm) is None and layer_loop.status() == "off (KVLIB_LAYER_LOOP=0)"
