@@ -144,3 +144,27 @@ def test_bf16_attention_declines_what_it_does_not_take():
     assert attn_kernel.attend_behind_bf16(q, k, v, 40, 0.125) is None  # float32
     q, k, v = (x.bfloat16() for x in qkv(6, 2, 5, 45, dim=48))
     assert attn_kernel.attend_behind_bf16(q, k, v, 40, 0.125) is None  # head dim not a multiple of 32
+
+
+@pytest.mark.parametrize("order", ["sorted", "scattered"])
+@pytest.mark.parametrize("heads, hkv, n, total, dim", [(9, 3, 300, 700, 64), (12, 2, 7, 90, 128), (4, 4, 1, 40, 32)])
+def test_bf16_tokens_at_scattered_slots_run_the_kernel_as_close_to_float64_as_sdpa(monkeypatch, order, heads, hkv, n,
+                                                                                    total, dim):
+    """A bf16 repair's tokens, each seeing the slots up to its own: the bf16 kernel through at_slots,
+    within the error of SDPA's blocks against attention written out in float64."""
+    if attn_kernel.bf16_function() is None:
+        pytest.skip(f"bf16 attention unavailable here: {attn_kernel.bf16_status()}")
+    g = torch.Generator().manual_seed(n)
+    slots = torch.randperm(total, generator=g)[:n]
+    slots = slots.sort().values if order == "sorted" else slots
+    q, k, v = (x.bfloat16() for x in qkv(heads, hkv, n, total, dim=dim, seed=n))
+    scale = dim ** -0.5
+    got, _ = attend(q, k, v, Mask.at_slots(slots, total), scale)
+    assert torch.equal(got, attn_kernel.attend_until_bf16(q, k, v, slots, scale))  # the route a bf16 repair takes
+    seen = torch.arange(total)[None, :] <= slots[:, None]
+    probs = attention.attention_probs(q.double(), k.double(), seen, scale).double()
+    ref = torch.einsum("hts,hsd->htd", probs, v.double().repeat_interleave(heads // hkv, 0))[None]
+    monkeypatch.setattr(attn_kernel, "attend_until_bf16", lambda *a: None)
+    blocks = attention.at_slots(q, k, v, slots, scale)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape
+    assert (got.double() - ref).abs().max() <= 1.5 * (blocks.double() - ref).abs().max() + 1e-3
