@@ -114,4 +114,18 @@ static void values(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk, floa
 
 static void tiles_off(void) { _tile_release(); }
 
+static inline int64_t row_align(int64_t rows) { return (void)rows, 16; } /* a tile's rows */
+
+static void prepare_rows(scratch_t *w, int64_t rp, int64_t d) { (void)w, (void)rp, (void)d; }
+
+/* One block of nk keys (k: the block's first; w->vi: its values' pairs) for the rp rows: the keys in
+   the B layout, the scores on tiles, each row's online softmax, the values on tiles. */
+static void block(const attn16_t *a, scratch_t *w, const uint16_t *k, int64_t kb, int64_t nk, int64_t rp, float *m,
+                  float *l, float *o) {
+    keys_to_b(k, nk, a->d, w->kt);
+    scores(a, w, rp, nk);
+    for (int64_t r = 0; r < rp; r++) softmax_row(a, w, r, kb, nk, m, l, o);
+    values(a, w, rp, nk, o);
+}
+
 #endif
