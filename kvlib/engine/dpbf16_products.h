@@ -129,8 +129,11 @@ static void softmax_group(const attn16_t *a, scratch_t *w, int64_t g, int64_t kb
         softmax_lanes(a, w, g, kb, nk, m, l, o, 0);
 }
 
-/* O[g, g + 4) dims [c, c + 16 nc) += P V over `pairs` key pairs (nc <= 4, a constant once inlined). */
-INLINE void values_tile(const scratch_t *w, int64_t d, int64_t g, int64_t c, const int nc, int64_t pairs, float *o) {
+/* O[g, g + 4) dims [c, c + 16 nc) += P V over `pairs` key pairs (nc <= 4, a constant once inlined); row r's
+   pair i of probabilities is w->pb's 32-bit element i * ps + r * rs (rows in lanes: ps RB, rs 1; keys in
+   lanes, row-major: ps 1, rs BK / 2). */
+INLINE void values_tile(const scratch_t *w, int64_t d, int64_t g, int64_t c, const int nc, int64_t pairs, int64_t ps,
+                        int64_t rs, float *o) {
     const int32_t *pt = (const int32_t *)w->pb;
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
@@ -139,7 +142,7 @@ INLINE void values_tile(const scratch_t *w, int64_t d, int64_t g, int64_t c, con
         __m512bh b[4];
         for (int j = 0; j < nc; j++) b[j] = (__m512bh)_mm512_loadu_si512(w->vi + (i * d + c + 16 * j) * 2);
         for (int r = 0; r < 4; r++) {
-            const __m512bh p = pair_at(pt + i * RB + g + r);
+            const __m512bh p = pair_at(pt + i * ps + (g + r) * rs);
             for (int j = 0; j < nc; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], p, b[j]);
         }
     }
@@ -177,29 +180,12 @@ static void key_scores(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk) 
     }
 }
 
-/* O[g, g + 4) dims [c, c + 16 nc) += P V over `pairs` key pairs (nc <= 4, a constant once inlined). */
-INLINE void key_values_tile(const scratch_t *w, int64_t d, int64_t g, int64_t c, const int nc, int64_t pairs, float *o) {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
-        for (int j = 0; j < nc; j++) acc[r][j] = _mm512_loadu_ps(o + (g + r) * d + c + 16 * j);
-    for (int64_t i = 0; i < pairs; i++) {
-        __m512bh b[4];
-        for (int j = 0; j < nc; j++) b[j] = (__m512bh)_mm512_loadu_si512(w->vi + (i * d + c + 16 * j) * 2);
-        for (int r = 0; r < 4; r++) {
-            const __m512bh p = pair_at(w->pb + (g + r) * BK + 2 * i);
-            for (int j = 0; j < nc; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], p, b[j]);
-        }
-    }
-    for (int r = 0; r < 4; r++)
-        for (int j = 0; j < nc; j++) _mm512_storeu_ps(o + (g + r) * d + c + 16 * j, acc[r][j]);
-}
-
-static void key_values(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk, float *o) {
+static void values(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk, int64_t ps, int64_t rs, float *o) {
     const int64_t d = a->d, pairs = (nk + 31) / 32 * 16; /* the probabilities are zero up to 32 keys */
     for (int64_t g = 0; g < rp; g += 4) {
         int64_t c = 0;
-        for (; c + 64 <= d; c += 64) key_values_tile(w, d, g, c, 4, pairs, o);
-        if (c < d) key_values_tile(w, d, g, c, 2, pairs, o); /* d is a multiple of 32 */
+        for (; c + 64 <= d; c += 64) values_tile(w, d, g, c, 4, pairs, ps, rs, o);
+        if (c < d) values_tile(w, d, g, c, 2, pairs, ps, rs, o); /* d is a multiple of 32 */
     }
 }
 
@@ -210,19 +196,15 @@ static void block(const attn16_t *a, scratch_t *w, const uint16_t *k, int64_t kb
         keys_to_b(k, nk, a->d, w->kt);
         key_scores(a, w, rp, nk);
         for (int64_t r = 0; r < rp; r++) softmax_row(a, w, r, kb, nk, m, l, o);
-        key_values(a, w, rp, nk, o);
+        values(a, w, rp, nk, 1, BK / 2, o);
         return;
     }
-    const int64_t d = a->d, groups = rp / 16, pairs = (nk + 31) / 32 * 16; /* probabilities zero up to 32 keys */
+    const int64_t d = a->d, groups = rp / 16;
     int64_t j = 0;
     for (; j + 4 <= nk; j += 4) scores_keys(k, d, (const int32_t *)w->qt, w->s, j, 4, groups);
     for (; j < nk; j++) scores_keys(k, d, (const int32_t *)w->qt, w->s, j, 1, groups);
     for (int64_t g = 0; g < groups; g++) softmax_group(a, w, g, kb, nk, m, l, o);
-    for (int64_t g = 0; g < rp; g += 4) {
-        int64_t c = 0;
-        for (; c + 64 <= d; c += 64) values_tile(w, d, g, c, 4, pairs, o);
-        if (c < d) values_tile(w, d, g, c, 2, pairs, o); /* d is a multiple of 32 */
-    }
+    values(a, w, rp, nk, RB, 1, o);
 }
 
 #endif
