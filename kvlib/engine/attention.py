@@ -256,10 +256,8 @@ def at_slots(q, keys, values, slots: torch.Tensor, scale: float):
     its bf16 twin (AMX or AVX-512 BF16), 2.3-2.6x faster than these blocks for 300-1,330 repaired
     tokens of a 1.3k SmolLM2 prompt.
     q: [1, H, T, D]; slots: [T], any order (unsorted ones skip less)."""
-    if q.dtype == torch.float32:
-        out = attn_kernel.attend_until(q, keys, values, slots, scale)
-    else:
-        out = attn_kernel.attend_until_bf16(q, keys, values, slots, scale) if q.dtype == torch.bfloat16 else None
+    until = {torch.float32: attn_kernel.attend_until, torch.bfloat16: attn_kernel.attend_until_bf16}.get(q.dtype)
+    out = None if until is None else until(q, keys, values, slots, scale)
     if out is not None:
         return out
     slots = slots.to(q.device)

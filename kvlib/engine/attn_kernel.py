@@ -98,7 +98,7 @@ def accepts(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     if q.dim() != 4 or keys.dim() != 3 or keys.shape != values.shape or q.shape[0] != 1:
         return False
     heads, _, d = q.shape[1], q.shape[2], q.shape[3]
-    if d % 16 or keys.shape[2] != d or heads % keys.shape[0]:
+    if not takes_shape(torch.float32, d, keys.shape[1]) or keys.shape[2] != d or heads % keys.shape[0]:
         return False
     if any(x.dtype != torch.float32 or x.device.type != "cpu" for x in (q, keys, values)):
         return False
@@ -107,17 +107,30 @@ def accepts(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
     return KERNEL.function() is not None
 
 
+def takes_shape(dtype, head_dim: int, slots: int) -> bool:
+    """The kernel of this dtype takes heads of head_dim over this many slots: float32 a multiple of 16,
+    bf16 a multiple of 32 up to 256; at most MAX_SLOTS either way."""
+    if slots > MAX_SLOTS:
+        return False
+    return head_dim % 32 == 0 and head_dim <= 256 if dtype == torch.bfloat16 else head_dim % 16 == 0
+
+
+def _last_slots(last: torch.Tensor, q: torch.Tensor, keys: torch.Tensor) -> torch.Tensor | None:
+    """`last` as the kernel reads it (int64 on the CPU, contiguous), or None unless it gives each of q's
+    tokens a slot within the keys."""
+    if last.dim() != 1 or last.numel() != q.shape[2]:
+        return None
+    last = last.to(device="cpu", dtype=torch.int64).contiguous()
+    return None if int(last.max()) >= keys.shape[1] or int(last.min()) < 0 else last
+
+
 def attend_until(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor, scale: float):
     """softmax(q k^T * scale) v with new token t seeing slots [0, last[t]], as [1, H, T, D] (a view
     of a [1, T, H, D] tensor, so the output projection's reshape copies nothing); None, having
     done nothing, where the kernel does not take the operands (accepts). last: int [T], each
     below keys.shape[1]."""
-    if last.dim() != 1 or last.numel() != q.shape[2] or keys.shape[1] > MAX_SLOTS or not accepts(q, keys, values):
-        return None
-    last = last.to(device="cpu", dtype=torch.int64).contiguous()
-    if int(last.max()) >= keys.shape[1] or int(last.min()) < 0:
-        return None
-    return _run(q, keys, values, last, scale)
+    last = _last_slots(last, q, keys) if accepts(q, keys, values) else None
+    return None if last is None else _run(q, keys, values, last, scale)
 
 
 def _run(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, last: torch.Tensor, scale: float,
@@ -151,13 +164,9 @@ def attend_until_bf16(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     seeing the slots up to its own), as [1, H, T, D] bf16; None, having done nothing, where the kernel
     does not take them. For 300-1,330 of a 1.3k SmolLM2 cache's slots, 2.3-2.6x faster than SDPA per
     block of 64 queries (attention.at_slots), with the same error against float64."""
-    if last.dim() != 1 or last.numel() != q.shape[2] or not _bf16_takes(q, keys, values):
-        return None
-    fn = bf16_function()
-    last = last.to(device="cpu", dtype=torch.int64).contiguous()
-    if fn is None or int(last.max()) >= keys.shape[1] or int(last.min()) < 0:
-        return None
-    return _run(q, keys, values, last, scale, fn).to(torch.bfloat16)
+    fn = bf16_function() if _bf16_takes(q, keys, values) else None
+    last = _last_slots(last, q, keys) if fn is not None else None
+    return None if last is None else _run(q, keys, values, last, scale, fn).to(torch.bfloat16)
 
 
 def _bf16_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bool:
@@ -166,7 +175,7 @@ def _bf16_takes(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> bo
     if q.dim() != 4 or keys.dim() != 3 or keys.shape != values.shape or q.shape[0] != 1 or q.shape[2] == 0:
         return False
     d = q.shape[3]
-    if keys.shape[1] > MAX_SLOTS or d % 32 or d > 256 or keys.shape[2] != d or q.shape[1] % keys.shape[0]:
+    if not takes_shape(torch.bfloat16, d, keys.shape[1]) or keys.shape[2] != d or q.shape[1] % keys.shape[0]:
         return False
     if any(x.dtype != torch.bfloat16 or x.device.type != "cpu" for x in (q, keys, values)):
         return False

@@ -191,7 +191,7 @@ static void run_item(const attn16_t *a, int64_t item, scratch_t *w) {
     const int64_t split = item % a->splits, rb = (item / a->splits) % a->row_blocks;
     const int64_t kv = item / (a->splits * a->row_blocks);
     const int64_t r0 = rb * RB, nrows = rows_all - r0 < RB ? rows_all - r0 : RB;
-    const int64_t rp = (nrows + row_align(nrows) - 1) / row_align(nrows) * row_align(nrows);
+    const int64_t align = row_align(nrows), rp = (nrows + align - 1) / align * align;
     float *m = a->m + item * RB, *l = a->l + item * RB, *o = a->o + item * RB * d;
     load_rows(a, kv, r0, nrows, rp, w, m, l, o);
     int64_t highest = 0;

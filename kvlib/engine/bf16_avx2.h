@@ -1,6 +1,7 @@
 /* bfloat16 <-> float32 on AVX2, as torch converts: widening is exact (a bfloat16 is the top half
    of a float32: a 16-bit shift); narrowing rounds to nearest even, NaN to 0x7fc0. Shared by the
-   C kernels that read or write a bf16 model's tensors (rope_kernel.c, pointwise_kernel.c);
+   C kernels that read or write a bf16 model's tensors (rope_kernel.c, pointwise_kernel.c,
+   layer_loop.c);
    kernels.py hashes it with each of them. */
 
 #ifndef KVLIB_BF16_AVX2_H

@@ -13,6 +13,8 @@
 #include <stdlib.h>
 #include <time.h>
 
+#include "bf16_avx2.h"
+
 typedef int (*norm_fn)(const void *x, int64_t m, int64_t n, const void *w, float eps, void *out, int threads);
 typedef int (*linear_fn)(const void *x, int64_t m, int64_t k, const void *wp, int64_t n, const void *bias,
                          const void *res, void *out, int threads);
@@ -42,18 +44,17 @@ typedef struct { /* this call's cache: keys and values of layer l, head h, slot 
     int64_t k_ls, v_ls, k_hs, v_hs;
 } cache_t;
 
-enum { PART_ATTENTION = 0, PART_ROPE = 1, PARTS = 2 };
-
 static double now(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
 }
 
-static uint16_t to_bf16(float f) { /* nearest even; NaN to 0x7fc0 */
-    union { float f; uint32_t u; } x = {f};
-    if (f != f) return 0x7fc0;
-    return (uint16_t)((x.u + 0x7fff + ((x.u >> 16) & 1)) >> 16);
+/* Attention's float32 output rounded to bf16 for the output product (nearest even, as torch's copy). */
+static void to_bf16(const float *x, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) bf16x8_store(_mm256_loadu_ps(x + i), out + i);
+    for (; i < n; i++) out[i] = f32_to_bf16(x[i]);
 }
 
 #define AT(p, i) ((char *)(p) + (i) * m->elem)
@@ -68,18 +69,13 @@ static int layer(const model_t *m, const layer_t *w, const cache_t *c, int64_t l
     char *k = (char *)c->k + l * c->k_ls * m->elem, *v = (char *)c->v + l * c->v_ls * m->elem;
     int rc = m->norm(h, t, m->hidden, w->ln1, w->eps1, x, threads);
     rc = rc ? rc : m->linear(x, t, m->hidden, w->qkv, width, w->qkv_bias, NULL, qkv, threads);
-    double t0 = seconds ? now() : 0.0;
     rc = rc ? rc : m->rope(qkv, t, m->n_q, m->n_kv, m->d, cos_t, sin_t, q, k + start * m->d * m->elem,
                            v + start * m->d * m->elem, c->k_hs, c->v_hs);
-    double t1 = seconds ? now() : 0.0;
+    const double t0 = seconds ? now() : 0.0;
     rc = rc ? rc : m->attend(q, m->d, qd, k, c->k_hs, v, c->v_hs, att32, m->d, qd, m->n_q, m->n_kv, t, last, m->d,
                              w->scale, threads);
-    if (m->elem == 2)
-        for (int64_t i = 0; i < t * qd; i++) ((uint16_t *)att)[i] = to_bf16(att32[i]);
-    if (seconds) {
-        const double t2 = now();
-        seconds[PART_ROPE] += t1 - t0, seconds[PART_ATTENTION] += t2 - t1;
-    }
+    if (m->elem == 2) to_bf16(att32, t * qd, (uint16_t *)att);
+    if (seconds) *seconds += now() - t0;
     rc = rc ? rc : m->linear(m->elem == 2 ? att : (void *)att32, t, qd, w->o, m->hidden, w->o_bias, h, h2, threads);
     rc = rc ? rc : m->norm(h2, t, m->hidden, w->ln2, w->eps2, x, threads);
     rc = rc ? rc : m->linear(x, t, m->hidden, w->gate_up, 2 * m->inter, w->gate_up_bias, NULL, gu, threads);
@@ -89,7 +85,7 @@ static int layer(const model_t *m, const layer_t *w, const cache_t *c, int64_t l
 
 /* h [t, hidden]: the new tokens' hidden states entering layer 0, left as they leave the last layer.
    start: their first slot; last [t]: the last slot each sees; cos_t / sin_t [t, d/2]: their
-   positions' tables; seconds (NULL, or PARTS doubles added to): time in attention and in rotation. */
+   positions' tables; seconds (NULL, or added to): the time in attention. */
 int kvlib_layers(const model_t *m, const layer_t *layers, const cache_t *c, void *h, int64_t t, int64_t start,
                  const float *cos_t, const float *sin_t, const int64_t *last, int threads, double *seconds) {
     if (t <= 0 || (m->elem != 2 && m->elem != 4) || m->d <= 0 || m->n_q % m->n_kv) return -1;

@@ -17,8 +17,8 @@ Design facts:
   None and forward.py runs the layers itself.
 - The plan (weight addresses, kernels) is made once per model and kept on it; the tensors it
   points at are the model's own packed weights, which live as long as the model.
-- Under the hot-path profile (stages.recording) the C code times attention and the rotation into
-  the cache, added to the "attention" stage and the layers' total.
+- Under the hot-path profile (stages.recording) the C code times attention, added to the
+  "attention" stage inside the layers' total.
 """
 
 from __future__ import annotations
@@ -51,9 +51,9 @@ class Cache(ctypes.Structure):
     _fields_ = [("k", _PTR), ("v", _PTR)] + [(name, _I64) for name in ("k_ls", "v_ls", "k_hs", "v_hs")]
 
 
-KERNEL = CKernel(Path(__file__).with_name("layer_loop.c"), ("-O2", "-fPIC", "-shared"), "kvlib_layers",
+KERNEL = CKernel(Path(__file__).with_name("layer_loop.c"), ("-O2", "-mavx2", "-fPIC", "-shared"), "kvlib_layers",
                  [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int, _PTR], "KVLIB_LAYER_LOOP",
-                 set())
+                 {"avx2"})
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -133,13 +133,10 @@ def plan(lm) -> Plan | None:
 
 
 def _attention_takes(lm, t: int, t_past: int) -> bool:
-    """The attention kernel forward.py would run takes t new tokens behind t_past slots."""
-    d, end = lm.head_dim, t_past + t
-    if end > attn_kernel.MAX_SLOTS:
-        return False
-    if lm.dtype == torch.bfloat16:
-        return (t == 1 or t_past > t) and d % 32 == 0 and d <= 256
-    return d % 16 == 0
+    """forward.py runs the attention kernel for t new tokens behind t_past slots (attention.py: in bf16
+    only for one token or behind a longer past) and the kernel takes the shape."""
+    bf16_routed = t == 1 or t_past > t
+    return (lm.dtype != torch.bfloat16 or bf16_routed) and attn_kernel.takes_shape(lm.dtype, lm.head_dim, t_past + t)
 
 
 def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int) -> torch.Tensor | None:
@@ -156,17 +153,17 @@ def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int) -> t
             or k.shape[0] != lm.n_layers or start < 0 or start + t > cache.capacity or t == 0
             or k.stride() != v.stride() or k.stride()[2:] != (lm.head_dim, 1) or not _attention_takes(lm, t, start)):
         return None
-    x = h.reshape(t, -1).contiguous().clone()  # the kernels write the stream in place
+    x = h.reshape(t, -1).clone(memory_format=torch.contiguous_format)  # the kernels write the stream in place
     tables = forward_half_tables(lm.rope, position_ids, lm.device)
     last = attn_kernel._behind(start, t)
     c = Cache(k=k.data_ptr(), v=v.data_ptr(), k_ls=k.stride(0), v_ls=v.stride(0), k_hs=k.stride(1), v_hs=v.stride(1))
-    seconds = (ctypes.c_double * 2)() if stages.active() else None
+    seconds = ctypes.c_double() if stages.active() else None
     with stages.stage("layers"):
         rc = KERNEL.function()(ctypes.byref(p.model), p.layers, ctypes.byref(c), x.data_ptr(), t, start,
                                tables.cos.data_ptr(), tables.sin.data_ptr(), last.data_ptr(),
-                               torch.get_num_threads(), seconds)
+                               torch.get_num_threads(), None if seconds is None else ctypes.byref(seconds))
     if rc != 0:
         raise RuntimeError(f"layer loop refused its operands ({rc})")
     if seconds is not None:
-        stages.add("attention", seconds[0])
+        stages.add("attention", seconds.value)
     return x.view(1, t, -1)
