@@ -89,3 +89,36 @@ def test_switched_off_the_loop_leaves_forward_py_its_layers(monkeypatch):
     monkeypatch.setenv("KVLIB_LAYER_LOOP", "0")
     monkeypatch.setattr(layer_loop.KERNEL, "_state", {})
     assert layer_loop.make_plan(lm) is None and layer_loop.status() == "off (KVLIB_LAYER_LOOP=0)"
+
+
+@pytest.mark.parametrize("family, rope", [("llama", "yarn"), ("qwen2", "default")])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 16), (torch.bfloat16, 32)])
+def test_a_batched_decode_step_gives_the_bits_of_forward_py(monkeypatch, family, rope, dtype, head_dim):
+    """Three sequences of different lengths, one new token each: the loop's batch call against
+    decode_batch's own Python layers, hidden states and every cache bit for bit."""
+    from kvlib.engine import forward as fw
+
+    lm = model(family, rope, dtype, head_dim)
+    pasts, ids, positions = [40, 7, 23], [5, 17, 3], [300, 9, 23]
+    taken, results = [], []
+    batch = layer_loop.run_batch
+    for loop_on in (True, False):
+        monkeypatch.setattr(layer_loop, "run_batch",
+                            (lambda *a: taken.append(batch(*a)) or taken[-1]) if loop_on else (lambda *a: None))
+        caches = [filled(lm, past) for past in pasts]
+        logits = fw.decode_batch(lm, ids, positions, caches)
+        results.append((logits, caches))
+    (logits_loop, caches_loop), (logits_py, caches_py) = results
+    assert len(taken) == 1 and taken[0] is not None
+    assert torch.equal(logits_loop, logits_py)
+    for past, c_loop, c_py in zip(pasts, caches_loop, caches_py):
+        assert c_loop.length == c_py.length == past + 1
+        assert torch.equal(c_loop.k[:, :, : past + 1], c_py.k[:, :, : past + 1])
+        assert torch.equal(c_loop.v[:, :, : past + 1], c_py.v[:, :, : past + 1])
+
+
+def test_a_batched_step_without_room_is_left_to_forward_py():
+    lm = model("llama", "default", torch.float32, 16)
+    caches = [filled(lm, 10), filled(lm, 64)]  # the second is full
+    h = embed(lm, torch.tensor([1, 2]))
+    assert layer_loop.run_batch(lm, h, torch.tensor([10, 64]), caches) is None

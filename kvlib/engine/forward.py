@@ -198,10 +198,21 @@ def decode_batch(lm, token_ids: list[int], positions: list[int], caches: list[KV
     """One new token for each of B sequences, each over its own cache: logits [B, V].
 
     The linear layers run on the B tokens together, so each step reads the weights once for
-    all of them (decode is bound by reading weights); attention runs per sequence.
+    all of them (decode is bound by reading weights); attention runs per sequence. Every layer
+    in one C call where layer_loop.c runs (the same kernels: the same bits), here otherwise.
     """
     position_ids = torch.tensor(positions, device=lm.device)
     h = embed(lm, torch.tensor(token_ids))  # [1, B, hidden]: the batch rides on the token axis
+    h_loop = layer_loop.run_batch(lm, h, position_ids, caches)
+    h = _decode_layers(lm, h, position_ids, caches) if h_loop is None else h_loop
+    for cache in caches:
+        check_window(lm, cache.length + 1)
+        cache.commit(cache.length + 1)
+    return head_logits(lm, h)
+
+
+def _decode_layers(lm, h, position_ids, caches: list[KVCache]) -> torch.Tensor:
+    """decode_batch's layers in Python: h [1, B, hidden] through every layer."""
     for index in range(lm.n_layers):
         scale = lm.layers[index].self_attn.scaling
         q, _, k_rot, v = _layer_qkv(lm, index, h, position_ids)
@@ -210,10 +221,7 @@ def decode_batch(lm, token_ids: list[int], positions: list[int], caches: list[KV
             keys, values = cache.write(index, cache.length, k_b, v_b)
             outs.append(one_query(q_b, keys, values, scale))  # what attend runs for one causal token
         h = _layer_out(lm, index, h, torch.cat(outs, dim=2))
-    for cache in caches:
-        check_window(lm, cache.length + 1)
-        cache.commit(cache.length + 1)
-    return head_logits(lm, h)
+    return h
 
 
 def run_layers(lm, h, position_ids, cache: KVCache, mask: Mask, *, layers=None, slots=None,

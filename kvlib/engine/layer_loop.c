@@ -7,7 +7,8 @@
    on a 2-core EPYC: 8.7 ms a forward of SmolLM2's 30 layers). The kernels live in their own
    libraries; this one is handed their addresses (model_t), so it links none of them. Float32 or
    bf16 (elem 4 or 2) activations; attention's float32 output rounded to bf16 as torch's copy does
-   (nearest even) for a bf16 model. */
+   (nearest even) for a bf16 model. kvlib_layers_batch runs a decode step of several sequences, each
+   over its own cache, as forward.decode_batch's Python does: the products on all rows at once. */
 
 #include <stdint.h>
 #include <stdlib.h>
@@ -59,28 +60,57 @@ static void to_bf16(const float *x, int64_t n, uint16_t *out) {
 
 #define AT(p, i) ((char *)(p) + (i) * m->elem)
 
-/* One layer on h [t, hidden] in place (h2 holds the stream between the two halves). */
-static int layer(const model_t *m, const layer_t *w, const cache_t *c, int64_t l, void **buf, int64_t t,
-                 int64_t start, const float *cos_t, const float *sin_t, const int64_t *last, int threads,
-                 double *seconds) {
+/* One layer on h [rows, hidden] in place (h2 holds the stream between the two halves): n_seq sequences of
+   tps new tokens each, row r = i tps + j being sequence i's token j, written into caches[i] at starts[i] + j
+   and seeing the slots up to last[r]. The products run on all rows together (batch-invariant kernels);
+   rotation and attention run per sequence, each on its own cache. */
+static int layer(const model_t *m, const layer_t *w, const cache_t *caches, int64_t n_seq, int64_t tps, int64_t l,
+                 void **buf, const int64_t *starts, const float *cos_t, const float *sin_t, const int64_t *last,
+                 int threads, double *seconds) {
     void *h = buf[0], *x = buf[1], *qkv = buf[2], *q = buf[3], *att = buf[5], *h2 = buf[6], *gu = buf[7], *act = buf[8];
     float *att32 = (float *)buf[4];
-    const int64_t qd = m->n_q * m->d, width = (m->n_q + 2 * m->n_kv) * m->d;
-    char *k = (char *)c->k + l * c->k_ls * m->elem, *v = (char *)c->v + l * c->v_ls * m->elem;
-    int rc = m->norm(h, t, m->hidden, w->ln1, w->eps1, x, threads);
-    rc = rc ? rc : m->linear(x, t, m->hidden, w->qkv, width, w->qkv_bias, NULL, qkv, threads);
-    rc = rc ? rc : m->rope(qkv, t, m->n_q, m->n_kv, m->d, cos_t, sin_t, q, k + start * m->d * m->elem,
-                           v + start * m->d * m->elem, c->k_hs, c->v_hs);
+    const int64_t qd = m->n_q * m->d, width = (m->n_q + 2 * m->n_kv) * m->d, half = m->d / 2, rows = n_seq * tps;
+    int rc = m->norm(h, rows, m->hidden, w->ln1, w->eps1, x, threads);
+    rc = rc ? rc : m->linear(x, rows, m->hidden, w->qkv, width, w->qkv_bias, NULL, qkv, threads);
+    for (int64_t i = 0; i < n_seq && !rc; i++) {
+        const cache_t *c = &caches[i];
+        char *k = (char *)c->k + l * c->k_ls * m->elem, *v = (char *)c->v + l * c->v_ls * m->elem;
+        const int64_t r = i * tps;
+        rc = m->rope(AT(qkv, r * width), tps, m->n_q, m->n_kv, m->d, cos_t + r * half, sin_t + r * half,
+                     AT(q, r * qd), k + starts[i] * m->d * m->elem, v + starts[i] * m->d * m->elem, c->k_hs, c->v_hs);
+    }
     const double t0 = seconds ? now() : 0.0;
-    rc = rc ? rc : m->attend(q, m->d, qd, k, c->k_hs, v, c->v_hs, att32, m->d, qd, m->n_q, m->n_kv, t, last, m->d,
-                             w->scale, threads);
-    if (m->elem == 2) to_bf16(att32, t * qd, (uint16_t *)att);
+    for (int64_t i = 0; i < n_seq && !rc; i++) {
+        const cache_t *c = &caches[i];
+        const int64_t r = i * tps;
+        rc = m->attend(AT(q, r * qd), m->d, qd, (char *)c->k + l * c->k_ls * m->elem, c->k_hs,
+                       (char *)c->v + l * c->v_ls * m->elem, c->v_hs, att32 + r * qd, m->d, qd, m->n_q, m->n_kv, tps,
+                       last + r, m->d, w->scale, threads);
+    }
+    if (m->elem == 2) to_bf16(att32, rows * qd, (uint16_t *)att);
     if (seconds) *seconds += now() - t0;
-    rc = rc ? rc : m->linear(m->elem == 2 ? att : (void *)att32, t, qd, w->o, m->hidden, w->o_bias, h, h2, threads);
-    rc = rc ? rc : m->norm(h2, t, m->hidden, w->ln2, w->eps2, x, threads);
-    rc = rc ? rc : m->linear(x, t, m->hidden, w->gate_up, 2 * m->inter, w->gate_up_bias, NULL, gu, threads);
-    rc = rc ? rc : m->silu(gu, t, m->inter, 2 * m->inter, act, threads);
-    return rc ? rc : m->linear(act, t, m->inter, w->down, m->hidden, w->down_bias, h2, h, threads);
+    rc = rc ? rc : m->linear(m->elem == 2 ? att : (void *)att32, rows, qd, w->o, m->hidden, w->o_bias, h, h2, threads);
+    rc = rc ? rc : m->norm(h2, rows, m->hidden, w->ln2, w->eps2, x, threads);
+    rc = rc ? rc : m->linear(x, rows, m->hidden, w->gate_up, 2 * m->inter, w->gate_up_bias, NULL, gu, threads);
+    rc = rc ? rc : m->silu(gu, rows, m->inter, 2 * m->inter, act, threads);
+    return rc ? rc : m->linear(act, rows, m->inter, w->down, m->hidden, w->down_bias, h2, h, threads);
+}
+
+static int layers_of(const model_t *m, const layer_t *layers, const cache_t *caches, int64_t n_seq, int64_t tps,
+                     void *h, const int64_t *starts, const float *cos_t, const float *sin_t, const int64_t *last,
+                     int threads, double *seconds) {
+    const int64_t rows = n_seq * tps;
+    if (rows <= 0 || (m->elem != 2 && m->elem != 4) || m->d <= 0 || m->n_q % m->n_kv) return -1;
+    const int64_t qd = m->n_q * m->d, width = (m->n_q + 2 * m->n_kv) * m->d;
+    const int64_t sizes[9] = {0, m->hidden, width, qd, 2 * qd /* float32 */, qd, m->hidden, 2 * m->inter, m->inter};
+    void *buf[9] = {h};
+    int rc = 0;
+    for (int i = 1; i < 9 && !rc; i++)
+        if (!(buf[i] = malloc((size_t)(rows * sizes[i] * m->elem) + 64))) rc = -2;
+    for (int64_t l = 0; l < m->n_layers && !rc; l++)
+        rc = layer(m, &layers[l], caches, n_seq, tps, l, buf, starts, cos_t, sin_t, last, threads, seconds);
+    for (int i = 1; i < 9; i++) free(buf[i]);
+    return rc;
 }
 
 /* h [t, hidden]: the new tokens' hidden states entering layer 0, left as they leave the last layer.
@@ -88,15 +118,12 @@ static int layer(const model_t *m, const layer_t *w, const cache_t *c, int64_t l
    positions' tables; seconds (NULL, or added to): the time in attention. */
 int kvlib_layers(const model_t *m, const layer_t *layers, const cache_t *c, void *h, int64_t t, int64_t start,
                  const float *cos_t, const float *sin_t, const int64_t *last, int threads, double *seconds) {
-    if (t <= 0 || (m->elem != 2 && m->elem != 4) || m->d <= 0 || m->n_q % m->n_kv) return -1;
-    const int64_t qd = m->n_q * m->d, width = (m->n_q + 2 * m->n_kv) * m->d;
-    const int64_t sizes[9] = {0, m->hidden, width, qd, 2 * qd /* float32 */, qd, m->hidden, 2 * m->inter, m->inter};
-    void *buf[9] = {h};
-    int rc = 0;
-    for (int i = 1; i < 9 && !rc; i++)
-        if (!(buf[i] = malloc((size_t)(t * sizes[i] * m->elem) + 64))) rc = -2;
-    for (int64_t l = 0; l < m->n_layers && !rc; l++)
-        rc = layer(m, &layers[l], c, l, buf, t, start, cos_t, sin_t, last, threads, seconds);
-    for (int i = 1; i < 9; i++) free(buf[i]);
-    return rc;
+    return layers_of(m, layers, c, 1, t, h, &start, cos_t, sin_t, last, threads, seconds);
+}
+
+/* A decode step of b sequences, one new token each: h [b, hidden] (row i sequence i's token), caches [b],
+   starts [b] (each token's slot, which is also the last slot it sees), cos_t / sin_t [b, d/2]. */
+int kvlib_layers_batch(const model_t *m, const layer_t *layers, const cache_t *caches, void *h, int64_t b,
+                       const int64_t *starts, const float *cos_t, const float *sin_t, int threads, double *seconds) {
+    return layers_of(m, layers, caches, b, 1, h, starts, cos_t, sin_t, starts, threads, seconds);
 }

@@ -17,6 +17,9 @@ Design facts:
   None and forward.py runs the layers itself.
 - The plan (weight addresses, kernels) is made once per model and kept on it; the tensors it
   points at are the model's own packed weights, which live as long as the model.
+- A decode step of several sequences (forward.decode_batch: the server's streams) goes through
+  `run_batch`: the products on all of the step's rows together, rotation and attention per
+  sequence on its own cache, as decode_batch's Python layers do (tests: the same bits).
 - Under the hot-path profile (stages.recording) the C code times attention, added to the
   "attention" stage inside the layers' total.
 """
@@ -54,6 +57,7 @@ class Cache(ctypes.Structure):
 KERNEL = CKernel(Path(__file__).with_name("layer_loop.c"), ("-O2", "-mavx2", "-fPIC", "-shared"), "kvlib_layers",
                  [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int, _PTR], "KVLIB_LAYER_LOOP",
                  {"avx2"})
+_BATCH_ARGS = [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_int, _PTR]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
 
 
@@ -139,6 +143,35 @@ def _attention_takes(lm, t: int, t_past: int) -> bool:
     return (lm.dtype != torch.bfloat16 or bf16_routed) and attn_kernel.takes_shape(lm.dtype, lm.head_dim, t_past + t)
 
 
+def _cache(cache) -> Cache:
+    k, v = cache.k, cache.v
+    return Cache(k=k.data_ptr(), v=v.data_ptr(), k_ls=k.stride(0), v_ls=v.stride(0), k_hs=k.stride(1), v_hs=v.stride(1))
+
+
+def _takes_cache(lm, cache, start: int, t: int) -> bool:
+    """t new tokens at slots start.. of `cache`, behind every slot before, in the loop's layout."""
+    k, v = cache.k, cache.v
+    return (k.dtype == lm.dtype and v.dtype == lm.dtype and k.shape[0] == lm.n_layers and 0 <= start
+            and start + t <= cache.capacity and k.stride() == v.stride() and k.stride()[2:] == (lm.head_dim, 1)
+            and _attention_takes(lm, t, start))
+
+
+def _call(fn, p: Plan, h: torch.Tensor, *args) -> torch.Tensor:
+    """fn(model, layers, ..., h's rows, ..., threads, seconds) on a contiguous copy of h [1, T, hidden],
+    which the kernels write in place and which is returned; attention's time reported to the profile."""
+    t = h.shape[1]
+    x = h.reshape(t, -1).clone(memory_format=torch.contiguous_format)
+    seconds = ctypes.c_double() if stages.active() else None
+    with stages.stage("layers"):
+        rc = fn(ctypes.byref(p.model), p.layers, *args[:1], x.data_ptr(), *args[1:], torch.get_num_threads(),
+                None if seconds is None else ctypes.byref(seconds))
+    if rc != 0:
+        raise RuntimeError(f"layer loop refused its operands ({rc})")
+    if seconds is not None:
+        stages.add("attention", seconds.value)
+    return x.view(1, t, -1)
+
+
 def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int) -> torch.Tensor | None:
     """h [1, T, hidden] (new tokens entering layer 0, at slots start.. of `cache`, causal behind
     every slot before) through every layer: their KV written into the cache, the hidden states
@@ -148,22 +181,27 @@ def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int) -> t
 
     t = h.shape[1]
     p = plan(lm)
-    k, v = cache.k, cache.v
-    if (p is None or h.dim() != 3 or h.dtype != lm.dtype or k.dtype != lm.dtype or v.dtype != lm.dtype
-            or k.shape[0] != lm.n_layers or start < 0 or start + t > cache.capacity or t == 0
-            or k.stride() != v.stride() or k.stride()[2:] != (lm.head_dim, 1) or not _attention_takes(lm, t, start)):
+    if p is None or h.dim() != 3 or h.dtype != lm.dtype or t == 0 or not _takes_cache(lm, cache, start, t):
         return None
-    x = h.reshape(t, -1).clone(memory_format=torch.contiguous_format)  # the kernels write the stream in place
     tables = forward_half_tables(lm.rope, position_ids, lm.device)
-    last = attn_kernel._behind(start, t)
-    c = Cache(k=k.data_ptr(), v=v.data_ptr(), k_ls=k.stride(0), v_ls=v.stride(0), k_hs=k.stride(1), v_hs=v.stride(1))
-    seconds = ctypes.c_double() if stages.active() else None
-    with stages.stage("layers"):
-        rc = KERNEL.function()(ctypes.byref(p.model), p.layers, ctypes.byref(c), x.data_ptr(), t, start,
-                               tables.cos.data_ptr(), tables.sin.data_ptr(), last.data_ptr(),
-                               torch.get_num_threads(), None if seconds is None else ctypes.byref(seconds))
-    if rc != 0:
-        raise RuntimeError(f"layer loop refused its operands ({rc})")
-    if seconds is not None:
-        stages.add("attention", seconds.value)
-    return x.view(1, t, -1)
+    return _call(KERNEL.function(), p, h, ctypes.byref(_cache(cache)), t, start, tables.cos.data_ptr(),
+                 tables.sin.data_ptr(), attn_kernel._behind(start, t).data_ptr())
+
+
+def run_batch(lm, h: torch.Tensor, position_ids: torch.Tensor, caches: list) -> torch.Tensor | None:
+    """A decode step: h [1, B, hidden], row i one new token of the sequence in caches[i], written at
+    its first free slot (caches[i].length) behind every slot before, at position_ids[i]; through
+    every layer as `run` does, the products on the B rows together, rotation and attention per
+    sequence. Returns the hidden states leaving the last layer, or None, having done nothing."""
+    from kvlib.engine.rope import half_tables
+
+    b = len(caches)
+    p = plan(lm)
+    if (p is None or h.dim() != 3 or h.dtype != lm.dtype or b == 0 or h.shape[1] != b
+            or not all(_takes_cache(lm, c, c.length, 1) for c in caches)):
+        return None
+    fn = KERNEL.sibling("kvlib_layers_batch", _BATCH_ARGS)
+    tables = half_tables(lm.rope, position_ids, lm.device)
+    starts = torch.tensor([c.length for c in caches], dtype=torch.int64)
+    return _call(fn, p, h, (Cache * b)(*[_cache(c) for c in caches]), b, starts.data_ptr(),
+                 tables.cos.data_ptr(), tables.sin.data_ptr())

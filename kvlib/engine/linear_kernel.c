@@ -17,18 +17,19 @@
 
 #define RB 96
 
-static void tile(const float *x, int64_t nr, int64_t k, const float *panel, const float *bias, const float *res,
-                 float *y, int64_t n, int64_t cols, const float *next) {
+static inline __attribute__((always_inline)) void tile_n(const float *x, const int nr, int64_t k, const float *panel,
+                                                        const float *bias, const float *res, float *y, int64_t n,
+                                                        int64_t cols, const float *next) {
     const float *row[6];
-    for (int i = 0; i < 6; i++) row[i] = x + (i < nr ? i : 0) * k;
+    for (int i = 0; i < nr; i++) row[i] = x + i * k;
     __m256 acc[6][2];
 #pragma GCC unroll 6
-    for (int i = 0; i < 6; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
+    for (int i = 0; i < nr; i++) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
     for (int64_t c = 0; c < k; c++) {
         if (next) _mm_prefetch((const char *)(next + c * 16), _MM_HINT_T1); /* line c of the next panel */
         const __m256 b0 = _mm256_loadu_ps(panel + c * 16), b1 = _mm256_loadu_ps(panel + c * 16 + 8);
 #pragma GCC unroll 6
-        for (int i = 0; i < 6; i++) {
+        for (int i = 0; i < nr; i++) {
             const __m256 a = _mm256_broadcast_ss(row[i] + c);
             acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
             acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
@@ -36,15 +37,29 @@ static void tile(const float *x, int64_t nr, int64_t k, const float *panel, cons
     }
     float out[6][16];
 #pragma GCC unroll 6
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < nr; i++) {
         _mm256_storeu_ps(out[i], acc[i][0]);
         _mm256_storeu_ps(out[i] + 8, acc[i][1]);
     }
-    for (int64_t i = 0; i < nr; i++)
+    for (int i = 0; i < nr; i++)
         for (int64_t j = 0; j < cols; j++) {
             const float v = bias ? out[i][j] + bias[j] : out[i][j];
             y[i * n + j] = res ? v + res[i * n + j] : v;
         }
+}
+
+/* tile_n with the row count a constant: a lone row (decode, the head's last token) runs a sixth of a full
+   tile's multiply-adds. */
+static void tile(const float *x, int64_t nr, int64_t k, const float *panel, const float *bias, const float *res,
+                 float *y, int64_t n, int64_t cols, const float *next) {
+    switch (nr) {
+    case 6: tile_n(x, 6, k, panel, bias, res, y, n, cols, next); break;
+    case 5: tile_n(x, 5, k, panel, bias, res, y, n, cols, next); break;
+    case 4: tile_n(x, 4, k, panel, bias, res, y, n, cols, next); break;
+    case 3: tile_n(x, 3, k, panel, bias, res, y, n, cols, next); break;
+    case 2: tile_n(x, 2, k, panel, bias, res, y, n, cols, next); break;
+    default: tile_n(x, 1, k, panel, bias, res, y, n, cols, next);
+    }
 }
 
 int kvlib_linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, const float *bias,
