@@ -32,24 +32,23 @@ static inline void finish(__m512 acc, const uint16_t *bias, const uint16_t *res,
 
 #define INLINE static inline __attribute__((always_inline))
 
-/* Rows [0, nr) of x against panels [p0, p0 + np) (nr <= ROWS and np <= PANELS, constants once inlined:
-   a lone row, as a decode step's or the head's for a question's last token, runs a quarter of a full
-   tile's products), fetching `lines` cache lines from pf into L2 as it goes. */
-INLINE void tile_n(const uint16_t *x, const int nr, int64_t k, const uint16_t *panel, const uint16_t *bias,
+/* Rows [0, nr) of x against panels [p0, p0 + np) (np <= PANELS, a constant once inlined), fetching
+   `lines` cache lines from pf into L2 as it goes. */
+INLINE void tile_n(const uint16_t *x, int64_t nr, int64_t k, const uint16_t *panel, const uint16_t *bias,
                    const uint16_t *res, uint16_t *y, int64_t n, int64_t p0, const char *pf, int64_t lines,
                    const int np) {
     const int32_t *row[ROWS];
-    for (int i = 0; i < nr; i++) row[i] = (const int32_t *)(x + i * k);
+    for (int i = 0; i < ROWS; i++) row[i] = (const int32_t *)(x + (i < nr ? i : 0) * k);
     const int64_t pairs = k / 2, stride = pairs * 32; /* uint16 per panel */
     __m512 acc[ROWS][PANELS];
-    for (int i = 0; i < nr; i++)
+    for (int i = 0; i < ROWS; i++)
         for (int j = 0; j < np; j++) acc[i][j] = _mm512_setzero_ps();
     const int64_t per = (lines + pairs - 1) / pairs; /* lines fetched a step */
     for (int64_t c = 0; c < pairs; c++) {
         for (int64_t q = 0; q < per && lines > 0; q++, lines--, pf += 64) _mm_prefetch(pf, _MM_HINT_T1);
         __m512bh b[PANELS];
         for (int j = 0; j < np; j++) b[j] = (__m512bh)_mm512_loadu_si512(panel + j * stride + c * 32);
-        for (int i = 0; i < nr; i++) {
+        for (int i = 0; i < ROWS; i++) {
             const __m512bh a = (__m512bh)_mm512_set1_epi32(row[i][c]);
             for (int j = 0; j < np; j++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], a, b[j]);
         }
@@ -57,27 +56,18 @@ INLINE void tile_n(const uint16_t *x, const int nr, int64_t k, const uint16_t *p
     for (int j = 0; j < np; j++) {
         const int64_t col0 = (p0 + j) * 16, cols = n - col0 < 16 ? n - col0 : 16;
         const __mmask16 mask = (__mmask16)((1u << cols) - 1u);
-        for (int i = 0; i < nr; i++)
+        for (int64_t i = 0; i < nr; i++)
             finish(acc[i][j], bias ? bias + col0 : 0, res ? res + i * n + col0 : 0, y + i * n + col0, mask);
     }
 }
 
-#define TILE(NR, NP) tile_n(x, NR, k, panel, bias, res, y, n, p0, pf, lines, NP)
-#define TILES(NR)                               \
-    switch (np) {                               \
-    case 4: TILE(NR, 4); break;                 \
-    case 3: TILE(NR, 3); break;                 \
-    case 2: TILE(NR, 2); break;                 \
-    default: TILE(NR, 1);                       \
-    }
-
 static void tile(const uint16_t *x, int64_t nr, int64_t k, const uint16_t *panel, int64_t np, const uint16_t *bias,
                  const uint16_t *res, uint16_t *y, int64_t n, int64_t p0, const char *pf, int64_t lines) {
-    switch (nr) {
-    case 4: TILES(4); break;
-    case 3: TILES(3); break;
-    case 2: TILES(2); break;
-    default: TILES(1);
+    switch (np) {
+    case 4: tile_n(x, nr, k, panel, bias, res, y, n, p0, pf, lines, 4); break;
+    case 3: tile_n(x, nr, k, panel, bias, res, y, n, p0, pf, lines, 3); break;
+    case 2: tile_n(x, nr, k, panel, bias, res, y, n, p0, pf, lines, 2); break;
+    default: tile_n(x, nr, k, panel, bias, res, y, n, p0, pf, lines, 1);
     }
 }
 
