@@ -59,9 +59,17 @@ typedef struct {
     uint16_t *qt; /* [d/2][RB x 2] the row block's queries, pairs transposed (dot products) */
 } scratch_t;
 
-/* 2^x for x <= 0 (a score minus its row's maximum, in base 2), 0 below -126 and for -inf. */
+/* 2^x for x <= 0 (a score minus its row's maximum, in base 2), 0 below -126 and for -inf: exp2_avx512's
+   polynomial and rounding, its clamps left out (x never exceeds 126, and below -126 the lane is zeroed) and
+   2^n applied by VSCALEFPS instead of building it in the exponent bits: the same values for every x in
+   [-126, 126] (both scale y exactly by a power of two, correctly rounded), five operations fewer. A NaN
+   score stays NaN (the clamps made it 2^-126). */
 static inline __m512 exp2_neg16(__m512 x) {
-    return _mm512_maskz_mov_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ), exp2_avx512(x));
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);
+    __m512 y = _mm512_set1_ps(EXP2_POLY[0]);
+    for (int i = 1; i < 7; i++) y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(EXP2_POLY[i]));
+    return _mm512_maskz_scalef_ps(~_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ), y, n);
 }
 
 static inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
