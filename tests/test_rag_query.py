@@ -95,6 +95,19 @@ def test_query_compare_json(ingested_home, kvlib_cli):
     assert compare["same_answer"] is True and compare["full"]["answer"] == out["answer"]
 
 
+def test_query_counts_one_use_of_each_chunk_it_served(ingested_home, kvlib_cli):
+    """The use counts (eviction's recency and hits) are written after the answer, not skipped."""
+    home, _ = ingested_home
+
+    def hits(keys):
+        return [json.loads(kvlib_cli("inspect", key, "--home", home, "--json").stdout)["hits"] for key in keys]
+
+    keys = [s["key"] for s in query_json(kvlib_cli, home, corpus_questions(1)[0], "--k", 2)["sources"]]
+    before = hits(keys)
+    assert [s["key"] for s in query_json(kvlib_cli, home, corpus_questions(1)[0], "--k", 2)["sources"]] == keys
+    assert hits(keys) == [n + 1 for n in before]
+
+
 def test_query_ttft_counts_retrieval(ingested_home, kvlib_cli):
     """TTFT runs from the question's arrival: embedding it and searching FAISS are part of it."""
     home, _ = ingested_home

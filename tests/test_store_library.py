@@ -167,6 +167,14 @@ def test_find_many_finds_what_the_tenant_sees_and_counts_no_use_until_touched(li
     assert library.inspect(public, "bob")["hits"] == 1, "one use per chunk per touch"
 
 
+def test_get_many_counts_uses_unless_told_not_to(library):
+    key = put_chunk(library, 33).key
+    library.get_many([key], touch=False)
+    assert library.inspect(key)["hits"] == 0, "a read left uncounted, for its caller to count after its answer"
+    library.get_many([key, key])
+    assert library.inspect(key)["hits"] == 1, "one use per distinct key"
+
+
 def test_truncated_and_missing_blobs_are_problems(library):
     truncated, missing = put_chunk(library, 10).key, put_chunk(library, 11).key
     library.blobs.path_for(truncated).write_bytes(b"\x00" * 5)

@@ -139,11 +139,12 @@ def one_request(engine, library, keys, spec, suffix, profile: bool) -> tuple[flo
     with recording(engine.lm.device) if profile else nullcontext() as parts:
         sync(engine.lm)
         t0 = time.perf_counter()
-        stored = library.get_many(keys)
+        stored = library.get_many(keys, touch=False)
         chunks = [ChunkKV(s.token_ids, s.k_sem, s.v, drift=s.drift_score) for s in stored]
         load = time.perf_counter() - t0
         gen = engine.answer(spec, chunks, suffix_ids=suffix, max_new_tokens=1, t0=t0)
         sync(engine.lm)
+    library.touch(keys)  # the uses counted after the first token, as the server and `kvlib query` count them
     parts = dict(parts or {})
     parts["load"] = load
     return gen.ttft_s, parts

@@ -88,7 +88,7 @@ class ModeRunner:
         """The prompt's chunks as `spec` reads them (library KV, or ids only) and the KV bytes read."""
         if not spec.reads_library:
             return [ChunkKV(as_ids(ids), None, None) for ids in item.chunk_ids], 0
-        stored = self.library.get_many(item.chunk_keys[spec.encoding])
+        stored = self.library.get_many(item.chunk_keys[spec.encoding], touch=False)  # counted after the answer
         chunks = [ChunkKV(s.token_ids, s.k_sem, s.v, self.engine.encoded_at(s.context_id), s.drift_score)
                   for s in stored]
         return chunks, sum(c.k_sem.numel() * c.k_sem.element_size() * 2 for c in chunks)
@@ -111,6 +111,8 @@ class ModeRunner:
                                  max_new_tokens=max(own_answer or 0, self.max_new_tokens), t0=t0, spent={"load": load_s},
                                  extra=self._extra(item) + (own_answer or 0), keep_state=True, calibration=calibration)
         latency = time.perf_counter() - t0
+        if spec.reads_library:
+            self.library.touch(item.chunk_keys[spec.encoding])
         n_ctx = gen.state.n_context
         sample = Sample(ttft=gen.ttft_s, decode_tok_s=gen.decode_tok_s, answer_ids=gen.token_ids[: self.max_new_tokens],
                         parts={k: gen.timings[k] for k in ("load", "compose", "repair", "prefill")},

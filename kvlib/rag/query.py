@@ -62,6 +62,7 @@ class Retrieved:
     chunks: list  # [ChunkKV]
     sources: list  # [{doc, key, score}]
     warnings: list
+    served: list = field(default_factory=list)  # keys read from the library, their use counted after the answer
 
 
 @dataclass
@@ -86,16 +87,17 @@ class QueryRunner:
         return self.index.search(self.embedder.embed_query(question), k, self.tenant)
 
     def load(self, hits, spec: ModeSpec) -> Retrieved:
-        chunks, sources, warnings = [], [], []
+        got = Retrieved([], [], [])
         for hit in hits:
-            chunk, warning = self.load_one(hit, spec)
-            chunks.append(chunk)
-            warnings += [warning] if warning else []
-            sources.append({"doc": hit.doc_path, "key": hit.chunk_key, "score": round(float(hit.score), 4)})
-        return Retrieved(chunks, sources, warnings)
+            chunk, warning = self.load_one(hit, spec, got.served)
+            got.chunks.append(chunk)
+            got.warnings += [warning] if warning else []
+            got.sources.append({"doc": hit.doc_path, "key": hit.chunk_key, "score": round(float(hit.score), 4)})
+        return got
 
-    def load_one(self, hit, spec: ModeSpec):
-        """(ChunkKV, warning). A mode that reads no library gets token ids only."""
+    def load_one(self, hit, spec: ModeSpec, served: list):
+        """(ChunkKV, warning); a key read from the library is added to `served`. A mode that reads no
+        library gets token ids only."""
         if not spec.reads_library:
             return ChunkKV(torch.tensor(self.engine.tokenize(hit.text), dtype=torch.long), None, None), None
         engine, lm, warning = self.engine, self.engine.lm, None
@@ -104,8 +106,9 @@ class QueryRunner:
             tenant=self.tenant, public=hit.owner == PUBLIC, model_fp=lm.fingerprint, context_id=context_id,
             token_ids=engine.tokenize(hit.text))  # the index keys the library's default encoding
         try:
-            stored = self.library.get(key, self.tenant)
+            stored = self.library.get(key, self.tenant, touch=False)
             if stored.model_fp == lm.fingerprint and stored.context_id == context_id:
+                served.append(key)
                 return ChunkKV(stored.token_ids, stored.k_sem, stored.v, engine.encoded_at(context_id),
                                stored.drift_score), None
         except NotFoundError:
@@ -137,6 +140,7 @@ class QueryRunner:
         gen = self.engine.answer(spec, got.chunks, question, max_new_tokens=max_new_tokens, on_token=on_token,
                                  t0=t0, spent={"retrieval": t_ret - t0, "load": t_load - t_ret},
                                  calibration=calibration)
+        self.library.touch(got.served)  # after the answer, off its time to first token
         return Answer(answer=self.engine.decode(gen.token_ids).strip(), spec=spec, ttft_s=gen.ttft_s,
                       timings=gen.timings, sources=got.sources, tokens=gen.tokens, decode_tok_s=gen.decode_tok_s,
                       token_ids=gen.token_ids, warnings=got.warnings, guard=gen.guard)

@@ -301,12 +301,15 @@ class Library:
             self._recent.remember(p.key.hex, staged.checksum, p.kept)
         return PutResult(p.key, True, staged.nbytes)
 
-    def get(self, key: ChunkKey | str, tenant: str = DEFAULT_TENANT) -> StoredChunk:
-        """One chunk, checksum-verified; counts as a use (hits, last_used)."""
-        return self.get_many([key], tenant)[0]
+    def get(self, key: ChunkKey | str, tenant: str = DEFAULT_TENANT, *, touch: bool = True) -> StoredChunk:
+        """One chunk, checksum-verified; counts as a use (hits, last_used) unless touch=False."""
+        return self.get_many([key], tenant, touch=touch)[0]
 
-    def get_many(self, keys: Iterable[ChunkKey | str], tenant: str = DEFAULT_TENANT) -> list[StoredChunk]:
-        """Chunks in the order asked, each checksum-verified; counts one use per distinct key."""
+    def get_many(self, keys: Iterable[ChunkKey | str], tenant: str = DEFAULT_TENANT, *,
+                 touch: bool = True) -> list[StoredChunk]:
+        """Chunks in the order asked, each checksum-verified; counts one use per distinct key, or, with
+        touch=False, none: a caller answering a request counts them after its first token (`touch`), so
+        the use counts' write transaction (~0.8 ms) is not on the time to first token."""
         wanted = [as_key(key) for key in keys]
         rows = self._visible_rows([key.hex for key in wanted], tenant)
         for key in wanted:
@@ -316,7 +319,8 @@ class Library:
         for key in wanted:
             if key.hex not in loaded:
                 loaded[key.hex] = self._load(key, rows[key.hex])
-        self.touch(list(loaded))
+        if touch:
+            self.touch(list(loaded))
         return [loaded[key.hex] for key in wanted]
 
     def find_many(self, keys: Iterable[ChunkKey | str], tenant: str = DEFAULT_TENANT) -> dict[str, StoredChunk]:
