@@ -184,8 +184,9 @@ def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int) -> t
     if p is None or h.dim() != 3 or h.dtype != lm.dtype or t == 0 or not _takes_cache(lm, cache, start, t):
         return None
     tables = forward_half_tables(lm.rope, position_ids, lm.device)
+    last = attn_kernel._behind(start, t)  # held here: the C call runs without the GIL, _behind's cache may move on
     return _call(KERNEL.function(), p, h, ctypes.byref(_cache(cache)), t, start, tables.cos.data_ptr(),
-                 tables.sin.data_ptr(), attn_kernel._behind(start, t).data_ptr())
+                 tables.sin.data_ptr(), last.data_ptr())
 
 
 def run_batch(lm, h: torch.Tensor, position_ids: torch.Tensor, caches: list) -> torch.Tensor | None:
@@ -197,8 +198,8 @@ def run_batch(lm, h: torch.Tensor, position_ids: torch.Tensor, caches: list) -> 
 
     b = len(caches)
     p = plan(lm)
-    if (p is None or h.dim() != 3 or h.dtype != lm.dtype or b == 0 or h.shape[1] != b
-            or not all(_takes_cache(lm, c, c.length, 1) for c in caches)):
+    if (p is None or h.dim() != 3 or h.dtype != lm.dtype or b == 0 or h.shape[:2] != (1, b)
+            or tuple(position_ids.shape) != (b,) or not all(_takes_cache(lm, c, c.length, 1) for c in caches)):
         return None
     fn = KERNEL.sibling("kvlib_layers_batch", _BATCH_ARGS)
     tables = half_tables(lm.rope, position_ids, lm.device)

@@ -24,7 +24,7 @@ import torch
 from kvlib.config import PUBLIC
 from kvlib.engine.compose import ChunkKV
 from kvlib.engine.spec import ModeSpec, parse_mode
-from kvlib.errors import CorruptBlobError, NotFoundError
+from kvlib.errors import CorruptBlobError, ManifestUnavailableError, NotFoundError
 
 if TYPE_CHECKING:
     from kvlib.engine.session import Engine
@@ -140,7 +140,10 @@ class QueryRunner:
         gen = self.engine.answer(spec, got.chunks, question, max_new_tokens=max_new_tokens, on_token=on_token,
                                  t0=t0, spent={"retrieval": t_ret - t0, "load": t_load - t_ret},
                                  calibration=calibration)
-        self.library.touch(got.served)  # after the answer, off its time to first token
+        try:
+            self.library.touch(got.served)  # after the answer, off its time to first token
+        except ManifestUnavailableError as exc:  # a lost use count; the answer stands
+            got.warnings.append(f"use counts not written: {exc}")
         return Answer(answer=self.engine.decode(gen.token_ids).strip(), spec=spec, ttft_s=gen.ttft_s,
                       timings=gen.timings, sources=got.sources, tokens=gen.tokens, decode_tok_s=gen.decode_tok_s,
                       token_ids=gen.token_ids, warnings=got.warnings, guard=gen.guard)
