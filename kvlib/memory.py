@@ -26,12 +26,21 @@ Design facts:
   attention shape per sequence) fit with room. A shape built again costs ~0.9 ms (a [30, 576]
   x [576, 3072] product: 1.3 ms new, 0.44 ms cached), once per forward, for all its layers.
   They are read when oneDNN first runs, so this must precede it.
+- A loaded engine leaves ~400k objects tracked by Python's cycle collector (the model's modules and
+  parameters, the tokenizer, transformers' own tables), and every collection of the older
+  generations walks them all: measured here, 8% of a decode step's profile at 4k slots (gc's own
+  functions). A process that goes on to serve or time requests calls `freeze_loaded` once after
+  loading (as servers do: CPython's gc.freeze): those objects leave the collector's reach for good,
+  and a decode step at 4k took 17.63 -> 16.75 ms (in-process A/B, SmolLM2 in bf16). Objects in
+  cycles that were frozen and die later are never collected; the engine's are the process's own
+  until it exits. KVLIB_GC_FREEZE=0 leaves the collector alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
@@ -70,6 +79,17 @@ def release_free_heap() -> None:
     malloc_trim = _libc_function("malloc_trim")
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+def freeze_loaded() -> bool:
+    """Collect, then move every object the cycle collector tracks into its permanent generation
+    (gc.freeze): for a process that has loaded its engine and will now serve or time requests.
+    True when it froze (not with KVLIB_GC_FREEZE=0)."""
+    if os.environ.get("KVLIB_GC_FREEZE") == "0":
+        return False
+    gc.collect()
+    gc.freeze()
+    return True
 
 
 def _libc_function(name: str):

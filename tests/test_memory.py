@@ -62,3 +62,18 @@ def test_a_cache_capacity_the_user_set_is_kept():
     from kvlib.memory import ONEDNN_CACHE_ENTRIES
 
     assert out.stdout.split() == ["7", str(ONEDNN_CACHE_ENTRIES)]
+
+
+FREEZE = """
+import gc
+from kvlib.memory import freeze_loaded
+held = [[i] for i in range(1000)]  # tracked objects alive at the freeze, as a loaded engine's are
+print(freeze_loaded(), gc.get_freeze_count() >= 1000)
+"""
+
+
+def test_a_loaded_process_leaves_its_objects_out_of_the_collectors_walks():
+    for env, expected in (({}, ["True", "True"]), ({"KVLIB_GC_FREEZE": "0"}, ["False", "False"])):
+        out = subprocess.run([sys.executable, "-c", FREEZE], env={**os.environ, **env}, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.split() == expected, (env, out.stdout)

@@ -13,6 +13,7 @@ from kvlib.cli.common import (
 )
 from kvlib.config import resolve_home
 from kvlib.errors import KvlibError
+from kvlib.memory import freeze_loaded
 
 
 def bench(
@@ -114,6 +115,7 @@ def profile_hot_path(mode: str, repeats: int, out: Path, home: Path, model, dtyp
     try:
         spec = parse_mode(mode)
         engine = Engine.load(model, home, dtype=dtype)
+        freeze_loaded()
         with Library(home / "hot-path-scratch") as library, err_console.status("profiling 1k, 4k, 8k contexts"):
             report = run_hot_path(engine, library, spec=spec, repeats=repeats)
     except KvlibError as exc:
@@ -142,6 +144,7 @@ def against_peer(peer_dir: Path, repeats: int, out: Path, home: Path, model, dty
     try:
         require_paths([peer_dir])
         engine = Engine.load(model, home, dtype=dtype)
+        freeze_loaded()
         with Library(home / "peer-scratch") as library, err_console.status("timing llama.cpp and kvlib in turns"):
             report = run_peer(engine, library, peer_dir, home, rounds=repeats)
     except KvlibError as exc:

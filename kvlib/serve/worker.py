@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvlib.errors import ManifestUnavailableError
+from kvlib.memory import freeze_loaded
 from kvlib.serve.library_link import LibraryLink, library_opener
 from kvlib.serve.pipeline import Pipeline
 from kvlib.serve.settings import Settings
@@ -105,6 +106,7 @@ def build_state(settings: Settings) -> ServerState:
     state = ServerState(settings=settings, engine=engine, link=link, pipeline=pipeline)
     pipeline.open_retrieval = state._retrieval
     warn_without_calibration(pipeline)
+    freeze_loaded()  # the loaded engine out of the cycle collector's walks (kvlib/memory.py)
     return state
 
 
