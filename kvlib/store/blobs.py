@@ -47,6 +47,7 @@ from kvlib.store.mapped import MappedBlobs
 
 FORMAT_VERSION = "1"
 BLOB_SUFFIX = ".safetensors"
+BLOBS_DIR = "blobs"  # the home's blob folder
 TEMP_PREFIX = ".tmp-"
 TEMP_SUFFIX = ".part"
 SUPPORTED_DTYPES = ("float16", "bfloat16")

@@ -37,23 +37,20 @@ from typing import Any, Iterable
 
 import sqlalchemy as sa
 
-from kvlib.config import DEFAULT_TENANT, resolve_local_bytes, resolve_manifest, resolve_store
+from kvlib.config import DEFAULT_TENANT, resolve_manifest, resolve_store
 from kvlib.errors import CorruptBlobError, InputError, NotFoundError
 from kvlib.store import calibrations as calib
 from kvlib.store import documents as docs
 from kvlib.store import reports
-from kvlib.store.blobs import FORMAT_VERSION, BlobStore, checksum_bytes, serialize_blob
+from kvlib.store.blobs import FORMAT_VERSION, checksum_bytes, serialize_blob
 from kvlib.store.capacity import BudgetReport, BudgetWarning, GcReport, collect_garbage, evict_to_budget
 from kvlib.store.keys import ChunkKey, as_key, compute_key, compute_keys, normalize_prefix, pick_unique, prefix_range
 from kvlib.store.manifest import PUBLIC_OWNER, check_tenant, now_iso, open_manifest, tenant_salt, visible_owners
 from kvlib.store.recent import RecentChunks, owned
 from kvlib.store.schema import chunks, models
+from kvlib.store.tiered import SyncReport, open_blobs
 from kvlib.store.validate import check_drift, check_kv, check_text, to_json
 from kvlib.store.writer import BlobWriter, PendingPut, Staged, discard
-
-MANIFEST_NAME = "manifest.sqlite"
-BLOBS_DIR = "blobs"
-
 
 @dataclass(frozen=True)
 class PutResult:
@@ -78,15 +75,6 @@ class StoredChunk:
 def not_found(what: str) -> NotFoundError:
     """The one message for 'absent' and 'not yours', so neither can be told apart."""
     return NotFoundError(f"chunk {what} not found")
-
-
-def open_blobs(home: Path, store: str | None, local_bytes: int | None):
-    """The home's blob folder, or an S3 store with that folder as its bounded local tier."""
-    if store is None:
-        return BlobStore(home / BLOBS_DIR)
-    from kvlib.store.tiered import TieredBlobs
-
-    return TieredBlobs.open(home, store, resolve_local_bytes(local_bytes))
 
 
 def library_exists(home: Path, manifest: str | None = None) -> bool:
@@ -446,8 +434,6 @@ class Library:
 
     def sync(self):
         """Upload the blobs queued while the remote store was unreachable (a no-op without one)."""
-        from kvlib.store.tiered import SyncReport
-
         drain = getattr(self.blobs, "drain_queue", None)
         if drain is None:
             return SyncReport()

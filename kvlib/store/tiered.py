@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from kvlib.config import resolve_local_bytes
 from kvlib.errors import CorruptBlobError, StoreUnavailableError
-from kvlib.store.blobs import BLOB_SUFFIX, BlobStore, StagedBlob, checksum_bytes, checksum_file, fsync_dir
+from kvlib.store.blobs import BLOB_SUFFIX, BLOBS_DIR, BlobStore, StagedBlob, checksum_bytes, checksum_file, fsync_dir
 from kvlib.store.keys import ChunkKey
 from kvlib.store.s3 import RemoteUnavailable, S3Blobs
 
@@ -84,7 +85,7 @@ class TieredBlobs:
     def open(cls, home: Path, store: str, local_bytes: int) -> "TieredBlobs":
         queue = home / QUEUE_DIR
         queue.mkdir(parents=True, exist_ok=True)
-        return cls(BlobStore(home / "blobs"), S3Blobs(store), queue, local_bytes)
+        return cls(BlobStore(home / BLOBS_DIR), S3Blobs(store), queue, local_bytes)
 
     # -- the BlobStore interface ------------------------------------------------
 
@@ -262,6 +263,13 @@ def _touch(path: Path) -> None:
         os.utime(path)  # LRU order of the local tier is mtime order
     except FileNotFoundError:
         pass
+
+
+def open_blobs(home: Path, store: str | None, local_bytes: int | None):
+    """The home's blob folder, or an S3 store with that folder as its bounded local tier."""
+    if store is None:
+        return BlobStore(home / BLOBS_DIR)
+    return TieredBlobs.open(home, store, resolve_local_bytes(local_bytes))
 
 
 def _evict_lru(local: BlobStore, target: int) -> int:
