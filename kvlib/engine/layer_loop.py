@@ -156,14 +156,15 @@ def _takes_cache(lm, cache, start: int, t: int) -> bool:
             and _attention_takes(lm, t, start))
 
 
-def _call(fn, p: Plan, h: torch.Tensor, *args) -> torch.Tensor:
-    """fn(model, layers, ..., h's rows, ..., threads, seconds) on a contiguous copy of h [1, T, hidden],
-    which the kernels write in place and which is returned; attention's time reported to the profile."""
+def _call(fn, p: Plan, h: torch.Tensor, caches, *rest) -> torch.Tensor:
+    """fn(model, layers, caches, h's rows, *rest, threads, seconds) (both entry points' order) on a contiguous
+    copy of h [1, T, hidden], which the kernels write in place and which is returned; attention's time
+    reported to the profile."""
     t = h.shape[1]
     x = h.reshape(t, -1).clone(memory_format=torch.contiguous_format)
     seconds = ctypes.c_double() if stages.active() else None
     with stages.stage("layers"):
-        rc = fn(ctypes.byref(p.model), p.layers, *args[:1], x.data_ptr(), *args[1:], torch.get_num_threads(),
+        rc = fn(ctypes.byref(p.model), p.layers, caches, x.data_ptr(), *rest, torch.get_num_threads(),
                 None if seconds is None else ctypes.byref(seconds))
     if rc != 0:
         raise RuntimeError(f"layer loop refused its operands ({rc})")
