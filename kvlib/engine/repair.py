@@ -233,25 +233,6 @@ def head_deviation(lm, composed: Composed, chunks, window: int = 32) -> tuple[to
 AUTO_TARGET = 0.5  # share of question-weighted drift mass to cover
 
 
-def temperature(t: float):
-    """Attention temperature on chunk keys, with no recompute: each chunk key's deviation from the
-    chunks' mean semantic key (per layer and head) is scaled by 1/t, so a later query's logits on
-    chunk slots spread by 1/t about their common part (t < 1 sharpens what it reads of the chunks)."""
-    from kvlib.engine.rope import apply_rope, unapply_rope
-
-    def repair(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
-        if not composed.spans:
-            return NO_SLOTS
-        cache = composed.cache
-        sem = [(s, n, unapply_rope(cache.k[:, :, s : s + n].float(), torch.arange(s, s + n), lm.rope))
-               for s, n in composed.spans]
-        mean = torch.cat([k for _, _, k in sem], dim=2).mean(dim=2, keepdim=True)
-        for s, n, k in sem:
-            cache.k[:, :, s : s + n] = apply_rope(mean + (k - mean) / t, torch.arange(s, s + n), lm.rope).to(cache.k.dtype)
-        return NO_SLOTS
-    return repair
-
-
 REPAIR_HELP = ("use boundary:K, query:R, a '+'-joined union of those (boundary:8+query:0.05), "
                "blend:R[:LAST] (0 <= LAST <= R <= 1) or auto[:TARGET]")
 
@@ -265,8 +246,6 @@ def parse_repair(name: str):
             ratio, _, last = arg.partition(":")
             if kind == "blend" and 0.0 <= float(last or ratio) <= float(ratio) <= 1.0:
                 return blend(float(ratio), float(last) if last else None)
-            if kind == "temp" and float(arg) > 0:
-                return temperature(float(arg))
             if kind == "auto" and (arg == "" or 0.0 < float(arg) <= 1.0):
                 return auto(float(arg) if arg else AUTO_TARGET)
         return recompute_selected(*(_selector(p) for p in parts))
