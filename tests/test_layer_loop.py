@@ -30,7 +30,7 @@ def filled(lm, past: int, capacity: int = 64) -> KVCache:
     return cache
 
 
-def both_ways(monkeypatch, lm, t: int, past: int):
+def both_ways(monkeypatch, lm, t: int, past: int, out_rows: int | None = None):
     """run_layers for t new tokens behind `past` random slots, through the loop and through forward.py's
     own layers: (hidden states, cache) each, and how many calls the loop took."""
     ids, positions = random_ids(t, seed=t), torch.arange(200 + past, 200 + past + t)
@@ -41,7 +41,7 @@ def both_ways(monkeypatch, lm, t: int, past: int):
         if not loop_on:
             monkeypatch.setattr(layer_loop, "run", lambda *a: None)
         cache = filled(lm, past)
-        out = run_layers(lm, embed(lm, ids), positions, cache, Mask.causal(t, past))
+        out = run_layers(lm, embed(lm, ids), positions, cache, Mask.causal(t, past), out_rows=out_rows)
         results.append((out.h, cache))
     return results, sum(x is not None for x in taken)
 
@@ -56,6 +56,40 @@ def test_the_loop_gives_the_bits_of_forward_py(monkeypatch, family, rope, dtype,
     assert torch.equal(h_loop, h_py)
     assert torch.equal(c_loop.k[:, :, : past + t], c_py.k[:, :, : past + t])
     assert torch.equal(c_loop.v[:, :, : past + t], c_py.v[:, :, : past + t])
+
+
+@pytest.mark.parametrize("family, rope", [("llama", "default"), ("qwen2", "default")])
+@pytest.mark.parametrize("dtype, head_dim", [(torch.float32, 16), (torch.bfloat16, 32)])
+@pytest.mark.parametrize("out_rows", [0, 1, 4])
+def test_only_the_rows_asked_for_leave_the_last_layer(monkeypatch, family, rope, dtype, head_dim, out_rows):
+    """out_rows: the loop and forward.py's layers give the same bits; every token's KV is written
+    exactly as without it (only the last layer's attention and MLP of the other rows are left out),
+    and the rows kept are those of the whole run, up to the attention's order of sums."""
+    lm = model(family, rope, dtype, head_dim)
+    t, past = 13, 40
+    ((h_loop, c_loop), (h_py, c_py)), taken = both_ways(monkeypatch, lm, t, past, out_rows)
+    ((h_all, c_all), _), _ = both_ways(monkeypatch, lm, t, past)
+    assert taken == 1
+    assert h_loop.shape == h_py.shape == (1, out_rows, lm.config_summary["hidden_size"])
+    assert torch.equal(h_loop, h_py)
+    for cache in (c_loop, c_py):
+        assert torch.equal(cache.k[:, :, : past + t], c_all.k[:, :, : past + t])
+        assert torch.equal(cache.v[:, :, : past + t], c_all.v[:, :, : past + t])
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(h_loop.float(), h_all[:, t - out_rows:].float(), atol=tol, rtol=tol)
+
+
+def test_forward_runs_the_last_layer_for_the_logits_it_returns():
+    """logits="last" equals the last row of logits="all" (up to the attention's order of sums), and
+    both leave the same cache."""
+    lm = model("llama", "default", torch.float32, 16)
+    ids = random_ids(9, seed=3)
+    caches = [filled(lm, 20), filled(lm, 20)]
+    last = forward(lm, ids, torch.arange(20, 29), caches[0], logits="last").logits
+    every = forward(lm, ids, torch.arange(20, 29), caches[1], logits="all").logits
+    assert last.shape == (1, every.shape[1])
+    torch.testing.assert_close(last, every[-1:], atol=1e-5, rtol=1e-5)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
 
 
 def test_the_loop_leaves_bf16_prompts_behind_a_short_past_to_forward_py(monkeypatch):

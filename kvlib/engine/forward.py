@@ -178,15 +178,22 @@ def gated(act_fn, gate_up: torch.Tensor, intermediate: int) -> torch.Tensor:
     return act_fn(gate) * up
 
 
-def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots, want_probs: bool):
+def run_layer(lm, index: int, h, position_ids, cache: KVCache, mask: Mask, slots, want_probs: bool,
+              keep: int | None = None):
     """One decoder layer on new tokens h: [1, T, hidden], their KV written at `slots`
     (an int: contiguous from that slot; a tensor: scattered, attending over every filled slot).
+    keep: carry only the last `keep` tokens past writing their KV (run_layers' out_rows).
 
     Returns (h_out, k_sem [Hkv, T, D], v [Hkv, T, D], probs or None).
     """
     layer = lm.layers[index]
     with stage("layers"):
         q, k_sem, v, keys, values = _qkv_into_cache(lm, index, h, position_ids, cache, slots)
+        t = h.shape[1]
+        if keep is not None and keep < t:
+            if keep == 0:
+                return h[:, t:], k_sem[0], v[0], None
+            q, h, mask = q[:, :, t - keep:], h[:, t - keep:], Mask.causal(keep, mask.t_past + t - keep)
         with stage("attention"):
             out, probs = attend(q, keys, values, mask, layer.self_attn.scaling, want_probs)
         h = _layer_out(lm, index, h, out)
@@ -225,22 +232,34 @@ def _decode_layers(lm, h, position_ids, caches: list[KVCache]) -> torch.Tensor:
 
 
 def run_layers(lm, h, position_ids, cache: KVCache, mask: Mask, *, layers=None, slots=None,
-               want_probs=(), keep_kv: bool = False) -> LayersOut:
+               want_probs=(), keep_kv: bool = False, out_rows: int | None = None) -> LayersOut:
     """Run new tokens' hidden states h ([1, T, hidden], entering layers[0]) through `layers`
     (default: all). Their KV goes to the slots after the filled ones, or to `slots` (a tensor
-    of filled slots, rewritten in place). The cache's length is left as it was."""
+    of filled slots, rewritten in place). The cache's length is left as it was.
+
+    out_rows: the hidden states wanted of only the last `out_rows` tokens (1: the last token's
+    logits; 0: none, the KV alone). The last layer then runs attention, output product and MLP
+    for those rows only, once every token's KV is written (1/L of a prefill's work saved, as
+    llama.cpp does for the outputs it is not asked for); `h` holds those rows. Only under a causal
+    mask at contiguous slots for out_rows >= 1, and not where the last layer's probabilities are
+    asked for; elsewhere every row runs."""
     every = layers is None or list(layers) == list(range(lm.n_layers))
     layers = range(lm.n_layers) if layers is None else layers
     where = cache.length if slots is None else slots.to(lm.device)
     position_ids = position_ids.to(lm.device)
+    t = h.shape[1]
+    trim = out_rows is not None and out_rows < t and layers[-1] not in want_probs and (
+        out_rows == 0 or (slots is None and mask.kind == "causal"))
+    keep = out_rows if trim else None
     if every and slots is None and mask.kind == "causal" and mask.t_past == cache.length and not want_probs \
             and not keep_kv:
-        h_out = layer_loop.run(lm, h, position_ids, cache, where)
+        h_out = layer_loop.run(lm, h, position_ids, cache, where, keep)
         if h_out is not None:  # the same kernels in one C call (layer_loop.py)
             return LayersOut(h=h_out)
     out = LayersOut(h=h)
     for i in layers:
-        out.h, k_sem, v, p = run_layer(lm, i, out.h, position_ids, cache, mask, where, i in want_probs)
+        out.h, k_sem, v, p = run_layer(lm, i, out.h, position_ids, cache, mask, where, i in want_probs,
+                                       keep if i == layers[-1] else None)
         if keep_kv:
             out.k_sem.append(k_sem)
             out.v.append(v)
@@ -315,7 +334,8 @@ def forward(lm, input_ids, position_ids, cache: KVCache, *, logits: str = "last"
     start = cache.length
     check_window(lm, start + t)
     mask = Mask.causal(t, start) if mask is None else mask
-    out = run_layers(lm, embed(lm, input_ids), position_ids, cache, mask, want_probs=attn_layers, keep_kv=keep_kv)
+    out = run_layers(lm, embed(lm, input_ids), position_ids, cache, mask, want_probs=attn_layers, keep_kv=keep_kv,
+                     out_rows={"all": None, "last": 1, "none": 0}.get(logits))
     cache.commit(start + t)
     out_logits = None
     if logits != "none":

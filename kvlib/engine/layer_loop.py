@@ -55,7 +55,7 @@ class Cache(ctypes.Structure):
 
 
 KERNEL = CKernel(Path(__file__).with_name("layer_loop.c"), ("-O2", "-mavx2", "-fPIC", "-shared"), "kvlib_layers",
-                 [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, ctypes.c_int, _PTR], "KVLIB_LAYER_LOOP",
+                 [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_int, _PTR], "KVLIB_LAYER_LOOP",
                  {"avx2"})
 _BATCH_ARGS = [_PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, ctypes.c_int, _PTR]
 SUFFIX = {torch.float32: "f32", torch.bfloat16: "bf16"}
@@ -173,11 +173,13 @@ def _call(fn, p: Plan, h: torch.Tensor, caches, *rest) -> torch.Tensor:
     return x.view(1, t, -1)
 
 
-def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int) -> torch.Tensor | None:
+def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int,
+        keep: int | None = None) -> torch.Tensor | None:
     """h [1, T, hidden] (new tokens entering layer 0, at slots start.. of `cache`, causal behind
     every slot before) through every layer: their KV written into the cache, the hidden states
-    leaving the last layer returned; None, having done nothing, where layer_loop.c does not run
-    (module docstring)."""
+    of the last `keep` tokens (default all) leaving the last layer returned ([1, keep, hidden]: the
+    others' last layer stops once their K/V are written); None, having done nothing, where
+    layer_loop.c does not run (module docstring)."""
     from kvlib.engine.rope import forward_half_tables
 
     t = h.shape[1]
@@ -186,8 +188,10 @@ def run(lm, h: torch.Tensor, position_ids: torch.Tensor, cache, start: int) -> t
         return None
     tables = forward_half_tables(lm.rope, position_ids, lm.device)
     last = attn_kernel._behind(start, t)  # held here: the C call runs without the GIL, _behind's cache may move on
-    return _call(KERNEL.function(), p, h, ctypes.byref(_cache(cache)), t, start, tables.cos.data_ptr(),
-                 tables.sin.data_ptr(), last.data_ptr())
+    keep = t if keep is None else keep
+    out = _call(KERNEL.function(), p, h, ctypes.byref(_cache(cache)), t, start, tables.cos.data_ptr(),
+                tables.sin.data_ptr(), last.data_ptr(), keep)
+    return out[:, t - keep:]
 
 
 def run_batch(lm, h: torch.Tensor, position_ids: torch.Tensor, caches: list) -> torch.Tensor | None:
