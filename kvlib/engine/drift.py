@@ -50,7 +50,8 @@ def layers_behind(lm, past_k_rot, past_v, ids, n_layers: int = DRIFT_LAYERS, mas
     cache.append(past_k_rot, past_v)
     pos = torch.arange(p, p + ids.shape[0]) if positions is None else positions
     mask = Mask.causal(ids.shape[0], p) if mask is None else mask
-    out = run_layers(lm, embed(lm, ids), pos, cache, mask, layers=range(n_layers), keep_kv=True)
+    # out_rows=0: only the KV is read, so the last layer stops once it is written
+    out = run_layers(lm, embed(lm, ids), pos, cache, mask, layers=range(n_layers), keep_kv=True, out_rows=0)
     return torch.stack(out.k_sem), torch.stack(out.v)
 
 
