@@ -182,7 +182,8 @@ static void key_scores(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk) 
 
 static void values(const attn16_t *a, scratch_t *w, int64_t rp, int64_t nk, int64_t ps, int64_t rs, float *o) {
     const int64_t d = a->d, pairs = (nk + 31) / 32 * 16; /* the probabilities are zero up to 32 keys */
-    for (int64_t g = 0; g < rp; g += 4) {
+    const int64_t rows = w->live < rp ? w->live : rp; /* padding rows past the last 4 real ones: never read */
+    for (int64_t g = 0; g < rows; g += 4) {
         int64_t c = 0;
         for (; c + 64 <= d; c += 64) values_tile(w, d, g, c, 4, pairs, ps, rs, o);
         if (c < d) values_tile(w, d, g, c, 2, pairs, ps, rs, o); /* d is a multiple of 32 */
