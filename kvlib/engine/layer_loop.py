@@ -20,6 +20,9 @@ Design facts:
 - A decode step of several sequences (forward.decode_batch: the server's streams) goes through
   `run_batch`: the products on all of the step's rows together, rotation and attention per
   sequence on its own cache, as decode_batch's Python layers do (tests: the same bits).
+- `run(..., keep=n)` (forward's logits="last" / "none"): the last layer writes every token's K/V, then
+  runs attention, the output product and the MLP for the last n rows only (forward.run_layers' out_rows,
+  which its Python layers do the same way: the same bits).
 - Under the hot-path profile (stages.recording) the C code times attention, added to the
   "attention" stage inside the layers' total.
 """
