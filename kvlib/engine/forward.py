@@ -248,7 +248,7 @@ def run_layers(lm, h, position_ids, cache: KVCache, mask: Mask, *, layers=None, 
     where = cache.length if slots is None else slots.to(lm.device)
     position_ids = position_ids.to(lm.device)
     t = h.shape[1]
-    trim = out_rows is not None and out_rows < t and layers[-1] not in want_probs and (
+    trim = out_rows is not None and out_rows < t and len(layers) > 0 and layers[-1] not in want_probs and (
         out_rows == 0 or (slots is None and mask.kind == "causal"))
     keep = out_rows if trim else None
     if every and slots is None and mask.kind == "causal" and mask.t_past == cache.length and not want_probs \
