@@ -29,7 +29,7 @@ def setup(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("repair", ["blend:1.0", "blend:1.0:1.0", "boundary:64", "boundary:2+query:1.0"])
+@pytest.mark.parametrize("repair", ["blend:1.0", "blend:1.0:1.0", "boundary:64", "boundary:2+query:1.0", "chunks:2"])
 def test_full_strength_repair_equals_full(family, repair):
     lm, ctx, chunks, q = setup(family)
     ref = logits_for(lm, ctx, chunks, q, "full")
@@ -73,8 +73,8 @@ def test_narrowing_blend_carries_fewer_tokens_deeper():
     assert 0 < rewritten["blend:0.6:0.1"] < rewritten["blend:0.6"]
 
 
-@pytest.mark.parametrize("bad", ["blend", "blend:x", "blend:0.2:0.5", "blend:0.5:x", "boundary:", "sideways:3", "blend:0.5+query:0.1",
-                                 "boundary:-1", "query:2"])
+@pytest.mark.parametrize("bad", ["blend", "blend:x", "blend:0.2:0.5", "blend:0.5:x", "boundary:", "sideways:3",
+                                 "blend:0.5+query:0.1", "boundary:-1", "query:2", "chunks:-1", "chunks:x"])
 def test_unknown_repair_is_refused(bad):
     from kvlib.errors import InputError
 
@@ -88,6 +88,23 @@ def test_query_and_auto_at_full_budget_equal_full(repair):
     lm, ctx, chunks, q = setup("qwen3")
     ref = logits_for(lm, ctx, chunks, q, "full")
     torch.testing.assert_close(logits_for(lm, ctx, chunks, q, "rerope", repair), ref, **TOL)
+
+
+def test_chunks_recomputes_the_whole_chunks_the_question_reads_most():
+    """chunks:N: all the tokens of N chunks (never the exact first one), picked by the question's layer-1
+    attention summed over each chunk; chunks:0 is rerope bit for bit."""
+    from kvlib.engine.repair import question_attention
+
+    lm, ctx, chunks, q = setup("llama")
+    composed = compose(lm, ctx, chunks, "rerope")
+    mass = question_attention(lm, composed.cache, q)
+    later = composed.spans[1:]  # the first chunk sits right behind E: exact
+    by_mass = sorted(range(len(later)), key=lambda i: -float(mass[later[i][0]: later[i][0] + later[i][1]].sum()))
+    slots = parse_repair("chunks:1")(lm, composed, chunks, q)
+    s, n = later[by_mass[0]]
+    assert torch.equal(slots, torch.arange(s, s + n))
+    torch.testing.assert_close(logits_for(lm, ctx, chunks, q, "rerope", "chunks:0"),
+                               logits_for(lm, ctx, chunks, q, "rerope"), atol=0, rtol=0)
 
 
 def test_auto_spends_less_than_everything_at_its_default_target():

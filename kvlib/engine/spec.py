@@ -2,7 +2,7 @@
 
 Design facts:
 - Grammar: `BASE[+ENCODING][+REPAIR]`, where BASE is full, prefix, naive or rerope;
-  ENCODING is sink, lead or bare; REPAIR is one of repair.py's (boundary:K, query:R, a
+  ENCODING is sink, lead or bare; REPAIR is one of repair.py's (boundary:K, query:R, chunks:N, a
   '+'-joined union of those, blend:R[:LAST], auto[:TARGET]). Every command that takes a mode
   (query, bench, doctor, serve) resolves it here, so a name means the same everywhere.
 - The encoding is always explicit once resolved, and it says which library chunks a mode
@@ -31,8 +31,8 @@ DEFAULT_ENCODING = "sink"
 ALL_MODES = ("full", "prefix", "naive", "rerope", "naive+bare", "rerope+bare", "rerope+lead",
              "rerope+boundary:16", "rerope+lead+boundary:16", "rerope+blend:0.15", "rerope+auto")
 MODE_HELP = ("a mode is BASE[+ENCODING][+REPAIR]: BASE full, prefix, naive or rerope; ENCODING sink (default), "
-             "lead or bare; REPAIR boundary:K, query:R, blend:R[:LAST], auto[:TARGET], a union like boundary:8+query:0.05, "
-             "or guard:B (rerope only: bound each request's KL to full by B)")
+             "lead or bare; REPAIR boundary:K, query:R, chunks:N, blend:R[:LAST], auto[:TARGET], "
+             "a union like boundary:8+query:0.05, or guard:B (rerope only: bound each request's KL to full by B)")
 GUARD = "guard"
 
 
