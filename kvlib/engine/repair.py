@@ -78,9 +78,18 @@ def layer1_deviation(lm, cache, ids, slots):
     return dev, finish
 
 
-def chunk_slots(composed: Composed, skip_first: bool) -> torch.Tensor:
-    spans = composed.spans[1:] if skip_first else composed.spans
+def span_slots(spans) -> torch.Tensor:
+    """Every slot of the (slot, n_tokens) spans, in their order."""
     return torch.cat([torch.arange(s, s + n) for s, n in spans] or [NO_SLOTS])
+
+
+def live_spans(composed: Composed, skip_first: bool) -> list:
+    """The chunks' spans, without the first where it is exact (first_chunk_exact)."""
+    return composed.spans[1:] if skip_first else composed.spans
+
+
+def chunk_slots(composed: Composed, skip_first: bool) -> torch.Tensor:
+    return span_slots(live_spans(composed, skip_first))
 
 
 def first_chunk_exact(composed: Composed, chunks) -> bool:
@@ -127,14 +136,13 @@ def chunk_slots_by_attention(n: int):
     """The whole chunks (all their tokens) the question attends to most at layer 1 over the cached KV,
     n of them (an exact first chunk never: it saw its real context)."""
     def select(lm, composed: Composed, chunks, suffix_ids) -> torch.Tensor:
-        skip = first_chunk_exact(composed, chunks)
-        spans = composed.spans[1:] if skip else composed.spans
+        spans = live_spans(composed, first_chunk_exact(composed, chunks))
         if n <= 0 or not spans:
             return NO_SLOTS
         mass = question_attention(lm, composed.cache, suffix_ids)
         per_chunk = torch.stack([mass[s : s + k].sum() for s, k in spans])
         top = per_chunk.topk(min(n, len(spans))).indices.tolist()
-        return torch.cat([torch.arange(spans[i][0], spans[i][0] + spans[i][1]) for i in sorted(top)])
+        return span_slots(spans[i] for i in sorted(top))
     return select
 
 
