@@ -17,8 +17,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvlib.bench.calibrate import REPORT_BUDGETS, read_rows, row_arrays, row_features, split_parts  # noqa: E402
+from kvlib.bench.calibrate import REPORT_BUDGETS, read_rows, row_arrays, split_parts  # noqa: E402
 from kvlib.engine.calibration import evaluate, fit_calibration  # noqa: E402
+from kvlib.engine.guard import FEATURES  # noqa: E402
 
 
 def main() -> None:
@@ -32,12 +33,11 @@ def main() -> None:
     for key in ("ladder", "fingerprint", "target"):
         if dev.get(key, "gold") != test.get(key, "gold"):
             sys.exit(f"the two files differ in {key}: {dev.get(key)} against {test.get(key)}")
-    features = row_features(dev["rows"] + test["rows"])  # those both files measured
-    x, kl, _ = row_arrays(dev["rows"], features)
+    x, kl, _ = row_arrays(dev["rows"])
     fit, cal, _ = split_parts(len(x), 0.0, args.seed)
-    calib = fit_calibration(x, kl, fit, cal, features=features, rungs=tuple(dev["ladder"]),
+    calib = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=tuple(dev["ladder"]),
                             confidence=args.confidence, model_fp="", model_name="", encoding="")
-    tx, tkl, tttft = row_arrays(test["rows"], features)
+    tx, tkl, tttft = row_arrays(test["rows"])
     check = evaluate(calib, tx, tkl, REPORT_BUDGETS, tttft)
     print(f"fit {len(fit)} / calibrate {len(cal)} on {args.dev}; checked on {len(tx)} requests of {args.test} "
           f"(target {test.get('target', 'gold')}, confidence {args.confidence})")

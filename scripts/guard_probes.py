@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvlib.engine.guard import LADDER, LEGACY_LADDER  # noqa: E402
+from kvlib.engine.guard import FEATURES, LADDER, LEGACY_LADDER  # noqa: E402
 
 PROBES = ("entropy", "max_p", "kl_naive", "kl_reversed", "kl_blend05", "kl_boundary4")
 
@@ -80,15 +80,12 @@ def measure(data: str, home: Path, out: Path, limit: int | None) -> None:
 def analyze(path: Path) -> None:
     from kvlib.engine.calibration import column_moments, fit_ridge, log_kl
 
-    from kvlib.bench.calibrate import row_features
-
     measured = json.loads(path.read_text())
     rows, ladder = measured["rows"], measured.get("ladder", LEGACY_LADDER)
-    features = row_features(rows)  # the probes of session 16 predate the guard's answer features
     y = log_kl([r["kl"] for r in rows])
 
     def column(name):
-        if name in features:
+        if name in FEATURES:
             return np.array([np.nan if r["features"][name] is None else r["features"][name] for r in rows], float)
         x = np.array([r["probes"][name] for r in rows], float)
         return np.log(x + 1e-4) if name.startswith("kl_") else x
@@ -100,13 +97,13 @@ def analyze(path: Path) -> None:
                                            for k in ("rerope", "naive", "reversed", "blend05", "boundary4")})
     print("\ncorrelation with log KL (kl_* probes in log)")
     print(f"{'':16s}" + "".join(f"{(r or 'rerope'):>13s}" for r in ladder))
-    for name in (*features, *PROBES):
+    for name in (*FEATURES, *PROBES):
         x = column(name)
         ok = ~np.isnan(x)
         print(f"{name:16s}" + "".join(f"{np.corrcoef(x[ok], y[ok, i])[0, 1]:13.2f}" for i in range(len(ladder))))
     print(f"\n{'std of log KL':28s}", np.round(y.std(0), 3).tolist())
-    for label, names in (("guard features", features), ("features + cheap probes", (*features, *PROBES[:4])),
-                         ("features + all probes", (*features, *PROBES))):
+    for label, names in (("guard features", FEATURES), ("features + cheap probes", (*FEATURES, *PROBES[:4])),
+                         ("features + all probes", (*FEATURES, *PROBES))):
         x = np.stack([column(n) for n in names], axis=1)
         center, scale = column_moments(x)
         z = np.nan_to_num((x - center) / scale)

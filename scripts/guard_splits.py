@@ -20,8 +20,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvlib.bench.calibrate import REPORT_BUDGETS, read_rows, row_arrays, row_features, split_parts  # noqa: E402
+from kvlib.bench.calibrate import REPORT_BUDGETS, read_rows, row_arrays, split_parts  # noqa: E402
 from kvlib.engine.calibration import evaluate, fit_calibration  # noqa: E402
+from kvlib.engine.guard import FEATURES  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     per_budget: dict = {format(b, "g"): [] for b in REPORT_BUDGETS}
     for seed in range(args.splits):
         fit, cal, test = split_parts(len(rows), args.holdout, seed)
-        calib = fit_calibration(x, kl, fit, cal, features=row_features(rows), rungs=ladder, confidence=args.confidence,
+        calib = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=ladder, confidence=args.confidence,
                                 model_fp="", model_name="", encoding="")
         for b, g in evaluate(calib, x[test], kl[test], REPORT_BUDGETS, ttft[test])["budgets"].items():
             per_budget[b].append((g["within_budget"], g["without_full"], g["mean_ttft_vs_full"]))

@@ -263,32 +263,6 @@ def test_measuring_features_changes_no_cached_kv(tiny_guard):
     assert all(torch.equal(a, b) for a, b in zip(before, after)), "the guard's measurement wrote into the cache"
 
 
-def test_answer_features_are_the_rerope_answers_first_token(tiny_guard):
-    """The guard's answer features describe the distribution rerope itself answers with."""
-    engine, _ = tiny_guard
-    for seed in (600, 601):
-        chunks, suffix = tiny_request(engine, seed)
-        features = engine.guard_features(chunks, suffix)
-        logp = torch.log_softmax(answer(engine, parse_mode("rerope"), chunks, suffix).first_logits.float().flatten(), -1)
-        entropy, top = float(-(logp.exp() * logp).sum()), float(logp.max().exp())
-        assert features["answer_entropy"] == pytest.approx(entropy, rel=1e-3, abs=1e-4), (features, entropy)
-        assert features["answer_top_p"] == pytest.approx(top, rel=1e-3), (features, top)
-        assert 0 < features["answer_top_p"] <= 1 and features["answer_entropy"] >= 0
-
-
-def test_rows_without_answer_features_fit_on_the_features_they_have(tiny_guard):
-    """Rows measured before the answer features (session 29) still refit: on the features every row has."""
-    from kvlib.bench.calibrate import row_arrays, row_features
-    from kvlib.engine.guard import ANSWER_FEATURES
-
-    new = {"features": {f: 1.0 for f in FEATURES}, "kl": [0.1], "ttft_s": [0.1, 1.0]}
-    old = {"features": {f: 2.0 for f in FEATURES if f not in ANSWER_FEATURES}, "kl": [0.2], "ttft_s": [0.1, 1.0]}
-    assert row_features([new]) == FEATURES
-    assert row_features([new, old]) == tuple(f for f in FEATURES if f not in ANSWER_FEATURES)
-    x, kl, _ = row_arrays([new, old])
-    assert x.shape == (2, len(FEATURES) - len(ANSWER_FEATURES)) and kl.shape == (2, 1)
-
-
 def test_guard_without_calibration_is_an_error(tiny_guard):
     engine, calib = tiny_guard
     chunks, suffix = tiny_request(engine, 500)

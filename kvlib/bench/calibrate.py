@@ -138,13 +138,13 @@ def run_calibrate(*, data: str, home: Path, model=None, dtype=None, limit=None, 
 def row_log(path: Path | None, lm, *, data: str, **settings) -> RowLog | None:
     """The log of a run's measured rows, its identity what the rows' numbers depend on."""
     from kvlib import __version__
-    from kvlib.engine.guard import FEATURES, LADDER
+    from kvlib.engine.guard import LADDER
 
     if path is None:
         return None
     identity = {"kvlib": __version__, "model": lm.name, "fingerprint": lm.fingerprint,
                 "dtype": str(lm.dtype).replace("torch.", ""), "data": str(Path(data).resolve()), "ladder": list(LADDER),
-                "features": list(FEATURES), **settings}
+                **settings}
     if settings.get("target") == "full":
         identity["target_tokens"] = TARGET_TOKENS
     return RowLog(path, identity)
@@ -169,19 +169,11 @@ def load_targeted(data: str, *, limit, ctxs, seed: int, target: str, option: str
         raise
 
 
-def row_features(rows: list[dict]) -> tuple:
-    """The guard's FEATURES every row measured, in order: rows measured before session 29 lack the
-    ANSWER_FEATURES, and fit (and their calibration predicts) without them."""
+def row_arrays(rows: list[dict]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Measured rows as arrays: features [N, F] (a missing one NaN), KL per rung [N, R], TTFT per rung and full [N, R+1]."""
     from kvlib.engine.guard import FEATURES
 
-    return tuple(f for f in FEATURES if all(f in (r.get("features") or {}) for r in rows))
-
-
-def row_arrays(rows: list[dict], features: tuple | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Measured rows as arrays: features [N, F] (default: row_features; a missing one NaN), KL per rung
-    [N, R], TTFT per rung and full [N, R+1]."""
-    features = row_features(rows) if features is None else features
-    x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in features] for r in rows],
+    x = np.array([[np.nan if r["features"][f] is None else r["features"][f] for f in FEATURES] for r in rows],
                  dtype=float)
     return x, np.array([r["kl"] for r in rows], dtype=float), np.array([r["ttft_s"] for r in rows], dtype=float)
 
@@ -191,10 +183,11 @@ def fit_and_store(library, lm, rows: list[dict], *, ladder, holdout: float, conf
     """Fit on the fitting part, calibrate on the calibration part, check on the held-back part, store.
     rows: measured on `ladder` (each row's kl per rung, ttft_s per rung and full)."""
     from kvlib.engine.calibration import METHOD, evaluate, fit_calibration
+    from kvlib.engine.guard import FEATURES
 
     x, kl, ttft = row_arrays(rows)
     fit, cal, test = split_parts(len(rows), holdout, seed)
-    calibration = fit_calibration(x, kl, fit, cal, features=row_features(rows), rungs=tuple(ladder), confidence=confidence,
+    calibration = fit_calibration(x, kl, fit, cal, features=FEATURES, rungs=tuple(ladder), confidence=confidence,
                                   model_fp=lm.fingerprint, model_name=lm.name, encoding=encoding)
     check = evaluate(calibration, x[test], kl[test], REPORT_BUDGETS, ttft[test]) if len(test) else None
     report = {"model": lm.name, "fingerprint": lm.fingerprint, "encoding": encoding, "data": data, "ctxs": ctxs,
@@ -237,7 +230,7 @@ def run_refit(*, rows_file: Path, home: Path, model=None, dtype=None, holdout: f
 def read_rows(path: Path) -> dict:
     """An earlier calibrate.json, checked for what a refit needs; its `ladder` is the rungs its
     rows were measured on (guard.LEGACY_LADDER for files written before it was recorded)."""
-    from kvlib.engine.guard import ANSWER_FEATURES, FEATURES, LEGACY_LADDER
+    from kvlib.engine.guard import FEATURES, LEGACY_LADDER
 
     try:
         obj = json.loads(Path(path).read_text())
@@ -249,7 +242,7 @@ def read_rows(path: Path) -> dict:
     ladder = obj.get("ladder", list(LEGACY_LADDER)) if isinstance(obj, dict) else []
     if not rows or obj.get("encoding") not in ENCODINGS or not isinstance(ladder, list) or any(
             not isinstance(r, dict) or len(r.get("kl", ())) != len(ladder) or len(r.get("ttft_s", ())) != len(ladder) + 1
-            or set(FEATURES) - set(ANSWER_FEATURES) - set(r.get("features") or {}) for r in rows):
+            or set(FEATURES) - set(r.get("features") or {}) for r in rows):
         raise InputError(f"{path} has no measured rows of this ladder and these features: "
                          "write it with `kvlib calibrate --out DIR` first")
     return {**obj, "ladder": ladder}

@@ -13,12 +13,10 @@ Design facts:
   on it, jumped from blend:0.3 at 0.42x full's TTFT straight to full).
 - Before answering, the engine composes the request as rerope and measures FEATURES, all
   cheap: what the library stored (the chunks' ingest drift scores), the prompt's shape
-  (number of chunks, their lengths, where they sit in the context), what `auto`
+  (number of chunks, their lengths, where they sit in the context), and what `auto`
   measures at layer 1 (repair.head_deviation, read-only), also weighted by the question's
-  layer-1 attention (repair.question_attention, run in free slots), and how sure the rerope
-  composition is of its first answer token (answer_features: one forward of the question in
-  free slots, about rerope's own prefill). None of it changes the composed cache, so the
-  rerope rung answers exactly as `rerope` would.
+  layer-1 attention (repair.question_attention, run in free slots). None of it changes the
+  composed cache, so the rerope rung answers exactly as `rerope` would.
 - The calibration (calibration.py) turns features into a bound per rung, risk-controlled
   for this B at its stated confidence; the first rung whose bound is < B answers. If none
   is, the rerope composition is dropped and the request is composed as `full`: B = 0 is
@@ -37,8 +35,7 @@ import torch
 
 from kvlib.engine.calibration import Calibration
 from kvlib.engine.compose import Composed
-from kvlib.engine.forward import head_logits
-from kvlib.engine.repair import head_deviation, question_attention, suffix_in_free_slots
+from kvlib.engine.repair import head_deviation, question_attention
 from kvlib.engine.spec import ModeSpec
 from kvlib.errors import CalibrationMissingError
 
@@ -48,10 +45,8 @@ LADDER = ("", "boundary:16", "blend:0.15", "blend:0.2", "blend:0.25", "blend:0.4
 LEGACY_LADDER = ("", "boundary:16", "blend:0.15", "blend:0.3")  # the ladder of calibrate.json files without "ladder"
 FULL_RUNG = "full"
 HEAD_WINDOW = 32  # head tokens measured per chunk, as auto's candidates
-# the first-token distribution of the rerope composition (session 29): its entropy and top probability
-ANSWER_FEATURES = ("answer_entropy", "answer_top_p")
 FEATURES = ("n_chunks", "log_context", "log_mean_chunk", "log_min_chunk", "drift_max", "drift_mean",
-            "mean_offset", "head_dev", "head_dev_max", "q_head_dev", "q_chunk_share") + ANSWER_FEATURES
+            "mean_offset", "head_dev", "head_dev_max", "q_head_dev", "q_chunk_share")
 
 
 def rung_name(repair: str) -> str:
@@ -123,21 +118,7 @@ def measure_features(lm, composed: Composed, chunks, suffix_ids) -> dict:
         out["q_chunk_share"] = float(mass[first:].sum() / mass.sum().clamp_min(1e-12))
     else:
         out["q_head_dev"], out["q_chunk_share"] = 0.0, 0.0
-    out.update(answer_features(lm, composed.cache, suffix_ids))
     return out
-
-
-def answer_features(lm, cache, suffix_ids) -> dict:
-    """ANSWER_FEATURES: how sure the rerope composition is of its first answer token. A request on a
-    knife edge (high entropy) moves with any perturbation of the context, a confident one rarely
-    (on Qwen's 40 dev questions the entropy's correlation with log KL to full was 0.43-0.54 per rung,
-    the best of any feature: docs/guard.md). The question runs through every layer in the free slots
-    after the context, which the cache does not count as filled: nothing of it stays."""
-    if not len(suffix_ids):
-        return {"answer_entropy": math.nan, "answer_top_p": math.nan}
-    h = suffix_in_free_slots(lm, cache, suffix_ids, out_rows=1).h
-    logp = torch.log_softmax(head_logits(lm, h[:, -1:])[-1], -1)
-    return {"answer_entropy": float(-(logp.exp() * logp).sum()), "answer_top_p": float(logp.max().exp())}
 
 
 def choose_rung(lm, calibration: Calibration, spec: ModeSpec, composed: Composed, chunks, suffix_ids,

@@ -113,16 +113,11 @@ def question_attention(lm, cache, suffix_ids, n_layers: int = 2) -> torch.Tensor
     The suffix runs through the first n_layers only, in the free slots after the context,
     which the cache does not count as filled: nothing of it stays.
     """
-    out = suffix_in_free_slots(lm, cache, suffix_ids, layers=range(n_layers), want_probs={n_layers - 1})
-    return out.probs[n_layers - 1][:, :, :cache.length].sum(dim=(0, 1))  # over heads and question tokens
-
-
-def suffix_in_free_slots(lm, cache, suffix_ids, **kwargs):
-    """run_layers of the question after the context, its KV in the free slots past the filled
-    ones (the cache's length is left as it was, so nothing of it stays); kwargs go to run_layers."""
     n_ctx, ids = cache.length, torch.as_tensor(list(suffix_ids), dtype=torch.long)
     pos = torch.arange(n_ctx, n_ctx + ids.shape[0], device=lm.device)
-    return run_layers(lm, embed(lm, ids), pos, cache, Mask.causal(ids.shape[0], n_ctx), **kwargs)
+    out = run_layers(lm, embed(lm, ids), pos, cache, Mask.causal(ids.shape[0], n_ctx), layers=range(n_layers),
+                     want_probs={n_layers - 1})
+    return out.probs[n_layers - 1][:, :, :n_ctx].sum(dim=(0, 1))  # over heads and question tokens
 
 
 def query_slots(ratio: float):
