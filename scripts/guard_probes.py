@@ -1,6 +1,8 @@
 """Can the answer itself predict a request's KL to full? An experiment for the guard (docs/guard.md).
 
-    python scripts/guard_probes.py measure DATA HOME OUT.json [--limit N]   # the model runs: ~20 s a request
+    python scripts/guard_probes.py measure DATA HOME OUT.json [--limit N] [--model M] [--rows calibrate.json]
+                                                                             # the model runs: ~20 s a request
+                                                                             # (with --rows, the probes only)
     python scripts/guard_probes.py analyze OUT.json                          # numpy only
 
 `measure` takes each record as `kvlib calibrate` does (the same rows: guard features, KL to full and
@@ -33,7 +35,8 @@ from kvlib.engine.guard import FEATURES, LADDER, LEGACY_LADDER  # noqa: E402
 PROBES = ("entropy", "max_p", "kl_naive", "kl_reversed", "kl_blend05", "kl_boundary4")
 
 
-def measure(data: str, home: Path, out: Path, limit: int | None) -> None:
+def measure(data: str, home: Path, out: Path, limit: int | None, model: str | None = None,
+            rows_file: Path | None = None) -> None:
     import torch
 
     from kvlib.bench.calibrate import measure_request
@@ -43,8 +46,14 @@ def measure(data: str, home: Path, out: Path, limit: int | None) -> None:
     from kvlib.engine.spec import parse_mode
     from kvlib.rag.stack import open_stack
 
-    stack = open_stack(home)
+    stack = open_stack(home, model=model)
     engine = stack.engine
+    measured = {}  # --rows: an earlier calibrate.json's rows, by record (only the probes are measured)
+    if rows_file is not None:
+        earlier = json.loads(rows_file.read_text())
+        if earlier["fingerprint"] != engine.lm.fingerprint or list(earlier["ladder"]) != list(LADDER):
+            sys.exit(f"{rows_file} was measured on another model or ladder")
+        measured = {r["record"]: r for r in earlier["rows"]}
     records = load_records(data, limit=limit, seed=0).records
     rungs = [rung_spec("sink", r) for r in LADDER]
     config = BenchConfig(modes=rungs, orders=["given"], seed=0, max_new_tokens=1, chunk_tokens=512, data=data)
@@ -60,7 +69,7 @@ def measure(data: str, home: Path, out: Path, limit: int | None) -> None:
 
     rows = []
     for item in items:
-        row = measure_request(runner, item, rungs)
+        row = measured.get(item.record_id) or measure_request(runner, item, rungs)
         chunks, _ = runner.modes.load_chunks(item, rungs[0])
         base, seconds = first(rungs[0], chunks, item.suffix_ids)
         probes = {"entropy": float(-(base.exp() * base).sum()), "max_p": float(base.exp().max()), "t_rerope": seconds}
@@ -118,11 +127,13 @@ def main() -> None:
     m.add_argument("home", type=Path)
     m.add_argument("out", type=Path)
     m.add_argument("--limit", type=int)
+    m.add_argument("--model", help="a model name or path (default: kvlib's)")
+    m.add_argument("--rows", type=Path, help="a calibrate.json of these records: measure the probes only")
     a = sub.add_parser("analyze")
     a.add_argument("rows", type=Path)
     args = ap.parse_args()
     if args.cmd == "measure":
-        measure(args.data, args.home, args.out, args.limit)
+        measure(args.data, args.home, args.out, args.limit, args.model, args.rows)
     else:
         analyze(args.rows)
 
