@@ -1,4 +1,4 @@
-"""What a guard could cost on one calibrate.json, with perfect or one-feature foresight (numpy only, no model).
+"""What a guard could cost on one calibrate.json, with perfect or one-feature foresight (no model run).
 
     python scripts/guard_frontier.py results/guard-qwen/session29-calibrate/calibrate.json [--feature q_chunk_share]
 
@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kvlib.bench.calibrate import read_rows  # noqa: E402
+from kvlib.bench.calibrate import read_rows, row_arrays  # noqa: E402
 
 BUDGETS = (0.1, 0.2)
 
@@ -66,8 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     measured = read_rows(args.rows)
     rows, ladder = measured["rows"], measured["ladder"]
-    kl = np.array([r["kl"] for r in rows], dtype=float)
-    ttft = np.array([r["ttft_s"] for r in rows], dtype=float)
+    _, kl, ttft = row_arrays(rows)
     full = ttft[:, -1].mean()
     print(f"{args.rows}: {len(rows)} requests")
     print("| rung | mean TTFT vs full | KL <= 0.1 | KL <= 0.2 | mean KL |\n|---|---:|---:|---:|---:|")

@@ -39,7 +39,7 @@ def measure(data: str, home: Path, out: Path, limit: int | None, model: str | No
             rows_file: Path | None = None) -> None:
     import torch
 
-    from kvlib.bench.calibrate import measure_request
+    from kvlib.bench.calibrate import measure_request, read_rows
     from kvlib.bench.data import load_records
     from kvlib.bench.runner import BenchConfig, BenchRunner
     from kvlib.engine.guard import rung_spec
@@ -50,7 +50,7 @@ def measure(data: str, home: Path, out: Path, limit: int | None, model: str | No
     engine = stack.engine
     measured = {}  # --rows: an earlier calibrate.json's rows, by record (only the probes are measured)
     if rows_file is not None:
-        earlier = json.loads(rows_file.read_text())
+        earlier = read_rows(rows_file)  # the checks a refit makes of a calibrate.json
         if earlier["fingerprint"] != engine.lm.fingerprint or list(earlier["ladder"]) != list(LADDER):
             sys.exit(f"{rows_file} was measured on another model or ladder")
         measured = {r["record"]: r for r in earlier["rows"]}

@@ -1,4 +1,4 @@
-"""scripts/guard_frontier.py: the bounds it prints are what its definitions say (numpy only)."""
+"""scripts/guard_frontier.py: the bounds it prints are what its definitions say (no model run)."""
 
 import importlib.util
 from pathlib import Path
