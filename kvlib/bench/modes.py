@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvlib.bench.prefix_cache import PrefixCache
+from kvlib.engine.prefix_cache import PrefixCache
 from kvlib.engine.compose import ChunkKV, PrefixHit, as_ids
 from kvlib.engine.spec import ModeSpec
 

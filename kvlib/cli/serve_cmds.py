@@ -41,6 +41,7 @@ def serve(
     manifest_retry: Annotated[float, typer.Option("--manifest-retry", min=0.1, help="Seconds between tries of an unreachable manifest (answers are full recompute meanwhile).")] = 5.0,
     sync_interval: Annotated[float, typer.Option("--sync-interval", min=0, help="Seconds between background uploads of the queue a store outage left (0: off).")] = 30.0,
     recent_mb: Annotated[float, typer.Option("--recent-mb", min=0, help="MiB of just-stored KV kept in memory, so a conversation's next turn does not re-read it (0: off).")] = 64.0,
+    prefix_cache_mb: Annotated[float, typer.Option("--prefix-cache-mb", min=0, help="MiB of answered requests' KV kept per server, so a conversation's next turn opens with its history's KV (exact prefix caching, per tenant; 0: off).")] = 256.0,
 ) -> None:
     """Serve the OpenAI chat completions API on the library (see docs/serve.md)."""
     from kvlib.serve.pipeline import MISS_POLICIES
@@ -57,7 +58,8 @@ def serve(
                             misses=misses, max_queue=max_queue, allow_anonymous=allow_anonymous,
                             max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens,
                             store=store, manifest=manifest, local_bytes=local_bytes, manifest_retry_s=manifest_retry,
-                            sync_interval_s=sync_interval, recent_bytes=int(recent_mb * (1 << 20)))
+                            sync_interval_s=sync_interval, recent_bytes=int(recent_mb * (1 << 20)),
+                            prefix_bytes=int(prefix_cache_mb * (1 << 20)))
         serve_spec(settings.spec)  # a typo fails before the model loads
         warn_without_keys(settings)
         err_console.print(f"kvlib serve: loading the model, then listening on http://{host}:{port}/v1", highlight=False)

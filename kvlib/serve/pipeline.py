@@ -20,6 +20,9 @@ Design facts:
   Either way stored KV is encoded on its own behind E, so it never depends on who sent the
   text first, what came before it, or which other segments shared its forward. Private to
   the sending tenant; a read-only caller (anonymous) stores nothing.
+- A conversation's next turn opens with the KV its earlier turn left (prefix_hits.py): the
+  tenant's longest kept prefix, then the library for the segments after it. Kept after each
+  rerope answer (not full, naive, a guard, or a read-only caller), in `finish`.
 - The library is reached through the server's LibraryLink. While its manifest is unreachable
   (the link is degraded, or a lookup fails on it) a request is answered by full recompute,
   under the `full` spec, with `"degraded": true` and the reason in its `kvlib` object; nothing
@@ -65,14 +68,17 @@ class Completion:
 
 
 class Pipeline:
-    def __init__(self, engine, link, *, spec: str, index=None, embedder=None, misses: str = "isolated"):
+    def __init__(self, engine, link, *, spec: str, index=None, embedder=None, misses: str = "isolated",
+                 prefix_bytes: int = 0):
         from kvlib.engine.spec import parse_mode
+        from kvlib.serve.prefix_hits import PrefixHits
 
         if misses not in MISS_POLICIES:
             raise InputError(f"unknown miss policy {misses!r}; choose one of {', '.join(MISS_POLICIES)}")
         self.engine, self.link, self.spec, self.misses = engine, link, spec, misses  # link: library_link.LibraryLink
         self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
         self.full_recompute = parse_mode(FULL_RECOMPUTE)
+        self.prefix_hits = PrefixHits(engine.lm, prefix_bytes)  # a conversation's earlier turns (prefix_hits.py)
         self.calibrations: dict = {}  # encoding -> the guard's Calibration, once the library has one
         self.index, self.embedder = index, embedder  # for the retrieve extension
         self.pending: list = []  # (tenant, segment ids) to store when the engine is idle
@@ -145,14 +151,15 @@ class Pipeline:
             segmented = self.segment(messages)
         ids, segments = segmented.ids, segmented.segments
         t_seg = time.perf_counter()
-        layout, spec, degraded = self.lay_out(tenant, ids, segments, spec)
+        keeps = may_store and self.prefix_hits.enabled and spec.base == "rerope" and spec.guard is None
+        layout, spec, degraded = self.lay_out(tenant, ids, segments, spec, prefix=keeps)
         t_lookup = time.perf_counter()
         encoded = self.encode_misses(layout) if self.misses == "isolated" else []
         t_encode = time.perf_counter()
         pending = Pending(decoder=TextStream(self, stop, on_text), layout=layout, n_prompt=len(ids),
                           max_tokens=max_tokens, tenant=tenant, may_store=may_store and degraded is None,
                           spec=spec, degraded=degraded, segmented_before_s=segmented.seconds if ahead else 0.0,
-                          encoded=encoded)
+                          encoded=encoded, prompt_ids=ids if keeps and degraded is None else None)
         pending.answering = self.engine.begin(
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
@@ -180,9 +187,10 @@ class Pipeline:
         except ManifestUnavailableError as exc:  # a lost use count; the answer is already under way
             self.link.failed(exc)
 
-    def lay_out(self, tenant: str, ids: list, segments: list, spec):
-        """(layout, spec, degraded reason or None): the server's spec over the library, or full
-        recompute when the manifest is unreachable (the link is down, or this lookup failed)."""
+    def lay_out(self, tenant: str, ids: list, segments: list, spec, prefix: bool = False):
+        """(layout, spec, degraded reason or None): the server's spec over the library (opening with
+        the tenant's longest kept prefix, when `prefix`), or full recompute when the manifest is
+        unreachable (the link is down, or this lookup failed)."""
         from kvlib.serve.prompt_layout import lay_out
 
         reason = self.link.reason
@@ -190,7 +198,10 @@ class Pipeline:
             library = self.link.usable()
             if library is not None:
                 try:
-                    return lay_out(self.engine, library, tenant, ids, segments, reuse=True), spec, None
+                    floor = self.engine.context.n_tokens
+                    opening = self.prefix_hits.opening(tenant, ids, segments, floor) if prefix else None
+                    return lay_out(self.engine, library, tenant, ids, segments, reuse=True,
+                                   opening=opening), spec, None
                 except ManifestUnavailableError as exc:
                     self.link.failed(exc)
                     reason = str(exc)
@@ -249,6 +260,9 @@ class Pipeline:
     def finish(self, pending: "Pending") -> Completion:
         if pending.may_store:
             self.pending.extend((pending.tenant, ids) for ids in pending.layout.to_store)
+        if pending.prompt_ids is not None:  # before release: the answer's KV, for the conversation's next turn
+            stream = pending.answering.stream
+            self.prefix_hits.keep(pending.tenant, pending.prompt_ids, stream.tokens, stream.composed.cache)
         gen = pending.answering.finish()
         pending.release()
         done = self.completion(gen, pending.decoder, pending.tokens, pending.layout,
@@ -266,7 +280,7 @@ class Pipeline:
             decoder.flush()
         finish = "stop" if gen.stopped or decoder.stopped else "cancelled" if gen.cancelled else "length"
         fates = list(layout.fates)
-        chunk_fates = [f for f in fates if f["kind"] not in ("context", "suffix")]
+        chunk_fates = [f for f in fates if f["kind"] not in ("context", "prefix", "suffix")]
         for fate, n in zip(chunk_fates, gen.chunk_recomputed):
             if n:
                 fate.update(fate="recomputed" if fate["fate"] == "hit" else fate["fate"], recomputed_tokens=n)
@@ -402,6 +416,7 @@ class Pending:
     degraded: str | None = None  # why the manifest was unreachable, when it was
     segmented_before_s: float = 0.0  # seconds the prompt's segmentation took before it was queued
     encoded: list = field(default_factory=list)  # (ids, KV) of new documents to store (after_first_token)
+    prompt_ids: list | None = None  # the prompt's ids when its KV is kept for a next turn (prefix_hits.py)
     answering: object = None  # session.Answering
     tokens: list = field(default_factory=list)
 

@@ -14,6 +14,8 @@ Design facts:
 - A block after a header on the same line starts with a spaced first token (' Text'), the same
   block behind a blank line (or stored from POST /v1/documents) with 'Text': when the exact ids
   miss, the other spacing is looked up too, and a hit serves all tokens after the first word.
+- A prompt that opens with ids the server's prefix cache holds (prefix_hits.py: a conversation's
+  earlier turn) opens with their KV instead of E's, and only the segments after it are laid out.
 - Misses of useful length are stored later, each encoded on its own behind E (canonical
   isolation): stored KV never depends on who sent the text first or what came before it.
 """
@@ -101,16 +103,20 @@ class Lookup:
             self.served = []
 
 
-def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: bool) -> Layout:
-    """The prompt's pieces for Engine.begin; with reuse False the library is not touched (may be None)."""
+def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: bool, opening=None) -> Layout:
+    """The prompt's pieces for Engine.begin; with reuse False the library is not touched (may be None).
+    opening: the prompt's first ids with their KV from the prefix cache (prefix_hits.py), or None."""
     e_ids = [int(t) for t in engine.context.token_ids]
     opens_with_e = ids[: len(e_ids)] == e_ids
-    context = engine.context if opens_with_e else engine.bare
+    context = opening if opening is not None else engine.context if opens_with_e else engine.bare
+    opened = context.n_tokens
     last = max((i for i, s in enumerate(segments) if s.reusable), default=-1)
     body_end = segments[last].end if last >= 0 else 0
-    body = split_at([s for s in segments if s.end <= body_end], len(e_ids) if opens_with_e else 0)
-    out = Layout(context=context, chunks=[], suffix=ids[max(body_end, len(e_ids) if opens_with_e else 0):])
-    if opens_with_e:  # without reuse (full recompute) E is prefilled with the rest
+    body = split_at([s for s in segments if s.end <= body_end], opened)
+    out = Layout(context=context, chunks=[], suffix=ids[max(body_end, opened):])
+    if opening is not None:
+        out.fates.append({"kind": "prefix", "tokens": opened, "fate": "hit"})
+    elif opens_with_e:  # without reuse (full recompute) E is prefilled with the rest
         out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit" if reuse else "computed"})
     found = Lookup(library, engine, tenant) if reuse else None
     out.lookup = found

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvlib.errors import InputError
 
-SERVE_BASES = ("rerope", "naive", "full")  # prefix caching is the serving engines' job, not kvlib's
+SERVE_BASES = ("rerope", "naive", "full")  # a rerope server also keeps conversations' prefixes (prefix_hits.py)
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class Settings:
     manifest_retry_s: float = 5.0  # while degraded, how often the manifest is tried again
     sync_interval_s: float = 30.0  # how often the upload queue is retried in the background (0: never)
     recent_bytes: int = 64 << 20  # just-stored KV kept in memory for the next turn's read (store/recent.py)
+    prefix_bytes: int = 256 << 20  # answered conversations' KV kept for their next turns (serve/prefix_hits.py)
 
     @property
     def spec(self) -> str:

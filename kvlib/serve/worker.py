@@ -102,7 +102,7 @@ def build_state(settings: Settings) -> ServerState:
     home.mkdir(parents=True, exist_ok=True)
     engine = Engine.load(settings.model, home, dtype=settings.dtype)
     link = LibraryLink(library_opener(settings), retry_s=settings.manifest_retry_s).start()
-    pipeline = Pipeline(engine, link, spec=settings.spec, misses=settings.misses)
+    pipeline = Pipeline(engine, link, spec=settings.spec, misses=settings.misses, prefix_bytes=settings.prefix_bytes)
     state = ServerState(settings=settings, engine=engine, link=link, pipeline=pipeline)
     pipeline.open_retrieval = state._retrieval
     warn_without_calibration(pipeline)

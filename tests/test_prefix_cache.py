@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvlib.bench.prefix_cache import PrefixCache, hash_blocks
+from kvlib.engine.prefix_cache import PrefixCache, hash_blocks
 
 # Disjoint id ranges so that no two segments share a token by accident.
 HEADER = list(range(1000, 1020))  # 20 tokens: system header
@@ -76,7 +76,7 @@ def test_chained_hash_depends_on_the_prefix():
 
 def test_hashes_are_stable_across_processes():
     # Python's hash() would differ between these two runs; sha/blake2 must not.
-    code = "from kvlib.bench.prefix_cache import hash_blocks; print(hash_blocks(list(range(40)))[1].hex())"
+    code = "from kvlib.engine.prefix_cache import hash_blocks; print(hash_blocks(list(range(40)))[1].hex())"
     outs = {
         subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, check=True,
@@ -117,3 +117,24 @@ def test_existing_block_keeps_its_payload_and_bad_payload_count_fails():
         cache.insert(list(range(9)), ["only one"])
     cache.clear()
     assert len(cache) == 0 and cache.stats().lookups == 0
+
+
+def test_namespaces_never_share_a_chain():
+    """The server's tenants: one LRU, and the same ids under another namespace never match."""
+    cache = PrefixCache(block_size=16)
+    prompt = HEADER + CHUNK_A + QUESTION
+    cache.insert(prompt, [i for i in range(len(prompt) // 16)], namespace="alice")
+    assert cache.match(prompt, namespace="alice").n_tokens == 64
+    assert cache.match(prompt, namespace="bob").n_tokens == 0
+    assert cache.match(prompt).n_tokens == 0, "no namespace is a namespace of its own"
+    assert hash_blocks(prompt, 16, "s") == hash_blocks(prompt, 16, "s", ""), "without one, the hashes of before"
+
+
+def test_lazy_payloads_are_made_only_for_new_blocks():
+    cache = PrefixCache(block_size=16)
+    made = []
+    cache.insert(HEADER + CHUNK_A, lambda i: made.append(i) or i)  # 60 tokens: 3 blocks
+    assert made == [0, 1, 2]
+    made.clear()
+    assert cache.insert(HEADER + CHUNK_A + CHUNK_B, lambda i: made.append(i) or i) == 3  # 97: 6 blocks
+    assert made == [3, 4, 5], "blocks already cached are not made again"

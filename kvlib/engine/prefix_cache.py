@@ -11,7 +11,9 @@ Design facts:
   reordered. Python's `hash()` is not used: it is salted per process and not
   collision-resistant.
 - The root hash is derived from `salt` (e.g. the model fingerprint), so caches for
-  different models can never share a block.
+  different models can never share a block, and from a call's `namespace` (the server's
+  tenant): one LRU holds every tenant's blocks, and no chain of one tenant's ever matches
+  another's, whatever the text.
 - Payloads are opaque (the runner stores one block's KV tensors); this module never
   looks inside them.
 - Eviction is LRU over blocks, leaves first: when a chain is used, its blocks are
@@ -25,7 +27,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 _HASH_BYTES = 16  # 128-bit blake2b: collisions are not a practical concern at cache sizes
 
@@ -46,11 +48,12 @@ class CacheStats:
     block_hit_rate: float  # hit_tokens / cacheable_tokens
 
 
-def hash_blocks(token_ids: Sequence[int], block_size: int = 16, salt: str = "") -> list[bytes]:
+def hash_blocks(token_ids: Sequence[int], block_size: int = 16, salt: str = "", namespace: str = "") -> list[bytes]:
     """Chained hashes of every full block of `token_ids`, first block first."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    parent = hashlib.blake2b(salt.encode(), digest_size=_HASH_BYTES, person=b"kvlib-prefix").digest()
+    root = salt if not namespace else f"{salt}\x00{namespace}"  # no namespace: the hashes of before
+    parent = hashlib.blake2b(root.encode(), digest_size=_HASH_BYTES, person=b"kvlib-prefix").digest()
     hashes = []
     for start in range(0, len(token_ids) - block_size + 1, block_size):
         block = token_ids[start : start + block_size]
@@ -79,14 +82,14 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
-    def match(self, token_ids: Sequence[int], max_tokens: int | None = None) -> PrefixMatch:
+    def match(self, token_ids: Sequence[int], max_tokens: int | None = None, namespace: str = "") -> PrefixMatch:
         """Longest prefix of `token_ids` made of whole cached blocks; counts towards stats.
 
         `max_tokens` caps the hit. A runner that needs the last prompt position's logits
         passes `len(token_ids) - 1`, as vLLM does, so at least one token is computed.
         """
         limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
-        hashes = hash_blocks(token_ids[:limit], self.block_size, self.salt)
+        hashes = hash_blocks(token_ids[:limit], self.block_size, self.salt, namespace)
         matched: list[bytes] = []
         for h in hashes:
             if h not in self._blocks:
@@ -100,22 +103,27 @@ class PrefixCache:
         self._cacheable_tokens += len(token_ids) // self.block_size * self.block_size
         return PrefixMatch(n_tokens=n_tokens, payloads=[self._blocks[h] for h in matched])
 
-    def insert(self, token_ids: Sequence[int], payloads: Sequence[Any]) -> int:
+    def insert(self, token_ids: Sequence[int], payloads: Sequence[Any] | Callable[[int], Any],
+               namespace: str = "") -> int:
         """Cache one payload per full block of `token_ids`; returns how many blocks were new.
 
         A block already cached keeps its payload: equal hashes mean equal prefixes, so
-        the KV is the same. Does not count towards stats.
+        the KV is the same. `payloads` may be a function of the block's index, called only
+        for blocks not cached yet (so a caller copies out only new blocks' KV). Does not
+        count towards stats.
         """
-        hashes = hash_blocks(token_ids, self.block_size, self.salt)
+        hashes = hash_blocks(token_ids, self.block_size, self.salt, namespace)
+        if callable(payloads):
+            payloads = _Lazy(payloads, len(hashes))
         if len(payloads) != len(hashes):
             raise ValueError(
                 f"{len(token_ids)} tokens make {len(hashes)} full blocks of {self.block_size}, "
                 f"but {len(payloads)} payloads were given"
             )
         new = 0
-        for h, payload in zip(hashes, payloads):
+        for i, h in enumerate(hashes):
             if h not in self._blocks:
-                self._blocks[h] = payload
+                self._blocks[h] = payloads[i]
                 new += 1
         self._touch(hashes)
         self._evict()
@@ -144,3 +152,16 @@ class PrefixCache:
     def _evict(self) -> None:
         while self.max_blocks is not None and len(self._blocks) > self.max_blocks:
             self._blocks.popitem(last=False)
+
+
+class _Lazy:
+    """Payloads made on demand: payload i is make(i)."""
+
+    def __init__(self, make: Callable[[int], Any], n: int):
+        self.make, self.n = make, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return self.make(i)
