@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The server load benchmark of the README ("The server under load"): a --mode full server on a cold home,
-# then a reuse server (the default spec) on another cold home, each driven by `kvlib loadgen` at
+# a --mode prefix server (exact prefix caching alone, as serving engines do) and a reuse server (the
+# default spec, with its prefix cache), each on another cold home, each driven by `kvlib loadgen` at
 # concurrency 1/4/8/16, with peak resident memory from GNU time. Run it alone on the machine.
 #   OUT=results/serve bash scripts/serve_load.sh
 set -euo pipefail
@@ -43,4 +44,5 @@ run_one() {  # $1 label, $2 port, rest: extra serve flags
 }
 
 run_one full 8101 --mode full
+run_one prefix 8103 --mode prefix
 run_one reuse 8102

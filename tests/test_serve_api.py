@@ -140,9 +140,10 @@ def test_metrics_exposes_the_serving_figures(server):
     for name in ("kvlib_http_requests_total", "kvlib_time_to_first_token_seconds_bucket",
                  'kvlib_prompt_tokens_total{source="cached"}', 'kvlib_prompt_tokens_total{source="computed"}',
                  'kvlib_prompt_tokens_total{source="recomputed"}', "kvlib_queue_depth_requests",
-                 "kvlib_library_bytes"):
+                 "kvlib_library_bytes", "kvlib_prefix_cache_bytes"):
         assert name in text, f"{name} missing from /metrics"
     assert server.metric("kvlib_prompt_tokens_total", source="computed") > 0
+    assert server.metric("kvlib_prefix_cache_bytes") > 0, "the answered prompt's KV is kept for its next turn"
     assert server.metric("kvlib_http_requests_total", route="/v1/chat/completions", status="401") >= 1
 
 

@@ -78,6 +78,15 @@ def test_a_prefix_over_an_exact_composition_gives_full_recomputes_tokens(pipelin
     assert prefix_tokens(full[1]) == 0, "full recompute (the no-reuse baseline) keeps nothing"
 
 
+def test_the_prefix_base_is_prefix_caching_alone(pipelines):
+    """`--mode prefix`: the cache without the library; any conversation's next turn is exact."""
+    prefix = converse(pipelines(spec="prefix"), "alice", TURNS, "Answer from the documents.")
+    full = converse(pipelines(spec="full"), "alice", TURNS, "Answer from the documents.")
+    assert prefix[0].cached_tokens == 0 and prefix_tokens(prefix[1]) >= prefix[0].prompt_tokens - 16
+    assert prefix[1].cached_tokens == prefix_tokens(prefix[1]), "nothing but the prefix is served from cache"
+    assert [c.token_ids for c in prefix] == [c.token_ids for c in full]
+
+
 def test_no_tenant_opens_with_another_tenants_conversation(pipelines):
     pipe = pipelines()
     alice = converse(pipe, "alice", TURNS, "Answer from the documents, please.")

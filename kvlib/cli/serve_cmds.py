@@ -27,7 +27,7 @@ def serve(
     port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
     model: ModelOpt = None,
     home: HomeOpt = None,
-    mode: Annotated[str, typer.Option(help="Default mode: rerope (reuse library KV), naive, full (no reuse: the baseline), or rerope+guard:B (bound each answer's KL to full by B; needs `kvlib calibrate`). A request may name its own in kvlib.mode.")] = "rerope",
+    mode: Annotated[str, typer.Option(help="Default mode: rerope (reuse library KV), naive, full (no reuse: the baseline), prefix (exact prefix caching alone, as serving engines do), or rerope+guard:B (bound each answer's KL to full by B; needs `kvlib calibrate`). A request may name its own in kvlib.mode.")] = "rerope",
     repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8, auto or guard:B.")] = None,
     misses: Annotated[str, typer.Option(help="New documents: isolated (encoded on their own, as stored, and stored at once) or context (computed in context, stored later by a second encode).")] = "isolated",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,

@@ -58,7 +58,7 @@ def create_app(settings: Settings, *, build=None) -> FastAPI:
         app.state.worker = worker
         link = worker.state.link
         link.on_recover = worker.poke  # misses that waited through an outage are stored at once
-        metrics.watch(link, lambda: queue_length(settings.home))
+        metrics.watch(link, lambda: queue_length(settings.home), lambda: worker.state.pipeline.prefix_hits.bytes)
         app.state.sync = await asyncio.to_thread(sync_loop_for, settings)
         try:
             yield

@@ -2,14 +2,14 @@
 
 Design facts:
 - Each app has its own CollectorRegistry, so two apps in one process never collide.
-- Prompt tokens are counted by source: `cached` (KV served from the library), `computed`
+- Prompt tokens are counted by source: `cached` (KV served from the library or the prefix cache), `computed`
   (prefilled in the request) and `recomputed` (cached, then recomputed by repair). Their
   sum is the prompt tokens; cached / sum is the reuse share the load benchmark reports.
 - Library bytes are refreshed by the engine thread after each job (the thread that owns
   the library's SQLite connection), not at scrape time; while the manifest is unreachable
   the gauge keeps its last value.
 - `kvlib_degraded` (1 while the manifest is unreachable and requests are answered by full
-  recompute) and `kvlib_upload_queue_blobs` are read at scrape time (`watch`).
+  recompute), `kvlib_upload_queue_blobs` and `kvlib_prefix_cache_bytes` are read at scrape time (`watch`).
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ class Metrics:
         self.degraded = Gauge("kvlib_degraded", "1 while the manifest is unreachable (answers by full recompute)",
                               registry=r)
         self.upload_queue = Gauge("kvlib_upload_queue_blobs", "Blobs queued for the remote store", registry=r)
+        self.prefix_bytes = Gauge("kvlib_prefix_cache_bytes", "Bytes of conversations' KV kept for their next turns",
+                                  registry=r)
         for source in TOKEN_SOURCES:
             self.prompt_tokens.labels(source)
 
@@ -53,10 +55,11 @@ class Metrics:
         self.queue.set(waiting)
         self.running.set(running)
 
-    def watch(self, link, upload_queue) -> None:
-        """Read the degraded flag (a LibraryLink) and upload_queue() at each scrape."""
+    def watch(self, link, upload_queue, prefix_bytes=lambda: 0) -> None:
+        """Read the degraded flag (a LibraryLink), upload_queue() and prefix_bytes() at each scrape."""
         self.degraded.set_function(lambda: float(link.degraded))
         self.upload_queue.set_function(lambda: float(upload_queue()))
+        self.prefix_bytes.set_function(lambda: float(prefix_bytes()))
 
     def after_job(self, state) -> None:
         stored = state.library_bytes()

@@ -22,7 +22,8 @@ Design facts:
   the sending tenant; a read-only caller (anonymous) stores nothing.
 - A conversation's next turn opens with the KV its earlier turn left (prefix_hits.py): the
   tenant's longest kept prefix, then the library for the segments after it. Kept after each
-  rerope answer (not full, naive, a guard, or a read-only caller), in `finish`.
+  rerope answer (not full, naive, a guard, or a read-only caller), in `finish`. The `prefix`
+  base is that cache alone, as a serving engine's prefix caching: no library, the rest prefilled.
 - The library is reached through the server's LibraryLink. While its manifest is unreachable
   (the link is degraded, or a lookup fails on it) a request is answered by full recompute,
   under the `full` spec, with `"degraded": true` and the reason in its `kvlib` object; nothing
@@ -47,6 +48,7 @@ from kvlib.errors import InputError, KvlibError, ManifestUnavailableError
 FINISH_REASONS = ("stop", "length", "cancelled")
 MISS_POLICIES = ("isolated", "context")
 FULL_RECOMPUTE = "full"  # the spec a request falls back to while the manifest is unreachable
+KEEPS_PREFIX = ("rerope", "prefix")  # the bases whose answers keep their KV for a next turn (prefix_hits.py)
 
 
 class PipelineUnavailable(KvlibError):
@@ -151,7 +153,7 @@ class Pipeline:
             segmented = self.segment(messages)
         ids, segments = segmented.ids, segmented.segments
         t_seg = time.perf_counter()
-        keeps = may_store and self.prefix_hits.enabled and spec.base == "rerope" and spec.guard is None
+        keeps = may_store and self.prefix_hits.enabled and spec.base in KEEPS_PREFIX and spec.guard is None
         layout, spec, degraded = self.lay_out(tenant, ids, segments, spec, prefix=keeps)
         t_lookup = time.perf_counter()
         encoded = self.encode_misses(layout) if self.misses == "isolated" else []
@@ -161,7 +163,8 @@ class Pipeline:
                           spec=spec, degraded=degraded, segmented_before_s=segmented.seconds if ahead else 0.0,
                           encoded=encoded, prompt_ids=ids if keeps and degraded is None else None)
         pending.answering = self.engine.begin(
-            spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, max_new_tokens=max_tokens,
+            spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, prefix=layout.prefix,
+            max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
             spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup},
@@ -206,6 +209,9 @@ class Pipeline:
                     self.link.failed(exc)
                     reason = str(exc)
             spec, reason = self.full_recompute, reason or self.link.reason or "the library is not open"
+        elif spec.base == "prefix" and prefix:  # prefix caching alone: no library, hits cut anywhere
+            opening = self.prefix_hits.opening(tenant, ids, [], 0)
+            return lay_out(self.engine, None, tenant, ids, segments, reuse=False, opening=opening), spec, reason
         return lay_out(self.engine, None, tenant, ids, segments, reuse=False), spec, reason
 
     def store_encoded(self, tenant: str, encoded: list) -> None:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvlib.engine.compose import ChunkKV
+from kvlib.engine.compose import ChunkKV, PrefixHit
 from kvlib.segment import spacing_variants
 
 
@@ -39,6 +39,7 @@ class Layout:
     to_store: list = field(default_factory=list)  # token-id tuples of reusable misses
     store_at: list = field(default_factory=list)  # their indices in chunks
     lookup: object = None  # the Lookup that served the hits (touch_served after the first token)
+    prefix: object = None  # compose.PrefixHit for the `prefix` base (its opening's KV, prefilled after)
 
     def add(self, kind: str, token_ids: tuple, stored, skip: int = 0) -> None:
         """One piece: a hit on `stored` (its KV from token `skip` on) or, with stored None, a miss."""
@@ -116,6 +117,7 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
     out = Layout(context=context, chunks=[], suffix=ids[max(body_end, opened):])
     if opening is not None:
         out.fates.append({"kind": "prefix", "tokens": opened, "fate": "hit"})
+        out.prefix = None if reuse else PrefixHit(opening.n_tokens, [(opening.k_rot, opening.v)])
     elif opens_with_e:  # without reuse (full recompute) E is prefilled with the rest
         out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit" if reuse else "computed"})
     found = Lookup(library, engine, tenant) if reuse else None

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from kvlib.errors import InputError
 
-SERVE_BASES = ("rerope", "naive", "full")  # a rerope server also keeps conversations' prefixes (prefix_hits.py)
+# rerope and prefix keep conversations' prefixes (prefix_hits.py); prefix alone is a serving engine's prefix caching
+SERVE_BASES = ("rerope", "naive", "full", "prefix")
 
 
 @dataclass(frozen=True)
