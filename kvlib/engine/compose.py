@@ -47,15 +47,21 @@ class ChunkKV:
 
 @dataclass
 class ContextKV:
-    """The encoding context E at positions 0..|E|-1. k_rot, v: [L, Hkv, |E|, D]."""
+    """The encoding context E at positions 0..|E|-1. k_rot, v: [L, Hkv, |E|, D]; or, for a prefix
+    cache's hit (serve/prefix_hits.py), `blocks` [(k_rot, v)] in order and k_rot, v None: composing
+    copies them into the cache one by one, never concatenated first."""
 
     token_ids: torch.Tensor
-    k_rot: torch.Tensor
-    v: torch.Tensor
+    k_rot: torch.Tensor | None
+    v: torch.Tensor | None
+    blocks: list | None = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.token_ids.shape[0])
+
+    def parts(self) -> list:
+        return self.blocks if self.blocks is not None else [(self.k_rot, self.v)]
 
 
 @dataclass
@@ -173,7 +179,8 @@ def compose(lm, context: ContextKV, chunks: list, base: str, *, extra: int = 512
             cache.append(k, v)
         return Composed(cache=cache, pending_ids=ids[hit:], next_pos=hit, cached_tokens=hit)
     with stage("assemble"):
-        cache.append(context.k_rot, context.v)
+        for k, v in context.parts():
+            cache.append(k, v)
     positions = chunk_positions(context, chunks, base)
     with stage("rotate"):  # cos/sin once for every cached slot of the prompt
         hits = [p for c, p in zip(chunks, positions) if c.k_sem is not None]

@@ -25,6 +25,7 @@ Design facts:
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -59,7 +60,7 @@ def hash_blocks(token_ids: Sequence[int], block_size: int = 16, salt: str = "", 
         block = token_ids[start : start + block_size]
         h = hashlib.blake2b(parent, digest_size=_HASH_BYTES)
         # int64 so any vocabulary size fits; signed, so a bad negative id still hashes.
-        h.update(b"".join(int(t).to_bytes(8, "little", signed=True) for t in block))
+        h.update(struct.pack(f"<{len(block)}q", *block))
         parent = h.digest()
         hashes.append(parent)
     return hashes

@@ -70,9 +70,9 @@ class PrefixHits:
                 break
         if n <= floor:
             return None
-        k = torch.cat([k for k, _ in hit.payloads], dim=2)[:, :, :n]
-        v = torch.cat([v for _, v in hit.payloads], dim=2)[:, :, :n]
-        return ContextKV(token_ids=torch.tensor(ids[:n], dtype=torch.long), k_rot=k, v=v)
+        whole, part = divmod(n, BLOCK)
+        blocks = list(hit.payloads[:whole]) + ([tuple(t[:, :, :part] for t in hit.payloads[whole])] if part else [])
+        return ContextKV(token_ids=torch.tensor(ids[:n], dtype=torch.long), k_rot=None, v=None, blocks=blocks)
 
     def keep(self, tenant: str, prompt_ids: list, generated: list, cache) -> int:
         """Keep an answered request's KV: `cache` holds the prompt's slots and then the generated

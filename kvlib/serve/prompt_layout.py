@@ -117,7 +117,7 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
     out = Layout(context=context, chunks=[], suffix=ids[max(body_end, opened):])
     if opening is not None:
         out.fates.append({"kind": "prefix", "tokens": opened, "fate": "hit"})
-        out.prefix = None if reuse else PrefixHit(opening.n_tokens, [(opening.k_rot, opening.v)])
+        out.prefix = None if reuse else PrefixHit(opening.n_tokens, opening.parts())
     elif opens_with_e:  # without reuse (full recompute) E is prefilled with the rest
         out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit" if reuse else "computed"})
     found = Lookup(library, engine, tenant) if reuse else None
