@@ -61,13 +61,14 @@ def test_bad_guard_modes_are_one_line_errors(bad, message):
     assert "\n" not in str(caught.value)
 
 
-def test_serve_accepts_guard_and_refuses_prefix():
+def test_serve_accepts_guard_and_prefix_and_refuses_unknown_modes():
     from kvlib.serve.settings import Settings, serve_spec
 
     assert serve_spec(Settings(home=".", mode="rerope+guard:0.2").spec).guard == 0.2
     assert serve_spec(Settings(home=".", mode="rerope", repair="guard:0.3").spec).guard == 0.3
-    with pytest.raises(InputError, match="cannot be served"):
-        serve_spec("prefix")
+    assert serve_spec("prefix").base == "prefix"  # a serving engine's prefix caching, for comparison
+    with pytest.raises(InputError, match="unknown mode"):
+        serve_spec("bogus")
 
 
 # -- the bound's statistics (numpy only) ----------------------------------------------

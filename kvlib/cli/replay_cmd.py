@@ -57,11 +57,12 @@ def _render(result: dict, out: Path) -> None:
 
 
 def _render_live(live: dict) -> None:
-    lib = live["comparisons"]["library"]
-    console.print(f"live: {live['requests']} requests answered, {live['errors']} errors, "
-                  f"{live['skipped_too_long']} too long; prompt tokens as rendered {live['prompt_tokens_match']}/"
-                  f"{live['requests']}; cached tokens as predicted {lib['exact']}/{live['requests']} "
-                  f"(predicted {lib['predicted_total']:,}, reported {lib['reported_total']:,})", highlight=False)
+    both, lib, n = live["comparisons"]["prefix_plus_library"], live["comparisons"]["library"], live["requests"]
+    console.print(f"live: {n} requests answered, {live['errors']} errors, "
+                  f"{live['skipped_too_long']} too long; prompt tokens as rendered {live['prompt_tokens_match']}/{n}; "
+                  f"cached tokens as predicted {both['exact']}/{n} with the prefix cache (a default server; "
+                  f"predicted {both['predicted_total']:,}, reported {both['reported_total']:,}), {lib['exact']}/{n} "
+                  f"by the library alone (a server with --prefix-cache-mb 0)", highlight=False)
     for example in live["error_examples"]:
         console.print(f"[yellow]{example}[/]", highlight=False)
 

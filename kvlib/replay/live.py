@@ -9,10 +9,11 @@ Design facts:
   skipped and counted. The accounting runs on the trimmed requests, so it predicts what
   was actually sent.
 - Two predictions are compared with `usage.prompt_tokens_details.cached_tokens`:
-  `library` (what `kvlib serve` serves: reusable segments found in the library at any
-  position, plus the encoding context E when the prompt opens with it, whose KV the server
-  holds from the start) and `prefix_plus_library` (the prefix cache first, the library
-  beyond it: a server with both). The rendered prompt length is compared with
+  `library` (what `kvlib serve --prefix-cache-mb 0` serves: reusable segments found in the
+  library at any position, plus the encoding context E when the prompt opens with it, whose
+  KV the server holds from the start) and `prefix_plus_library` (what `kvlib serve` serves by
+  default: its prefix cache first, the library beyond it; E's KV instead where the prompt
+  opens with E and the prefix hit is no longer). The rendered prompt length is compared with
   `usage.prompt_tokens` too, which checks that replay and the server render the same ids.
 - The server stores misses off the request's critical path, when its queue is empty. With
   `wait` (the default), each request is sent only once the server's /healthz reports
@@ -87,7 +88,8 @@ def predict(requests: Iterator[TraceRequest], tokenizer, context: int, policy: S
             inside_e = sum(p.tokens for p in prepared.pieces
                            if p.reusable and p.start + p.tokens <= n_e and p.key in acc.library)
             o = acc.observe(prepared)
-            yield Prediction(i, req.session, o.tokens, n_e + o.library_any - inside_e, o.prefix + o.library), msgs
+            library = n_e + o.library_any - inside_e
+            yield Prediction(i, req.session, o.tokens, library, o.prefix + o.library if o.prefix > n_e else library), msgs
 
     return gen(), skipped
 

@@ -201,8 +201,7 @@ class Pipeline:
             library = self.link.usable()
             if library is not None:
                 try:
-                    floor = self.engine.context.n_tokens
-                    opening = self.prefix_hits.opening(tenant, ids, segments, floor) if prefix else None
+                    opening = self.prefix_hits.opening(tenant, ids) if prefix else None
                     return lay_out(self.engine, library, tenant, ids, segments, reuse=True,
                                    opening=opening), spec, None
                 except ManifestUnavailableError as exc:
@@ -210,7 +209,7 @@ class Pipeline:
                     reason = str(exc)
             spec, reason = self.full_recompute, reason or self.link.reason or "the library is not open"
         elif spec.base == "prefix" and prefix:  # prefix caching alone: no library, hits cut anywhere
-            opening = self.prefix_hits.opening(tenant, ids, [], 0)
+            opening = self.prefix_hits.opening(tenant, ids)
             return lay_out(self.engine, None, tenant, ids, segments, reuse=False, opening=opening), spec, reason
         return lay_out(self.engine, None, tenant, ids, segments, reuse=False), spec, reason
 
@@ -245,9 +244,9 @@ class Pipeline:
         if not layout.to_store:
             return []
         kvs = self.engine.encode_many(list(layout.to_store))
-        for at, kv in zip(layout.store_at, kvs):
+        for (at, skip), kv in zip(layout.store_at, kvs):  # a segment an opening cut serves from `skip` on
             ids_t = layout.chunks[at].token_ids
-            layout.chunks[at] = ChunkKV(ids_t, kv.k_sem, kv.v, fresh=True)  # counted as computed
+            layout.chunks[at] = ChunkKV(ids_t, kv.k_sem[:, :, skip:], kv.v[:, :, skip:], fresh=True)  # computed
         encoded = list(zip(layout.to_store, kvs))
         layout.to_store, layout.store_at = [], []
         return encoded

@@ -20,9 +20,10 @@ Design facts:
 - Blocks are hashed under the tenant's name as namespace: one LRU across tenants, and no
   chain of one tenant's ever matches another's, whatever the text (so neither a hit nor a
   TTFT tells B anything about A's prompts).
-- A hit that would cut a reusable segment in two is cut back to that segment's start, so the
-  segment is looked up whole in the library; a hit no longer than the encoding context E
-  is not used (E's own KV serves that).
+- A segment the hit cuts in two is looked up whole in the library, and its tokens after the hit
+  are served from it (prompt_layout.split_at), as replay's accounting counts them (prefix first,
+  the library beyond it). A hit no longer than the encoding context E of a prompt that opens
+  with E is not used (E's own KV serves that).
 - The budget (Settings.prefix_bytes) counts the blocks' KV; 0 turns the cache off.
 """
 
@@ -55,24 +56,18 @@ class PrefixHits:
         with self._lock:
             return 0 if self.cache is None else len(self.cache) * self.block_bytes
 
-    def opening(self, tenant: str, ids: list, segments: list, floor: int) -> ContextKV | None:
+    def opening(self, tenant: str, ids: list) -> ContextKV | None:
         """The longest kept prefix of `ids` for `tenant` (whole blocks, one id at least left to
-        prefill), cut back to the start of a reusable segment it would split, as the context the
-        rest of the prompt follows; None when it is no longer than `floor` tokens (E's)."""
+        prefill), as the context the rest of the prompt follows; None without one."""
         if self.cache is None or len(ids) < 2:
             return None
         with self._lock:
             hit = self.cache.match(ids, max_tokens=len(ids) - 1, namespace=tenant)
         n = hit.n_tokens
-        for s in segments:
-            if s.reusable and s.start < n < s.end:
-                n = s.start
-                break
-        if n <= floor:
+        if n == 0:
             return None
-        whole, part = divmod(n, BLOCK)
-        blocks = list(hit.payloads[:whole]) + ([tuple(t[:, :, :part] for t in hit.payloads[whole])] if part else [])
-        return ContextKV(token_ids=torch.tensor(ids[:n], dtype=torch.long), k_rot=None, v=None, blocks=blocks)
+        return ContextKV(token_ids=torch.tensor(ids[:n], dtype=torch.long), k_rot=None, v=None,
+                         blocks=list(hit.payloads))
 
     def keep(self, tenant: str, prompt_ids: list, generated: list, cache) -> int:
         """Keep an answered request's KV: `cache` holds the prompt's slots and then the generated

@@ -37,7 +37,7 @@ class Layout:
     suffix: list  # ids prefilled after the chunks
     fates: list = field(default_factory=list)  # per piece: {"kind", "tokens", "fate"}
     to_store: list = field(default_factory=list)  # token-id tuples of reusable misses
-    store_at: list = field(default_factory=list)  # their indices in chunks
+    store_at: list = field(default_factory=list)  # (index in chunks, skip): their pieces, from token skip on
     lookup: object = None  # the Lookup that served the hits (touch_served after the first token)
     prefix: object = None  # compose.PrefixHit for the `prefix` base (its opening's KV, prefilled after)
 
@@ -53,17 +53,9 @@ class Layout:
 
 
 def split_at(segments: list, cut: int) -> list:
-    """The segments after token offset `cut`, the one straddling it trimmed (as a non-reusable miss)."""
-    from kvlib.segment import Segment
-
-    out = []
-    for s in segments:
-        if s.end <= cut:
-            continue
-        if s.start < cut:
-            s = Segment(kind="template", start=cut, token_ids=s.token_ids[cut - s.start:], reusable=False)
-        out.append(s)
-    return out
+    """(segment, skip) for the segments after token offset `cut`; skip counts the first tokens of the
+    one straddling it that lie before the cut (0 for the others): only its tokens after it are laid out."""
+    return [(s, max(0, cut - s.start)) for s in segments if s.end > cut]
 
 
 class Lookup:
@@ -106,9 +98,12 @@ class Lookup:
 
 def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: bool, opening=None) -> Layout:
     """The prompt's pieces for Engine.begin; with reuse False the library is not touched (may be None).
-    opening: the prompt's first ids with their KV from the prefix cache (prefix_hits.py), or None."""
+    opening: the prompt's first ids with their KV from the prefix cache (prefix_hits.py), or None;
+    with reuse, used only when longer than E (E's KV serves a prompt that opens with it)."""
     e_ids = [int(t) for t in engine.context.token_ids]
     opens_with_e = ids[: len(e_ids)] == e_ids
+    if opening is not None and reuse and opens_with_e and opening.n_tokens <= len(e_ids):
+        opening = None
     context = opening if opening is not None else engine.context if opens_with_e else engine.bare
     opened = context.n_tokens
     last = max((i for i, s in enumerate(segments) if s.reusable), default=-1)
@@ -122,31 +117,33 @@ def lay_out(engine, library, tenant: str, ids: list, segments: list, *, reuse: b
         out.fates.append({"kind": "context", "tokens": len(e_ids), "fate": "hit" if reuse else "computed"})
     found = Lookup(library, engine, tenant) if reuse else None
     out.lookup = found
-    wanted = [s.token_ids for s in body if reuse and s.reusable]
+    wanted = [s.token_ids for s, _ in body if reuse and s.reusable]
     if found is not None:
         found.fetch(wanted)
         missed = list(dict.fromkeys(ids for ids in wanted if found.found[ids] is None))
         variants = dict(zip(missed, spacing_variants(engine.lm.tokenizer, missed)))
         found.fetch(v[0] for v in variants.values() if v is not None)  # a second round only for misses
-    for s in body:
+    for s, skip in body:  # a segment the opening cuts is looked up whole, and laid out from `skip` on
+        seg = s.token_ids
         if not (reuse and s.reusable):
-            out.add(s.kind, s.token_ids, None)
+            out.add(s.kind, seg[skip:], None)
             continue
-        stored = found.get(s.token_ids)
+        stored = found.get(seg)
         if stored is not None:
-            out.add(s.kind, s.token_ids, stored)
+            out.add(s.kind, seg[skip:], stored, skip=skip)
             continue
-        variant = variants[s.token_ids]
+        variant = variants[seg]
         stored = found.get(variant[0]) if variant is not None else None
         if stored is None:
-            out.add(s.kind, s.token_ids, None)
-            out.to_store.append(s.token_ids)  # a server without reuse stores nothing either
-            out.store_at.append(len(out.chunks) - 1)
+            out.add(s.kind, seg[skip:], None)
+            out.to_store.append(seg)  # a server without reuse stores nothing either
+            out.store_at.append((len(out.chunks) - 1, skip))
             continue
         # The other spacing is stored: its KV serves the ids after the first word, which differs.
         alt, shared = variant
-        head = len(s.token_ids) - shared
-        out.add(s.kind, s.token_ids[:head], None)
-        out.add(s.kind, s.token_ids[head:], stored, skip=len(alt) - shared)
+        head = len(seg) - shared
+        if skip < head:
+            out.add(s.kind, seg[skip:head], None)
+        out.add(s.kind, seg[max(head, skip):], stored, skip=len(alt) - shared + max(0, skip - head))
     out.fates.append({"kind": "suffix", "tokens": len(out.suffix), "fate": "computed"})
     return out

@@ -5,11 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvlib.errors import InputError
-
-# rerope and prefix keep conversations' prefixes (prefix_hits.py); prefix alone is a serving engine's prefix caching
-SERVE_BASES = ("rerope", "naive", "full", "prefix")
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -38,10 +33,9 @@ class Settings:
 
 
 def serve_spec(text: str):
-    """A mode the server can answer in (the default, or a request's kvlib.mode), resolved; else an InputError."""
+    """A mode the server answers in (the default, or a request's kvlib.mode), resolved; else an InputError.
+    Every base is served: rerope and prefix keep conversations' prefixes (prefix_hits.py); prefix alone
+    is a serving engine's prefix caching."""
     from kvlib.engine.spec import parse_mode
 
-    spec = parse_mode(text)
-    if spec.base not in SERVE_BASES:
-        raise InputError(f"mode '{text}' cannot be served: its base must be one of {', '.join(SERVE_BASES)}")
-    return spec
+    return parse_mode(text)
