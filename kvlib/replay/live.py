@@ -13,7 +13,9 @@ Design facts:
   library at any position, plus the encoding context E when the prompt opens with it, whose
   KV the server holds from the start) and `prefix_plus_library` (what `kvlib serve` serves by
   default: its prefix cache first, the library beyond it; E's KV instead where the prompt
-  opens with E and the prefix hit is no longer). The rendered prompt length is compared with
+  opens with E and the prefix hit is no longer). The prefix cache's budget is the server's
+  (`prefix_cache_tokens` in its /healthz), evicted least recently used, leaves first, as it
+  does. The rendered prompt length is compared with
   `usage.prompt_tokens` too, which checks that replay and the server render the same ids.
 - The server stores misses off the request's critical path, when its queue is empty. With
   `wait` (the default), each request is sent only once the server's /healthz reports
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from kvlib.replay.accounting import Accountant
+from kvlib.replay.policies import PrefixLRU
 from kvlib.replay.prepare import prepare_openai
 from kvlib.replay.traces import TraceRequest
 from kvlib.segment import DEFAULT_POLICY, SegmentPolicy, render_prompt
@@ -68,12 +71,16 @@ def encoding_context_ids(tokenizer) -> list[int]:
     return list(template_for(tokenizer).context_ids)
 
 
-def predict(requests: Iterator[TraceRequest], tokenizer, context: int, policy: SegmentPolicy = DEFAULT_POLICY):
+def predict(requests: Iterator[TraceRequest], tokenizer, context: int, policy: SegmentPolicy = DEFAULT_POLICY,
+            prefix_tokens: int | None = None):
     """(prediction, trimmed messages) per request that fits, in order; and the count skipped.
 
     A prompt that opens with E is served E from the server's own cache: the `library`
-    prediction counts E's tokens and not the segments inside it, which the server never looks up."""
+    prediction counts E's tokens and not the segments inside it, which the server never looks up.
+    prefix_tokens: the server's prefix cache budget in tokens (its /healthz `prefix_cache_tokens`;
+    None: unbounded), which the prediction's prefix LRU then holds, evicting as the server does."""
     acc, skipped, e_ids = Accountant(None, "lru", keep_requests=False), [0], encoding_context_ids(tokenizer)
+    acc.prefix = PrefixLRU(prefix_tokens)
 
     def gen():
         for i, req in enumerate(requests):
@@ -98,6 +105,17 @@ def health_url(url: str) -> str:
     """The server's /healthz beside its OpenAI base URL (http://host:port/v1 -> http://host:port/healthz)."""
     base = url.rstrip("/")
     return (base[: -len("/v1")] if base.endswith("/v1") else base) + "/healthz"
+
+
+def server_prefix_tokens(url: str) -> int | None:
+    """The server's prefix cache budget in tokens, from its /healthz; None when it does not say
+    (unreachable, or a server from before the prefix cache: the prediction is then unbounded)."""
+    import httpx
+
+    try:
+        return httpx.get(health_url(url), timeout=10).json().get("prefix_cache_tokens")
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return None
 
 
 def wait_idle(url: str, timeout: float = IDLE_TIMEOUT_S, every: float = 0.2) -> bool:
@@ -180,7 +198,8 @@ def run_live(url: str, requests: Iterator[TraceRequest], tokenizer, context: int
     import openai
 
     client = openai.OpenAI(base_url=url, api_key=api_key or "kvlib-replay", max_retries=0, timeout=600)
-    stream, skipped = predict(requests, tokenizer, context, policy)
+    prefix_tokens = server_prefix_tokens(url)
+    stream, skipped = predict(requests, tokenizer, context, policy, prefix_tokens)
     preds, responses, error_examples, wait_timeouts = [], [], [], 0
     for pred, msgs in stream:
         if wait:
@@ -196,4 +215,5 @@ def run_live(url: str, requests: Iterator[TraceRequest], tokenizer, context: int
             progress(len(preds), pred.prompt_tokens)
     result = compare(preds, responses)
     return {"url": url, "trim_rule": TRIM_RULE, "waited_for_stores": wait, "wait_timeouts": wait_timeouts,
+            "prefix_cache_tokens": prefix_tokens,
             "skipped_too_long": skipped[0], **result, "error_examples": error_examples}

@@ -163,6 +163,7 @@ async def healthz(request: Request):
     body = {"status": "degraded" if link.degraded else "ok", "model": worker.state.pipeline.model_id,
             "spec": settings.spec, "waiting": worker.waiting, "running": worker.running,
             "pending_stores": worker.state.pipeline.pending_stores,
+            "prefix_cache_tokens": worker.state.pipeline.prefix_hits.capacity_tokens,
             "upload_queue": await run_in_threadpool(queue_length, settings.home),
             "sync_error": None if sync is None else sync.last_error}
     if link.degraded:

@@ -52,6 +52,11 @@ class PrefixHits:
         return self.cache is not None
 
     @property
+    def capacity_tokens(self) -> int:
+        """Tokens the budget holds (0: off); /healthz reports it, so `kvlib replay --live` models it."""
+        return 0 if self.cache is None else self.cache.max_blocks * BLOCK
+
+    @property
     def bytes(self) -> int:
         with self._lock:
             return 0 if self.cache is None else len(self.cache) * self.block_bytes
