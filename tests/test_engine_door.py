@@ -126,29 +126,6 @@ def test_answer_accounting_adds_up_and_a_miss_is_computed_in_context():
     assert sum(mixed.tokens.values()) == 5 + 23 + 4
 
 
-def test_misses_joined_to_the_prefill_equal_misses_computed_first():
-    """With no repair, misses are computed in the suffix's pass (generate.prefill's `misses`): the same
-    first logits and the same KV in every context and suffix slot as computing them first."""
-    from kvlib.engine.compose import ChunkKV, compose
-    from kvlib.engine.generate import start
-    from kvlib.engine.session import compute_misses
-
-    engine = tiny_engine("llama", 6)
-    ids = [random_ids(n, 20 + n) for n in (6, 8, 5, 7)]
-    chunks = [engine.encode(i) for i in ids]
-    layout = [chunks[0], ChunkKV(ids[1], None, None), chunks[2], ChunkKV(ids[3], None, None)]
-    suffix = random_ids(5, 3).tolist()
-    joined = engine.answer(parse_mode("rerope"), layout, suffix_ids=suffix, max_new_tokens=2, keep_state=True)
-    composed = compose(engine.lm, engine.context, layout, "rerope", extra=len(suffix) + 3)
-    compute_misses(engine.lm, composed, layout)
-    first = start(engine.lm, composed, suffix, max_new_tokens=2)
-    torch.testing.assert_close(joined.first_logits, first.first_logits, atol=1e-5, rtol=1e-5)
-    n = composed.cache.length  # E, the chunks and the suffix
-    torch.testing.assert_close(joined.state.cache.k[:, :, :n], composed.cache.k[:, :, :n], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(joined.state.cache.v[:, :, :n], composed.cache.v[:, :, :n], atol=1e-5, rtol=1e-5)
-    assert joined.tokens == {"cached": engine.context.n_tokens + 6 + 5, "recomputed": 0, "computed": 8 + 7 + 5}
-
-
 def test_hits_around_a_miss_are_rotated_to_their_own_positions():
     """Runs of hits are copied in and rotated as one span each: every hit's slots hold exactly
     apply_rope of its stored keys at its own positions, whatever misses break the runs."""

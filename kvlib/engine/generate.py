@@ -16,8 +16,7 @@ from typing import Callable
 import torch
 
 from kvlib.engine.compose import Composed, as_ids
-from kvlib.engine.forward import ForwardOut, check_window, decode_batch, forward, head_logits
-from kvlib.engine.stages import stage
+from kvlib.engine.forward import decode_batch, forward
 
 
 @dataclass
@@ -56,28 +55,11 @@ def pick_token(logits: torch.Tensor, temperature: float, top_p: float, gen: torc
     return int(torch.multinomial(probs.cpu(), 1, generator=gen))
 
 
-def prefill(lm, composed: Composed, suffix_ids, *, logits: str = "last", attn_layers=(), misses=None):
-    """Prefill pending context ids plus the question suffix at their true positions.
-
-    misses: (slots, ids) of context tokens not computed yet, at scattered slots among cached ones
-    (Engine.begin's misses, where no repair runs before the suffix): computed in the same pass as
-    the suffix, one read of every weight for both, each token attending to every slot up to its own
-    (the same as computing them first and prefilling after). Needs positions == slots (rerope)."""
+def prefill(lm, composed: Composed, suffix_ids, *, logits: str = "last", attn_layers=()):
+    """Prefill pending context ids plus the question suffix at their true positions."""
     ids = torch.cat([composed.pending_ids, as_ids(suffix_ids)])
     pos = torch.arange(composed.next_pos, composed.next_pos + ids.shape[0])
-    if misses is None:
-        out = forward(lm, ids, pos, composed.cache, logits=logits, attn_layers=attn_layers)
-        return out, int(pos[-1]) + 1, int(ids.shape[0])
-    from kvlib.engine.repair import recompute_slots
-
-    cache = composed.cache
-    if composed.next_pos != cache.length or logits != "last" or attn_layers:
-        raise ValueError("misses join the prefill only for a rerope layout's last logits")
-    check_window(lm, int(pos[-1]) + 1)
-    cache.commit(int(pos[-1]) + 1)  # the suffix's slots: each layer writes them before it attends
-    h = recompute_slots(lm, cache, torch.cat([misses[1], ids]), torch.cat([misses[0], pos]), range(lm.n_layers))
-    with stage("logits"):
-        out = ForwardOut(logits=head_logits(lm, h[:, -1:]), k_sem=None, v=None, attn=None)
+    out = forward(lm, ids, pos, composed.cache, logits=logits, attn_layers=attn_layers)
     return out, int(pos[-1]) + 1, int(ids.shape[0])
 
 
@@ -126,13 +108,12 @@ class Stream:
 def start(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, temperature: float = 0.0,
           top_p: float = 1.0, seed: int = 0, stop: set[int] = frozenset(),
           on_token: Callable[[int], None] | None = None, t0: float | None = None,
-          should_stop: Callable[[], bool] | None = None, misses=None) -> Stream:
-    """Prefill and pick the first token (calling on_token): a Stream that `advance` decodes.
-    misses: context tokens computed in the prefill's pass (see `prefill`)."""
+          should_stop: Callable[[], bool] | None = None) -> Stream:
+    """Prefill and pick the first token (calling on_token): a Stream that `advance` decodes."""
     t0 = time.perf_counter() if t0 is None else t0
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     t_pre = time.perf_counter()
-    out, pos, n_prefill = prefill(lm, composed, suffix_ids, misses=misses)
+    out, pos, n_prefill = prefill(lm, composed, suffix_ids)
     first_logits = out.logits[-1]
     token = pick_token(first_logits, temperature, top_p, gen)
     stream = Stream(composed=composed, pos=pos, token=token, tokens=[token], stop=set(stop), temperature=temperature,

@@ -12,9 +12,6 @@ Design facts:
     chunks the caller marked `fresh` (encoded for this request).
 - A `+guard:B` spec composes as rerope, measures the guard's features, and climbs its
   calibration's ladder (guard.py) before the repair stage; falling back, it composes as full.
-- Misses are computed in context before the repair; where none runs (and no guard), in the
-  suffix's prefill pass instead (generate.prefill's `misses`: one read of the weights for both;
-  their time then counts in "prefill", not "compose").
 - `Engine.teacher_force(state, ...)` is the second entry point: the bench's quality pass,
   on the context KV an answer left behind (`keep_state=True`), never a rebuilt cache.
 - The engine knows nothing about storage or retrieval: callers load chunks and report how
@@ -156,11 +153,7 @@ class Engine:
         ctx = self.context if context is None else context
         composed = compose(self.lm, ctx, chunks, "rerope" if spec.guard is not None else spec.base, extra=room,
                            prefix=prefix)
-        # with nothing between them (no guard, no repair), misses are computed in the suffix's pass
-        joined = miss_slots(composed, chunks) if spec.guard is None and not spec.repair and spec.base == "rerope" \
-            else None
-        if joined is None:
-            compute_misses(self.lm, composed, chunks)
+        compute_misses(self.lm, composed, chunks)
         t_comp = time.perf_counter()
         repair, choice = spec.repair, None
         if spec.guard is not None:  # its measurement counts in the repair stage
@@ -168,8 +161,7 @@ class Engine:
         repaired = parse_repair(repair)(self.lm, composed, chunks, suffix) if repair else None
         t_rep = time.perf_counter()
         stream = start(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop,
-                       misses=joined)
+                       top_p=top_p, seed=seed, stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop)
         tokens, per_chunk = token_accounting(composed, chunks, repaired, len(suffix))
         spent = dict(spent or {})
         # compose takes whatever the caller's stages leave before it, so the stages add up to TTFT exactly
@@ -227,22 +219,16 @@ class Answering:
         return gen
 
 
-def miss_slots(composed: Composed, chunks):
-    """(slots, ids) of the chunks without KV, in slot order; None when there are none."""
-    if not composed.misses:
-        return None
-    slots = torch.cat([torch.arange(s, s + chunks[i].n_tokens) for s, i in composed.misses])
-    return slots, torch.cat([chunks[i].token_ids for _, i in composed.misses])
-
-
 def compute_misses(lm, composed: Composed, chunks) -> None:
     """Chunks without KV are computed in context, in place: each token attends to every slot
     before it (its own chunk's earlier tokens included), as in full recompute."""
     from kvlib.engine.repair import recompute_slots
 
-    joined = miss_slots(composed, chunks)
-    if joined is not None:
-        recompute_slots(lm, composed.cache, joined[1], joined[0], range(lm.n_layers))
+    if not composed.misses:
+        return
+    slots = torch.cat([torch.arange(s, s + chunks[i].n_tokens) for s, i in composed.misses])
+    ids = torch.cat([chunks[i].token_ids for _, i in composed.misses])
+    recompute_slots(lm, composed.cache, ids, slots, range(lm.n_layers))
 
 
 def token_accounting(composed: Composed, chunks, repaired, n_suffix: int) -> tuple[dict, list[int]]:
