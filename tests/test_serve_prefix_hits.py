@@ -103,3 +103,20 @@ def test_read_only_callers_keep_nothing_and_the_budget_holds(pipelines):
     assert pipe.prefix_hits.bytes == 0, "an anonymous caller's prompt is not kept"
     converse(pipe, "alice", TURNS, "Answer from the documents.")
     assert 0 < pipe.prefix_hits.bytes <= 2 << 20
+
+
+def test_exact_prefix_caching_never_opens_with_a_rerope_composition(pipelines):
+    """A request in mode `prefix` (a request's kvlib.mode) opens only with KV that mode kept: a rerope
+    answer's composition is not exact prefix caching's KV."""
+    from kvlib.engine.spec import parse_mode
+
+    pipe = pipelines()  # the server's default: rerope
+    first = converse(pipe, "alice", TURNS[:1], "Answer from the documents.")[0]
+    messages = [{"role": "system", "content": "Answer from the documents."}, {"role": "user", "content": TURNS[0]},
+                {"role": "assistant", "content": first.text}, {"role": "user", "content": TURNS[1]}]
+    exact = pipe.complete(messages, "alice", max_tokens=4, spec=parse_mode("prefix"))
+    assert prefix_tokens(exact) == 0, "rerope's kept KV is not served to exact prefix caching"
+    again = pipe.complete(messages, "alice", max_tokens=4, spec=parse_mode("prefix"))
+    assert prefix_tokens(again) >= exact.prompt_tokens - 16, "what mode prefix kept, it opens with"
+    rerope = pipe.complete(messages, "alice", max_tokens=4)
+    assert prefix_tokens(rerope) >= first.prompt_tokens - 16, "rerope opens with what rerope kept"

@@ -201,7 +201,7 @@ class Pipeline:
             library = self.link.usable()
             if library is not None:
                 try:
-                    opening = self.prefix_hits.opening(tenant, ids) if prefix else None
+                    opening = self.prefix_hits.opening(tenant, spec.base, ids) if prefix else None
                     return lay_out(self.engine, library, tenant, ids, segments, reuse=True,
                                    opening=opening), spec, None
                 except ManifestUnavailableError as exc:
@@ -209,7 +209,7 @@ class Pipeline:
                     reason = str(exc)
             spec, reason = self.full_recompute, reason or self.link.reason or "the library is not open"
         elif spec.base == "prefix" and prefix:  # prefix caching alone: no library, hits cut anywhere
-            opening = self.prefix_hits.opening(tenant, ids)
+            opening = self.prefix_hits.opening(tenant, spec.base, ids)
             return lay_out(self.engine, None, tenant, ids, segments, reuse=False, opening=opening), spec, reason
         return lay_out(self.engine, None, tenant, ids, segments, reuse=False), spec, reason
 
@@ -267,7 +267,8 @@ class Pipeline:
             self.pending.extend((pending.tenant, ids) for ids in pending.layout.to_store)
         if pending.prompt_ids is not None:  # before release: the answer's KV, for the conversation's next turn
             stream = pending.answering.stream
-            self.prefix_hits.keep(pending.tenant, pending.prompt_ids, stream.tokens, stream.composed.cache)
+            self.prefix_hits.keep(pending.tenant, pending.spec.base, pending.prompt_ids, stream.tokens,
+                                  stream.composed.cache)
         gen = pending.answering.finish()
         pending.release()
         done = self.completion(gen, pending.decoder, pending.tokens, pending.layout,

@@ -19,7 +19,9 @@ Design facts:
   behind E). And never a read-only caller's (anonymous callers share one tenant).
 - Blocks are hashed under the tenant's name as namespace: one LRU across tenants, and no
   chain of one tenant's ever matches another's, whatever the text (so neither a hit nor a
-  TTFT tells B anything about A's prompts).
+  TTFT tells B anything about A's prompts). The namespace holds the base too: an answer in
+  mode `prefix` (exact prefix caching) opens only with KV that mode kept, never with a rerope
+  composition's.
 - A segment the hit cuts in two is looked up whole in the library, and its tokens after the hit
   are served from it (prompt_layout.split_at), as replay's accounting counts them (prefix first,
   the library beyond it). A hit no longer than the encoding context E of a prompt that opens
@@ -61,20 +63,20 @@ class PrefixHits:
         with self._lock:
             return 0 if self.cache is None else len(self.cache) * self.block_bytes
 
-    def opening(self, tenant: str, ids: list) -> ContextKV | None:
-        """The longest kept prefix of `ids` for `tenant` (whole blocks, one id at least left to
-        prefill), as the context the rest of the prompt follows; None without one."""
+    def opening(self, tenant: str, base: str, ids: list) -> ContextKV | None:
+        """The longest prefix of `ids` kept for `tenant` by answers in `base` (whole blocks, one id at
+        least left to prefill), as the context the rest of the prompt follows; None without one."""
         if self.cache is None or len(ids) < 2:
             return None
         with self._lock:
-            hit = self.cache.match(ids, max_tokens=len(ids) - 1, namespace=tenant)
+            hit = self.cache.match(ids, max_tokens=len(ids) - 1, namespace=namespace(tenant, base))
         n = hit.n_tokens
         if n == 0:
             return None
         return ContextKV(token_ids=torch.tensor(ids[:n], dtype=torch.long), k_rot=None, v=None,
                          blocks=list(hit.payloads))
 
-    def keep(self, tenant: str, prompt_ids: list, generated: list, cache) -> int:
+    def keep(self, tenant: str, base: str, prompt_ids: list, generated: list, cache) -> int:
         """Keep an answered request's KV: `cache` holds the prompt's slots and then the generated
         tokens that were run through the model. Only new blocks are copied; returns how many."""
         if self.cache is None:
@@ -89,4 +91,8 @@ class PrefixHits:
             return cache.k[:, :, at].clone(), cache.v[:, :, at].clone()
 
         with self._lock:
-            return self.cache.insert(ids[: len(ids) // BLOCK * BLOCK], block, namespace=tenant)
+            return self.cache.insert(ids[: len(ids) // BLOCK * BLOCK], block, namespace=namespace(tenant, base))
+
+
+def namespace(tenant: str, base: str) -> str:
+    return f"{tenant}\x00{base}"
