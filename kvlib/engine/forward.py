@@ -218,6 +218,34 @@ def decode_batch(lm, token_ids: list[int], positions: list[int], caches: list[KV
     return head_logits(lm, h)
 
 
+@torch.inference_mode()
+def prefill_batch(lm, seqs: list) -> torch.Tensor:
+    """New tokens of B sequences in one pass, each at its own slots of its own cache: logits of
+    each sequence's last new token [B, V].
+
+    seqs: [(cache, ids [T_b], slots [T_b])]; positions are slots (rerope layouts), slots may be
+    scattered among filled ones (a layout's misses, then its question), and each cache is
+    committed to cover them. Each token attends to every slot of its cache up to its own. The
+    products run on every sequence's rows together, so the weights are read once for the batch
+    (as decode_batch does for one token each); rotation, cache writes and attention per sequence.
+    A building block for the server's batched begin: not yet wired in."""
+    counts = [int(ids.shape[0]) for _, ids, _ in seqs]
+    slots = [s.to(lm.device) for _, _, s in seqs]
+    masks = [Mask.at_slots(s, cache.length) for (cache, _, _), s in zip(seqs, slots)]
+    position_ids = torch.cat(slots)
+    h = embed(lm, torch.cat([torch.as_tensor(ids, dtype=torch.long) for _, ids, _ in seqs]))
+    for index in range(lm.n_layers):
+        scale = lm.layers[index].self_attn.scaling
+        q, _, k_rot, v = _layer_qkv(lm, index, h, position_ids)
+        outs = []
+        for q_b, k_b, v_b, (cache, _, _), s, mask in zip(q.split(counts, dim=2), k_rot[0].split(counts, dim=1),
+                                                        v[0].split(counts, dim=1), seqs, slots, masks):
+            cache.write_slots(index, s, k_b, v_b)
+            outs.append(attend(q_b, *cache.layer(index), mask, scale)[0])
+        h = _layer_out(lm, index, h, torch.cat(outs, dim=2))
+    return head_logits(lm, h[:, torch.tensor(counts).cumsum(0) - 1])
+
+
 def _decode_layers(lm, h, position_ids, caches: list[KVCache]) -> torch.Tensor:
     """decode_batch's layers in Python: h [1, B, hidden] through every layer."""
     for index in range(lm.n_layers):
