@@ -1,12 +1,17 @@
 """In-process A/B: 8 requests begun one by one (compose, misses in context, question prefill) against
 forward.prefill_batch (their misses and questions in one pass). Run alone: python scripts/prefill_batch_ab.py"""
-import time, statistics, torch
-from pathlib import Path
-from kvlib.engine.session import Engine, compute_misses
+import statistics
+import time
+
+import torch
+
+from kvlib.config import resolve_home
 from kvlib.engine.compose import ChunkKV, compose
-from kvlib.engine.generate import start
 from kvlib.engine.forward import prefill_batch
-eng = Engine.load(None, Path("build/guard-home"))
+from kvlib.engine.generate import start
+from kvlib.engine.session import Engine, compute_misses
+
+eng = Engine.load(None, resolve_home(None))  # the default model, from KVLIB_HOME or ~/.kvlib
 print(eng.lm.dtype)
 g = torch.Generator().manual_seed(0)
 def rid(n): return torch.randint(100, 20000, (n,), generator=g)
