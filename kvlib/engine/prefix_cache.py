@@ -114,9 +114,7 @@ class PrefixCache:
         count towards stats.
         """
         hashes = hash_blocks(token_ids, self.block_size, self.salt, namespace)
-        if callable(payloads):
-            payloads = _Lazy(payloads, len(hashes))
-        if len(payloads) != len(hashes):
+        if not callable(payloads) and len(payloads) != len(hashes):
             raise ValueError(
                 f"{len(token_ids)} tokens make {len(hashes)} full blocks of {self.block_size}, "
                 f"but {len(payloads)} payloads were given"
@@ -124,7 +122,7 @@ class PrefixCache:
         new = 0
         for i, h in enumerate(hashes):
             if h not in self._blocks:
-                self._blocks[h] = payloads[i]
+                self._blocks[h] = payloads(i) if callable(payloads) else payloads[i]
                 new += 1
         self._touch(hashes)
         self._evict()
@@ -153,16 +151,3 @@ class PrefixCache:
     def _evict(self) -> None:
         while self.max_blocks is not None and len(self._blocks) > self.max_blocks:
             self._blocks.popitem(last=False)
-
-
-class _Lazy:
-    """Payloads made on demand: payload i is make(i)."""
-
-    def __init__(self, make: Callable[[int], Any], n: int):
-        self.make, self.n = make, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> Any:
-        return self.make(i)

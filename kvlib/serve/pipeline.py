@@ -208,10 +208,9 @@ class Pipeline:
                     self.link.failed(exc)
                     reason = str(exc)
             spec, reason = self.full_recompute, reason or self.link.reason or "the library is not open"
-        elif spec.base == "prefix" and prefix:  # prefix caching alone: no library, hits cut anywhere
-            opening = self.prefix_hits.opening(tenant, spec.base, ids)
-            return lay_out(self.engine, None, tenant, ids, segments, reuse=False, opening=opening), spec, reason
-        return lay_out(self.engine, None, tenant, ids, segments, reuse=False), spec, reason
+        # prefix caching alone (mode prefix): no library, the opening then the rest prefilled
+        opening = self.prefix_hits.opening(tenant, spec.base, ids) if prefix and spec.base == "prefix" else None
+        return lay_out(self.engine, None, tenant, ids, segments, reuse=False, opening=opening), spec, reason
 
     def store_encoded(self, tenant: str, encoded: list) -> None:
         """Store the isolated misses (ids, KV) of a request under way; if the manifest is lost on

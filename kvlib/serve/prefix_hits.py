@@ -13,10 +13,11 @@ Design facts:
   that starts with the same ids can open with them: positions and neighbours are those the
   answer had. It is the KV the reuse server would otherwise compose again (documents rotated
   from the library, glue computed in context), plus its repair, once more.
-- Only answers composed by rerope keep their KV (plain or repaired): never full recompute
-  (the baseline that reuses nothing, and the degraded path), naive (its keys sit at their
-  encoding positions, not at their slots), or a guard (its calibration measured compositions
-  behind E). And never a read-only caller's (anonymous callers share one tenant).
+- Only answers composed by rerope (plain or repaired) and by mode `prefix` (this cache alone,
+  the rest prefilled) keep their KV (pipeline.KEEPS_PREFIX): never full recompute (the
+  baseline that reuses nothing, and the degraded path), naive (its keys sit at their encoding
+  positions, not at their slots), or a guard (its calibration measured compositions behind
+  E). And never a read-only caller's (anonymous callers share one tenant).
 - Blocks are hashed under the tenant's name as namespace: one LRU across tenants, and no
   chain of one tenant's ever matches another's, whatever the text (so neither a hit nor a
   TTFT tells B anything about A's prompts). The namespace holds the base too: an answer in
