@@ -1,50 +1,59 @@
-"""In-process A/B: 8 requests begun one by one (compose, misses in context, question prefill) against
-forward.prefill_batch (their misses and questions in one pass). Run alone: python scripts/prefill_batch_ab.py"""
+"""In-process A/B of the server's batched begin: 8 requests prepared (composed, misses deferred), then
+Engine.start one by one (batch_tokens=0) against in one pass (forward.prefill_batch), as the misses
+grow: where does a joint pass stop paying? Run alone: python scripts/prefill_batch_ab.py [--json]"""
+import json
 import statistics
+import sys
 import time
 
 import torch
 
 from kvlib.config import resolve_home
-from kvlib.engine.compose import ChunkKV, compose
-from kvlib.engine.forward import prefill_batch
-from kvlib.engine.generate import start
-from kvlib.engine.session import Engine, compute_misses
+from kvlib.engine.compose import ChunkKV
+from kvlib.engine.session import Engine
+from kvlib.engine.spec import parse_mode
 
 eng = Engine.load(None, resolve_home(None))  # the default model, from KVLIB_HOME or ~/.kvlib
-print(eng.lm.dtype)
 g = torch.Generator().manual_seed(0)
-def rid(n): return torch.randint(100, 20000, (n,), generator=g)
+
+
+def rid(n):
+    return torch.randint(100, 20000, (n,), generator=g)
+
+
 docs = [eng.encode(rid(110)) for _ in range(6)]
-def layout():
-    out = []
-    for d in docs:
-        out += [ChunkKV(rid(9), None, None), d]   # a header miss before each document hit
-    return out
-B = 8
-layouts = [layout() for _ in range(B)]
 suffix = rid(15).tolist()
-def one():
+spec = parse_mode("rerope")
+
+
+def layouts(miss: int):
+    """Per request: six 110-token document hits, each behind a `miss`-token miss (a header, glue)."""
+    return [[c for d in docs for c in (ChunkKV(rid(miss), None, None), d)] for _ in range(8)]
+
+
+def begin_all(lays, batch_tokens: int) -> float:
     t = time.perf_counter()
-    for lay in layouts:
-        c = compose(eng.lm, eng.context, lay, "rerope", extra=len(suffix) + 2)
-        compute_misses(eng.lm, c, lay)
-        start(eng.lm, c, suffix, max_new_tokens=1)
+    prepared = [eng.prepare(spec, lay, suffix_ids=suffix, max_new_tokens=1, defer_misses=True) for lay in lays]
+    eng.start(prepared, batch_tokens=batch_tokens)
     return time.perf_counter() - t
-def batch():
-    t = time.perf_counter()
-    seqs = []
-    for lay in layouts:
-        c = compose(eng.lm, eng.context, lay, "rerope", extra=len(suffix) + 2)
-        at = torch.cat([torch.arange(s, s + lay[i].n_tokens) for s, i in c.misses])
-        ids = torch.cat([lay[i].token_ids for _, i in c.misses])
-        end = c.cache.length; c.cache.commit(end + len(suffix))
-        seqs.append((c.cache, torch.cat([ids, torch.tensor(suffix)]), torch.cat([at, torch.arange(end, end + len(suffix))])))
-    prefill_batch(eng.lm, seqs)
-    return time.perf_counter() - t
+
+
+rows = []
 with torch.inference_mode():
-    for f in (one, batch): f()
-    a, b = [], []
-    for _ in range(7):
-        a.append(one()); b.append(batch())
-print(f"8 requests' begin (6 hits of 110 tokens, 6 misses of 9, a 15-token question each): one by one {statistics.median(a)*1e3:.1f} ms, batched {statistics.median(b)*1e3:.1f} ms (medians of 7)")
+    for miss in (9, 40, 100, 200):
+        lays = layouts(miss)
+        new = 6 * miss + len(suffix)
+        for b in (0, 1 << 20):
+            begin_all(lays, b)  # warm-up
+        a, j = [], []
+        for _ in range(5):
+            a.append(begin_all(lays, 0))
+            j.append(begin_all(lays, 1 << 20))
+        rows.append({"new_tokens_per_request": new, "one_by_one_ms": round(1e3 * statistics.median(a), 1),
+                     "joined_ms": round(1e3 * statistics.median(j), 1)})
+        r = rows[-1]
+        if "--json" not in sys.argv:
+            print(f"8 requests, {new} new tokens each: one by one {r['one_by_one_ms']} ms, joined {r['joined_ms']} ms "
+                  f"({r['joined_ms'] / r['one_by_one_ms']:.2f}x; medians of 5, {eng.lm.dtype})", flush=True)
+if "--json" in sys.argv:
+    print(json.dumps({"dtype": str(eng.lm.dtype), "rows": rows}, indent=1))

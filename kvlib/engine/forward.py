@@ -228,7 +228,7 @@ def prefill_batch(lm, seqs: list) -> torch.Tensor:
     committed to cover them. Each token attends to every slot of its cache up to its own. The
     products run on every sequence's rows together, so the weights are read once for the batch
     (as decode_batch does for one token each); rotation, cache writes and attention per sequence.
-    A building block for the server's batched begin: not yet wired in."""
+    generate.start_batch's pass: the server begins a batch of requests with it."""
     counts = [int(ids.shape[0]) for _, ids, _ in seqs]
     slots = [s.to(lm.device) for _, _, s in seqs]
     masks = [Mask.at_slots(s, cache.length) for (cache, _, _), s in zip(seqs, slots)]

@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from kvlib.engine.compose import Composed, as_ids
-from kvlib.engine.forward import decode_batch, forward
+from kvlib.engine.forward import check_window, decode_batch, forward, prefill_batch
 
 
 @dataclass
@@ -31,7 +31,7 @@ class Generation:
     cancelled: bool = False  # should_stop() said so between decode steps
     # Filled by Engine.answer, the one door (see session.py):
     spec: object = None  # the resolved ModeSpec
-    timings: dict = field(default_factory=dict)  # seconds: the caller's stages (retrieval, load) + compose, repair, prefill
+    timings: dict = field(default_factory=dict)  # seconds: caller stages + compose, repair, batch, prefill
     tokens: dict = field(default_factory=dict)  # prompt tokens by source: cached, recomputed, computed
     chunk_recomputed: list = field(default_factory=list)  # per chunk: its cached tokens a repair recomputed
     state: object = field(default=None, repr=False)  # the Composed context, when kept for a quality pass
@@ -111,14 +111,44 @@ def start(lm, composed: Composed, suffix_ids, *, max_new_tokens: int = 64, tempe
           should_stop: Callable[[], bool] | None = None) -> Stream:
     """Prefill and pick the first token (calling on_token): a Stream that `advance` decodes."""
     t0 = time.perf_counter() if t0 is None else t0
-    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     t_pre = time.perf_counter()
     out, pos, n_prefill = prefill(lm, composed, suffix_ids)
-    first_logits = out.logits[-1]
+    return stream_from(composed, out.logits[-1], pos, n_prefill, t_pre, max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p, seed=seed, stop=stop, on_token=on_token, t0=t0,
+                       should_stop=should_stop)
+
+
+def start_batch(lm, seqs: list) -> list[Stream]:
+    """`start` for several prompts in one pass over the weights (forward.prefill_batch): each
+    prompt's misses (computed in context, at their scattered slots), pending ids and question.
+
+    seqs: [(composed, miss ids [M], miss slots [M], suffix ids, start's keyword arguments)]. Every
+    stream's first token is picked after the one pass, so they share its t_pre and t_first."""
+    rows, ends = [], []
+    t_pre = time.perf_counter()
+    for composed, miss_ids, miss_slots, suffix_ids, _ in seqs:
+        new = torch.cat([composed.pending_ids, as_ids(suffix_ids)])
+        end = composed.cache.length
+        check_window(lm, end + new.shape[0])
+        composed.cache.commit(end + new.shape[0])
+        slots = torch.cat([miss_slots, torch.arange(end, end + new.shape[0])])
+        rows.append((composed.cache, torch.cat([miss_ids, new]), slots))
+        ends.append((composed.next_pos + int(new.shape[0]), int(new.shape[0])))
+    logits = prefill_batch(lm, rows)
+    return [stream_from(composed, row, pos, n, t_pre, **kwargs)
+            for (composed, _, _, _, kwargs), row, (pos, n) in zip(seqs, logits, ends)]
+
+
+def stream_from(composed: Composed, first_logits: torch.Tensor, pos: int, n_prefill: int, t_pre: float, *,
+                max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                stop: set[int] = frozenset(), on_token: Callable[[int], None] | None = None,
+                t0: float | None = None, should_stop: Callable[[], bool] | None = None) -> Stream:
+    """The Stream of a prefilled prompt: its first token picked from first_logits (calling on_token)."""
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
     token = pick_token(first_logits, temperature, top_p, gen)
     stream = Stream(composed=composed, pos=pos, token=token, tokens=[token], stop=set(stop), temperature=temperature,
                     top_p=top_p, gen=gen, max_new_tokens=max_new_tokens, on_token=on_token, should_stop=should_stop,
-                    t0=t0, t_pre=t_pre, t_first=time.perf_counter(), prefill_tokens=n_prefill,
+                    t0=t_pre if t0 is None else t0, t_pre=t_pre, t_first=time.perf_counter(), prefill_tokens=n_prefill,
                     first_logits=first_logits, stopped=token in stop)
     if on_token and not stream.stopped:
         on_token(token)

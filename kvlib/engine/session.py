@@ -10,6 +10,9 @@ Design facts:
   - recomputed: cached tokens a repair recomputed;
   - computed: every other prompt token: the question, pending context ids, misses, and
     chunks the caller marked `fresh` (encoded for this request).
+- `answer` = `begin` + decode; `begin` = `prepare` (compose, misses, repair) + `start` (prefill,
+  first token). A server prepares a batch of requests, then starts them together: the small
+  prefills (misses deferred to it, the question) run in one pass over the weights.
 - A `+guard:B` spec composes as rerope, measures the guard's features, and climbs its
   calibration's ladder (guard.py) before the repair stage; falling back, it composes as full.
 - `Engine.teacher_force(state, ...)` is the second entry point: the bench's quality pass,
@@ -29,7 +32,7 @@ import torch
 
 from kvlib.engine import rope_kernel
 from kvlib.engine.compose import ChunkKV, Composed, ContextKV, PrefixHit, compose, encode_context, encode_packed
-from kvlib.engine.generate import Generation, Stream, advance, finish, start, teacher_forced_logits
+from kvlib.engine.generate import Generation, Stream, advance, finish, start, start_batch, teacher_forced_logits
 from kvlib.engine.guard import choose_rung, measure_features, require_calibration
 from kvlib.engine.model import LoadedModel, load_model
 from kvlib.engine.prompt import PromptTemplate, context_id_of, stop_ids, template_for
@@ -133,15 +136,21 @@ class Engine:
                 pass
         return answering.finish()
 
-    @torch.inference_mode()
-    def begin(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, *, suffix_ids=None,
-              prefix: PrefixHit | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
-              top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None, t0: float | None = None,
-              spent: dict | None = None, extra: int | None = None, keep_state: bool = False,
-              context: ContextKV | None = None, calibration=None) -> "Answering":
+    def begin(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, **kwargs) -> "Answering":
         """Everything of `answer` up to the first token; a server decodes many of them together
-        (generate.advance over their streams), then calls `finish` on each.
+        (generate.advance over their streams), then calls `finish` on each. (prepare's arguments.)"""
+        return self.start([self.prepare(spec, chunks, question, **kwargs)])[0]
 
+    @torch.inference_mode()
+    def prepare(self, spec: ModeSpec, chunks: list[ChunkKV], question: str | None = None, *, suffix_ids=None,
+                prefix: PrefixHit | None = None, max_new_tokens: int = 64, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int = 0, on_token=None, should_stop=None, t0: float | None = None,
+                spent: dict | None = None, extra: int | None = None, keep_state: bool = False,
+                context: ContextKV | None = None, calibration=None, defer_misses: bool = False) -> "Prepared":
+        """`begin` up to the prefill: composed, misses computed, the guard's rung and the repair run.
+
+        defer_misses: a spec without repair or guard leaves its misses for `start`, which computes
+        them in its prefill (with other prompts', in one pass; their time then counts as prefill).
         calibration: the guard's (calibration.Calibration), needed by a `+guard:B` spec only."""
         from kvlib.engine.repair import parse_repair
 
@@ -153,22 +162,39 @@ class Engine:
         ctx = self.context if context is None else context
         composed = compose(self.lm, ctx, chunks, "rerope" if spec.guard is not None else spec.base, extra=room,
                            prefix=prefix)
-        compute_misses(self.lm, composed, chunks)
+        deferred = defer_misses and spec.guard is None and not spec.repair
+        if not deferred:
+            compute_misses(self.lm, composed, chunks)
         t_comp = time.perf_counter()
         repair, choice = spec.repair, None
         if spec.guard is not None:  # its measurement counts in the repair stage
             composed, repair, choice = self._climb(spec, calibration, composed, ctx, chunks, suffix, room)
         repaired = parse_repair(repair)(self.lm, composed, chunks, suffix) if repair else None
-        t_rep = time.perf_counter()
-        stream = start(self.lm, composed, suffix, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, seed=seed, stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop)
-        tokens, per_chunk = token_accounting(composed, chunks, repaired, len(suffix))
-        spent = dict(spent or {})
-        # compose takes whatever the caller's stages leave before it, so the stages add up to TTFT exactly
-        timings = {**spent, "compose": t_comp - t0 - sum(spent.values()), "repair": t_rep - t_comp,
-                   "prefill": stream.t_first - t_rep}
-        return Answering(spec, stream, timings, tokens, per_chunk, composed if keep_state else None,
-                         None if choice is None else choice.as_dict())
+        sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        stop=self.stop, on_token=on_token, t0=t0, should_stop=should_stop)
+        return Prepared(spec, chunks, composed, suffix, repaired, choice, keep_state, sampling, dict(spent or {}),
+                        t_comp, time.perf_counter(), deferred)
+
+    @torch.inference_mode()
+    def start(self, prepared: list["Prepared"], batch_tokens: int = 0) -> list["Answering"]:
+        """Prefill and pick the first token of each prepared prompt: those with deferred misses and
+        at most `batch_tokens` new tokens in one pass (generate.start_batch, when two or more), the
+        rest one at a time. A prompt's time waiting for its batchmates' preparation is its "batch" stage."""
+        joined = [p for p in prepared if p.deferred and p.new_tokens <= batch_tokens]
+        joined = joined if len(joined) > 1 else []
+        streams = {}
+        if joined:
+            rows = [(p.composed, *miss_rows(p.composed, p.chunks), p.suffix, p.sampling) for p in joined]
+            streams = {id(p): s for p, s in zip(joined, start_batch(self.lm, rows))}
+        out = []
+        for p in prepared:
+            began = streams[id(p)].t_pre if id(p) in streams else time.perf_counter()
+            if id(p) not in streams:
+                if p.deferred:
+                    compute_misses(self.lm, p.composed, p.chunks)
+                streams[id(p)] = start(self.lm, p.composed, p.suffix, **p.sampling)
+            out.append(p.answering(streams[id(p)], began))
+        return out
 
     def _climb(self, spec: ModeSpec, calibration, composed: Composed, ctx: ContextKV, chunks, suffix, room: int):
         """A guarded spec's rung on its rerope composition: (composition, repair to run, GuardChoice).
@@ -200,6 +226,41 @@ class Engine:
         return logits.cpu(), attn
 
 
+@dataclass(eq=False)
+class Prepared:
+    """A prompt composed (and repaired) by Engine.prepare, waiting for its prefill in Engine.start."""
+
+    spec: ModeSpec
+    chunks: list
+    composed: Composed
+    suffix: list
+    repaired: torch.Tensor | None
+    choice: object  # the guard's GuardChoice, or None
+    keep_state: bool
+    sampling: dict  # generate.start's keyword arguments
+    spent: dict  # the caller's stages before prepare
+    t_comp: float
+    t_rep: float
+    deferred: bool  # misses left for the prefill
+
+    @property
+    def new_tokens(self) -> int:
+        """Tokens its prefill computes: deferred misses, pending ids and the question."""
+        misses = sum(self.chunks[i].n_tokens for _, i in self.composed.misses) if self.deferred else 0
+        return misses + int(self.composed.pending_ids.shape[0]) + len(self.suffix)
+
+    def answering(self, stream: Stream, began: float) -> "Answering":
+        """began: when this prompt's prefill work began (its deferred misses included); from t_rep
+        until then it waited for its batchmates ("batch")."""
+        tokens, per_chunk = token_accounting(self.composed, self.chunks, self.repaired, len(self.suffix))
+        t0 = self.sampling["t0"]
+        # compose takes whatever the caller's stages leave before it, so the stages add up to TTFT exactly
+        timings = {**self.spent, "compose": self.t_comp - t0 - sum(self.spent.values()),
+                   "repair": self.t_rep - self.t_comp, "batch": began - self.t_rep, "prefill": stream.t_first - began}
+        return Answering(self.spec, stream, timings, tokens, per_chunk, self.composed if self.keep_state else None,
+                         None if self.choice is None else self.choice.as_dict())
+
+
 @dataclass
 class Answering:
     """An answer under way: its stream (generate.Stream) and what the door measured before it."""
@@ -226,9 +287,16 @@ def compute_misses(lm, composed: Composed, chunks) -> None:
 
     if not composed.misses:
         return
-    slots = torch.cat([torch.arange(s, s + chunks[i].n_tokens) for s, i in composed.misses])
-    ids = torch.cat([chunks[i].token_ids for _, i in composed.misses])
+    ids, slots = miss_rows(composed, chunks)
     recompute_slots(lm, composed.cache, ids, slots, range(lm.n_layers))
+
+
+def miss_rows(composed: Composed, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The misses' ids and their slots, in order (empty when there are none)."""
+    if not composed.misses:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+    slots = torch.cat([torch.arange(s, s + chunks[i].n_tokens) for s, i in composed.misses])
+    return torch.cat([chunks[i].token_ids for _, i in composed.misses]), slots
 
 
 def token_accounting(composed: Composed, chunks, repaired, n_suffix: int) -> tuple[dict, list[int]]:

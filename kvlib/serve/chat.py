@@ -44,12 +44,13 @@ class ChatRequestPlan:
             pass
         return state.pipeline.finish(pending)
 
-    def begin(self, state, job):
-        """On the engine thread: the answer under way (the worker decodes it with others)."""
+    def begin(self, state, job, defer: bool = False):
+        """On the engine thread: the answer under way (the worker decodes it with others); with
+        `defer`, up to its prefill, which the worker runs for the batch (Pipeline.start)."""
         return state.pipeline.begin(
             self.messages, self.tenant, max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
             seed=self.seed, stop=self.stop, on_text=job.emit, cancelled=job.cancelled, retrieve_k=self.retrieve_k,
-            may_store=self.may_store, spec=self.spec, segmented=self.segmented)
+            may_store=self.may_store, spec=self.spec, segmented=self.segmented, defer=defer)
 
     def finish(self, completion, job, metrics, t_arrival: float) -> None:
         """Back on the loop: the server-side TTFT (queue wait included) into kvlib and metrics."""

@@ -46,9 +46,12 @@ from kvlib.engine.compose import ChunkKV
 from kvlib.errors import InputError, KvlibError, ManifestUnavailableError
 
 FINISH_REASONS = ("stop", "length", "cancelled")
+TTFT_STAGES = ("segment", "lookup", "encode", "compose", "repair", "batch", "prefill")  # they add up to ttft_s
 MISS_POLICIES = ("isolated", "context")
 FULL_RECOMPUTE = "full"  # the spec a request falls back to while the manifest is unreachable
 KEEPS_PREFIX = ("rerope", "prefix")  # the bases whose answers keep their KV for a next turn (prefix_hits.py)
+# begun together (start): a joint pass paid up to ~600 new tokens a request (scripts/prefill_batch_ab.py)
+BATCH_PREFILL_TOKENS = 512
 
 
 class PipelineUnavailable(KvlibError):
@@ -71,13 +74,14 @@ class Completion:
 
 class Pipeline:
     def __init__(self, engine, link, *, spec: str, index=None, embedder=None, misses: str = "isolated",
-                 prefix_bytes: int = 0):
+                 prefix_bytes: int = 0, batch_tokens: int = BATCH_PREFILL_TOKENS):
         from kvlib.engine.spec import parse_mode
         from kvlib.serve.prefix_hits import PrefixHits
 
         if misses not in MISS_POLICIES:
             raise InputError(f"unknown miss policy {misses!r}; choose one of {', '.join(MISS_POLICIES)}")
         self.engine, self.link, self.spec, self.misses = engine, link, spec, misses  # link: library_link.LibraryLink
+        self.batch_tokens = batch_tokens  # prefills this small are begun together (start)
         self.resolved = parse_mode(spec)  # one grammar for every command (engine/spec.py)
         self.full_recompute = parse_mode(FULL_RECOMPUTE)
         self.prefix_hits = PrefixHits(engine.lm, prefix_bytes)  # a conversation's earlier turns (prefix_hits.py)
@@ -133,9 +137,10 @@ class Pipeline:
               top_p: float = 1.0, seed: int | None = None, stop: list[str] = (),
               on_text: Callable[[str], None] | None = None, cancelled: Callable[[], bool] = lambda: False,
               retrieve_k: int | None = None, may_store: bool = True, spec=None,
-              segmented: "Segmented | None" = None) -> "Pending":
+              segmented: "Segmented | None" = None, defer: bool = False) -> "Pending":
         """Segment, look up, compose, prefill, first token: an answer under way, which `step`
-        decodes (together with others) and `finish` turns into a Completion.
+        decodes (together with others) and `finish` turns into a Completion. With `defer`, up to
+        the prefill: `start` (over a batch of them) then prefills and picks the first token.
 
         may_store is False for read-only callers (anonymous): nothing they send is stored.
         spec: the request's own ModeSpec (kvlib.mode); default the server's.
@@ -162,14 +167,24 @@ class Pipeline:
                           max_tokens=max_tokens, tenant=tenant, may_store=may_store and degraded is None,
                           spec=spec, degraded=degraded, segmented_before_s=segmented.seconds if ahead else 0.0,
                           encoded=encoded, prompt_ids=ids if keeps and degraded is None else None)
-        pending.answering = self.engine.begin(
+        pending.prepared = self.engine.prepare(
             spec, layout.chunks, suffix_ids=layout.suffix, context=layout.context, prefix=layout.prefix,
             max_new_tokens=max_tokens,
             temperature=temperature, top_p=top_p, seed=self.seed_for(seed, temperature), on_token=pending.on_token,
             should_stop=lambda: pending.decoder.stopped or cancelled(), t0=t0,
             spent={"segment": t_seg - t0, "lookup": t_lookup - t_seg, "encode": t_encode - t_lookup},
-            calibration=calibration if degraded is None else None)
+            calibration=calibration if degraded is None else None, defer_misses=defer)
+        if not defer:
+            self.start([pending])
         return pending
+
+    def start(self, pendings: list["Pending"]) -> None:
+        """Prefill and pick the first token of begun answers (`begin(..., defer=True)`): the small
+        prefills (batch_tokens at most) together in one pass over the weights, the rest one by one
+        (Engine.start)."""
+        answering = self.engine.start([p.prepared for p in pendings], batch_tokens=self.batch_tokens)
+        for pending, a in zip(pendings, answering):
+            pending.answering, pending.prepared = a, None
 
     def after_first_token(self, pending: "Pending") -> None:
         """Store a begun answer's new documents and count its hits' uses: after the first tokens of
@@ -299,7 +314,7 @@ class Pipeline:
             cached_tokens=gen.tokens["cached"], computed_tokens=gen.tokens["computed"],
             recomputed_tokens=gen.tokens["recomputed"], ttft_s=gen.ttft_s, timings=dict(t, decode=gen.decode_s),
             kvlib={"spec": spec.as_dict(), "mode": spec.name, "tokens": gen.tokens,
-                   "ttft_split_s": {k: t[k] for k in ("segment", "lookup", "encode", "compose", "repair", "prefill")},
+                   "ttft_split_s": {k: t[k] for k in TTFT_STAGES},
                    "segments": fates, **({"guard": gen.guard} if gen.guard is not None else {})})
 
     @staticmethod
@@ -423,13 +438,14 @@ class Pending:
     encoded: list = field(default_factory=list)  # (ids, KV) of new documents to store (after_first_token)
     prompt_ids: list | None = None  # the prompt's ids when its KV is kept for a next turn (prefix_hits.py)
     answering: object = None  # session.Answering
+    prepared: object = None  # session.Prepared, between begin(defer=True) and start
     tokens: list = field(default_factory=list)
 
     def release(self) -> None:
         """Let go of the engine's state (the composed KV cache, the new documents' KV) at once: the
         engine's stream calls back into this object, so without this the two would wait for the
         garbage collector, and a busy server would keep a dead request's cache meanwhile."""
-        self.answering, self.encoded = None, []
+        self.answering, self.prepared, self.encoded = None, None, []
 
     def on_token(self, token: int) -> None:
         self.tokens.append(token)

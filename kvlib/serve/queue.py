@@ -11,14 +11,17 @@ Design facts:
   it frees its slot without ever reaching the engine; a running one is told through
   `Job.cancelled`, which the pipeline polls between decode steps.
 - `_take_batch` hands the worker up to MAX_BATCH chat jobs that wait together. Each is
-  begun (prompt laid out, prefilled, first token) in turn; then what they write to the library
-  (new documents, use counts) is written; then all are decoded together,
-  one batched forward per step (the engine's generate.advance), and each is answered as
-  soon as its own stream ends; a lone job runs the same way with a batch of one.
-- After each job's first token, before the next job's prefill (and before the batch's library
-  writes and decode), the worker waits (at most FIRST_CHUNK_WAIT_S) until that first text chunk
-  has gone out: on two cores, the event loop that sends it would otherwise wait for a core behind
-  the next prefill's threads, and the client would see its first token that much later.
+  begun up to its prefill (prompt laid out, composed) in turn; then their prefills run, the
+  small ones together in one pass over the weights (Pipeline.start), and each picks its first
+  token; then what they write to the library (new documents, use counts) is written; then all
+  are decoded together, one batched forward per step (the engine's generate.advance), and each
+  is answered as soon as its own stream ends; a lone job runs the same way with a batch of one.
+  A job that fails to begin answers with its error and the others go on; a failed joint prefill
+  or decode step answers every job in it with the error.
+- After the first tokens, before the batch's library writes and decode, the worker waits (at
+  most FIRST_CHUNK_WAIT_S for each) until those first text chunks have gone out: on two cores,
+  the event loop that sends them would otherwise wait for a core behind the engine's threads,
+  and the clients would see their first tokens that much later.
 """
 
 from __future__ import annotations
@@ -233,13 +236,14 @@ class EngineWorker:
                 continue
             job.started_at = time.perf_counter()
             try:
-                begun[job] = job.begin(self.state, job)
+                begun[job] = job.begin(self.state, job, defer=True)
             except Exception as exc:  # the request answers with it; the others go on
                 job._resolve(error=exc)
-                continue
-            let_first_chunk_out(job)
         live = list(begun)
         try:
+            pipeline.start([begun[j] for j in live])  # their prefills, the small ones in one pass
+            for job in live:
+                let_first_chunk_out(job)
             for job in live:  # stores and use counts: after every first token of the batch
                 try:
                     pipeline.after_first_token(begun[job])
