@@ -1,6 +1,6 @@
 """`kvlib serve` through the real openai client, against one server on a free port.
 
-The server runs with --max-queue 1 so that the queue tests can fill it with two requests.
+The server runs with --max-queue 1 and --max-batch 1 so that the queue tests can fill it with two requests.
 Completions are short (a few greedy tokens): the point is the protocol, not the answers.
 """
 
@@ -23,7 +23,7 @@ LONG = [{"role": "user", "content": "Count from 1 to 500, one number per line."}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, smol_home):
     home = new_home(tmp_path_factory.mktemp("serve-api"), smol_home)
-    srv = Server(home, "--max-queue", "1", "--max-body-mb", "1")
+    srv = Server(home, "--max-queue", "1", "--max-batch", "1", "--max-body-mb", "1")
     srv.key = add_key(home, "alice")
     yield srv
     srv.stop()

@@ -251,3 +251,31 @@ def test_cli_ingest_with_prompt_forms_serves_a_chat_that_pastes_the_file(server,
     again = kvlib_cli("ingest", tmp_path / "forms", "--home", server.home, "--tenant", "alice", "--prompt-forms",
                       "--json")
     assert json.loads(again.stdout)["forms_dedup"] == 1, "a second run finds the forms stored"
+
+
+def test_a_request_joins_the_batch_under_way(server):
+    """Continuous batching (queue.EngineWorker): a short request sent while a long answer decodes is
+    begun between its decode steps and answered before the long one ends, not after it."""
+    import threading
+    import time
+
+    client = server.client(server.keys["bob"], timeout=300)
+    arrivals, first = [], threading.Event()
+
+    def read_long():
+        stream = client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Count from 1 to 500, one number per line."}],
+            max_tokens=300, temperature=0, stream=True)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                arrivals.append(time.perf_counter())
+                first.set()
+
+    reader = threading.Thread(target=read_long)
+    reader.start()
+    assert first.wait(120), "the long answer started"
+    short = ask(server, "bob", [{"role": "user", "content": "What is the capital of France?"}], max_tokens=2)
+    short_done = time.perf_counter()
+    reader.join(300)
+    assert short.choices[0].message.content
+    assert len(arrivals) > 100 and arrivals[-1] > short_done + 1.0, "the long answer went on after the short one"

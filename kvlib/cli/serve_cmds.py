@@ -32,6 +32,7 @@ def serve(
     misses: Annotated[str, typer.Option(help="New documents: isolated (encoded on their own, as stored, and stored at once) or context (computed in context, stored later by a second encode).")] = "isolated",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for the engine; more get 429.")] = 8,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests decoded together; a finished one's slot goes to the next in the queue at once.")] = 8,
     allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous", help="Callers without a key use the read-only public tenant.")] = False,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body accepted.")] = 8.0,
     default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", min=1, help="Completion limit when a request sets none.")] = 256,
@@ -55,7 +56,7 @@ def serve(
         from kvlib.serve.settings import Settings, serve_spec
 
         settings = Settings(home=resolve_home(home), model=model, dtype=dtype, mode=mode, repair=repair,
-                            misses=misses, max_queue=max_queue, allow_anonymous=allow_anonymous,
+                            misses=misses, max_queue=max_queue, max_batch=max_batch, allow_anonymous=allow_anonymous,
                             max_body_bytes=int(max_body_mb * (1 << 20)), default_max_tokens=default_max_tokens,
                             store=store, manifest=manifest, local_bytes=local_bytes, manifest_retry_s=manifest_retry,
                             sync_interval_s=sync_interval, recent_bytes=int(recent_mb * (1 << 20)),

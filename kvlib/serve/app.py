@@ -53,7 +53,8 @@ def create_app(settings: Settings, *, build=None) -> FastAPI:
     async def lifespan(app: FastAPI):
         from kvlib.serve.library_link import sync_loop_for
 
-        worker = EngineWorker(lambda: build(settings), max_queue=settings.max_queue, metrics=metrics)
+        worker = EngineWorker(lambda: build(settings), max_queue=settings.max_queue, metrics=metrics,
+                              max_batch=settings.max_batch)
         await asyncio.to_thread(worker.start)
         app.state.worker = worker
         link = worker.state.link

@@ -10,14 +10,17 @@ Design facts:
 - A waiting job that is cancelled (its client went away) leaves the queue at once, so
   it frees its slot without ever reaching the engine; a running one is told through
   `Job.cancelled`, which the pipeline polls between decode steps.
-- `_take_batch` hands the worker up to MAX_BATCH chat jobs that wait together. Each is
+- `_take_batch` hands the worker up to max_batch (`--max-batch`) chat jobs that wait together. Each is
   begun up to its prefill (prompt laid out, composed) in turn; then their prefills run, the
   small ones together in one pass over the weights (Pipeline.start), and each picks its first
   token; then what they write to the library (new documents, use counts) is written; then all
   are decoded together, one batched forward per step (the engine's generate.advance), and each
   is answered as soon as its own stream ends; a lone job runs the same way with a batch of one.
-  A job that fails to begin answers with its error and the others go on; a failed joint prefill
-  or decode step answers every job in it with the error.
+- Continuous batching: between decode steps, chat jobs that wait are begun the same way and
+  join the batch in the slots that finished answers left, so a slot never idles while the
+  rest of a batch decodes (a document job, which runs alone, waits for the batch to drain).
+- A job that fails to begin answers with its error and the others go on; a failed joint
+  prefill or decode step answers every job in it with the error.
 - After the first tokens, before the batch's library writes and decode, the worker waits (at
   most FIRST_CHUNK_WAIT_S for each) until those first text chunks have gone out: on two cores,
   the event loop that sends them would otherwise wait for a core behind the engine's threads,
@@ -36,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 log = logging.getLogger("kvlib.serve")
-MAX_BATCH = 8  # chat jobs decoded together: the weights are read once per step for all of them
+MAX_BATCH = 8  # default for chat jobs decoded together: the weights are read once per step for all of them
 FIRST_CHUNK_WAIT_S = 0.02  # the longest the worker waits for a job's first chunk to go out
 
 
@@ -89,8 +92,8 @@ class Job:
 class EngineWorker:
     """Runs jobs one batch at a time on its own thread; `build()` runs there first."""
 
-    def __init__(self, build: Callable[[], Any], *, max_queue: int, metrics=None):
-        self.build, self.max_queue, self.metrics = build, max_queue, metrics
+    def __init__(self, build: Callable[[], Any], *, max_queue: int, metrics=None, max_batch: int = MAX_BATCH):
+        self.build, self.max_queue, self.metrics, self.max_batch = build, max_queue, metrics, max_batch
         self.state = None  # what build() returned, once ready
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -159,7 +162,7 @@ class EngineWorker:
 
     def retry_after(self) -> int:
         """Seconds until a slot is likely free: the queue ahead times a job's recent engine time."""
-        return max(1, min(60, math.ceil(self._service_s * (len(self._waiting) + 1) / MAX_BATCH)))
+        return max(1, min(60, math.ceil(self._service_s * (len(self._waiting) + 1) / self.max_batch)))
 
     # -- the worker thread ------------------------------------------------------------
 
@@ -190,7 +193,7 @@ class EngineWorker:
             close()
 
     def _take_batch(self) -> list[Job] | None:
-        """Block for the next job; take up to MAX_BATCH chat jobs together. None = stop;
+        """Block for the next job; take up to max_batch chat jobs together. None = stop;
         [] = no job, but poked: the idle work runs."""
         with self._cond:
             while not self._waiting and not self._stopping and not self._poked:
@@ -201,7 +204,7 @@ class EngineWorker:
             if not self._waiting:
                 return []
             batch = [self._waiting.popleft()]
-            while batch[0].kind == "chat" and len(batch) < MAX_BATCH and self._waiting \
+            while batch[0].kind == "chat" and len(batch) < self.max_batch and self._waiting \
                     and self._waiting[0].kind == "chat":
                 batch.append(self._waiting.popleft())
             self._running = batch
@@ -228,42 +231,92 @@ class EngineWorker:
                 self.metrics.after_job(self.state)
 
     def _run_chat(self, jobs: list[Job]) -> None:
-        """Begin each chat job, decode them together, answer each when its stream ends."""
-        pipeline, t0, begun = self.state.pipeline, time.perf_counter(), {}
+        """Begin the chat jobs, decode them together, answer each when its stream ends; between
+        decode steps, jobs that wait join the batch in the slots the finished ones left
+        (continuous batching), until no job is left under way."""
+        live: dict[Job, Any] = {}  # job -> pipeline.Pending
+        self._begin(jobs, live)
+        try:
+            while live:
+                going = {id(p) for p in self.state.pipeline.step(list(live.values()))}
+                done = [j for j in live if id(live[j]) not in going]
+                for job in done:
+                    self._finish(job, live.pop(job))
+                if done and self.metrics is not None:
+                    self.metrics.after_job(self.state)
+                more = self._take_more(self.max_batch - len(live))
+                if more:
+                    self._begin(more, live)
+        except Exception as exc:  # a failed decode step: every answer under way answers with it
+            for job, pending in live.items():
+                job._resolve(error=exc)
+                pending.release()
+        finally:
+            if self.metrics is not None:
+                self.metrics.after_job(self.state)
+
+    def _begin(self, jobs: list[Job], live: dict) -> None:
+        """Begin jobs up to their prefills, run the prefills (the small ones in one pass), let the
+        first chunks out, then write what they store; the begun ones join `live`. A job that fails
+        to begin answers with its error and the others go on."""
+        pipeline, begun = self.state.pipeline, {}
         for job in jobs:
             if job.cancelled():
                 job._resolve(error=JobCancelled())
+                self._leave(job)
                 continue
             job.started_at = time.perf_counter()
             try:
                 begun[job] = job.begin(self.state, job, defer=True)
-            except Exception as exc:  # the request answers with it; the others go on
+            except Exception as exc:
                 job._resolve(error=exc)
-        live = list(begun)
+                self._leave(job)
         try:
-            pipeline.start([begun[j] for j in live])  # their prefills, the small ones in one pass
-            for job in live:
-                let_first_chunk_out(job)
-            for job in live:  # stores and use counts: after every first token of the batch
-                try:
-                    pipeline.after_first_token(begun[job])
-                except Exception:  # a failed store loses a cache entry, never an answer under way
-                    log.exception("storing a request's new documents failed")
-            while live:
-                going = {id(p) for p in pipeline.step([begun[j] for j in live])}
-                for job in [j for j in live if id(begun[j]) not in going]:
-                    job._resolve(pipeline.finish(begun[job]))
-                live = [j for j in live if id(begun[j]) in going]
+            pipeline.start(list(begun.values()))  # their prefills, the small ones in one pass
         except Exception as exc:
-            for job in live:
+            for job, pending in begun.items():
                 job._resolve(error=exc)
-        finally:
-            for pending in begun.values():  # finished ones are released already; this is for an error
                 pending.release()
-            spent = (time.perf_counter() - t0) / max(1, len(jobs))
-            self._service_s = 0.8 * self._service_s + 0.2 * spent
-            if self.metrics is not None:
-                self.metrics.after_job(self.state)
+                self._leave(job)
+            return
+        for job in begun:
+            let_first_chunk_out(job)
+        for pending in begun.values():  # stores and use counts: after every first token of these
+            try:
+                pipeline.after_first_token(pending)
+            except Exception:  # a failed store loses a cache entry, never an answer under way
+                log.exception("storing a request's new documents failed")
+        live.update(begun)
+
+    def _finish(self, job: Job, pending) -> None:
+        try:
+            job._resolve(self.state.pipeline.finish(pending))
+        except Exception as exc:  # this answer fails; the others go on
+            job._resolve(error=exc)
+        finally:
+            pending.release()
+            self._service_s = 0.8 * self._service_s + 0.2 * (time.perf_counter() - job.started_at)
+            self._leave(job)
+
+    def _take_more(self, room: int) -> list[Job]:
+        """Up to `room` chat jobs from the head of the queue, to join the batch under way (none when
+        a document job is next: it runs alone, once the batch is done)."""
+        if room <= 0 or not self._waiting:
+            return []
+        with self._cond:
+            more = []
+            while len(more) < room and self._waiting and self._waiting[0].kind == "chat" and not self._stopping:
+                more.append(self._waiting.popleft())
+            self._running.extend(more)
+        if more:
+            self._report_depth()
+        return more
+
+    def _leave(self, job: Job) -> None:
+        with self._cond:
+            if job in self._running:
+                self._running.remove(job)
+        self._report_depth()
 
     def _idle_work(self) -> None:
         """One piece of idle work at a time (state.idle() -> False when done), while nobody waits."""

@@ -14,7 +14,8 @@ class Settings:
     mode: str = "rerope"  # "full" turns reuse off (the load benchmark's baseline)
     repair: str | None = None
     misses: str = "isolated"  # reusable misses: encoded on their own and stored at once, or "context"
-    max_queue: int = 8  # requests waiting for the engine beyond the one it is running
+    max_queue: int = 8  # requests waiting for the engine beyond those it is running
+    max_batch: int = 8  # requests the engine decodes together (queue.EngineWorker)
     allow_anonymous: bool = False
     max_body_bytes: int = 8 << 20  # a prompt at the model's context is ~40 KB; documents are bigger
     default_max_tokens: int = 256  # when a request names no max_tokens (the default model decodes ~30 tok/s here)
