@@ -31,7 +31,7 @@ def serve(
     repair: Annotated[Optional[str], typer.Option(help="Repair after composing, e.g. boundary:8, auto or guard:B.")] = None,
     misses: Annotated[str, typer.Option(help="New documents: isolated (encoded on their own, as stored, and stored at once) or context (computed in context, stored later by a second encode).")] = "isolated",
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype: auto, float32, bfloat16.")] = None,
-    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for the engine; more get 429.")] = 8,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=0, help="Requests that may wait for the engine; more get 429.")] = 32,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Requests decoded together; a finished one's slot goes to the next in the queue at once.")] = 8,
     allow_anonymous: Annotated[bool, typer.Option("--allow-anonymous", help="Callers without a key use the read-only public tenant.")] = False,
     max_body_mb: Annotated[float, typer.Option("--max-body-mb", min=0.001, help="Largest request body accepted.")] = 8.0,

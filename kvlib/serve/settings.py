@@ -14,7 +14,7 @@ class Settings:
     mode: str = "rerope"  # "full" turns reuse off (the load benchmark's baseline)
     repair: str | None = None
     misses: str = "isolated"  # reusable misses: encoded on their own and stored at once, or "context"
-    max_queue: int = 8  # requests waiting for the engine beyond those it is running
+    max_queue: int = 32  # requests waiting for the engine beyond those it is running (4 batches)
     max_batch: int = 8  # requests the engine decodes together (queue.EngineWorker)
     allow_anonymous: bool = False
     max_body_bytes: int = 8 << 20  # a prompt at the model's context is ~40 KB; documents are bigger
