@@ -188,7 +188,8 @@ class Engine:
             streams = {id(p): s for p, s in zip(joined, start_batch(self.lm, rows))}
         out = []
         for p in prepared:
-            began = streams[id(p)].t_pre if id(p) in streams else time.perf_counter()
+            # alone (Engine.begin), it waited for nobody: its "batch" stage is 0
+            began = streams[id(p)].t_pre if id(p) in streams else p.t_rep if len(prepared) == 1 else time.perf_counter()
             if id(p) not in streams:
                 if p.deferred:
                     compute_misses(self.lm, p.composed, p.chunks)
