@@ -180,7 +180,7 @@ class Engine:
         """Prefill and pick the first token of each prepared prompt: those with deferred misses and
         at most `batch_tokens` new tokens in one pass (generate.start_batch, when two or more), the
         rest one at a time. A prompt's time waiting for its batchmates' preparation is its "batch" stage."""
-        joined = [p for p in prepared if p.deferred and p.new_tokens <= batch_tokens]
+        joined = [p for p in prepared if p.deferred and 0 < p.new_tokens <= batch_tokens]
         joined = joined if len(joined) > 1 else []
         streams = {}
         if joined:
