@@ -46,6 +46,7 @@ def test_requests_begun_together_answer_as_each_alone(tmp_path, smol_engine, mis
     try:
         alone = [alone_pipe.complete(m, "alice", max_tokens=10) for m in REQUESTS]
         begun = [batch_pipe.begin(m, "alice", max_tokens=10, defer=True) for m in REQUESTS]
+        assert any(p.prepared.deferred and p.prepared.composed.misses for p in begun), "misses wait for the start"
         batch_pipe.start(begun)
         joined = len({p.answering.stream.t_pre for p in begun}) == 1
         assert joined == (batch_tokens > 0), "small prefills run in one pass exactly when batch_tokens allows"

@@ -279,3 +279,44 @@ def test_a_request_joins_the_batch_under_way(server):
     reader.join(300)
     assert short.choices[0].message.content
     assert len(arrivals) > 100 and arrivals[-1] > short_done + 1.0, "the long answer went on after the short one"
+
+
+def test_every_request_of_a_batch_is_answered_when_some_fail_to_begin(server):
+    """Chat requests that queue behind a document ingest are begun as one batch; those that fail to
+    begin (a guard mode without a calibration: 400) answer with their error, and every other one is
+    answered (a failed job once made the worker skip the next one of its batch, which then hung)."""
+    import threading
+
+    import httpx
+    import openai
+
+    from kvlib.serve.node import wait_until
+
+    key = server.keys["alice"]
+    text = "\n\n".join(f"Section {i}. The Senn valley mills ground flax and oats for the coastal towns, and their "
+                       f"weirs were rebuilt after the floods of {1800 + i}. " * 6 for i in range(60))
+    ingest = threading.Thread(target=lambda: httpx.post(
+        server.url + "/v1/documents", json={"name": "blocker", "text": text},
+        headers={"Authorization": f"Bearer {key}"}, timeout=600))
+    ingest.start()
+    wait_until(lambda: server.health()["running"] == 1, 60, "the ingest to reach the engine")
+    results, threads = {}, []
+
+    def chat(i: int, mode: str | None):
+        try:
+            server.client(key, timeout=120).chat.completions.create(
+                model="default", messages=[{"role": "user", "content": f"Say the number {i}."}], max_tokens=2,
+                temperature=0, extra_body={"kvlib": {"mode": mode}} if mode else None)
+            results[i] = "ok"
+        except openai.APIStatusError as exc:
+            results[i] = exc.status_code
+
+    for i, mode in enumerate(["rerope+guard:0.2", None, "rerope+guard:0.2", None]):
+        threads.append(threading.Thread(target=chat, args=(i, mode)))
+        threads[-1].start()
+        wait_until(lambda: server.health()["waiting"] == i + 1, 60, f"request {i} to wait")
+    assert server.health()["running"] == 1, "all four waited behind the ingest, so they are begun as one batch"
+    for t in threads:
+        t.join(150)
+    ingest.join(600)
+    assert results == {0: 400, 1: "ok", 2: 400, 3: "ok"}

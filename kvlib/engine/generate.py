@@ -123,7 +123,8 @@ def start_batch(lm, seqs: list) -> list[Stream]:
     prompt's misses (computed in context, at their scattered slots), pending ids and question.
 
     seqs: [(composed, miss ids [M], miss slots [M], suffix ids, start's keyword arguments)]. Every
-    stream's first token is picked after the one pass, so they share its t_pre and t_first."""
+    stream's first token is picked after the one pass: they share its t_pre, and each t_first is
+    taken when its own token is picked."""
     rows, ends = [], []
     t_pre = time.perf_counter()
     for composed, miss_ids, miss_slots, suffix_ids, _ in seqs:
@@ -135,7 +136,7 @@ def start_batch(lm, seqs: list) -> list[Stream]:
         rows.append((composed.cache, torch.cat([miss_ids, new]), slots))
         ends.append((composed.next_pos + int(new.shape[0]), int(new.shape[0])))
     logits = prefill_batch(lm, rows)
-    return [stream_from(composed, row, pos, n, t_pre, **kwargs)
+    return [stream_from(composed, row.clone(), pos, n, t_pre, **kwargs)  # a row of its own: the batch's logits go
             for (composed, _, _, _, kwargs), row, (pos, n) in zip(seqs, logits, ends)]
 
 

@@ -32,6 +32,7 @@ import torch
 
 from kvlib.engine import rope_kernel
 from kvlib.engine.compose import ChunkKV, Composed, ContextKV, PrefixHit, compose, encode_context, encode_packed
+from kvlib.engine.forward import check_window
 from kvlib.engine.generate import Generation, Stream, advance, finish, start, start_batch, teacher_forced_logits
 from kvlib.engine.guard import choose_rung, measure_features, require_calibration
 from kvlib.engine.model import LoadedModel, load_model
@@ -162,6 +163,7 @@ class Engine:
         ctx = self.context if context is None else context
         composed = compose(self.lm, ctx, chunks, "rerope" if spec.guard is not None else spec.base, extra=room,
                            prefix=prefix)
+        check_window(self.lm, composed.n_context + len(suffix))  # here, so it fails this prompt alone
         deferred = defer_misses and spec.guard is None and not spec.repair
         if not deferred:
             compute_misses(self.lm, composed, chunks)
@@ -179,8 +181,9 @@ class Engine:
     def start(self, prepared: list["Prepared"], batch_tokens: int = 0) -> list["Answering"]:
         """Prefill and pick the first token of each prepared prompt: those with deferred misses and
         at most `batch_tokens` new tokens in one pass (generate.start_batch, when two or more), the
-        rest one at a time. A prompt's time waiting for its batchmates' preparation is its "batch" stage."""
-        joined = [p for p in prepared if p.deferred and 0 < p.new_tokens <= batch_tokens]
+        rest one at a time. A prompt's time from its own preparation to the start of its prefill (its
+        batchmates' preparation, and the prefills run before its own) is its "batch" stage."""
+        joined = [p for p in prepared if p.deferred and p.tail_tokens > 0 and p.new_tokens <= batch_tokens]
         joined = joined if len(joined) > 1 else []
         streams = {}
         if joined:
@@ -243,6 +246,11 @@ class Prepared:
     t_comp: float
     t_rep: float
     deferred: bool  # misses left for the prefill
+
+    @property
+    def tail_tokens(self) -> int:
+        """Tokens after the context: pending ids and the question (the first token is picked from the last)."""
+        return int(self.composed.pending_ids.shape[0]) + len(self.suffix)
 
     @property
     def new_tokens(self) -> int:

@@ -5,8 +5,8 @@ Design facts:
   engine work; HTTP handlers only enqueue and await. Everything the worker uses (the
   engine, SQLite connections, FAISS) is opened on that thread, since a sqlite3
   connection may only be used by the thread that opened it.
-- Admission is bounded: at most `max_queue` jobs wait beside the one running. One more
-  is refused at once with QueueFull (HTTP 429 + Retry-After), never queued to hang.
+- Admission is bounded: at most `max_queue` jobs wait beside those running (`max_batch`). One
+  more is refused at once with QueueFull (HTTP 429 + Retry-After), never queued to hang.
 - A waiting job that is cancelled (its client went away) leaves the queue at once, so
   it frees its slot without ever reaching the engine; a running one is told through
   `Job.cancelled`, which the pipeline polls between decode steps.
@@ -19,8 +19,11 @@ Design facts:
 - Continuous batching: between decode steps, chat jobs that wait are begun the same way and
   join the batch in the slots that finished answers left, so a slot never idles while the
   rest of a batch decodes (a document job, which runs alone, waits for the batch to drain).
-- A job that fails to begin answers with its error and the others go on; a failed joint
-  prefill or decode step answers every job in it with the error.
+- A job that fails to begin answers with its error and the others go on (a prompt too long
+  for the model's window fails in its own begin); a failed start (the prefills of the jobs
+  begun together, e.g. out of memory) or decode step answers every job in it with the error.
+- The library-size gauge is refreshed at most once a second while a batch decodes (it is a
+  query on the manifest), and a failed refresh is logged, never an answer's error.
 - After the first tokens, before the batch's library writes and decode, the worker waits (at
   most FIRST_CHUNK_WAIT_S for each) until those first text chunks have gone out: on two cores,
   the event loop that sends them would otherwise wait for a core behind the engine's threads,
@@ -60,7 +63,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future
     events: asyncio.Queue | None = None  # streamed text pieces, for a streaming request
-    begin: Callable[[Any, "Job"], Any] | None = None  # chat: begin(worker_state, job) -> pipeline.Pending
+    begin: Callable[..., Any] | None = None  # chat: begin(worker_state, job, defer=True) -> pipeline.Pending
     enqueued_at: float = field(default_factory=time.perf_counter)
     started_at: float | None = None
     emitted: bool = False  # a text piece went to the loop
@@ -93,7 +96,7 @@ class EngineWorker:
     """Runs jobs one batch at a time on its own thread; `build()` runs there first."""
 
     def __init__(self, build: Callable[[], Any], *, max_queue: int, metrics=None, max_batch: int = MAX_BATCH):
-        self.build, self.max_queue, self.metrics, self.max_batch = build, max_queue, metrics, max_batch
+        self.build, self.max_queue, self.metrics, self.max_batch = build, max_queue, metrics, max(1, max_batch)
         self.state = None  # what build() returned, once ready
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -103,6 +106,7 @@ class EngineWorker:
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._service_s = 2.0  # moving average of a job's engine time, for Retry-After
+        self._gauged_at = 0.0  # when the metrics' library gauge was last refreshed (monotonic)
         self._thread = threading.Thread(target=self._main, name="kvlib-engine", daemon=True)
 
     # -- lifecycle (called from the server's thread) ---------------------------------
@@ -207,7 +211,7 @@ class EngineWorker:
             while batch[0].kind == "chat" and len(batch) < self.max_batch and self._waiting \
                     and self._waiting[0].kind == "chat":
                 batch.append(self._waiting.popleft())
-            self._running = batch
+            self._running = list(batch)  # a copy: jobs leave it while the batch is begun
         self._report_depth()
         return batch
 
@@ -242,8 +246,8 @@ class EngineWorker:
                 done = [j for j in live if id(live[j]) not in going]
                 for job in done:
                     self._finish(job, live.pop(job))
-                if done and self.metrics is not None:
-                    self.metrics.after_job(self.state)
+                if done:
+                    self._after_jobs()
                 more = self._take_more(self.max_batch - len(live))
                 if more:
                     self._begin(more, live)
@@ -252,15 +256,26 @@ class EngineWorker:
                 job._resolve(error=exc)
                 pending.release()
         finally:
-            if self.metrics is not None:
-                self.metrics.after_job(self.state)
+            self._after_jobs(force=True)
+
+    def _after_jobs(self, force: bool = False) -> None:
+        """The metrics that follow answered jobs (the library's bytes): at most once a second
+        unless forced; a failure is logged, never raised into the answers under way."""
+        now = time.monotonic()
+        if self.metrics is None or (not force and now - self._gauged_at < 1.0):
+            return
+        self._gauged_at = now
+        try:
+            self.metrics.after_job(self.state)
+        except Exception:
+            log.exception("refreshing the library gauge failed")
 
     def _begin(self, jobs: list[Job], live: dict) -> None:
         """Begin jobs up to their prefills, run the prefills (the small ones in one pass), let the
         first chunks out, then write what they store; the begun ones join `live`. A job that fails
         to begin answers with its error and the others go on."""
         pipeline, begun = self.state.pipeline, {}
-        for job in jobs:
+        for job in list(jobs):  # _leave edits the running list, which may be the caller's
             if job.cancelled():
                 job._resolve(error=JobCancelled())
                 self._leave(job)
