@@ -34,7 +34,7 @@ def test_summary_and_markdown_are_well_formed():
     parts = {"http": 0.002, "segment": 0.003, "lookup": 0.004}
     outcomes = [Outcome("ok", ttft_s=0.5, e2e_s=1.0, prompt_tokens=100, cached_tokens=60, completion_tokens=8,
                         overhead_s=0.009, overhead_parts_s=parts),
-                Outcome("ok", ttft_s=1.5, e2e_s=2.0, prompt_tokens=100, cached_tokens=0, completion_tokens=8),
+                Outcome("ok", ttft_s=1.5, e2e_s=2.2, prompt_tokens=100, cached_tokens=0, completion_tokens=8),
                 Outcome("429"), Outcome("error", detail="APIConnectionError")]
     s = summarize(4, outcomes, wall=4.0)
     assert (s["ok"], s["rate_limited"], s["errors"]) == (2, 1, 1)
@@ -44,3 +44,5 @@ def test_summary_and_markdown_are_well_formed():
     assert "| 4 | 2 | 1 | 1 |" in table and "5.00x" in table and "0.50x" in table
     assert s["server_overhead_parts_p50_ms"] == {"http": 2.0, "segment": 3.0, "lookup": 4.0}, "only measured requests"
     assert "| 9.0 | 2.0 / 3.0 / 4.0 |" in table
+    assert s["tpot_p99_ms"] == 100.0 and s["tpot_p50_ms"] in (71.429, 100.0), "(e2e - TTFT) / (tokens - 1)"
+    assert f"| {s['tpot_p50_ms']:.1f} / 100.0 |" in table

@@ -19,6 +19,9 @@ Design facts:
   takes to build the request before sending it is the client library's, and is reported on
   its own (`client_build_p50_ms`).
 - Decode tokens/s is completion tokens over the level's wall time (aggregate throughput).
+  TPOT (time per output token, p50 and p99) is each request's (e2e - TTFT) / (tokens - 1), as
+  vLLM's benchmarks define it: what a streaming reader sees between tokens, including the
+  decode steps that wait while a newcomer's prompt is begun between them.
   The cached share is sum(cached_tokens) / sum(prompt_tokens), from the usage chunk.
 - A 429 is counted and the turn skipped (no retry storms); other failures count as errors.
 """
@@ -150,6 +153,13 @@ class Outcome:
     overhead_parts_s: dict = field(default_factory=dict)  # "http", "segment", "lookup": what overhead_s sums
     build_s: float | None = None  # from the call into the openai client until the request went onto the wire
 
+    @property
+    def tpot_s(self) -> float | None:
+        """Time per output token after the first, as vLLM's benchmarks define it: (e2e - TTFT) / (tokens - 1)."""
+        if self.e2e_s is None or self.ttft_s is None or self.completion_tokens < 2:
+            return None
+        return (self.e2e_s - self.ttft_s) / (self.completion_tokens - 1)
+
 
 async def one_request(client, messages, max_tokens: int) -> Outcome:
     import openai
@@ -233,8 +243,13 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def ms_p50(seconds: list[float | None]) -> float | None:
     """The median in milliseconds of the values that were measured, or None if none was."""
+    return ms_pct(seconds, 0.5)
+
+
+def ms_pct(seconds: list[float | None], q: float) -> float | None:
+    """The q-quantile in milliseconds of the values that were measured, or None if none was."""
     known = [x for x in seconds if x is not None]
-    return round(1e3 * percentile(known, 0.5), 3) if known else None
+    return round(1e3 * percentile(known, q), 3) if known else None
 
 
 def summarize(level: int, outcomes: list[Outcome], wall: float) -> dict:
@@ -254,6 +269,7 @@ def summarize(level: int, outcomes: list[Outcome], wall: float) -> dict:
         "server_overhead_parts_p50_ms": {part: ms_p50([o.overhead_parts_s.get(part) for o in ok])
                                          for part in ("http", "segment", "lookup")},
         "client_build_p50_ms": ms_p50([o.build_s for o in ok]),
+        "tpot_p50_ms": ms_pct([o.tpot_s for o in ok], 0.5), "tpot_p99_ms": ms_pct([o.tpot_s for o in ok], 0.99),
         "requests_per_s": round(len(ok) / wall, 3) if wall else None,
         "decode_tokens_per_s": round(sum(o.completion_tokens for o in ok) / wall, 2) if wall else None,
         "prompt_tokens": prompt, "cached_tokens": sum(o.cached_tokens for o in ok),
@@ -269,14 +285,16 @@ def run_load(cfg: LoadConfig, progress=print) -> dict:
 
 
 def markdown(result: dict, label: str, baseline: dict | None) -> str:
-    head = ("| concurrency | ok | 429 | errors | TTFT p50 s | TTFT p99 s | req/s | decode tok/s | cached share | "
+    head = ("| concurrency | ok | 429 | errors | TTFT p50 s | TTFT p99 s | req/s | decode tok/s | "
+            "TPOT p50 / p99 ms | cached share | "
             "server overhead p50 ms | of it: http / segment / lookup ms |"
             + (" req/s vs baseline | p99 vs baseline |" if baseline else ""))
     lines = [f"**{label}**", "", head, "|" + " --- |" * (head.count("|") - 1)]
     base = {lv["concurrency"]: lv for lv in (baseline or {}).get("levels", [])}
     for lv in result["levels"]:
         row = (f"| {lv['concurrency']} | {lv['ok']} | {lv['rate_limited']} | {lv['errors']} | {lv['ttft_p50_s']} | "
-               f"{lv['ttft_p99_s']} | {lv['requests_per_s']} | {lv['decode_tokens_per_s']} | {lv['cached_share']} | "
+               f"{lv['ttft_p99_s']} | {lv['requests_per_s']} | {lv['decode_tokens_per_s']} | {tpot_cell(lv)} | "
+               f"{lv['cached_share']} | "
                f"{lv.get('server_overhead_p50_ms')} | {overhead_parts_cell(lv)} |")
         if baseline:
             b = base.get(lv["concurrency"], {})
@@ -284,6 +302,13 @@ def markdown(result: dict, label: str, baseline: dict | None) -> str:
             row += f" {ratio(lv['requests_per_s'], b.get('requests_per_s'))} | {ratio(lv['ttft_p99_s'], b.get('ttft_p99_s'))} |"
         lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def tpot_cell(level: dict) -> str:
+    """'p50 / p99' time per output token in ms, or '-' for a level recorded before it was."""
+    if level.get("tpot_p50_ms") is None:
+        return "-"
+    return f"{level['tpot_p50_ms']:.1f} / {level['tpot_p99_ms']:.1f}"
 
 
 def overhead_parts_cell(level: dict) -> str:
