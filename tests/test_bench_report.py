@@ -198,6 +198,17 @@ def test_pareto_gap_closed_flags_and_best_within_by_hand():
     assert best_within(list(rows.values()), 4.0)["mode"] == "rerope+sink+boundary:16"
     assert best_within(list(rows.values()), 1.5)["mode"] == "rerope+sink+blend:0.3"
     assert "60%" in pareto_findings(list(rows.values()))[0]
+    bases_only = [r for m, r in rows.items() if m in ("full", "rerope+bare", "rerope+sink")]
+    assert pareto_findings(bases_only) == [], "without a repair among the modes there is no gap-closing finding"
+
+
+def test_rerope_and_naive_within_a_percent_are_called_even():
+    from kvlib.bench.findings import reuse_findings
+
+    even = reuse_findings([_row("naive+sink", 0.03, 0.1711), _row("rerope+sink", 0.03, 0.1705)])
+    assert len(even) == 1 and "within 1%" in even[0] and "0.1705" in even[0]
+    apart = reuse_findings([_row("naive+sink", 0.03, 0.30), _row("rerope+sink", 0.03, 0.17)])
+    assert "is below naive+sink's 0.300" in apart[0]
 
 
 def _timed(mode, mean, kl, recompute):

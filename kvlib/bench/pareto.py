@@ -67,7 +67,7 @@ def pareto_findings(rows: list[dict], min_speedup: float = 4.0) -> list[str]:
     out = []
     for base in BASES:
         best = best_within(rows, min_speedup, base)
-        if best:
+        if best and best["mode"] != base:  # a base closes none of its own gap: nothing to say without a repair
             out.append(f"At >= {min_speedup:g}x below full TTFT, {best['mode']} closes the most of {base}'s KL gap: "
                        f"{best['gap_closed'][base]:.0%} (KL {best['kl']:.3f}, {best['speedup']:.1f}x, "
                        f"{best['recompute_frac']:.1%} of context recomputed).")
