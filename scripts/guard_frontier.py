@@ -1,6 +1,7 @@
 """What a guard could cost on one calibrate.json, with perfect or one-feature foresight (no model run).
 
     python scripts/guard_frontier.py results/guard-qwen/session29-calibrate/calibrate.json [--feature q_chunk_share]
+        [--probes results/guard-qwen/session29-probes/probes.json --feature entropy]
 
 Per rung of the rows' ladder: mean TTFT against full's, the share of requests with KL <= 0.1 and <= 0.2, and the
 mean KL. Then, per budget B, two bounds on what any guard over this ladder could do on these rows (in sample,
@@ -63,9 +64,18 @@ def main() -> None:
     ap.add_argument("rows", type=Path)
     ap.add_argument("--feature", default="q_chunk_share")
     ap.add_argument("--descending", action="store_true", help="serve the requests with the most of the feature first")
+    ap.add_argument("--probes", type=Path, help="scripts/guard_probes.py's probes.json for the same rows: its probes "
+                    "(entropy, kl_reversed, ...) become features too (their own cost is not counted)")
     args = ap.parse_args()
     measured = read_rows(args.rows)
     rows, ladder = measured["rows"], measured["ladder"]
+    if args.probes:
+        import json
+
+        probes = {r["record"]: r["probes"] for r in json.loads(args.probes.read_text())["rows"]}
+        for r in rows:
+            r["features"] = {**r["features"], **{k: v for k, v in probes.get(r["record"], {}).items()
+                                                 if isinstance(v, (int, float))}}
     _, kl, ttft = row_arrays(rows)
     full = ttft[:, -1].mean()
     print(f"{args.rows}: {len(rows)} requests")
