@@ -39,12 +39,12 @@ def reuse_findings(results: list) -> list[str]:
     for suffix in ("+bare", "+sink", "+lead"):
         naive, rerope = _row(results, "naive" + suffix, "given"), _row(results, "rerope" + suffix, "given")
         if naive and rerope:
-            below = rerope["kl_to_full"] < naive["kl_to_full"]
             if abs(rerope["kl_to_full"] - naive["kl_to_full"]) <= 0.01 * max(naive["kl_to_full"], 1e-9):
                 out.append(f"[given] rerope{suffix} and naive{suffix} are within 1% in KL to full "
                            f"({rerope['kl_to_full']:.4f} and {naive['kl_to_full']:.4f}): at these offsets position "
                            "drift is not what separates them from full; context drift is.")
                 continue
+            below = rerope["kl_to_full"] < naive["kl_to_full"]
             why = ("rotating keys to their real positions removes position drift; what remains is context drift"
                    if below else "with chunks at their encoding positions (all overlapping, as in parallel "
                    "encoding) the answer distribution stays closer to full than with true positions")

@@ -191,9 +191,10 @@ class Engine:
             streams = {id(p): s for p, s in zip(joined, start_batch(self.lm, rows))}
         out = []
         for p in prepared:
-            # alone (Engine.begin), it waited for nobody: its "batch" stage is 0
-            began = streams[id(p)].t_pre if id(p) in streams else p.t_rep if len(prepared) == 1 else time.perf_counter()
-            if id(p) not in streams:
+            if id(p) in streams:
+                began = streams[id(p)].t_pre
+            else:  # alone (Engine.begin) it waited for nobody: its "batch" stage is 0
+                began = p.t_rep if len(prepared) == 1 else time.perf_counter()
                 if p.deferred:
                     compute_misses(self.lm, p.composed, p.chunks)
                 streams[id(p)] = start(self.lm, p.composed, p.suffix, **p.sampling)
@@ -256,7 +257,7 @@ class Prepared:
     def new_tokens(self) -> int:
         """Tokens its prefill computes: deferred misses, pending ids and the question."""
         misses = sum(self.chunks[i].n_tokens for _, i in self.composed.misses) if self.deferred else 0
-        return misses + int(self.composed.pending_ids.shape[0]) + len(self.suffix)
+        return misses + self.tail_tokens
 
     def answering(self, stream: Stream, began: float) -> "Answering":
         """began: when this prompt's prefill work began (its deferred misses included); from t_rep
